@@ -1,0 +1,203 @@
+//! The development and test PKI, made with rcgen:
+//!
+//! * one proxy CA that signs the server certificate (agent listener) and every agent's client
+//!   certificate, whose Subject CN is the cluster name the agent may register;
+//! * per member cluster, an API-server CA and an API-server certificate for
+//!   `kubernetes.default.svc`, standing in for the member's real kube-apiserver.
+//!
+//! Production deployments use their own CA (cert-manager, see `deploy/`); this crate exists so the
+//! demo and the tests need no `openssl` incantations.
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+use std::fs;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use rcgen::{
+    BasicConstraints, CertificateParams, CertifiedIssuer, DistinguishedName, DnType,
+    ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose, SanType,
+};
+
+/// A certificate authority that can issue leaf certificates.
+pub struct Ca {
+    issuer: CertifiedIssuer<'static, KeyPair>,
+}
+
+/// A PEM certificate and its PEM private key.
+#[derive(Debug, Clone)]
+pub struct Issued {
+    /// PEM certificate.
+    pub cert_pem: String,
+    /// PEM PKCS#8 private key.
+    pub key_pem: String,
+}
+
+/// What a leaf certificate is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Usage {
+    /// TLS server (serverAuth).
+    Server,
+    /// TLS client (clientAuth).
+    Client,
+}
+
+fn dn(cn: &str) -> DistinguishedName {
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, cn);
+    dn
+}
+
+impl Ca {
+    /// A new self-signed CA named `cn`.
+    pub fn new(cn: &str) -> anyhow::Result<Self> {
+        let mut params = CertificateParams::default();
+        params.distinguished_name = dn(cn);
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        let issuer = CertifiedIssuer::self_signed(params, KeyPair::generate()?)?;
+        Ok(Self { issuer })
+    }
+
+    /// The CA certificate as PEM.
+    pub fn cert_pem(&self) -> String {
+        self.issuer.pem()
+    }
+
+    /// Issues a leaf certificate with Subject CN `cn` and the given DNS names / IP addresses.
+    pub fn issue(&self, cn: &str, names: &[&str], usage: Usage) -> anyhow::Result<Issued> {
+        let mut params = CertificateParams::default();
+        params.distinguished_name = dn(cn);
+        params.subject_alt_names = names
+            .iter()
+            .map(|name| match name.parse::<IpAddr>() {
+                Ok(ip) => Ok(SanType::IpAddress(ip)),
+                Err(_) => Ok(SanType::DnsName((*name).try_into()?)),
+            })
+            .collect::<Result<_, rcgen::Error>>()?;
+        params.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyEncipherment,
+        ];
+        params.extended_key_usages = vec![match usage {
+            Usage::Server => ExtendedKeyUsagePurpose::ServerAuth,
+            Usage::Client => ExtendedKeyUsagePurpose::ClientAuth,
+        }];
+        params.use_authority_key_identifier_extension = true;
+        let key = KeyPair::generate()?;
+        let cert = params.signed_by(&key, &self.issuer)?;
+        Ok(Issued {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        })
+    }
+}
+
+/// Names the proxy server's certificate is valid for in development.
+pub const SERVER_NAMES: &[&str] = &["localhost", "127.0.0.1", "::1", "proxy-server"];
+
+/// Names a member cluster's API-server certificate carries, besides the cluster name itself.
+pub const APISERVER_NAMES: &[&str] = &[
+    "kubernetes.default.svc",
+    "kubernetes.default",
+    "kubernetes",
+    "localhost",
+    "127.0.0.1",
+];
+
+/// Paths of a PKI written by [`write_dev_pki`].
+#[derive(Debug, Clone)]
+pub struct DevPki {
+    /// The folder holding everything.
+    pub dir: PathBuf,
+}
+
+impl DevPki {
+    /// CA that signs the server and agent certificates.
+    pub fn proxy_ca(&self) -> PathBuf {
+        self.dir.join("proxy-ca.pem")
+    }
+    /// The proxy server's certificate (agent listener).
+    pub fn server_cert(&self) -> PathBuf {
+        self.dir.join("server.pem")
+    }
+    /// The proxy server's key.
+    pub fn server_key(&self) -> PathBuf {
+        self.dir.join("server.key")
+    }
+    /// Client certificate of the agent for `cluster` (CN = cluster).
+    pub fn agent_cert(&self, cluster: &str) -> PathBuf {
+        self.dir.join(format!("agent-{cluster}.pem"))
+    }
+    /// Key of the agent for `cluster`.
+    pub fn agent_key(&self, cluster: &str) -> PathBuf {
+        self.dir.join(format!("agent-{cluster}.key"))
+    }
+    /// CA of the member cluster's API server.
+    pub fn apiserver_ca(&self, cluster: &str) -> PathBuf {
+        self.dir.join(format!("apiserver-{cluster}-ca.pem"))
+    }
+    /// The member cluster's API-server certificate.
+    pub fn apiserver_cert(&self, cluster: &str) -> PathBuf {
+        self.dir.join(format!("apiserver-{cluster}.pem"))
+    }
+    /// The member cluster's API-server key.
+    pub fn apiserver_key(&self, cluster: &str) -> PathBuf {
+        self.dir.join(format!("apiserver-{cluster}.key"))
+    }
+}
+
+fn write(path: &Path, contents: &str) -> anyhow::Result<()> {
+    fs::write(path, contents).with_context(|| format!("writing {}", path.display()))
+}
+
+fn write_pair(dir: &Path, stem: &str, issued: &Issued) -> anyhow::Result<()> {
+    write(&dir.join(format!("{stem}.pem")), &issued.cert_pem)?;
+    let key = dir.join(format!("{stem}.key"));
+    write(&key, &issued.key_pem)?;
+    restrict(&key)
+}
+
+#[cfg(unix)]
+fn restrict(path: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(path, fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("chmod 600 {}", path.display()))
+}
+
+/// Writes a complete development PKI for `clusters` into `dir` (created if missing).
+pub fn write_dev_pki(dir: &Path, clusters: &[&str]) -> anyhow::Result<DevPki> {
+    fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let pki = DevPki {
+        dir: dir.to_owned(),
+    };
+    let proxy_ca = Ca::new("proxy-dev-ca")?;
+    write(&pki.proxy_ca(), &proxy_ca.cert_pem())?;
+    write_pair(
+        dir,
+        "server",
+        &proxy_ca.issue("proxy-server", SERVER_NAMES, Usage::Server)?,
+    )?;
+    for cluster in clusters {
+        write_pair(
+            dir,
+            &format!("agent-{cluster}"),
+            &proxy_ca.issue(cluster, &[], Usage::Client)?,
+        )?;
+        let api_ca = Ca::new(&format!("{cluster}-apiserver-ca"))?;
+        write(&pki.apiserver_ca(cluster), &api_ca.cert_pem())?;
+        let mut names = APISERVER_NAMES.to_vec();
+        names.push(cluster);
+        write_pair(
+            dir,
+            &format!("apiserver-{cluster}"),
+            &api_ca.issue("kube-apiserver", &names, Usage::Server)?,
+        )?;
+    }
+    Ok(pki)
+}

@@ -1,0 +1,167 @@
+//! The byte pump between a local socket (the CONNECT client on the server, the upstream on the
+//! agent) and one `Data` stream of the tunnel.
+//!
+//! Both directions run concurrently and finish independently, so a half-close travels: socket EOF
+//! becomes a `fin` chunk, a received `fin` becomes a write shutdown on the socket. A failure in
+//! either direction ends the whole connection: the caller drops the sender without a `fin`, which
+//! the other side reads as an abort. Reads happen only when the bounded sender has room, so a slow
+//! reader on one end throttles the writer on the other through this stream's own HTTP/2 window.
+
+use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use bytes::{BufMut, Bytes, BytesMut};
+use proxy_proto::{Chunk, MAX_CHUNK};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tonic::Streaming;
+
+/// Chunks queued towards the tunnel per connection, beyond what HTTP/2 buffers. Small on purpose:
+/// the stream's flow-control window is the real buffer; this only keeps the socket reader busy
+/// while the previous chunk is encoded.
+pub const CHUNK_QUEUE: usize = 4;
+
+/// Bytes moved by one tunneled connection, updated as they flow so that metrics and logs see a
+/// long-lived stream before it ends.
+#[derive(Debug, Default)]
+pub struct ByteCounts {
+    /// Read from the local socket and sent into the tunnel.
+    pub sent: AtomicU64,
+    /// Received from the tunnel and written to the local socket.
+    pub received: AtomicU64,
+}
+
+impl ByteCounts {
+    /// (sent, received) so far.
+    pub fn get(&self) -> (u64, u64) {
+        (
+            self.sent.load(Ordering::Relaxed),
+            self.received.load(Ordering::Relaxed),
+        )
+    }
+}
+
+/// Why a tunneled connection ended other than by both sides finishing cleanly.
+#[derive(Debug, thiserror::Error)]
+pub enum PumpError {
+    /// Reading the local socket failed.
+    #[error("reading the local socket failed: {0}")]
+    LocalRead(io::Error),
+    /// Writing the local socket failed.
+    #[error("writing the local socket failed: {0}")]
+    LocalWrite(io::Error),
+    /// The other end of the tunnel aborted the connection (its stream ended without `fin`).
+    #[error("the other end of the tunnel aborted the connection")]
+    PeerAborted,
+    /// The tunnel stream failed (HTTP/2 reset, connection lost).
+    #[error("tunnel stream failed: {0}")]
+    Stream(tonic::Status),
+    /// The tunnel stream's sending half is gone.
+    #[error("tunnel stream closed")]
+    TunnelClosed,
+    /// The connection was cancelled (agent gone, shutdown).
+    #[error("cancelled")]
+    Cancelled,
+}
+
+/// Moves bytes between `socket` and the tunnel until both directions have finished, one fails,
+/// or `cancel` fires. `prefix` holds bytes already read from the socket (pipelined after a
+/// CONNECT head); they are sent first.
+pub async fn splice<S>(
+    socket: S,
+    prefix: Bytes,
+    tx: &mpsc::Sender<Chunk>,
+    rx: &mut Streaming<Chunk>,
+    counts: &ByteCounts,
+    cancel: &CancellationToken,
+) -> Result<(), PumpError>
+where
+    S: AsyncRead + AsyncWrite + Send,
+{
+    let (reader, writer) = tokio::io::split(socket);
+    let both = async {
+        tokio::try_join!(
+            socket_to_tunnel(reader, prefix, tx, counts),
+            tunnel_to_socket(rx, writer, counts)
+        )
+    };
+    tokio::select! {
+        res = both => res.map(|_| ()),
+        () = cancel.cancelled() => Err(PumpError::Cancelled),
+    }
+}
+
+async fn send(tx: &mpsc::Sender<Chunk>, chunk: Chunk) -> Result<(), PumpError> {
+    tx.send(chunk).await.map_err(|_| PumpError::TunnelClosed)
+}
+
+async fn socket_to_tunnel<R: AsyncRead>(
+    reader: R,
+    prefix: Bytes,
+    tx: &mpsc::Sender<Chunk>,
+    counts: &ByteCounts,
+) -> Result<(), PumpError> {
+    tokio::pin!(reader);
+    if !prefix.is_empty() {
+        counts
+            .sent
+            .fetch_add(prefix.len() as u64, Ordering::Relaxed);
+        send(tx, data_chunk(prefix)).await?;
+    }
+    let mut buf = BytesMut::with_capacity(MAX_CHUNK);
+    loop {
+        // Wait for room before reading: the socket is read only as fast as the tunnel drains.
+        let permit = tx.reserve().await.map_err(|_| PumpError::TunnelClosed)?;
+        if buf.capacity() < MAX_CHUNK / 4 {
+            // Reuses the allocation once earlier chunks have been sent and dropped.
+            buf.reserve(MAX_CHUNK);
+        }
+        let n = reader
+            .read_buf(&mut (&mut buf).limit(MAX_CHUNK))
+            .await
+            .map_err(PumpError::LocalRead)?;
+        if n == 0 {
+            permit.send(Chunk {
+                data: Bytes::new(),
+                fin: true,
+            });
+            return Ok(());
+        }
+        counts.sent.fetch_add(n as u64, Ordering::Relaxed);
+        permit.send(data_chunk(buf.split().freeze()));
+    }
+}
+
+async fn tunnel_to_socket<W: AsyncWrite>(
+    rx: &mut Streaming<Chunk>,
+    writer: W,
+    counts: &ByteCounts,
+) -> Result<(), PumpError> {
+    tokio::pin!(writer);
+    loop {
+        match rx.message().await {
+            Ok(Some(chunk)) => {
+                if !chunk.data.is_empty() {
+                    writer
+                        .write_all(&chunk.data)
+                        .await
+                        .map_err(PumpError::LocalWrite)?;
+                    counts
+                        .received
+                        .fetch_add(chunk.data.len() as u64, Ordering::Relaxed);
+                }
+                if chunk.fin {
+                    writer.shutdown().await.map_err(PumpError::LocalWrite)?;
+                    return Ok(());
+                }
+            }
+            Ok(None) => return Err(PumpError::PeerAborted),
+            Err(status) => return Err(PumpError::Stream(status)),
+        }
+    }
+}
+
+fn data_chunk(data: Bytes) -> Chunk {
+    Chunk { data, fin: false }
+}

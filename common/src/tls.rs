@@ -1,0 +1,151 @@
+//! Loading PEM certificates and keys into rustls configurations, and reading a certificate's
+//! Subject CN (the identity of agents and frontend clients).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{ClientConfig, RootCertStore, ServerConfig};
+
+/// ALPN protocol of the tunnel: gRPC runs over HTTP/2.
+const ALPN_H2: &[u8] = b"h2";
+
+/// Why a certificate, key or CA could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// The file could not be read or holds no valid PEM of the expected kind.
+    #[error("cannot read {what} from {path}: {reason}")]
+    Read {
+        /// What the file should hold ("certificate", "private key", "CA bundle").
+        what: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// What went wrong.
+        reason: String,
+    },
+    /// rustls refused the material (e.g. key does not match certificate).
+    #[error("invalid TLS material: {0}")]
+    Rustls(#[from] rustls::Error),
+    /// The CA bundle could not build a client-certificate verifier.
+    #[error("invalid CA bundle {path}: {reason}")]
+    Verifier {
+        /// The CA file.
+        path: PathBuf,
+        /// What went wrong.
+        reason: String,
+    },
+    /// A certificate has no usable Subject CN.
+    #[error("certificate {path} has no Subject CN")]
+    NoCommonName {
+        /// The certificate file.
+        path: PathBuf,
+    },
+}
+
+fn read_err(what: &'static str, path: &Path, reason: impl ToString) -> TlsError {
+    TlsError::Read {
+        what,
+        path: path.to_owned(),
+        reason: reason.to_string(),
+    }
+}
+
+/// Reads every certificate of a PEM file, refusing a file that holds none.
+pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let certs = CertificateDer::pem_file_iter(path)
+        .map_err(|e| read_err("certificate", path, e))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| read_err("certificate", path, e))?;
+    if certs.is_empty() {
+        return Err(read_err("certificate", path, "no CERTIFICATE block found"));
+    }
+    Ok(certs)
+}
+
+/// Reads the first private key (PKCS#8, PKCS#1 or SEC1) of a PEM file.
+pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
+    PrivateKeyDer::from_pem_file(path).map_err(|e| read_err("private key", path, e))
+}
+
+fn load_roots(path: &Path) -> Result<RootCertStore, TlsError> {
+    let mut roots = RootCertStore::empty();
+    for cert in load_certs(path)? {
+        roots
+            .add(cert)
+            .map_err(|e| read_err("CA bundle", path, e))?;
+    }
+    Ok(roots)
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// A server certificate with its key, as files.
+#[derive(Debug, Clone)]
+pub struct CertKeyPaths {
+    /// PEM certificate chain, leaf first.
+    pub cert: PathBuf,
+    /// PEM private key.
+    pub key: PathBuf,
+}
+
+/// TLS for a listener whose clients must present a certificate signed by `client_ca`.
+pub fn mtls_server_config(
+    identity: &CertKeyPaths,
+    client_ca: &Path,
+) -> Result<ServerConfig, TlsError> {
+    let roots = Arc::new(load_roots(client_ca)?);
+    let verifier = WebPkiClientVerifier::builder_with_provider(roots, provider())
+        .build()
+        .map_err(|e| TlsError::Verifier {
+            path: client_ca.to_owned(),
+            reason: e.to_string(),
+        })?;
+    let mut config = ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(load_certs(&identity.cert)?, load_key(&identity.key)?)?;
+    config.alpn_protocols = vec![ALPN_H2.to_vec()];
+    Ok(config)
+}
+
+/// TLS for a client that verifies its server against `server_ca` and authenticates with
+/// `identity`.
+pub fn mtls_client_config(
+    identity: &CertKeyPaths,
+    server_ca: &Path,
+) -> Result<ClientConfig, TlsError> {
+    let mut config = ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(load_roots(server_ca)?)
+        .with_client_auth_cert(load_certs(&identity.cert)?, load_key(&identity.key)?)?;
+    config.alpn_protocols = vec![ALPN_H2.to_vec()];
+    Ok(config)
+}
+
+/// The Subject CN of a DER certificate, if it has one that is valid UTF-8.
+pub fn common_name(cert: &CertificateDer<'_>) -> Option<String> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;
+    let cn = parsed.subject().iter_common_name().next()?;
+    cn.as_str().ok().map(str::to_owned)
+}
+
+/// The Subject CN of the first certificate in a PEM file.
+pub fn common_name_of_file(path: &Path) -> Result<String, TlsError> {
+    let certs = load_certs(path)?;
+    common_name(&certs[0]).ok_or_else(|| TlsError::NoCommonName {
+        path: path.to_owned(),
+    })
+}
+
+/// Parses the TLS name a client verifies (DNS name or IP address).
+pub fn server_name(name: &str) -> Result<ServerName<'static>, TlsError> {
+    ServerName::try_from(name.to_owned()).map_err(|e| TlsError::Read {
+        what: "server name",
+        path: PathBuf::from(name),
+        reason: e.to_string(),
+    })
+}
