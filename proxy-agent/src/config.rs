@@ -1,0 +1,181 @@
+//! Command-line flags (each also an environment variable `PROXY_AGENT_<FLAG>`) and the validated
+//! configuration built from them.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Parser;
+use proxy_common::telemetry::LogFormat;
+use proxy_common::tls::{self, CertKeyPaths, TlsError};
+use rustls::pki_types::ServerName;
+
+/// Flags of `proxy-agent`.
+#[derive(Debug, Parser)]
+#[command(name = "proxy-agent", version, about = "Dials out to proxy servers and carries their CONNECTs to this cluster's API server.")]
+pub struct Args {
+    /// A proxy server's agent address, HOST:PORT. Repeatable: the agent keeps a tunnel to each.
+    /// In the environment, separate several with commas.
+    #[arg(long = "server", env = "PROXY_AGENT_SERVER", value_delimiter = ',', required = true)]
+    pub servers: Vec<String>,
+    /// The agent's client certificate (PEM chain). Its Subject CN is the cluster it may serve.
+    #[arg(long, env = "PROXY_AGENT_TLS_CERT")]
+    pub tls_cert: PathBuf,
+    /// The agent's private key (PEM).
+    #[arg(long, env = "PROXY_AGENT_TLS_KEY")]
+    pub tls_key: PathBuf,
+    /// CA (PEM) that signs the proxy servers' certificates.
+    #[arg(long, env = "PROXY_AGENT_SERVER_CA")]
+    pub server_ca: PathBuf,
+    /// TLS name to verify on the servers' certificates (default: the host of each --server).
+    #[arg(long, env = "PROXY_AGENT_SERVER_NAME")]
+    pub server_name: Option<String>,
+    /// Cluster to register (default: the certificate's Subject CN; servers refuse any other).
+    #[arg(long, env = "PROXY_AGENT_CLUSTER")]
+    pub cluster: Option<String>,
+    /// The only destination the agent dials: this cluster's API server.
+    #[arg(long, env = "PROXY_AGENT_UPSTREAM", default_value = "kubernetes.default.svc:443")]
+    pub upstream: String,
+    /// Admin listener: /healthz, /readyz (ready = registered with at least one server).
+    #[arg(long, env = "PROXY_AGENT_ADMIN_ADDR", default_value = "127.0.0.1:8093")]
+    pub admin_addr: SocketAddr,
+    /// Agent id sent to servers (default: host name and a random suffix).
+    #[arg(long, env = "PROXY_AGENT_AGENT_ID")]
+    pub agent_id: Option<String>,
+    /// How long to try reaching the upstream before reporting the dial as failed.
+    #[arg(long, env = "PROXY_AGENT_DIAL_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub dial_timeout: Duration,
+    /// Interval of HTTP/2 keepalive pings to servers.
+    #[arg(long, env = "PROXY_AGENT_KEEPALIVE_INTERVAL", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub keepalive_interval: Duration,
+    /// A server that does not answer a ping within this time is reconnected.
+    #[arg(long, env = "PROXY_AGENT_KEEPALIVE_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub keepalive_timeout: Duration,
+    /// Log format.
+    #[arg(long, env = "PROXY_AGENT_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+/// Why the flags do not make a usable configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// TLS material could not be loaded.
+    #[error("TLS: {0}")]
+    Tls(#[from] TlsError),
+    /// A flag value is unusable.
+    #[error("--{flag} {value:?}: {reason}")]
+    Invalid {
+        /// The flag.
+        flag: &'static str,
+        /// Its value.
+        value: String,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// One proxy server to keep a tunnel to.
+#[derive(Debug, Clone)]
+pub struct ServerTarget {
+    /// HOST:PORT to dial.
+    pub addr: String,
+    /// Name verified on its certificate.
+    pub tls_name: ServerName<'static>,
+}
+
+/// The validated configuration `run` works from.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Servers to keep tunnels to.
+    pub servers: Vec<ServerTarget>,
+    /// mTLS client configuration.
+    pub tls: Arc<rustls::ClientConfig>,
+    /// Cluster this agent serves.
+    pub cluster: String,
+    /// This agent's id.
+    pub agent_id: String,
+    /// The only destination dialed.
+    pub upstream: String,
+    /// Where the admin listener binds.
+    pub admin_addr: SocketAddr,
+    /// See [`Args::dial_timeout`].
+    pub dial_timeout: Duration,
+    /// See [`Args::keepalive_interval`].
+    pub keepalive_interval: Duration,
+    /// See [`Args::keepalive_timeout`].
+    pub keepalive_timeout: Duration,
+}
+
+fn invalid(flag: &'static str, value: &str, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        flag,
+        value: value.to_owned(),
+        reason: reason.into(),
+    }
+}
+
+/// Splits HOST:PORT, accepting `[v6]:port`.
+fn split_host_port(flag: &'static str, value: &str) -> Result<(String, u16), ConfigError> {
+    let (host, port) = value
+        .rsplit_once(':')
+        .ok_or_else(|| invalid(flag, value, "expected HOST:PORT"))?;
+    let port = port
+        .parse::<u16>()
+        .ok()
+        .filter(|p| *p != 0)
+        .ok_or_else(|| invalid(flag, value, "port must be 1 to 65535"))?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if host.is_empty() {
+        return Err(invalid(flag, value, "empty host"));
+    }
+    Ok((host.to_owned(), port))
+}
+
+impl Config {
+    /// Checks the flags and loads the TLS material.
+    pub fn from_args(args: &Args) -> Result<Self, ConfigError> {
+        let identity = CertKeyPaths {
+            cert: args.tls_cert.clone(),
+            key: args.tls_key.clone(),
+        };
+        let tls = tls::mtls_client_config(&identity, &args.server_ca)?;
+        let cluster = match &args.cluster {
+            Some(c) => c.clone(),
+            None => tls::common_name_of_file(&args.tls_cert)?,
+        };
+        if !proxy_common::is_valid_cluster_name(&cluster) {
+            return Err(invalid(
+                "cluster",
+                &cluster,
+                "not a valid cluster name (lower-case letters, digits, '-', '.')",
+            ));
+        }
+        let mut servers = Vec::new();
+        for addr in &args.servers {
+            let (host, _) = split_host_port("server", addr)?;
+            let name = args.server_name.as_deref().unwrap_or(&host);
+            let tls_name = tls::server_name(name)
+                .map_err(|e| invalid("server-name", name, e.to_string()))?;
+            servers.push(ServerTarget {
+                addr: addr.clone(),
+                tls_name,
+            });
+        }
+        split_host_port("upstream", &args.upstream)?;
+        Ok(Self {
+            servers,
+            tls: Arc::new(tls),
+            cluster,
+            agent_id: args
+                .agent_id
+                .clone()
+                .unwrap_or_else(|| proxy_common::default_instance_id("proxy-agent")),
+            upstream: args.upstream.clone(),
+            admin_addr: args.admin_addr,
+            dial_timeout: args.dial_timeout,
+            keepalive_interval: args.keepalive_interval,
+            keepalive_timeout: args.keepalive_timeout,
+        })
+    }
+}

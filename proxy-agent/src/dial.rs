@@ -1,0 +1,83 @@
+//! Serving one dial request: reach the upstream, open the connection's own `Data` stream tagged
+//! with the dial id, and splice bytes until both sides are done.
+
+use std::time::Instant;
+
+use bytes::Bytes;
+use proxy_common::pump::{self, ByteCounts, CHUNK_QUEUE};
+use proxy_proto::tunnel_client::TunnelClient;
+use proxy_proto::{AgentMessage, DIAL_ID_HEADER, DialFailed, agent_message};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::Request;
+use tonic::transport::Channel;
+
+use crate::Shared;
+
+/// Handles dial `dial_id` from the server of `control`.
+pub async fn serve_dial(
+    mut client: TunnelClient<Channel>,
+    control: mpsc::Sender<AgentMessage>,
+    dial_id: u64,
+    shared: &Shared,
+    cancel: CancellationToken,
+) {
+    let started = Instant::now();
+    let upstream = &shared.config.upstream;
+    let dialed = tokio::select! {
+        () = cancel.cancelled() => return,
+        res = tokio::time::timeout(shared.config.dial_timeout, TcpStream::connect(upstream)) => res,
+    };
+    let socket = match dialed {
+        Ok(Ok(socket)) => socket,
+        Ok(Err(err)) => {
+            return report_failure(&control, dial_id, format!("dial {upstream}: {err}")).await;
+        }
+        Err(_) => {
+            let reason = format!("dial {upstream}: timed out after {:?}", shared.config.dial_timeout);
+            return report_failure(&control, dial_id, reason).await;
+        }
+    };
+    let _ = socket.set_nodelay(true);
+    let (tx, rx) = mpsc::channel(CHUNK_QUEUE);
+    let mut req = Request::new(ReceiverStream::new(rx));
+    req.metadata_mut().insert(DIAL_ID_HEADER, dial_id.into());
+    let opened = tokio::select! {
+        () = cancel.cancelled() => return,
+        res = client.data(req) => res,
+    };
+    let mut inbound = match opened {
+        Ok(resp) => resp.into_inner(),
+        Err(status) => {
+            tracing::warn!(dial.id = dial_id, reason = status.message(), "server refused the data stream");
+            return;
+        }
+    };
+    let _active = shared.active_connection();
+    let counts = ByteCounts::default();
+    let result = pump::splice(socket, Bytes::new(), &tx, &mut inbound, &counts, &cancel).await;
+    let (from_upstream, to_upstream) = counts.get();
+    let outcome = match &result {
+        Ok(()) => "ok".to_owned(),
+        Err(err) => err.to_string(),
+    };
+    tracing::debug!(
+        dial.id = dial_id,
+        bytes_to_upstream = to_upstream,
+        bytes_from_upstream = from_upstream,
+        duration_ms = started.elapsed().as_millis() as u64,
+        %outcome,
+        "tunneled connection closed"
+    );
+}
+
+async fn report_failure(control: &mpsc::Sender<AgentMessage>, dial_id: u64, reason: String) {
+    tracing::warn!(dial.id = dial_id, %reason, "upstream dial failed");
+    let msg = AgentMessage {
+        msg: Some(agent_message::Msg::DialFailed(DialFailed { dial_id, reason })),
+    };
+    // If the control stream is gone the server fails the dial itself.
+    let _ = control.send(msg).await;
+}

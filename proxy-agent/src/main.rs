@@ -1,0 +1,23 @@
+//! `proxy-agent`: parse flags, start tracing, bind the admin listener, run until SIGTERM/SIGINT.
+#![forbid(unsafe_code)]
+
+use anyhow::Context;
+use clap::Parser;
+use tokio_util::sync::CancellationToken;
+
+fn main() -> anyhow::Result<()> {
+    let args = proxy_agent::Args::parse();
+    proxy_common::telemetry::init(args.log_format);
+    let config = proxy_agent::Config::from_args(&args).context("invalid configuration")?;
+    tokio::runtime::Runtime::new()?.block_on(async {
+        let admin = tokio::net::TcpListener::bind(config.admin_addr)
+            .await
+            .with_context(|| format!("cannot listen on {} (admin)", config.admin_addr))?;
+        // One machine-readable line on stdout: the bound admin address (port 0 picks one).
+        println!("proxy-agent listening admin={}", admin.local_addr()?);
+        let shutdown = CancellationToken::new();
+        proxy_common::shutdown::spawn_signal_handler(shutdown.clone())?;
+        proxy_agent::run(config, admin, shutdown).await;
+        Ok(())
+    })
+}

@@ -1,0 +1,188 @@
+//! One tunnel to one proxy server: connect with mTLS, register on the control stream, serve dial
+//! requests; on any loss, reconnect with backoff.
+
+use std::io;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper_util::rt::TokioIo;
+use proxy_proto::tunnel_client::TunnelClient;
+use proxy_proto::{AgentMessage, MAX_MESSAGE, Register, agent_message, server_message};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio_rustls::TlsConnector;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tonic::Code;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::Shared;
+use crate::backoff::Backoff;
+use crate::config::ServerTarget;
+
+/// HTTP/2 receive window of each stream (one tunneled connection) on the agent side.
+pub const STREAM_WINDOW: u32 = 2 * 1024 * 1024;
+/// HTTP/2 receive window of the whole connection: many stream windows, so stalled connections
+/// do not starve the others.
+pub const CONNECTION_WINDOW: u32 = 128 * 1024 * 1024;
+/// Time allowed for TCP + TLS + HTTP/2 setup to a server.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Time the server has to answer a registration.
+pub const REGISTER_TIMEOUT: Duration = Duration::from_secs(10);
+/// Control messages queued towards a server (dial failures).
+const CONTROL_QUEUE: usize = 64;
+
+/// Why a session ended.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    /// TCP, TLS or HTTP/2 setup failed.
+    #[error("cannot connect: {0}")]
+    Connect(String),
+    /// The server refused the registration; its reason.
+    #[error("server refused registration: {0}")]
+    Refused(String),
+    /// The control stream failed.
+    #[error("control stream failed: {0}")]
+    Stream(String),
+    /// The server sent something out of protocol.
+    #[error("protocol error: {0}")]
+    Protocol(String),
+}
+
+/// Keeps a tunnel to `server` until `shutdown`.
+pub async fn maintain(server: ServerTarget, shared: Arc<Shared>, shutdown: CancellationToken) {
+    let mut backoff = Backoff::default();
+    while !shutdown.is_cancelled() {
+        match session(&server, &shared, &shutdown).await {
+            Ok(()) => {
+                backoff.reset();
+                if shutdown.is_cancelled() {
+                    break;
+                }
+                tracing::info!(server = %server.addr, "server closed the tunnel; reconnecting");
+            }
+            Err(SessionError::Refused(reason)) => {
+                tracing::error!(server = %server.addr, cluster = %shared.config.cluster, %reason, "server refused this agent's registration");
+            }
+            Err(err) => {
+                tracing::warn!(server = %server.addr, %err, "tunnel to server lost");
+            }
+        }
+        let delay = backoff.next_delay();
+        tokio::select! {
+            () = shutdown.cancelled() => break,
+            () = tokio::time::sleep(delay) => {}
+        }
+    }
+}
+
+async fn connect(server: &ServerTarget, shared: &Shared) -> Result<Channel, SessionError> {
+    let tls = TlsConnector::from(shared.config.tls.clone());
+    let addr = server.addr.clone();
+    let name = server.tls_name.clone();
+    let connector = tower::service_fn(move |_| {
+        let (tls, addr, name) = (tls.clone(), addr.clone(), name.clone());
+        async move {
+            let tcp = TcpStream::connect(&addr).await?;
+            tcp.set_nodelay(true)?;
+            let tls = tls.connect(name, tcp).await?;
+            Ok::<_, io::Error>(TokioIo::new(tls))
+        }
+    });
+    let endpoint = Endpoint::from_shared(format!("http://{}", server.addr))
+        .map_err(|e| SessionError::Connect(e.to_string()))?
+        .connect_timeout(CONNECT_TIMEOUT)
+        .http2_keep_alive_interval(shared.config.keepalive_interval)
+        .keep_alive_timeout(shared.config.keepalive_timeout)
+        .keep_alive_while_idle(true)
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW);
+    endpoint
+        .connect_with_connector(connector)
+        .await
+        .map_err(|e| SessionError::Connect(error_chain(&e)))
+}
+
+fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
+/// One connection's life: `Ok` if it registered and later ended.
+async fn session(
+    server: &ServerTarget,
+    shared: &Arc<Shared>,
+    shutdown: &CancellationToken,
+) -> Result<(), SessionError> {
+    let channel = connect(server, shared).await?;
+    let mut client = TunnelClient::new(channel)
+        .max_decoding_message_size(MAX_MESSAGE)
+        .max_encoding_message_size(MAX_MESSAGE);
+    let (control, control_rx) = mpsc::channel(CONTROL_QUEUE);
+    let register = AgentMessage {
+        msg: Some(agent_message::Msg::Register(Register {
+            cluster: shared.config.cluster.clone(),
+            agent_id: shared.config.agent_id.clone(),
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+        })),
+    };
+    control
+        .try_send(register)
+        .map_err(|_| SessionError::Protocol("control queue full".into()))?;
+    let mut inbound = match client.control(ReceiverStream::new(control_rx)).await {
+        Ok(resp) => resp.into_inner(),
+        Err(status) if matches!(status.code(), Code::PermissionDenied | Code::InvalidArgument | Code::Unauthenticated) => {
+            return Err(SessionError::Refused(status.message().to_owned()));
+        }
+        Err(status) => return Err(SessionError::Stream(status.to_string())),
+    };
+    let first = tokio::time::timeout(REGISTER_TIMEOUT, inbound.message())
+        .await
+        .map_err(|_| SessionError::Protocol("no registration answer in time".into()))?
+        .map_err(|s| SessionError::Stream(s.to_string()))?;
+    let server_id = match first.and_then(|m| m.msg) {
+        Some(server_message::Msg::Registered(r)) => r.server_id,
+        _ => return Err(SessionError::Protocol("expected a registration answer".into())),
+    };
+    let _registered = shared.registered();
+    tracing::info!(server = %server.addr, server.id = %server_id, cluster = %shared.config.cluster, "registered with server");
+
+    // Every tunneled connection of this session is a child of this token: losing the server
+    // closes them all.
+    let session_token = shutdown.child_token();
+    let _close_all = session_token.clone().drop_guard();
+    let tracker = TaskTracker::new();
+    let result = loop {
+        let msg = tokio::select! {
+            () = shutdown.cancelled() => break Ok(()),
+            msg = inbound.message() => msg,
+        };
+        match msg {
+            Ok(Some(m)) => match m.msg {
+                Some(server_message::Msg::Dial(dial)) => {
+                    let (client, control, shared) = (client.clone(), control.clone(), shared.clone());
+                    let cancel = session_token.child_token();
+                    tracker.spawn(async move {
+                        crate::dial::serve_dial(client, control, dial.dial_id, &shared, cancel).await;
+                    });
+                }
+                Some(server_message::Msg::Registered(_)) | None => {
+                    break Err(SessionError::Protocol("unexpected control message".into()));
+                }
+            },
+            Ok(None) => break Ok(()),
+            Err(status) => break Err(SessionError::Stream(status.message().to_owned())),
+        }
+    };
+    session_token.cancel();
+    tracker.close();
+    tracker.wait().await;
+    result
+}

@@ -1,0 +1,162 @@
+//! The agent listener: accepts TCP, runs each mutual-TLS handshake in its own task under a
+//! timeout (a peer that never finishes its handshake holds up nobody), and hands finished
+//! connections, tagged with the agent's certificate CN, to the gRPC server.
+
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::server::TlsStream;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::server::Connected;
+
+/// Time an agent has to complete its TLS handshake.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Finished handshakes waiting for the gRPC server to pick them up.
+const ACCEPTED_QUEUE: usize = 64;
+
+/// Facts about an agent's TLS connection, attached to every request it makes.
+#[derive(Debug, Clone)]
+pub struct AgentConn {
+    /// Unique per connection for the life of the process.
+    pub id: u64,
+    /// The agent's address.
+    pub addr: SocketAddr,
+    /// Subject CN of the agent's verified client certificate: the only cluster it may serve.
+    pub cn: String,
+}
+
+/// A TLS connection from an agent.
+pub struct AgentIo {
+    inner: TlsStream<TcpStream>,
+    conn: AgentConn,
+}
+
+impl Connected for AgentIo {
+    type ConnectInfo = AgentConn;
+    fn connect_info(&self) -> AgentConn {
+        self.conn.clone()
+    }
+}
+
+impl AsyncRead for AgentIo {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for AgentIo {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// Accepts agents on `listener` until `shutdown`; yields their verified TLS connections.
+pub fn incoming(
+    listener: TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    shutdown: CancellationToken,
+) -> ReceiverStream<io::Result<AgentIo>> {
+    let (tx, rx) = mpsc::channel(ACCEPTED_QUEUE);
+    let acceptor = TlsAcceptor::from(tls);
+    let next_id = Arc::new(AtomicU64::new(1));
+    tokio::spawn(async move {
+        loop {
+            let (tcp, addr) = tokio::select! {
+                () = shutdown.cancelled() => break,
+                res = listener.accept() => match res {
+                    Ok(conn) => conn,
+                    Err(err) => {
+                        // Typically EMFILE; back off briefly instead of spinning.
+                        tracing::warn!(%err, "agent accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+            };
+            let acceptor = acceptor.clone();
+            let tx = tx.clone();
+            let id = next_id.fetch_add(1, Ordering::Relaxed);
+            let shutdown = shutdown.clone();
+            tokio::spawn(async move {
+                let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(acceptor, tcp, addr, id));
+                let io = tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    res = handshake => match res {
+                        Ok(Ok(io)) => io,
+                        Ok(Err(err)) => {
+                            tracing::warn!(agent.addr = %addr, %err, "agent TLS handshake failed");
+                            return;
+                        }
+                        Err(_) => {
+                            tracing::warn!(agent.addr = %addr, "agent TLS handshake timed out");
+                            return;
+                        }
+                    },
+                };
+                let _ = tx.send(Ok(io)).await;
+            });
+        }
+    });
+    ReceiverStream::new(rx)
+}
+
+async fn handshake(
+    acceptor: TlsAcceptor,
+    tcp: TcpStream,
+    addr: SocketAddr,
+    id: u64,
+) -> io::Result<AgentIo> {
+    tcp.set_nodelay(true)?;
+    let tls = acceptor.accept(tcp).await?;
+    let cn = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|certs| certs.first())
+        .and_then(proxy_common::tls::common_name)
+        .ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                "agent certificate has no Subject CN",
+            )
+        })?;
+    Ok(AgentIo {
+        inner: tls,
+        conn: AgentConn { id, addr, cn },
+    })
+}

@@ -1,0 +1,319 @@
+//! The cluster registry: which agents are connected for which cluster, and the dials waiting for
+//! an agent to answer.
+//!
+//! Cleanup is by ownership: [`Registration`] is held by the agent's control-stream task, and
+//! dropping it is the teardown: the agent leaves the registry, its token is cancelled (closing
+//! every connection it carried) and its pending dials fail at once. No lock is held across an
+//! `.await`: the maps are `DashMap`s touched only in short synchronous sections.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant, SystemTime};
+
+use dashmap::DashMap;
+use proxy_proto::{Chunk, DialRequest, ServerMessage, server_message};
+use tokio::sync::{Notify, mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tonic::{Status, Streaming};
+
+/// How long after its last agent left a cluster counts as "reconnecting": CONNECTs for it wait
+/// (up to the configured agent wait) instead of failing at once. Longer than the agents' largest
+/// reconnect backoff.
+pub const RECONNECT_WINDOW: Duration = Duration::from_secs(30);
+
+/// What the server knows of a connected agent.
+#[derive(Debug, Clone)]
+pub struct AgentInfo {
+    /// Cluster the agent serves (equal to its certificate CN).
+    pub cluster: String,
+    /// The agent's self-chosen id.
+    pub agent_id: String,
+    /// The agent's version string.
+    pub version: String,
+    /// Id of the TLS connection that carries the agent's streams.
+    pub conn_id: u64,
+    /// The agent's address.
+    pub addr: SocketAddr,
+    /// When it registered.
+    pub connected_at: SystemTime,
+}
+
+/// A connected agent: where to send dial requests, and the token that closes everything it
+/// carries.
+#[derive(Debug)]
+pub struct AgentHandle {
+    /// Identity and connection facts.
+    pub info: AgentInfo,
+    control: mpsc::Sender<Result<ServerMessage, Status>>,
+    closed: CancellationToken,
+}
+
+/// The agent's control stream is gone.
+#[derive(Debug, thiserror::Error)]
+#[error("agent disconnected")]
+pub struct AgentGone;
+
+impl AgentHandle {
+    /// A handle sending dial requests on `control`; `closed` is cancelled when the agent leaves.
+    pub fn new(
+        info: AgentInfo,
+        control: mpsc::Sender<Result<ServerMessage, Status>>,
+        closed: CancellationToken,
+    ) -> Self {
+        Self {
+            info,
+            control,
+            closed,
+        }
+    }
+
+    /// Cancelled when the agent leaves the registry (or the server shuts down).
+    pub fn closed(&self) -> &CancellationToken {
+        &self.closed
+    }
+
+    /// Asks the agent to dial its upstream. Waits while the agent's control queue is full.
+    pub async fn request_dial(&self, dial_id: u64) -> Result<(), AgentGone> {
+        let msg = ServerMessage {
+            msg: Some(server_message::Msg::Dial(DialRequest { dial_id })),
+        };
+        self.control.send(Ok(msg)).await.map_err(|_| AgentGone)
+    }
+}
+
+/// Both directions of one tunneled connection's `Data` stream, as the server sees them.
+#[derive(Debug)]
+pub struct TunnelStream {
+    /// Chunks from the agent (its upstream's bytes).
+    pub inbound: Streaming<Chunk>,
+    /// Chunks to the agent (the client's bytes).
+    pub outbound: mpsc::Sender<Chunk>,
+}
+
+/// How the agent answered a dial request.
+#[derive(Debug)]
+pub enum DialOutcome {
+    /// The agent reached its upstream and opened the data stream.
+    Connected(TunnelStream),
+    /// The agent could not reach its upstream; the agent's reason.
+    Failed(String),
+}
+
+#[derive(Debug)]
+struct PendingDial {
+    conn_id: u64,
+    reply: oneshot::Sender<DialOutcome>,
+}
+
+/// Why a dial answer could not be delivered.
+#[derive(Debug, thiserror::Error)]
+pub enum DialLookupError {
+    /// No dial with that id is pending for this agent connection (unknown, answered already,
+    /// timed out, or asked of another agent).
+    #[error("no pending dial {0} for this agent")]
+    Unknown(u64),
+    /// The CONNECT client gave up before the answer arrived.
+    #[error("dial {0} was abandoned by its client")]
+    Abandoned(u64),
+}
+
+/// Clusters, their agents, and pending dials.
+#[derive(Debug, Default)]
+pub struct Registry {
+    clusters: DashMap<String, Vec<Arc<AgentHandle>>>,
+    departed: DashMap<String, Instant>,
+    pending: DashMap<u64, PendingDial>,
+    next_dial: AtomicU64,
+    round_robin: AtomicUsize,
+    changed: Notify,
+}
+
+impl Registry {
+    /// An empty registry.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds an agent. It stays registered until the returned guard is dropped.
+    pub fn register(self: &Arc<Self>, agent: AgentHandle) -> Registration {
+        let agent = Arc::new(agent);
+        self.clusters
+            .entry(agent.info.cluster.clone())
+            .or_default()
+            .push(agent.clone());
+        self.departed.remove(&agent.info.cluster);
+        self.changed.notify_waiters();
+        Registration {
+            registry: self.clone(),
+            agent,
+        }
+    }
+
+    /// An agent of `cluster`, spreading successive calls across the cluster's agents.
+    pub fn pick(&self, cluster: &str) -> Option<Arc<AgentHandle>> {
+        let agents = self.clusters.get(cluster)?;
+        if agents.is_empty() {
+            return None;
+        }
+        let i = self.round_robin.fetch_add(1, Ordering::Relaxed) % agents.len();
+        Some(agents[i].clone())
+    }
+
+    /// An agent of `cluster`; if the cluster's last agent left within [`RECONNECT_WINDOW`],
+    /// waits up to `wait` for one to come back. Clusters not seen recently fail at once.
+    pub async fn wait_for_agent(&self, cluster: &str, wait: Duration) -> Option<Arc<AgentHandle>> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            // Register interest before looking, so a registration between the look and the
+            // wait is not missed.
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if let Some(agent) = self.pick(cluster) {
+                return Some(agent);
+            }
+            if !self.recently_departed(cluster) {
+                return None;
+            }
+            if tokio::time::timeout_at(deadline, changed).await.is_err() {
+                return None;
+            }
+        }
+    }
+
+    fn recently_departed(&self, cluster: &str) -> bool {
+        self.departed
+            .get(cluster)
+            .is_some_and(|left| left.elapsed() < RECONNECT_WINDOW)
+    }
+
+    /// Records a dial to be answered by `agent`'s connection. Dropping the returned guard
+    /// forgets it, so an abandoned CONNECT leaves nothing behind.
+    pub fn begin_dial(self: &Arc<Self>, agent: &AgentHandle) -> DialGuard {
+        let id = self.next_dial.fetch_add(1, Ordering::Relaxed) + 1;
+        let (reply, rx) = oneshot::channel();
+        self.pending.insert(
+            id,
+            PendingDial {
+                conn_id: agent.info.conn_id,
+                reply,
+            },
+        );
+        DialGuard {
+            registry: self.clone(),
+            id,
+            rx: Some(rx),
+        }
+    }
+
+    /// Delivers an agent's answer to dial `dial_id`. Only the connection the dial was sent on
+    /// may answer it, so one agent cannot take over another's connections.
+    pub fn complete_dial(
+        &self,
+        dial_id: u64,
+        conn_id: u64,
+        outcome: DialOutcome,
+    ) -> Result<(), DialLookupError> {
+        let (_, pending) = self
+            .pending
+            .remove_if(&dial_id, |_, p| p.conn_id == conn_id)
+            .ok_or(DialLookupError::Unknown(dial_id))?;
+        pending
+            .reply
+            .send(outcome)
+            .map_err(|_| DialLookupError::Abandoned(dial_id))
+    }
+
+    /// Number of clusters with at least one agent.
+    pub fn cluster_count(&self) -> usize {
+        self.clusters.len()
+    }
+
+    /// Number of connected agents.
+    pub fn agent_count(&self) -> usize {
+        self.clusters.iter().map(|e| e.value().len()).sum()
+    }
+
+    /// Number of dials waiting for an agent's answer.
+    pub fn pending_dials(&self) -> usize {
+        self.pending.len()
+    }
+
+    fn remove(&self, agent: &Arc<AgentHandle>) {
+        let cluster = &agent.info.cluster;
+        let emptied = match self.clusters.get_mut(cluster) {
+            Some(mut agents) => {
+                agents.retain(|a| !Arc::ptr_eq(a, agent));
+                agents.is_empty()
+            }
+            None => false,
+        };
+        if emptied {
+            // Re-checked under the map's lock: an agent may have registered in between.
+            self.clusters.remove_if(cluster, |_, agents| agents.is_empty());
+            self.departed.retain(|_, left| left.elapsed() < RECONNECT_WINDOW);
+            self.departed.insert(cluster.clone(), Instant::now());
+        }
+        // Dials asked of this connection can no longer be answered: dropping their reply
+        // senders fails the waiting CONNECTs now rather than at their timeout.
+        let conn_id = agent.info.conn_id;
+        self.pending.retain(|_, p| p.conn_id != conn_id);
+        self.changed.notify_waiters();
+    }
+}
+
+/// An agent's place in the registry; dropping it removes the agent and closes everything it
+/// carried.
+#[derive(Debug)]
+pub struct Registration {
+    registry: Arc<Registry>,
+    agent: Arc<AgentHandle>,
+}
+
+impl Registration {
+    /// The registered agent.
+    pub fn agent(&self) -> &Arc<AgentHandle> {
+        &self.agent
+    }
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        self.registry.remove(&self.agent);
+        self.agent.closed.cancel();
+    }
+}
+
+/// A dial waiting for its agent's answer; dropping it forgets the dial.
+#[derive(Debug)]
+pub struct DialGuard {
+    registry: Arc<Registry>,
+    id: u64,
+    rx: Option<oneshot::Receiver<DialOutcome>>,
+}
+
+impl DialGuard {
+    /// The dial id sent to the agent.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// Waits for the agent's answer; `Err` when the agent left without answering.
+    pub async fn outcome(&mut self) -> Result<DialOutcome, AgentGone> {
+        match self.rx.as_mut() {
+            Some(rx) => {
+                let res = rx.await.map_err(|_| AgentGone);
+                self.rx = None;
+                res
+            }
+            None => Err(AgentGone),
+        }
+    }
+}
+
+impl Drop for DialGuard {
+    fn drop(&mut self) {
+        self.registry.pending.remove(&self.id);
+    }
+}

@@ -1,0 +1,188 @@
+//! The gRPC `Tunnel` service agents talk to: the control stream (registration, dial failures)
+//! and the per-connection data streams.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use futures_util::{Stream, StreamExt};
+use proxy_common::pump::CHUNK_QUEUE;
+use proxy_proto::tunnel_server::Tunnel;
+use proxy_proto::{
+    AgentMessage, Chunk, DIAL_ID_HEADER, Register, Registered, ServerMessage, agent_message,
+    server_message,
+};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::listener::AgentConn;
+use crate::registry::{
+    AgentHandle, AgentInfo, DialOutcome, Registration, Registry, TunnelStream,
+};
+
+/// Time an agent has to send its registration after opening the control stream.
+pub const REGISTER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Control messages queued towards one agent (dial requests); a full queue makes CONNECTs wait,
+/// within their dial timeout.
+pub const CONTROL_QUEUE: usize = 256;
+
+/// The service implementation.
+#[derive(Debug, Clone)]
+pub struct TunnelService {
+    registry: Arc<Registry>,
+    server_id: String,
+    shutdown: CancellationToken,
+}
+
+impl TunnelService {
+    /// A service registering agents into `registry`; `shutdown` closes every agent.
+    pub fn new(registry: Arc<Registry>, server_id: String, shutdown: CancellationToken) -> Self {
+        Self {
+            registry,
+            server_id,
+            shutdown,
+        }
+    }
+}
+
+fn agent_conn<T>(req: &Request<T>) -> Result<AgentConn, Status> {
+    req.extensions()
+        .get::<AgentConn>()
+        .cloned()
+        .ok_or_else(|| Status::internal("connection has no agent identity"))
+}
+
+/// Checks a registration against the connection's certificate.
+fn check_register(reg: &Register, conn: &AgentConn) -> Result<(), Status> {
+    if !proxy_common::is_valid_cluster_name(&reg.cluster) {
+        return Err(Status::invalid_argument(format!(
+            "cluster name {:?} is not a valid DNS name (lower-case letters, digits, '-', '.')",
+            reg.cluster
+        )));
+    }
+    if reg.cluster != conn.cn {
+        return Err(Status::permission_denied(format!(
+            "certificate CN {:?} may not register cluster {:?}: an agent serves only the cluster named by its certificate",
+            conn.cn, reg.cluster
+        )));
+    }
+    if reg.agent_id.is_empty() || reg.agent_id.len() > 253 {
+        return Err(Status::invalid_argument("agent id must be 1 to 253 bytes"));
+    }
+    Ok(())
+}
+
+type DataResponse = Pin<Box<dyn Stream<Item = Result<Chunk, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Tunnel for TunnelService {
+    type ControlStream = ReceiverStream<Result<ServerMessage, Status>>;
+    type DataStream = DataResponse;
+
+    async fn control(
+        &self,
+        req: Request<Streaming<AgentMessage>>,
+    ) -> Result<Response<Self::ControlStream>, Status> {
+        let conn = agent_conn(&req)?;
+        let mut inbound = req.into_inner();
+        let first = tokio::time::timeout(REGISTER_TIMEOUT, inbound.message())
+            .await
+            .map_err(|_| Status::deadline_exceeded("no registration received in time"))??;
+        let Some(AgentMessage {
+            msg: Some(agent_message::Msg::Register(reg)),
+        }) = first
+        else {
+            return Err(Status::invalid_argument(
+                "the first message on the control stream must be a registration",
+            ));
+        };
+        if let Err(status) = check_register(&reg, &conn) {
+            tracing::warn!(agent.addr = %conn.addr, cn = %conn.cn, cluster = %reg.cluster, reason = status.message(), "agent registration refused");
+            return Err(status);
+        }
+
+        let (tx, rx) = mpsc::channel(CONTROL_QUEUE);
+        let registered = ServerMessage {
+            msg: Some(server_message::Msg::Registered(Registered {
+                server_id: self.server_id.clone(),
+            })),
+        };
+        tx.try_send(Ok(registered))
+            .map_err(|_| Status::internal("control queue full at registration"))?;
+        let info = AgentInfo {
+            cluster: reg.cluster,
+            agent_id: reg.agent_id,
+            version: reg.version,
+            conn_id: conn.id,
+            addr: conn.addr,
+            connected_at: SystemTime::now(),
+        };
+        let closed = self.shutdown.child_token();
+        let registration = self
+            .registry
+            .register(AgentHandle::new(info, tx, closed.clone()));
+        let agent = registration.agent().info.clone();
+        tracing::info!(cluster = %agent.cluster, agent.id = %agent.agent_id, agent.addr = %agent.addr, agent.version = %agent.version, "agent registered");
+        tokio::spawn(serve_control(inbound, registration, self.registry.clone(), closed));
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn data(
+        &self,
+        req: Request<Streaming<Chunk>>,
+    ) -> Result<Response<Self::DataStream>, Status> {
+        let conn = agent_conn(&req)?;
+        let dial_id = req
+            .metadata()
+            .get(DIAL_ID_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok())
+            .ok_or_else(|| Status::invalid_argument(format!("missing or invalid {DIAL_ID_HEADER}")))?;
+        let (tx, rx) = mpsc::channel(CHUNK_QUEUE);
+        let stream = TunnelStream {
+            inbound: req.into_inner(),
+            outbound: tx,
+        };
+        self.registry
+            .complete_dial(dial_id, conn.id, DialOutcome::Connected(stream))
+            .map_err(|err| Status::not_found(err.to_string()))?;
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx).map(Ok))))
+    }
+}
+
+/// Reads the agent's control messages until its stream ends, then drops its registration.
+async fn serve_control(
+    mut inbound: Streaming<AgentMessage>,
+    registration: Registration,
+    registry: Arc<Registry>,
+    closed: CancellationToken,
+) {
+    let info = registration.agent().info.clone();
+    let reason = loop {
+        let msg = tokio::select! {
+            () = closed.cancelled() => break "server shutting down".to_owned(),
+            msg = inbound.message() => msg,
+        };
+        match msg {
+            Ok(Some(AgentMessage {
+                msg: Some(agent_message::Msg::DialFailed(failed)),
+            })) => {
+                if let Err(err) = registry.complete_dial(
+                    failed.dial_id,
+                    info.conn_id,
+                    DialOutcome::Failed(failed.reason),
+                ) {
+                    tracing::debug!(cluster = %info.cluster, %err, "dial failure for no pending dial");
+                }
+            }
+            Ok(Some(_)) => break "protocol violation: unexpected control message".to_owned(),
+            Ok(None) => break "control stream closed by agent".to_owned(),
+            Err(status) => break format!("control stream failed: {}", status.message()),
+        }
+    };
+    drop(registration);
+    tracing::info!(cluster = %info.cluster, agent.id = %info.agent_id, agent.addr = %info.addr, %reason, "agent disconnected");
+}
