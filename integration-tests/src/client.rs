@@ -1,0 +1,159 @@
+//! Client side: CONNECT through the proxy, TLS to a member API server through the tunnel, and
+//! kubeconfig files for kubectl.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{Context, bail};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty};
+use hyper_util::rt::TokioIo;
+use proxy_certs::DevPki;
+use rustls::pki_types::ServerName;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+use tokio_rustls::client::TlsStream;
+
+/// What the proxy answered to a CONNECT.
+#[derive(Debug)]
+pub enum ConnectReply {
+    /// `200`: the socket is now the tunnel.
+    Tunnel(TcpStream),
+    /// Any other status, with the body (one line).
+    Refused {
+        /// HTTP status.
+        status: u16,
+        /// Response body.
+        body: String,
+    },
+}
+
+impl ConnectReply {
+    /// The tunnel, or an error naming the refusal.
+    pub fn tunnel(self) -> anyhow::Result<TcpStream> {
+        match self {
+            Self::Tunnel(s) => Ok(s),
+            Self::Refused { status, body } => bail!("CONNECT refused: {status} {body}"),
+        }
+    }
+}
+
+/// Sends `CONNECT target` to the proxy and reads its answer. Reads the head byte by byte so that
+/// no tunneled byte is consumed.
+pub async fn connect(proxy: SocketAddr, target: &str) -> anyhow::Result<ConnectReply> {
+    let mut s = TcpStream::connect(proxy).await?;
+    s.set_nodelay(true)?;
+    s.write_all(format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n").as_bytes())
+        .await?;
+    let (status, rest) = read_response_head(&mut s).await?;
+    if status == 200 {
+        return Ok(ConnectReply::Tunnel(s));
+    }
+    let mut body = rest;
+    s.read_to_string(&mut body).await?;
+    Ok(ConnectReply::Refused { status, body })
+}
+
+/// Reads an HTTP/1.1 response head; returns the status and any body bytes read with it.
+pub async fn read_response_head(s: &mut TcpStream) -> anyhow::Result<(u16, String)> {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        if s.read(&mut byte).await? == 0 {
+            bail!("proxy closed the connection after {:?}", String::from_utf8_lossy(&head));
+        }
+        head.push(byte[0]);
+        if head.len() > 64 * 1024 {
+            bail!("response head too large");
+        }
+    }
+    let text = String::from_utf8_lossy(&head);
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .with_context(|| format!("bad status line in {text:?}"))?;
+    Ok((status, String::new()))
+}
+
+/// TLS to `cluster`'s API server through an established tunnel, verifying its certificate for
+/// `kubernetes.default.svc` against the cluster's own CA.
+pub async fn apiserver_tls(pki: &DevPki, cluster: &str, tunnel: TcpStream) -> anyhow::Result<TlsStream<TcpStream>> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in proxy_common::tls::load_certs(&pki.apiserver_ca(cluster))? {
+        roots.add(cert)?;
+    }
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let name = ServerName::try_from("kubernetes.default.svc")?;
+    Ok(TlsConnector::from(Arc::new(config)).connect(name, tunnel).await?)
+}
+
+/// `GET path` over HTTPS through the proxy to `cluster`'s API server; returns (status, body).
+pub async fn get_via_proxy(proxy: SocketAddr, pki: &DevPki, cluster: &str, path: &str) -> anyhow::Result<(u16, Bytes)> {
+    let tunnel = connect(proxy, &format!("{cluster}:443")).await?.tunnel()?;
+    let tls = apiserver_tls(pki, cluster, tunnel).await?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls)).await?;
+    tokio::spawn(conn);
+    let req = hyper::Request::get(path)
+        .header("host", "kubernetes.default.svc")
+        .body(Empty::<Bytes>::new())?;
+    let resp = sender.send_request(req).await?;
+    let status = resp.status().as_u16();
+    let body = resp.into_body().collect().await?.to_bytes();
+    Ok((status, body))
+}
+
+/// Writes a kubeconfig for `cluster` that reaches it through the proxy at `proxy_url`, with full
+/// certificate verification against the member's API-server CA.
+pub fn write_kubeconfig(dir: &Path, pki: &DevPki, cluster: &str, proxy_url: &str) -> anyhow::Result<PathBuf> {
+    let ca = std::fs::read(pki.apiserver_ca(cluster))?;
+    let ca_b64 = base64(&ca);
+    let text = format!(
+        "apiVersion: v1
+kind: Config
+clusters:
+- name: {cluster}
+  cluster:
+    server: https://{cluster}:443
+    tls-server-name: kubernetes.default.svc
+    certificate-authority-data: {ca_b64}
+    proxy-url: {proxy_url}
+users:
+- name: controller
+  user:
+    token: not-checked-by-the-fake-apiserver
+contexts:
+- name: {cluster}
+  context:
+    cluster: {cluster}
+    user: controller
+current-context: {cluster}
+"
+    );
+    let path = dir.join(format!("kubeconfig-{cluster}"));
+    std::fs::write(&path, text)?;
+    Ok(path)
+}
+
+/// Standard base64 with padding (kubeconfig `*-data` fields).
+pub fn base64(data: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
+    for chunk in data.chunks(3) {
+        let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(ALPHABET[(n >> (18 - 6 * i)) as usize & 63] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}

@@ -1,0 +1,246 @@
+//! Running the real `proxy-server` and `proxy-agent` binaries.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use proxy_certs::DevPki;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+use tokio::process::{Child, Command};
+
+/// Path of a workspace binary: `$PROXY_BIN_DIR/<name>`, or beside the test executable's
+/// `deps` folder (where cargo puts the binaries it builds for the workspace's tests).
+pub fn bin(name: &str) -> PathBuf {
+    let dir = match std::env::var_os("PROXY_BIN_DIR") {
+        Some(dir) => PathBuf::from(dir),
+        None => {
+            let exe = std::env::current_exe().expect("current_exe");
+            let deps = exe.parent().expect("exe dir");
+            deps.parent().expect("target profile dir").to_owned()
+        }
+    };
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} not found: build the workspace binaries first (`cargo build --bins`) or set PROXY_BIN_DIR",
+        path.display()
+    );
+    path
+}
+
+/// A running child process whose stderr goes to a log file; killed when dropped.
+#[derive(Debug)]
+pub struct Proc {
+    child: Child,
+    log: PathBuf,
+    /// What it is, for messages.
+    pub name: String,
+}
+
+impl Proc {
+    /// Starts `bin` with `args`, logging stderr to `log`, and returns it with the first line it
+    /// prints on stdout (the bound addresses).
+    pub async fn spawn(name: &str, bin: &Path, args: &[String], log: PathBuf) -> anyhow::Result<(Self, String)> {
+        let log_file = std::fs::File::create(&log)?;
+        let mut child = Command::new(bin)
+            .args(args)
+            .env("RUST_LOG", std::env::var("TEST_RUST_LOG").unwrap_or_else(|_| "info,proxy_agent=debug".into()))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(log_file))
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("starting {}", bin.display()))?;
+        let stdout = child.stdout.take().context("stdout")?;
+        let mut lines = BufReader::new(stdout).lines();
+        let line = tokio::time::timeout(Duration::from_secs(20), lines.next_line())
+            .await
+            .context("no startup line within 20 s")??;
+        let proc = Self { child, log, name: name.to_owned() };
+        let Some(line) = line else {
+            bail!("{name} exited before starting:\n{}", proc.logs());
+        };
+        // Keep draining stdout so the child never blocks on a full pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        Ok((proc, line))
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id().unwrap_or(0)
+    }
+
+    /// Everything the process logged so far.
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Sends a signal by name (`STOP`, `CONT`, `TERM`...).
+    pub fn signal(&self, sig: &str) {
+        let status = std::process::Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.pid().to_string())
+            .status()
+            .expect("kill");
+        assert!(status.success(), "kill -{sig} failed");
+    }
+
+    /// SIGKILL and reap.
+    pub async fn kill(mut self) {
+        let _ = self.child.kill().await;
+    }
+
+    /// Waits for the process to exit.
+    pub async fn wait(&mut self, timeout: Duration) -> anyhow::Result<std::process::ExitStatus> {
+        Ok(tokio::time::timeout(timeout, self.child.wait()).await??)
+    }
+}
+
+fn field(line: &str, key: &str) -> anyhow::Result<SocketAddr> {
+    line.split_whitespace()
+        .find_map(|kv| kv.strip_prefix(key).and_then(|v| v.strip_prefix('=')))
+        .with_context(|| format!("no {key}= in {line:?}"))?
+        .parse()
+        .with_context(|| format!("bad {key} address in {line:?}"))
+}
+
+/// A running proxy-server.
+#[derive(Debug)]
+pub struct ServerProc {
+    /// The process.
+    pub proc: Proc,
+    /// Agent (gRPC) listener.
+    pub agent_addr: SocketAddr,
+    /// CONNECT listener.
+    pub frontend_addr: SocketAddr,
+    /// Admin listener.
+    pub admin_addr: SocketAddr,
+}
+
+impl ServerProc {
+    /// Starts a server with the certificates of `pki`; `agent_addr` defaults to a free port.
+    pub async fn start(pki: &DevPki, agent_addr: Option<SocketAddr>, extra: &[&str]) -> anyhow::Result<Self> {
+        let agent = agent_addr.map_or("127.0.0.1:0".to_owned(), |a| a.to_string());
+        let mut args: Vec<String> = vec![
+            "--agent-addr".into(), agent,
+            "--frontend-addr".into(), "127.0.0.1:0".into(),
+            "--admin-addr".into(), "127.0.0.1:0".into(),
+            "--agent-tls-cert".into(), pki.server_cert().display().to_string(),
+            "--agent-tls-key".into(), pki.server_key().display().to_string(),
+            "--agent-ca".into(), pki.proxy_ca().display().to_string(),
+        ];
+        args.extend(extra.iter().map(|s| (*s).to_owned()));
+        let log = unique_log(&pki.dir, "server");
+        let (proc, line) = Proc::spawn("proxy-server", &bin("proxy-server"), &args, log).await?;
+        let server = Self {
+            agent_addr: field(&line, "agent")?,
+            frontend_addr: field(&line, "frontend")?,
+            admin_addr: field(&line, "admin")?,
+            proc,
+        };
+        wait_ready(server.admin_addr, Duration::from_secs(10)).await?;
+        Ok(server)
+    }
+}
+
+/// A running proxy-agent.
+#[derive(Debug)]
+pub struct AgentProc {
+    /// The process.
+    pub proc: Proc,
+    /// Admin listener.
+    pub admin_addr: SocketAddr,
+}
+
+impl AgentProc {
+    /// Starts an agent with the certificate of `cert_cluster`, tunnelling to `servers`, dialing
+    /// `upstream`. Does not wait for registration (see [`AgentProc::wait_registered`]).
+    pub async fn start(
+        pki: &DevPki,
+        servers: &[SocketAddr],
+        cert_cluster: &str,
+        upstream: SocketAddr,
+        extra: &[&str],
+    ) -> anyhow::Result<Self> {
+        let mut args: Vec<String> = Vec::new();
+        for s in servers {
+            args.extend(["--server".into(), s.to_string()]);
+        }
+        args.extend([
+            "--server-name".into(), "localhost".into(),
+            "--tls-cert".into(), pki.agent_cert(cert_cluster).display().to_string(),
+            "--tls-key".into(), pki.agent_key(cert_cluster).display().to_string(),
+            "--server-ca".into(), pki.proxy_ca().display().to_string(),
+            "--upstream".into(), upstream.to_string(),
+            "--admin-addr".into(), "127.0.0.1:0".into(),
+        ]);
+        args.extend(extra.iter().map(|s| (*s).to_owned()));
+        let log = unique_log(&pki.dir, &format!("agent-{cert_cluster}"));
+        let (proc, line) = Proc::spawn("proxy-agent", &bin("proxy-agent"), &args, log).await?;
+        Ok(Self {
+            admin_addr: field(&line, "admin")?,
+            proc,
+        })
+    }
+
+    /// Starts an agent and waits until it is registered with every server it was given... at
+    /// least one, as its `/readyz` reports.
+    pub async fn start_ready(
+        pki: &DevPki,
+        servers: &[SocketAddr],
+        cluster: &str,
+        upstream: SocketAddr,
+    ) -> anyhow::Result<Self> {
+        let agent = Self::start(pki, servers, cluster, upstream, &[]).await?;
+        agent.wait_registered(Duration::from_secs(10)).await?;
+        Ok(agent)
+    }
+
+    /// Waits for `/readyz` to answer 200.
+    pub async fn wait_registered(&self, timeout: Duration) -> anyhow::Result<()> {
+        wait_ready(self.admin_addr, timeout)
+            .await
+            .with_context(|| format!("agent not registered; its log:\n{}", self.proc.logs()))
+    }
+}
+
+fn unique_log(dir: &Path, stem: &str) -> PathBuf {
+    for i in 0.. {
+        let p = dir.join(format!("{stem}-{i}.log"));
+        if !p.exists() {
+            return p;
+        }
+    }
+    unreachable!()
+}
+
+/// GETs `path` on an admin listener; returns (status, body).
+pub async fn admin_get(addr: SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
+    let mut s = TcpStream::connect(addr).await?;
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n").as_bytes())
+        .await?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).await?;
+    let status = out
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .context("bad admin response")?;
+    let body = out.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    Ok((status, body))
+}
+
+/// Polls `/readyz` until it answers 200 or `timeout` passes.
+pub async fn wait_ready(addr: SocketAddr, timeout: Duration) -> anyhow::Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match admin_get(addr, "/readyz").await {
+            Ok((200, _)) => return Ok(()),
+            other if Instant::now() >= deadline => bail!("{addr}/readyz not ready after {timeout:?}: {other:?}"),
+            _ => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    }
+}
