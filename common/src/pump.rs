@@ -9,6 +9,7 @@
 
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use proxy_proto::{Chunk, MAX_CHUNK};
@@ -65,14 +66,35 @@ pub enum PumpError {
     Cancelled,
 }
 
+/// Which end of the `Data` stream this is; decides the order of the close handshake.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// The gRPC client (proxy-agent): ends its request stream first, then waits for the
+    /// server's end of stream.
+    Agent,
+    /// The gRPC server (proxy-server): waits for the agent's end of stream, then ends its
+    /// response.
+    Server,
+}
+
+/// How long a finished connection waits for the other side to end its half of the stream.
+pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Moves bytes between `socket` and the tunnel until both directions have finished, one fails,
 /// or `cancel` fires. `prefix` holds bytes already read from the socket (pipelined after a
 /// CONNECT head); they are sent first.
+///
+/// After both directions finished, the stream halves are closed in a fixed order (agent's end
+/// first, then the server's), never dropped while the other side may still be sending: an HTTP/2
+/// stream dropped early is reset, and a reset discards frames still queued, which would lose
+/// the connection's last bytes. On failure both halves are dropped at once, which the other
+/// side sees as an abort.
 pub async fn splice<S>(
     socket: S,
     prefix: Bytes,
-    tx: &mpsc::Sender<Chunk>,
-    rx: &mut Streaming<Chunk>,
+    tx: mpsc::Sender<Chunk>,
+    mut rx: Streaming<Chunk>,
+    role: Role,
     counts: &ByteCounts,
     cancel: &CancellationToken,
 ) -> Result<(), PumpError>
@@ -82,14 +104,25 @@ where
     let (reader, writer) = tokio::io::split(socket);
     let both = async {
         tokio::try_join!(
-            socket_to_tunnel(reader, prefix, tx, counts),
-            tunnel_to_socket(rx, writer, counts)
+            socket_to_tunnel(reader, prefix, &tx, counts),
+            tunnel_to_socket(&mut rx, writer, counts)
         )
     };
     tokio::select! {
-        res = both => res.map(|_| ()),
-        () = cancel.cancelled() => Err(PumpError::Cancelled),
-    }
+        res = both => res?,
+        () = cancel.cancelled() => return Err(PumpError::Cancelled),
+    };
+    let tx = match role {
+        Role::Agent => {
+            drop(tx);
+            None
+        }
+        Role::Server => Some(tx),
+    };
+    // Both directions are done; the only thing left to read is the end of the stream.
+    let _ = tokio::time::timeout(CLOSE_TIMEOUT, rx.message()).await;
+    drop(tx);
+    Ok(())
 }
 
 async fn send(tx: &mpsc::Sender<Chunk>, chunk: Chunk) -> Result<(), PumpError> {

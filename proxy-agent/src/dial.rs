@@ -4,7 +4,7 @@
 use std::time::Instant;
 
 use bytes::Bytes;
-use proxy_common::pump::{self, ByteCounts, CHUNK_QUEUE};
+use proxy_common::pump::{self, ByteCounts, CHUNK_QUEUE, Role};
 use proxy_proto::tunnel_client::TunnelClient;
 use proxy_proto::{AgentMessage, DIAL_ID_HEADER, DialFailed, agent_message};
 use tokio::net::TcpStream;
@@ -48,7 +48,7 @@ pub async fn serve_dial(
         () = cancel.cancelled() => return,
         res = client.data(req) => res,
     };
-    let mut inbound = match opened {
+    let inbound = match opened {
         Ok(resp) => resp.into_inner(),
         Err(status) => {
             tracing::warn!(dial.id = dial_id, reason = status.message(), "server refused the data stream");
@@ -57,7 +57,7 @@ pub async fn serve_dial(
     };
     let _active = shared.active_connection();
     let counts = ByteCounts::default();
-    let result = pump::splice(socket, Bytes::new(), &tx, &mut inbound, &counts, &cancel).await;
+    let result = pump::splice(socket, Bytes::new(), tx, inbound, Role::Agent, &counts, &cancel).await;
     let (from_upstream, to_upstream) = counts.get();
     let outcome = match &result {
         Ok(()) => "ok".to_owned(),

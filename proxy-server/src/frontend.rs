@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use proxy_common::pump::{self, ByteCounts, PumpError};
+use proxy_common::pump::{self, ByteCounts, PumpError, Role};
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
@@ -143,7 +143,7 @@ async fn handle(frontend: Arc<Frontend>, mut client: TcpStream, cancel: Cancella
         () = cancel.cancelled() => return,
         res = frontend.dial(&cluster) => res,
     };
-    let (agent_id, agent_closed, mut stream) = match tunnel {
+    let (agent_id, agent_closed, stream) = match tunnel {
         Ok(t) => t,
         Err(refusal) => {
             tracing::info!(outcome = refusal.outcome, status = refusal.status, reason = %refusal.reason, "connect refused");
@@ -162,7 +162,7 @@ async fn handle(frontend: Arc<Frontend>, mut client: TcpStream, cancel: Cancella
     let conn_cancel = agent_closed.child_token();
     let counts = ByteCounts::default();
     let result = tokio::select! {
-        res = pump::splice(client, req.leftover, &stream.outbound, &mut stream.inbound, &counts, &conn_cancel) => res,
+        res = pump::splice(client, req.leftover, stream.outbound, stream.inbound, Role::Server, &counts, &conn_cancel) => res,
         () = cancel.cancelled() => Err(PumpError::Cancelled),
     };
     let (to_cluster, from_cluster) = counts.get();
@@ -179,8 +179,6 @@ async fn handle(frontend: Arc<Frontend>, mut client: TcpStream, cancel: Cancella
         %outcome,
         "tunneled connection closed"
     );
-    // Dropping `stream` without a `fin` (on error) tells the agent to abort its side too.
-    drop(stream);
 }
 
 async fn refuse(mut client: TcpStream, refusal: &Refusal) {
