@@ -52,13 +52,19 @@ pub async fn serve(listener: TcpListener, ready: ReadyCheck, shutdown: Cancellat
 
 fn route(req: &Request<Incoming>, ready: &ReadyCheck) -> Response<Full<Bytes>> {
     if req.method() != Method::GET && req.method() != Method::HEAD {
-        return text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n".into());
+        return text(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method not allowed\n".into(),
+        );
     }
     match req.uri().path() {
         "/healthz" | "/livez" => text(StatusCode::OK, "ok\n".into()),
         "/readyz" => match ready() {
             Ok(()) => text(StatusCode::OK, "ok\n".into()),
-            Err(why) => text(StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {why}\n")),
+            Err(why) => text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("not ready: {why}\n"),
+            ),
         },
         _ => text(StatusCode::NOT_FOUND, "not found\n".into()),
     }

@@ -17,10 +17,11 @@ pub fn default_instance_id(fallback: &str) -> String {
         .map(|h| h.trim().to_owned())
         .filter(|h| !h.is_empty())
         .unwrap_or_else(|| fallback.to_owned());
-    let suffix: u32 = std::process::id() ^ (std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or(0));
+    let suffix: u32 = std::process::id()
+        ^ (std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0));
     format!("{host}-{:06x}", suffix & 0xff_ffff)
 }
 

@@ -99,7 +99,11 @@ fn json_response(value: serde_json::Value) -> Response<Body> {
 
 /// The namespaces of `cluster`: two common ones and one only it has.
 pub fn namespaces(cluster: &str) -> Vec<String> {
-    vec!["default".into(), "kube-system".into(), format!("{cluster}-only")]
+    vec![
+        "default".into(),
+        "kube-system".into(),
+        format!("{cluster}-only"),
+    ]
 }
 
 fn namespace_object(name: &str) -> serde_json::Value {
@@ -158,8 +162,12 @@ async fn route(cluster: &str, req: Request<Incoming>) -> Response<Body> {
             "resources": [{"name": "namespaces", "singularName": "namespace", "namespaced": false,
                            "kind": "Namespace", "verbs": ["get", "list", "watch"], "shortNames": ["ns"]}]
         })),
-        "/api/v1/namespaces" if query.contains("watch=true") || query.contains("watch=1") => watch(cluster),
-        "/api/v1/namespaces" if accept.contains("as=Table") => json_response(namespace_table(cluster)),
+        "/api/v1/namespaces" if query.contains("watch=true") || query.contains("watch=1") => {
+            watch(cluster)
+        }
+        "/api/v1/namespaces" if accept.contains("as=Table") => {
+            json_response(namespace_table(cluster))
+        }
         "/api/v1/namespaces" => json_response(json!({
             "kind": "NamespaceList", "apiVersion": "v1", "metadata": {"resourceVersion": "1"},
             "items": namespaces(cluster).iter().map(|n| namespace_object(n)).collect::<Vec<_>>()

@@ -62,7 +62,10 @@ pub async fn read_response_head(s: &mut TcpStream) -> anyhow::Result<(u16, Strin
     let mut byte = [0u8; 1];
     while !head.ends_with(b"\r\n\r\n") {
         if s.read(&mut byte).await? == 0 {
-            bail!("proxy closed the connection after {:?}", String::from_utf8_lossy(&head));
+            bail!(
+                "proxy closed the connection after {:?}",
+                String::from_utf8_lossy(&head)
+            );
         }
         head.push(byte[0]);
         if head.len() > 64 * 1024 {
@@ -80,21 +83,34 @@ pub async fn read_response_head(s: &mut TcpStream) -> anyhow::Result<(u16, Strin
 
 /// TLS to `cluster`'s API server through an established tunnel, verifying its certificate for
 /// `kubernetes.default.svc` against the cluster's own CA.
-pub async fn apiserver_tls(pki: &DevPki, cluster: &str, tunnel: TcpStream) -> anyhow::Result<TlsStream<TcpStream>> {
+pub async fn apiserver_tls(
+    pki: &DevPki,
+    cluster: &str,
+    tunnel: TcpStream,
+) -> anyhow::Result<TlsStream<TcpStream>> {
     let mut roots = rustls::RootCertStore::empty();
     for cert in proxy_common::tls::load_certs(&pki.apiserver_ca(cluster))? {
         roots.add(cert)?;
     }
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
     let name = ServerName::try_from("kubernetes.default.svc")?;
-    Ok(TlsConnector::from(Arc::new(config)).connect(name, tunnel).await?)
+    Ok(TlsConnector::from(Arc::new(config))
+        .connect(name, tunnel)
+        .await?)
 }
 
 /// `GET path` over HTTPS through the proxy to `cluster`'s API server; returns (status, body).
-pub async fn get_via_proxy(proxy: SocketAddr, pki: &DevPki, cluster: &str, path: &str) -> anyhow::Result<(u16, Bytes)> {
+pub async fn get_via_proxy(
+    proxy: SocketAddr,
+    pki: &DevPki,
+    cluster: &str,
+    path: &str,
+) -> anyhow::Result<(u16, Bytes)> {
     let tunnel = connect(proxy, &format!("{cluster}:443")).await?.tunnel()?;
     let tls = apiserver_tls(pki, cluster, tunnel).await?;
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls)).await?;
@@ -110,7 +126,12 @@ pub async fn get_via_proxy(proxy: SocketAddr, pki: &DevPki, cluster: &str, path:
 
 /// Writes a kubeconfig for `cluster` that reaches it through the proxy at `proxy_url`, with full
 /// certificate verification against the member's API-server CA.
-pub fn write_kubeconfig(dir: &Path, pki: &DevPki, cluster: &str, proxy_url: &str) -> anyhow::Result<PathBuf> {
+pub fn write_kubeconfig(
+    dir: &Path,
+    pki: &DevPki,
+    cluster: &str,
+    proxy_url: &str,
+) -> anyhow::Result<PathBuf> {
     let ca = std::fs::read(pki.apiserver_ca(cluster))?;
     let ca_b64 = base64(&ca);
     let text = format!(
@@ -145,7 +166,11 @@ pub fn base64(data: &[u8]) -> String {
     const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
     for chunk in data.chunks(3) {
-        let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
         let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
         for i in 0..4 {
             if i <= chunk.len() {

@@ -43,11 +43,19 @@ pub struct Proc {
 impl Proc {
     /// Starts `bin` with `args`, logging stderr to `log`, and returns it with the first line it
     /// prints on stdout (the bound addresses).
-    pub async fn spawn(name: &str, bin: &Path, args: &[String], log: PathBuf) -> anyhow::Result<(Self, String)> {
+    pub async fn spawn(
+        name: &str,
+        bin: &Path,
+        args: &[String],
+        log: PathBuf,
+    ) -> anyhow::Result<(Self, String)> {
         let log_file = std::fs::File::create(&log)?;
         let mut child = Command::new(bin)
             .args(args)
-            .env("RUST_LOG", std::env::var("TEST_RUST_LOG").unwrap_or_else(|_| "info,proxy_agent=debug".into()))
+            .env(
+                "RUST_LOG",
+                std::env::var("TEST_RUST_LOG").unwrap_or_else(|_| "info,proxy_agent=debug".into()),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::from(log_file))
@@ -59,7 +67,11 @@ impl Proc {
         let line = tokio::time::timeout(Duration::from_secs(20), lines.next_line())
             .await
             .context("no startup line within 20 s")??;
-        let proc = Self { child, log, name: name.to_owned() };
+        let proc = Self {
+            child,
+            log,
+            name: name.to_owned(),
+        };
         let Some(line) = line else {
             bail!("{name} exited before starting:\n{}", proc.logs());
         };
@@ -122,15 +134,25 @@ pub struct ServerProc {
 
 impl ServerProc {
     /// Starts a server with the certificates of `pki`; `agent_addr` defaults to a free port.
-    pub async fn start(pki: &DevPki, agent_addr: Option<SocketAddr>, extra: &[&str]) -> anyhow::Result<Self> {
+    pub async fn start(
+        pki: &DevPki,
+        agent_addr: Option<SocketAddr>,
+        extra: &[&str],
+    ) -> anyhow::Result<Self> {
         let agent = agent_addr.map_or("127.0.0.1:0".to_owned(), |a| a.to_string());
         let mut args: Vec<String> = vec![
-            "--agent-addr".into(), agent,
-            "--frontend-addr".into(), "127.0.0.1:0".into(),
-            "--admin-addr".into(), "127.0.0.1:0".into(),
-            "--agent-tls-cert".into(), pki.server_cert().display().to_string(),
-            "--agent-tls-key".into(), pki.server_key().display().to_string(),
-            "--agent-ca".into(), pki.proxy_ca().display().to_string(),
+            "--agent-addr".into(),
+            agent,
+            "--frontend-addr".into(),
+            "127.0.0.1:0".into(),
+            "--admin-addr".into(),
+            "127.0.0.1:0".into(),
+            "--agent-tls-cert".into(),
+            pki.server_cert().display().to_string(),
+            "--agent-tls-key".into(),
+            pki.server_key().display().to_string(),
+            "--agent-ca".into(),
+            pki.proxy_ca().display().to_string(),
         ];
         args.extend(extra.iter().map(|s| (*s).to_owned()));
         let log = unique_log(&pki.dir, "server");
@@ -170,12 +192,18 @@ impl AgentProc {
             args.extend(["--server".into(), s.to_string()]);
         }
         args.extend([
-            "--server-name".into(), "localhost".into(),
-            "--tls-cert".into(), pki.agent_cert(cert_cluster).display().to_string(),
-            "--tls-key".into(), pki.agent_key(cert_cluster).display().to_string(),
-            "--server-ca".into(), pki.proxy_ca().display().to_string(),
-            "--upstream".into(), upstream.to_string(),
-            "--admin-addr".into(), "127.0.0.1:0".into(),
+            "--server-name".into(),
+            "localhost".into(),
+            "--tls-cert".into(),
+            pki.agent_cert(cert_cluster).display().to_string(),
+            "--tls-key".into(),
+            pki.agent_key(cert_cluster).display().to_string(),
+            "--server-ca".into(),
+            pki.proxy_ca().display().to_string(),
+            "--upstream".into(),
+            upstream.to_string(),
+            "--admin-addr".into(),
+            "127.0.0.1:0".into(),
         ]);
         args.extend(extra.iter().map(|s| (*s).to_owned()));
         let log = unique_log(&pki.dir, &format!("agent-{cert_cluster}"));
@@ -220,8 +248,10 @@ fn unique_log(dir: &Path, stem: &str) -> PathBuf {
 /// GETs `path` on an admin listener; returns (status, body).
 pub async fn admin_get(addr: SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
     let mut s = TcpStream::connect(addr).await?;
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n").as_bytes())
-        .await?;
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await?;
     let mut out = String::new();
     s.read_to_string(&mut out).await?;
     let status = out
@@ -229,7 +259,10 @@ pub async fn admin_get(addr: SocketAddr, path: &str) -> anyhow::Result<(u16, Str
         .nth(1)
         .and_then(|s| s.parse().ok())
         .context("bad admin response")?;
-    let body = out.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    let body = out
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
     Ok((status, body))
 }
 
@@ -239,7 +272,9 @@ pub async fn wait_ready(addr: SocketAddr, timeout: Duration) -> anyhow::Result<(
     loop {
         match admin_get(addr, "/readyz").await {
             Ok((200, _)) => return Ok(()),
-            other if Instant::now() >= deadline => bail!("{addr}/readyz not ready after {timeout:?}: {other:?}"),
+            other if Instant::now() >= deadline => {
+                bail!("{addr}/readyz not ready after {timeout:?}: {other:?}")
+            }
             _ => tokio::time::sleep(Duration::from_millis(20)).await,
         }
     }

@@ -2,8 +2,8 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -101,7 +101,8 @@ impl SourceServer {
                         if sock.write_all(&block).await.is_err() {
                             break;
                         }
-                        conn.written.fetch_add(block.len() as u64, Ordering::Relaxed);
+                        conn.written
+                            .fetch_add(block.len() as u64, Ordering::Relaxed);
                     }
                     *conn.closed_at.lock().unwrap() = Some(std::time::Instant::now());
                 });

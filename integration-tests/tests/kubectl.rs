@@ -38,8 +38,12 @@ async fn kubectl_reaches_members_through_proxy_url_and_streams_a_watch() {
     let alpha_api = FakeApiServer::start(&bed.pki, "alpha").await.unwrap();
     let beta_api = FakeApiServer::start(&bed.pki, "beta").await.unwrap();
     let server = ServerProc::start(&bed.pki, None, &[]).await.unwrap();
-    let _alpha = AgentProc::start_ready(&bed.pki, &[server.agent_addr], "alpha", alpha_api.addr).await.unwrap();
-    let _beta = AgentProc::start_ready(&bed.pki, &[server.agent_addr], "beta", beta_api.addr).await.unwrap();
+    let _alpha = AgentProc::start_ready(&bed.pki, &[server.agent_addr], "alpha", alpha_api.addr)
+        .await
+        .unwrap();
+    let _beta = AgentProc::start_ready(&bed.pki, &[server.agent_addr], "beta", beta_api.addr)
+        .await
+        .unwrap();
     let proxy_url = format!("http://{}", server.frontend_addr);
     let alpha = write_kubeconfig(bed.dir.path(), &bed.pki, "alpha", &proxy_url).unwrap();
     let beta = write_kubeconfig(bed.dir.path(), &bed.pki, "beta", &proxy_url).unwrap();
@@ -49,9 +53,15 @@ async fn kubectl_reaches_members_through_proxy_url_and_streams_a_watch() {
 
     // Server-side printing (a Table) and the full list, each from the right member.
     let table = stdout_ok(&kubectl(&alpha, &["get", "namespaces"]));
-    assert!(table.contains("NAME") && table.contains("alpha-only") && !table.contains("beta-only"), "{table}");
+    assert!(
+        table.contains("NAME") && table.contains("alpha-only") && !table.contains("beta-only"),
+        "{table}"
+    );
     let names = stdout_ok(&kubectl(&beta, &["get", "namespaces", "-o", "name"]));
-    assert!(names.contains("namespace/beta-only") && !names.contains("alpha"), "{names}");
+    assert!(
+        names.contains("namespace/beta-only") && !names.contains("alpha"),
+        "{names}"
+    );
 
     // A watch streams: events arrive while the response is still open.
     let mut watch = tokio::process::Command::new("kubectl")
@@ -66,8 +76,15 @@ async fn kubectl_reaches_members_through_proxy_url_and_streams_a_watch() {
     let mut lines = BufReader::new(watch.stdout.take().unwrap()).lines();
     let mut arrivals = Vec::new();
     let started = Instant::now();
-    while let Some(line) = tokio::time::timeout(Duration::from_secs(20), lines.next_line()).await.unwrap().unwrap() {
-        assert!(line.contains("\"ADDED\"") && line.contains("alpha-watch"), "{line}");
+    while let Some(line) = tokio::time::timeout(Duration::from_secs(20), lines.next_line())
+        .await
+        .unwrap()
+        .unwrap()
+    {
+        assert!(
+            line.contains("\"ADDED\"") && line.contains("alpha-watch"),
+            "{line}"
+        );
         arrivals.push(started.elapsed());
     }
     let status = watch.wait().await.unwrap();
@@ -86,16 +103,32 @@ async fn kubectl_refuses_a_member_whose_certificate_does_not_verify() {
     let bed = Bed::new(&["alpha", "beta"]);
     let alpha_api = FakeApiServer::start(&bed.pki, "alpha").await.unwrap();
     let server = ServerProc::start(&bed.pki, None, &[]).await.unwrap();
-    let _alpha = AgentProc::start_ready(&bed.pki, &[server.agent_addr], "alpha", alpha_api.addr).await.unwrap();
+    let _alpha = AgentProc::start_ready(&bed.pki, &[server.agent_addr], "alpha", alpha_api.addr)
+        .await
+        .unwrap();
     // A kubeconfig for alpha that trusts beta's API-server CA: the proxy must not be able to
     // make this work, because TLS runs end to end between kubectl and the member.
-    let path = write_kubeconfig(bed.dir.path(), &bed.pki, "alpha", &format!("http://{}", server.frontend_addr)).unwrap();
+    let path = write_kubeconfig(
+        bed.dir.path(),
+        &bed.pki,
+        "alpha",
+        &format!("http://{}", server.frontend_addr),
+    )
+    .unwrap();
     let text = std::fs::read_to_string(&path).unwrap();
-    let beta_ca = integration_tests::client::base64(&std::fs::read(bed.pki.apiserver_ca("beta")).unwrap());
-    let alpha_ca = integration_tests::client::base64(&std::fs::read(bed.pki.apiserver_ca("alpha")).unwrap());
+    let beta_ca =
+        integration_tests::client::base64(&std::fs::read(bed.pki.apiserver_ca("beta")).unwrap());
+    let alpha_ca =
+        integration_tests::client::base64(&std::fs::read(bed.pki.apiserver_ca("alpha")).unwrap());
     std::fs::write(&path, text.replace(&alpha_ca, &beta_ca)).unwrap();
     let out = kubectl(&path, &["get", "--raw", "/version"]);
-    assert!(!out.status.success(), "kubectl accepted a certificate from the wrong CA");
+    assert!(
+        !out.status.success(),
+        "kubectl accepted a certificate from the wrong CA"
+    );
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("certificate") || err.contains("x509"), "unexpected error: {err}");
+    assert!(
+        err.contains("certificate") || err.contains("x509"),
+        "unexpected error: {err}"
+    );
 }

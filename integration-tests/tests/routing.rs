@@ -3,7 +3,9 @@
 use std::time::{Duration, Instant};
 
 use integration_tests::upstream::BannerServer;
-use integration_tests::{AgentProc, Bed, ConnectReply, FakeApiServer, ServerProc, connect, get_via_proxy};
+use integration_tests::{
+    AgentProc, Bed, ConnectReply, FakeApiServer, ServerProc, connect, get_via_proxy,
+};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 
 fn refused(reply: ConnectReply) -> (u16, String) {
@@ -19,19 +21,41 @@ async fn each_cluster_reaches_its_own_api_server_and_never_the_other() {
     let alpha_api = FakeApiServer::start(&bed.pki, "alpha").await.unwrap();
     let beta_api = FakeApiServer::start(&bed.pki, "beta").await.unwrap();
     let server = ServerProc::start(&bed.pki, None, &[]).await.unwrap();
-    let _alpha = AgentProc::start_ready(&bed.pki, &[server.agent_addr], "alpha", alpha_api.addr).await.unwrap();
-    let _beta = AgentProc::start_ready(&bed.pki, &[server.agent_addr], "beta", beta_api.addr).await.unwrap();
+    let _alpha = AgentProc::start_ready(&bed.pki, &[server.agent_addr], "alpha", alpha_api.addr)
+        .await
+        .unwrap();
+    let _beta = AgentProc::start_ready(&bed.pki, &[server.agent_addr], "beta", beta_api.addr)
+        .await
+        .unwrap();
 
     for _ in 0..3 {
         for (cluster, other) in [("alpha", "beta"), ("beta", "alpha")] {
-            let (status, body) = get_via_proxy(server.frontend_addr, &bed.pki, cluster, "/version").await.unwrap();
+            let (status, body) = get_via_proxy(server.frontend_addr, &bed.pki, cluster, "/version")
+                .await
+                .unwrap();
             let body = String::from_utf8_lossy(&body);
             assert_eq!(status, 200, "{body}");
-            assert!(body.contains(&format!("+{cluster}")), "{cluster} answered {body}");
-            assert!(!body.contains(other), "{cluster} request reached {other}: {body}");
-            let (_, ns) = get_via_proxy(server.frontend_addr, &bed.pki, cluster, "/api/v1/namespaces").await.unwrap();
+            assert!(
+                body.contains(&format!("+{cluster}")),
+                "{cluster} answered {body}"
+            );
+            assert!(
+                !body.contains(other),
+                "{cluster} request reached {other}: {body}"
+            );
+            let (_, ns) = get_via_proxy(
+                server.frontend_addr,
+                &bed.pki,
+                cluster,
+                "/api/v1/namespaces",
+            )
+            .await
+            .unwrap();
             let ns = String::from_utf8_lossy(&ns);
-            assert!(ns.contains(&format!("{cluster}-only")) && !ns.contains(&format!("{other}-only")), "{ns}");
+            assert!(
+                ns.contains(&format!("{cluster}-only")) && !ns.contains(&format!("{other}-only")),
+                "{ns}"
+            );
         }
     }
 
@@ -47,10 +71,17 @@ async fn each_cluster_reaches_its_own_api_server_and_never_the_other() {
             .expect("curl")
     };
     let ok = curl("beta", "beta");
-    assert!(ok.status.success(), "curl failed: {}", String::from_utf8_lossy(&ok.stderr));
+    assert!(
+        ok.status.success(),
+        "curl failed: {}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
     assert!(String::from_utf8_lossy(&ok.stdout).contains("v1.32.0+beta"));
     let wrong_ca = curl("beta", "alpha");
-    assert!(!wrong_ca.status.success(), "beta's certificate verified with alpha's CA");
+    assert!(
+        !wrong_ca.status.success(),
+        "beta's certificate verified with alpha's CA"
+    );
 }
 
 #[tokio::test]
@@ -61,7 +92,10 @@ async fn unknown_cluster_is_503_naming_it_within_100ms() {
     let (status, body) = refused(connect(server.frontend_addr, "gamma:443").await.unwrap());
     let elapsed = started.elapsed();
     assert_eq!(status, 503);
-    assert!(body.contains("\"gamma\""), "body does not name the cluster: {body}");
+    assert!(
+        body.contains("\"gamma\""),
+        "body does not name the cluster: {body}"
+    );
     assert_eq!(body.lines().count(), 1, "body is not one line: {body:?}");
     assert!(elapsed < Duration::from_millis(100), "503 took {elapsed:?}");
 }
@@ -72,18 +106,37 @@ async fn agent_cannot_register_a_cluster_other_than_its_certificate_cn() {
     let alpha_api = FakeApiServer::start(&bed.pki, "alpha").await.unwrap();
     let server = ServerProc::start(&bed.pki, None, &[]).await.unwrap();
     // beta's certificate, claiming alpha.
-    let impostor = AgentProc::start(&bed.pki, &[server.agent_addr], "beta", alpha_api.addr, &["--cluster", "alpha"])
-        .await
-        .unwrap();
+    let impostor = AgentProc::start(
+        &bed.pki,
+        &[server.agent_addr],
+        "beta",
+        alpha_api.addr,
+        &["--cluster", "alpha"],
+    )
+    .await
+    .unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
-    while !impostor.proc.logs().contains("refused this agent's registration") {
-        assert!(Instant::now() < deadline, "agent never logged the refusal:\n{}", impostor.proc.logs());
+    while !impostor
+        .proc
+        .logs()
+        .contains("refused this agent's registration")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "agent never logged the refusal:\n{}",
+            impostor.proc.logs()
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let logs = impostor.proc.logs();
-    assert!(logs.contains(r#"certificate CN "beta" may not register cluster "alpha""#), "reason not logged plainly:\n{logs}");
+    assert!(
+        logs.contains(r#"certificate CN "beta" may not register cluster "alpha""#),
+        "reason not logged plainly:\n{logs}"
+    );
     assert!(server.proc.logs().contains("agent registration refused"));
-    let (status, _) = integration_tests::procs::admin_get(impostor.admin_addr, "/readyz").await.unwrap();
+    let (status, _) = integration_tests::procs::admin_get(impostor.admin_addr, "/readyz")
+        .await
+        .unwrap();
     assert_eq!(status, 503, "refused agent reports ready");
     let (status, body) = refused(connect(server.frontend_addr, "alpha:443").await.unwrap());
     assert_eq!(status, 503, "alpha served by an impostor: {body}");
@@ -94,10 +147,15 @@ async fn bad_requests_get_400_and_405() {
     let bed = Bed::new(&["alpha"]);
     let server = ServerProc::start(&bed.pki, None, &[]).await.unwrap();
     let send = |raw: &'static [u8]| async move {
-        let mut s = tokio::net::TcpStream::connect(server.frontend_addr).await.unwrap();
+        let mut s = tokio::net::TcpStream::connect(server.frontend_addr)
+            .await
+            .unwrap();
         s.write_all(raw).await.unwrap();
         let mut out = String::new();
-        tokio::time::timeout(Duration::from_secs(5), s.read_to_string(&mut out)).await.unwrap().unwrap();
+        tokio::time::timeout(Duration::from_secs(5), s.read_to_string(&mut out))
+            .await
+            .unwrap()
+            .unwrap();
         out
     };
     let get = send(b"GET http://alpha/ HTTP/1.1\r\nHost: alpha\r\n\r\n").await;
@@ -115,20 +173,33 @@ async fn bad_requests_get_400_and_405() {
 async fn unreachable_upstream_is_502_with_the_agents_reason() {
     let bed = Bed::new(&["alpha"]);
     // A port with nothing listening.
-    let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap();
+    let closed = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap()
+        .local_addr()
+        .unwrap();
     let server = ServerProc::start(&bed.pki, None, &[]).await.unwrap();
-    let _agent = AgentProc::start_ready(&bed.pki, &[server.agent_addr], "alpha", closed).await.unwrap();
+    let _agent = AgentProc::start_ready(&bed.pki, &[server.agent_addr], "alpha", closed)
+        .await
+        .unwrap();
     let (status, body) = refused(connect(server.frontend_addr, "alpha:443").await.unwrap());
     assert_eq!(status, 502, "{body}");
-    assert!(body.contains(&closed.to_string()) && body.to_lowercase().contains("refused"), "reason missing: {body}");
+    assert!(
+        body.contains(&closed.to_string()) && body.to_lowercase().contains("refused"),
+        "reason missing: {body}"
+    );
 }
 
 #[tokio::test]
 async fn silent_agent_is_504_after_the_dial_timeout() {
     let bed = Bed::new(&["alpha"]);
     let api = FakeApiServer::start(&bed.pki, "alpha").await.unwrap();
-    let server = ServerProc::start(&bed.pki, None, &["--dial-timeout", "1s"]).await.unwrap();
-    let agent = AgentProc::start_ready(&bed.pki, &[server.agent_addr], "alpha", api.addr).await.unwrap();
+    let server = ServerProc::start(&bed.pki, None, &["--dial-timeout", "1s"])
+        .await
+        .unwrap();
+    let agent = AgentProc::start_ready(&bed.pki, &[server.agent_addr], "alpha", api.addr)
+        .await
+        .unwrap();
     agent.proc.signal("STOP");
     let started = Instant::now();
     let reply = connect(server.frontend_addr, "alpha:443").await;
@@ -136,9 +207,14 @@ async fn silent_agent_is_504_after_the_dial_timeout() {
     let (status, body) = refused(reply.unwrap());
     assert_eq!(status, 504, "{body}");
     let elapsed = started.elapsed();
-    assert!(elapsed >= Duration::from_millis(900) && elapsed < Duration::from_secs(3), "504 after {elapsed:?}");
+    assert!(
+        elapsed >= Duration::from_millis(900) && elapsed < Duration::from_secs(3),
+        "504 after {elapsed:?}"
+    );
     // The agent is fine again afterwards.
-    let (status, _) = get_via_proxy(server.frontend_addr, &bed.pki, "alpha", "/version").await.unwrap();
+    let (status, _) = get_via_proxy(server.frontend_addr, &bed.pki, "alpha", "/version")
+        .await
+        .unwrap();
     assert_eq!(status, 200);
 }
 
@@ -148,11 +224,19 @@ async fn dials_are_spread_across_the_agents_of_a_cluster() {
     let one = BannerServer::start("one").await.unwrap();
     let two = BannerServer::start("two").await.unwrap();
     let server = ServerProc::start(&bed.pki, None, &[]).await.unwrap();
-    let _a = AgentProc::start_ready(&bed.pki, &[server.agent_addr], "alpha", one.addr).await.unwrap();
-    let _b = AgentProc::start_ready(&bed.pki, &[server.agent_addr], "alpha", two.addr).await.unwrap();
+    let _a = AgentProc::start_ready(&bed.pki, &[server.agent_addr], "alpha", one.addr)
+        .await
+        .unwrap();
+    let _b = AgentProc::start_ready(&bed.pki, &[server.agent_addr], "alpha", two.addr)
+        .await
+        .unwrap();
     let mut seen = std::collections::BTreeMap::new();
     for _ in 0..10 {
-        let tunnel = connect(server.frontend_addr, "alpha:443").await.unwrap().tunnel().unwrap();
+        let tunnel = connect(server.frontend_addr, "alpha:443")
+            .await
+            .unwrap()
+            .tunnel()
+            .unwrap();
         let mut line = String::new();
         BufReader::new(tunnel).read_line(&mut line).await.unwrap();
         *seen.entry(line.trim().to_owned()).or_insert(0) += 1;

@@ -19,10 +19,16 @@ async fn one_gib_each_way_arrives_byte_identical_and_half_close_travels() {
     let bed = Bed::new(&["alpha"]);
     let bulk = BulkServer::start(GIB).await.unwrap();
     let server = ServerProc::start(&bed.pki, None, &[]).await.unwrap();
-    let _agent = AgentProc::start_ready(&bed.pki, &[server.agent_addr], "alpha", bulk.addr).await.unwrap();
+    let _agent = AgentProc::start_ready(&bed.pki, &[server.agent_addr], "alpha", bulk.addr)
+        .await
+        .unwrap();
 
     let started = Instant::now();
-    let tunnel = connect(server.frontend_addr, "alpha:443").await.unwrap().tunnel().unwrap();
+    let tunnel = connect(server.frontend_addr, "alpha:443")
+        .await
+        .unwrap()
+        .tunnel()
+        .unwrap();
     let ttfb = started.elapsed();
     let (mut rd, mut wr) = tunnel.into_split();
     let writer = tokio::spawn(async move {
@@ -47,16 +53,27 @@ async fn one_gib_each_way_arrives_byte_identical_and_half_close_travels() {
     let down = started.elapsed();
     // The upstream sends the digest of what it received only after it saw our FIN.
     let mut peer_digest = [0u8; 32];
-    tokio::time::timeout(Duration::from_secs(60), rd.read_exact(&mut peer_digest)).await.unwrap().unwrap();
+    tokio::time::timeout(Duration::from_secs(60), rd.read_exact(&mut peer_digest))
+        .await
+        .unwrap()
+        .unwrap();
     let mut rest = Vec::new();
     rd.read_to_end(&mut rest).await.unwrap();
     let _wr = writer.await.unwrap();
     let elapsed = started.elapsed();
 
     let expected: [u8; 32] = Pattern::digest(GIB);
-    assert_eq!(<[u8; 32]>::from(hash.finalize()), expected, "download corrupted");
+    assert_eq!(
+        <[u8; 32]>::from(hash.finalize()),
+        expected,
+        "download corrupted"
+    );
     assert_eq!(peer_digest, expected, "upload corrupted");
-    assert!(rest.is_empty(), "{} stray bytes after the digest", rest.len());
+    assert!(
+        rest.is_empty(),
+        "{} stray bytes after the digest",
+        rest.len()
+    );
     // Both ends saw an orderly close (fin both ways, then the stream ends), not an abort.
     let deadline = Instant::now() + Duration::from_secs(10);
     while !server.proc.logs().contains("tunneled connection closed") {
@@ -64,9 +81,16 @@ async fn one_gib_each_way_arrives_byte_identical_and_half_close_travels() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let logs = server.proc.logs();
-    let line = logs.lines().find(|l| l.contains("tunneled connection closed")).unwrap();
+    let line = logs
+        .lines()
+        .find(|l| l.contains("tunneled connection closed"))
+        .unwrap();
     assert!(line.contains("outcome=ok"), "{line}");
-    assert!(line.contains(&format!("bytes_to_cluster={GIB}")) && line.contains(&format!("bytes_from_cluster={}", GIB + 32)), "{line}");
+    assert!(
+        line.contains(&format!("bytes_to_cluster={GIB}"))
+            && line.contains(&format!("bytes_from_cluster={}", GIB + 32)),
+        "{line}"
+    );
     let gbit = |d: Duration| (GIB * 8) as f64 / d.as_secs_f64() / 1e9;
     eprintln!(
         "1 GiB each way: connect {ttfb:?}, download done {down:?}, total {elapsed:?} ({:.2} Gbit/s each way, {:.2} Gbit/s combined)",
@@ -82,7 +106,9 @@ async fn two_hundred_concurrent_connections_through_one_agent_are_all_correct() 
     let bed = Bed::new(&["alpha"]);
     let api = FakeApiServer::start(&bed.pki, "alpha").await.unwrap();
     let server = ServerProc::start(&bed.pki, None, &[]).await.unwrap();
-    let _agent = AgentProc::start_ready(&bed.pki, &[server.agent_addr], "alpha", api.addr).await.unwrap();
+    let _agent = AgentProc::start_ready(&bed.pki, &[server.agent_addr], "alpha", api.addr)
+        .await
+        .unwrap();
     let pki = Arc::new(bed.pki.clone());
     // Every connection is established and answered once before any of them moves on, so all
     // 200 are open at the same time.
@@ -94,19 +120,40 @@ async fn two_hundred_concurrent_connections_through_one_agent_are_all_correct() 
         tasks.push(tokio::spawn(async move {
             let tunnel = connect(frontend, "alpha:443").await?.tunnel()?;
             let tls = client::apiserver_tls(&pki, "alpha", tunnel).await?;
-            let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls)).await?;
+            let (mut sender, conn) =
+                hyper::client::conn::http1::handshake(TokioIo::new(tls)).await?;
             tokio::spawn(conn);
-            let get = |path: &str| hyper::Request::get(path).header("host", "kubernetes.default.svc").body(Empty::<Bytes>::new());
-            let version = sender.send_request(get("/version")?).await?.into_body().collect().await?.to_bytes();
+            let get = |path: &str| {
+                hyper::Request::get(path)
+                    .header("host", "kubernetes.default.svc")
+                    .body(Empty::<Bytes>::new())
+            };
+            let version = sender
+                .send_request(get("/version")?)
+                .await?
+                .into_body()
+                .collect()
+                .await?
+                .to_bytes();
             anyhow::ensure!(String::from_utf8_lossy(&version).contains("+alpha"));
             barrier.wait().await;
-            let body = sender.send_request(get(&format!("/large?bytes={BODY}"))?).await?.into_body().collect().await?.to_bytes();
+            let body = sender
+                .send_request(get(&format!("/large?bytes={BODY}"))?)
+                .await?
+                .into_body()
+                .collect()
+                .await?
+                .to_bytes();
             anyhow::ensure!(body.len() as u64 == BODY, "short body {}", body.len());
             Ok::<_, anyhow::Error>(<[u8; 32]>::from(Sha256::digest(&body)))
         }));
     }
     for task in tasks {
-        let digest = tokio::time::timeout(Duration::from_secs(60), task).await.expect("stuck").unwrap().unwrap();
+        let digest = tokio::time::timeout(Duration::from_secs(60), task)
+            .await
+            .expect("stuck")
+            .unwrap()
+            .unwrap();
         assert_eq!(digest, expected);
     }
 }
@@ -131,15 +178,25 @@ async fn a_stalled_reader_does_not_slow_another_connection_of_the_same_agent() {
     let bed = Bed::new(&["alpha"]);
     let source = SourceServer::start().await.unwrap();
     let server = ServerProc::start(&bed.pki, None, &[]).await.unwrap();
-    let _agent = AgentProc::start_ready(&bed.pki, &[server.agent_addr], "alpha", source.addr).await.unwrap();
+    let _agent = AgentProc::start_ready(&bed.pki, &[server.agent_addr], "alpha", source.addr)
+        .await
+        .unwrap();
 
     // Baseline: one connection alone.
-    let mut alone = connect(server.frontend_addr, "alpha:443").await.unwrap().tunnel().unwrap();
+    let mut alone = connect(server.frontend_addr, "alpha:443")
+        .await
+        .unwrap()
+        .tunnel()
+        .unwrap();
     let baseline = read_n(&mut alone, MOVE).await;
     drop(alone);
 
     // A connection that reads a little, then stops reading.
-    let mut stalled = connect(server.frontend_addr, "alpha:443").await.unwrap().tunnel().unwrap();
+    let mut stalled = connect(server.frontend_addr, "alpha:443")
+        .await
+        .unwrap()
+        .tunnel()
+        .unwrap();
     read_n(&mut stalled, 64 * 1024).await;
     // Wait until its upstream is blocked: megabytes written that the client never read.
     let stalled_conn = source.conns()[1].clone();
@@ -147,21 +204,38 @@ async fn a_stalled_reader_does_not_slow_another_connection_of_the_same_agent() {
     let mut last = 0;
     loop {
         tokio::time::sleep(Duration::from_millis(200)).await;
-        let now = stalled_conn.written.load(std::sync::atomic::Ordering::Relaxed);
+        let now = stalled_conn
+            .written
+            .load(std::sync::atomic::Ordering::Relaxed);
         if now == last && now > 0 {
             break;
         }
         last = now;
-        assert!(Instant::now() < deadline, "stalled connection never filled up");
+        assert!(
+            Instant::now() < deadline,
+            "stalled connection never filled up"
+        );
     }
-    assert!(last >= 2 << 20, "only {last} bytes pending behind the stalled reader");
+    assert!(
+        last >= 2 << 20,
+        "only {last} bytes pending behind the stalled reader"
+    );
 
-    let mut other = connect(server.frontend_addr, "alpha:443").await.unwrap().tunnel().unwrap();
+    let mut other = connect(server.frontend_addr, "alpha:443")
+        .await
+        .unwrap()
+        .tunnel()
+        .unwrap();
     let with_stall = tokio::time::timeout(Duration::from_secs(60), read_n(&mut other, MOVE))
         .await
         .expect("the other connection stalled too: they share a flow-control window");
-    let still_pending = stalled_conn.written.load(std::sync::atomic::Ordering::Relaxed);
-    assert_eq!(still_pending, last, "the stalled connection was drained meanwhile");
+    let still_pending = stalled_conn
+        .written
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(
+        still_pending, last,
+        "the stalled connection was drained meanwhile"
+    );
     eprintln!(
         "isolation: 256 MiB alone {baseline:?}, beside a stalled connection with {:.1} MiB pending {with_stall:?}",
         last as f64 / (1 << 20) as f64

@@ -13,11 +13,20 @@ use rustls::pki_types::ServerName;
 
 /// Flags of `proxy-agent`.
 #[derive(Debug, Parser)]
-#[command(name = "proxy-agent", version, about = "Dials out to proxy servers and carries their CONNECTs to this cluster's API server.")]
+#[command(
+    name = "proxy-agent",
+    version,
+    about = "Dials out to proxy servers and carries their CONNECTs to this cluster's API server."
+)]
 pub struct Args {
     /// A proxy server's agent address, HOST:PORT. Repeatable: the agent keeps a tunnel to each.
     /// In the environment, separate several with commas.
-    #[arg(long = "server", env = "PROXY_AGENT_SERVER", value_delimiter = ',', required = true)]
+    #[arg(
+        long = "server",
+        env = "PROXY_AGENT_SERVER",
+        value_delimiter = ',',
+        required = true
+    )]
     pub servers: Vec<String>,
     /// The agent's client certificate (PEM chain). Its Subject CN is the cluster it may serve.
     #[arg(long, env = "PROXY_AGENT_TLS_CERT")]
@@ -35,7 +44,11 @@ pub struct Args {
     #[arg(long, env = "PROXY_AGENT_CLUSTER")]
     pub cluster: Option<String>,
     /// The only destination the agent dials: this cluster's API server.
-    #[arg(long, env = "PROXY_AGENT_UPSTREAM", default_value = "kubernetes.default.svc:443")]
+    #[arg(
+        long,
+        env = "PROXY_AGENT_UPSTREAM",
+        default_value = "kubernetes.default.svc:443"
+    )]
     pub upstream: String,
     /// Admin listener: /healthz, /readyz (ready = registered with at least one server).
     #[arg(long, env = "PROXY_AGENT_ADMIN_ADDR", default_value = "127.0.0.1:8093")]
@@ -155,8 +168,8 @@ impl Config {
         for addr in &args.servers {
             let (host, _) = split_host_port("server", addr)?;
             let name = args.server_name.as_deref().unwrap_or(&host);
-            let tls_name = tls::server_name(name)
-                .map_err(|e| invalid("server-name", name, e.to_string()))?;
+            let tls_name =
+                tls::server_name(name).map_err(|e| invalid("server-name", name, e.to_string()))?;
             servers.push(ServerTarget {
                 addr: addr.clone(),
                 tls_name,

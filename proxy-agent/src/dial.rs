@@ -36,7 +36,10 @@ pub async fn serve_dial(
             return report_failure(&control, dial_id, format!("dial {upstream}: {err}")).await;
         }
         Err(_) => {
-            let reason = format!("dial {upstream}: timed out after {:?}", shared.config.dial_timeout);
+            let reason = format!(
+                "dial {upstream}: timed out after {:?}",
+                shared.config.dial_timeout
+            );
             return report_failure(&control, dial_id, reason).await;
         }
     };
@@ -51,13 +54,26 @@ pub async fn serve_dial(
     let inbound = match opened {
         Ok(resp) => resp.into_inner(),
         Err(status) => {
-            tracing::warn!(dial.id = dial_id, reason = status.message(), "server refused the data stream");
+            tracing::warn!(
+                dial.id = dial_id,
+                reason = status.message(),
+                "server refused the data stream"
+            );
             return;
         }
     };
     let _active = shared.active_connection();
     let counts = ByteCounts::default();
-    let result = pump::splice(socket, Bytes::new(), tx, inbound, Role::Agent, &counts, &cancel).await;
+    let result = pump::splice(
+        socket,
+        Bytes::new(),
+        tx,
+        inbound,
+        Role::Agent,
+        &counts,
+        &cancel,
+    )
+    .await;
     let (from_upstream, to_upstream) = counts.get();
     let outcome = match &result {
         Ok(()) => "ok".to_owned(),
@@ -76,7 +92,10 @@ pub async fn serve_dial(
 async fn report_failure(control: &mpsc::Sender<AgentMessage>, dial_id: u64, reason: String) {
     tracing::warn!(dial.id = dial_id, %reason, "upstream dial failed");
     let msg = AgentMessage {
-        msg: Some(agent_message::Msg::DialFailed(DialFailed { dial_id, reason })),
+        msg: Some(agent_message::Msg::DialFailed(DialFailed {
+            dial_id,
+            reason,
+        })),
     };
     // If the control stream is gone the server fails the dial itself.
     let _ = control.send(msg).await;

@@ -86,7 +86,10 @@ pub async fn run(config: Config, admin: TcpListener, shutdown: CancellationToken
     }
     shutdown.cancelled().await;
     tracker.close();
-    if tokio::time::timeout(SHUTDOWN_GRACE, tracker.wait()).await.is_err() {
+    if tokio::time::timeout(SHUTDOWN_GRACE, tracker.wait())
+        .await
+        .is_err()
+    {
         tracing::warn!("open connections did not finish within the shutdown grace period");
     }
     tracing::info!("proxy-agent stopped");

@@ -138,7 +138,12 @@ async fn session(
         .map_err(|_| SessionError::Protocol("control queue full".into()))?;
     let mut inbound = match client.control(ReceiverStream::new(control_rx)).await {
         Ok(resp) => resp.into_inner(),
-        Err(status) if matches!(status.code(), Code::PermissionDenied | Code::InvalidArgument | Code::Unauthenticated) => {
+        Err(status)
+            if matches!(
+                status.code(),
+                Code::PermissionDenied | Code::InvalidArgument | Code::Unauthenticated
+            ) =>
+        {
             return Err(SessionError::Refused(status.message().to_owned()));
         }
         Err(status) => return Err(SessionError::Stream(status.to_string())),
@@ -149,7 +154,11 @@ async fn session(
         .map_err(|s| SessionError::Stream(s.to_string()))?;
     let server_id = match first.and_then(|m| m.msg) {
         Some(server_message::Msg::Registered(r)) => r.server_id,
-        _ => return Err(SessionError::Protocol("expected a registration answer".into())),
+        _ => {
+            return Err(SessionError::Protocol(
+                "expected a registration answer".into(),
+            ));
+        }
     };
     let _registered = shared.registered();
     tracing::info!(server = %server.addr, server.id = %server_id, cluster = %shared.config.cluster, "registered with server");
@@ -167,10 +176,12 @@ async fn session(
         match msg {
             Ok(Some(m)) => match m.msg {
                 Some(server_message::Msg::Dial(dial)) => {
-                    let (client, control, shared) = (client.clone(), control.clone(), shared.clone());
+                    let (client, control, shared) =
+                        (client.clone(), control.clone(), shared.clone());
                     let cancel = session_token.child_token();
                     tracker.spawn(async move {
-                        crate::dial::serve_dial(client, control, dial.dial_id, &shared, cancel).await;
+                        crate::dial::serve_dial(client, control, dial.dial_id, &shared, cancel)
+                            .await;
                     });
                 }
                 Some(server_message::Msg::Registered(_)) | None => {

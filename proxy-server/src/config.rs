@@ -12,7 +12,11 @@ use proxy_common::tls::{self, CertKeyPaths, TlsError};
 
 /// Flags of `proxy-server`.
 #[derive(Debug, Parser)]
-#[command(name = "proxy-server", version, about = "Reverse-tunnel API-server proxy: agents dial in over gRPC/mTLS, controllers CONNECT by cluster name.")]
+#[command(
+    name = "proxy-server",
+    version,
+    about = "Reverse-tunnel API-server proxy: agents dial in over gRPC/mTLS, controllers CONNECT by cluster name."
+)]
 pub struct Args {
     /// gRPC (HTTP/2 over mutual TLS) listener for agents.
     #[arg(long, env = "PROXY_SERVER_AGENT_ADDR", default_value = "0.0.0.0:8091")]
@@ -27,10 +31,18 @@ pub struct Args {
     #[arg(long, env = "PROXY_SERVER_AGENT_CA")]
     pub agent_ca: PathBuf,
     /// HTTP CONNECT listener for controllers (plain TCP).
-    #[arg(long, env = "PROXY_SERVER_FRONTEND_ADDR", default_value = "127.0.0.1:8090")]
+    #[arg(
+        long,
+        env = "PROXY_SERVER_FRONTEND_ADDR",
+        default_value = "127.0.0.1:8090"
+    )]
     pub frontend_addr: SocketAddr,
     /// Admin listener: /healthz, /readyz.
-    #[arg(long, env = "PROXY_SERVER_ADMIN_ADDR", default_value = "127.0.0.1:8095")]
+    #[arg(
+        long,
+        env = "PROXY_SERVER_ADMIN_ADDR",
+        default_value = "127.0.0.1:8095"
+    )]
     pub admin_addr: SocketAddr,
     /// How long a CONNECT waits for the agent to reach its upstream before answering 504.
     #[arg(long, env = "PROXY_SERVER_DIAL_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]

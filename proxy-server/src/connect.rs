@@ -143,7 +143,10 @@ mod tests {
 
     #[test]
     fn partial_head_needs_more() {
-        assert_eq!(parse(b"CONNECT alpha:443 HTTP/1.1\r\nHost: a", 1024), Ok(None));
+        assert_eq!(
+            parse(b"CONNECT alpha:443 HTTP/1.1\r\nHost: a", 1024),
+            Ok(None)
+        );
     }
 
     #[test]
@@ -154,7 +157,16 @@ mod tests {
 
     #[test]
     fn refuses_bad_targets() {
-        for target in ["alpha", "alpha:", ":443", "alpha:0", "alpha:99999", "[::1]:443", "a/b:443", "alpha:http"] {
+        for target in [
+            "alpha",
+            "alpha:",
+            ":443",
+            "alpha:0",
+            "alpha:99999",
+            "[::1]:443",
+            "a/b:443",
+            "alpha:http",
+        ] {
             let raw = format!("CONNECT {target} HTTP/1.1\r\n\r\n");
             assert!(
                 matches!(parse(raw.as_bytes(), 1024), Err(RequestError::Malformed(_))),
@@ -165,15 +177,27 @@ mod tests {
 
     #[test]
     fn refuses_garbage_and_oversize() {
-        assert!(matches!(parse(b"\x00\x01\x02 junk\r\n\r\n", 1024), Err(RequestError::Malformed(_))));
+        assert!(matches!(
+            parse(b"\x00\x01\x02 junk\r\n\r\n", 1024),
+            Err(RequestError::Malformed(_))
+        ));
         let mut raw = String::from("CONNECT alpha:443 HTTP/1.1\r\n");
         for i in 0..(MAX_HEADERS + 1) {
             raw.push_str(&format!("X-{i}: v\r\n"));
         }
         raw.push_str("\r\n");
-        assert_eq!(parse(raw.as_bytes(), 1 << 20), Err(RequestError::TooLarge(1 << 20)));
-        let long = format!("CONNECT alpha:443 HTTP/1.1\r\nX: {}\r\n\r\n", "a".repeat(2000));
-        assert_eq!(parse(long.as_bytes(), 1000), Err(RequestError::TooLarge(1000)));
+        assert_eq!(
+            parse(raw.as_bytes(), 1 << 20),
+            Err(RequestError::TooLarge(1 << 20))
+        );
+        let long = format!(
+            "CONNECT alpha:443 HTTP/1.1\r\nX: {}\r\n\r\n",
+            "a".repeat(2000)
+        );
+        assert_eq!(
+            parse(long.as_bytes(), 1000),
+            Err(RequestError::TooLarge(1000))
+        );
     }
 
     #[tokio::test]
@@ -184,9 +208,15 @@ mod tests {
 
         let big = format!("CONNECT alpha:443 HTTP/1.1\r\nX: {}", "a".repeat(4096));
         let mut input = big.as_bytes();
-        assert_eq!(read_request(&mut input, 1024).await, Err(RequestError::TooLarge(1024)));
+        assert_eq!(
+            read_request(&mut input, 1024).await,
+            Err(RequestError::TooLarge(1024))
+        );
 
         let mut empty: &[u8] = b"";
-        assert_eq!(read_request(&mut empty, 1024).await, Err(RequestError::Closed));
+        assert_eq!(
+            read_request(&mut empty, 1024).await,
+            Err(RequestError::Closed)
+        );
     }
 }

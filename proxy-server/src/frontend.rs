@@ -13,7 +13,7 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::connect::{self, MAX_HEAD_BYTES, RequestError};
-use crate::registry::{AgentGone, DialOutcome, Registry};
+use crate::registry::{AgentGone, DialOutcome, Registry, TunnelStream};
 
 /// Time a client has to send its complete request head.
 pub const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
@@ -111,7 +111,8 @@ pub async fn serve(
         };
         let frontend = frontend.clone();
         let cancel = shutdown.child_token();
-        let span = tracing::info_span!("connect", client.addr = %addr, cluster = tracing::field::Empty);
+        let span =
+            tracing::info_span!("connect", client.addr = %addr, cluster = tracing::field::Empty);
         tracker.spawn(handle(frontend, stream, cancel).instrument(span));
     }
 }
@@ -128,14 +129,22 @@ async fn handle(frontend: Arc<Frontend>, mut client: TcpStream, cancel: Cancella
         Ok(Err(RequestError::Closed)) => return,
         Ok(Err(err)) => return refuse(client, &refusal_for(&err)).await,
         Err(_) => {
-            let r = Refusal::new(408, "bad_request", format!("request head not received within {HEAD_TIMEOUT:?}"));
+            let r = Refusal::new(
+                408,
+                "bad_request",
+                format!("request head not received within {HEAD_TIMEOUT:?}"),
+            );
             return refuse(client, &r).await;
         }
     };
     let cluster = frontend.cluster_of(&req.host);
     tracing::Span::current().record("cluster", cluster.as_str());
     if !proxy_common::is_valid_cluster_name(&cluster) {
-        let r = Refusal::new(400, "bad_request", format!("{:?} is not a cluster name", req.host));
+        let r = Refusal::new(
+            400,
+            "bad_request",
+            format!("{:?} is not a cluster name", req.host),
+        );
         return refuse(client, &r).await;
     }
 
@@ -190,7 +199,10 @@ impl Frontend {
     /// The cluster a CONNECT host names: the host, minus the configured suffix.
     fn cluster_of(&self, host: &str) -> String {
         match &self.cluster_suffix {
-            Some(suffix) => host.strip_suffix(suffix.as_str()).unwrap_or(host).to_owned(),
+            Some(suffix) => host
+                .strip_suffix(suffix.as_str())
+                .unwrap_or(host)
+                .to_owned(),
             None => host.to_owned(),
         }
     }
@@ -199,7 +211,7 @@ impl Frontend {
     async fn dial(
         &self,
         cluster: &str,
-    ) -> Result<(String, CancellationToken, crate::registry::TunnelStream), Refusal> {
+    ) -> Result<(String, CancellationToken, Box<TunnelStream>), Refusal> {
         let Some(agent) = self.registry.wait_for_agent(cluster, self.agent_wait).await else {
             return Err(Refusal::new(
                 503,
@@ -213,27 +225,33 @@ impl Frontend {
             pending.outcome().await
         };
         match tokio::time::timeout(self.dial_timeout, dial).await {
-            Ok(Ok(DialOutcome::Connected(stream))) => Ok((
-                agent.info.agent_id.clone(),
-                agent.closed().clone(),
-                stream,
-            )),
+            Ok(Ok(DialOutcome::Connected(stream))) => {
+                Ok((agent.info.agent_id.clone(), agent.closed().clone(), stream))
+            }
             Ok(Ok(DialOutcome::Failed(reason))) => Err(Refusal::new(
                 502,
                 "dial_failed",
-                format!("agent {} of cluster {cluster:?} could not reach its upstream: {reason}", agent.info.agent_id),
+                format!(
+                    "agent {} of cluster {cluster:?} could not reach its upstream: {reason}",
+                    agent.info.agent_id
+                ),
             )),
             Ok(Err(AgentGone)) => Err(Refusal::new(
                 502,
                 "dial_failed",
-                format!("agent {} of cluster {cluster:?} disconnected during the dial", agent.info.agent_id),
+                format!(
+                    "agent {} of cluster {cluster:?} disconnected during the dial",
+                    agent.info.agent_id
+                ),
             )),
             Err(_) => Err(Refusal::new(
                 504,
                 "dial_timeout",
-                format!("agent of cluster {cluster:?} did not reach its upstream within {:?}", self.dial_timeout),
+                format!(
+                    "agent of cluster {cluster:?} did not reach its upstream within {:?}",
+                    self.dial_timeout
+                ),
             )),
         }
     }
 }
-

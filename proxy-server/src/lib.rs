@@ -107,7 +107,11 @@ pub async fn run(
     let tracker = TaskTracker::new();
 
     let ready: proxy_common::admin::ReadyCheck = Arc::new(|| Ok(()));
-    tracker.spawn(proxy_common::admin::serve(listeners.admin, ready, shutdown.clone()));
+    tracker.spawn(proxy_common::admin::serve(
+        listeners.admin,
+        ready,
+        shutdown.clone(),
+    ));
 
     let frontend = Arc::new(frontend::Frontend {
         registry: registry.clone(),
@@ -141,7 +145,10 @@ pub async fn run(
     let result = grpc.await;
     shutdown.cancel();
     tracker.close();
-    if tokio::time::timeout(SHUTDOWN_GRACE, tracker.wait()).await.is_err() {
+    if tokio::time::timeout(SHUTDOWN_GRACE, tracker.wait())
+        .await
+        .is_err()
+    {
         tracing::warn!("open connections did not finish within the shutdown grace period");
     }
     tracing::info!("proxy-server stopped");

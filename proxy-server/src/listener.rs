@@ -113,7 +113,8 @@ pub fn incoming(
             let id = next_id.fetch_add(1, Ordering::Relaxed);
             let shutdown = shutdown.clone();
             tokio::spawn(async move {
-                let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(acceptor, tcp, addr, id));
+                let handshake =
+                    tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(acceptor, tcp, addr, id));
                 let io = tokio::select! {
                     () = shutdown.cancelled() => return,
                     res = handshake => match res {

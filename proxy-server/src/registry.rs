@@ -94,8 +94,9 @@ pub struct TunnelStream {
 /// How the agent answered a dial request.
 #[derive(Debug)]
 pub enum DialOutcome {
-    /// The agent reached its upstream and opened the data stream.
-    Connected(TunnelStream),
+    /// The agent reached its upstream and opened the data stream (boxed: it is large and
+    /// travels through a oneshot).
+    Connected(Box<TunnelStream>),
     /// The agent could not reach its upstream; the agent's reason.
     Failed(String),
 }
@@ -251,8 +252,10 @@ impl Registry {
         };
         if emptied {
             // Re-checked under the map's lock: an agent may have registered in between.
-            self.clusters.remove_if(cluster, |_, agents| agents.is_empty());
-            self.departed.retain(|_, left| left.elapsed() < RECONNECT_WINDOW);
+            self.clusters
+                .remove_if(cluster, |_, agents| agents.is_empty());
+            self.departed
+                .retain(|_, left| left.elapsed() < RECONNECT_WINDOW);
             self.departed.insert(cluster.clone(), Instant::now());
         }
         // Dials asked of this connection can no longer be answered: dropping their reply

@@ -18,9 +18,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::listener::AgentConn;
-use crate::registry::{
-    AgentHandle, AgentInfo, DialOutcome, Registration, Registry, TunnelStream,
-};
+use crate::registry::{AgentHandle, AgentInfo, DialOutcome, Registration, Registry, TunnelStream};
 
 /// Time an agent has to send its registration after opening the control stream.
 pub const REGISTER_TIMEOUT: Duration = Duration::from_secs(10);
@@ -126,7 +124,12 @@ impl Tunnel for TunnelService {
             .register(AgentHandle::new(info, tx, closed.clone()));
         let agent = registration.agent().info.clone();
         tracing::info!(cluster = %agent.cluster, agent.id = %agent.agent_id, agent.addr = %agent.addr, agent.version = %agent.version, "agent registered");
-        tokio::spawn(serve_control(inbound, registration, self.registry.clone(), closed));
+        tokio::spawn(serve_control(
+            inbound,
+            registration,
+            self.registry.clone(),
+            closed,
+        ));
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 
@@ -140,14 +143,16 @@ impl Tunnel for TunnelService {
             .get(DIAL_ID_HEADER)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok())
-            .ok_or_else(|| Status::invalid_argument(format!("missing or invalid {DIAL_ID_HEADER}")))?;
+            .ok_or_else(|| {
+                Status::invalid_argument(format!("missing or invalid {DIAL_ID_HEADER}"))
+            })?;
         let (tx, rx) = mpsc::channel(CHUNK_QUEUE);
         let stream = TunnelStream {
             inbound: req.into_inner(),
             outbound: tx,
         };
         self.registry
-            .complete_dial(dial_id, conn.id, DialOutcome::Connected(stream))
+            .complete_dial(dial_id, conn.id, DialOutcome::Connected(Box::new(stream)))
             .map_err(|err| Status::not_found(err.to_string()))?;
         Ok(Response::new(Box::pin(ReceiverStream::new(rx).map(Ok))))
     }

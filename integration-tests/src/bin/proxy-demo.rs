@@ -1,0 +1,157 @@
+//! `proxy-demo`: the whole system on this machine in one command. Makes a PKI, starts two fake
+//! member API servers (`alpha`, `beta`), a proxy-server and one proxy-agent per member, writes a
+//! kubeconfig per member with `proxy-url` pointing at the proxy, and prints commands that work
+//! through it. Runs until Ctrl-C, or with `--check` runs those commands itself and exits.
+#![forbid(unsafe_code)]
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use clap::Parser;
+use integration_tests::{FakeApiServer, client};
+use tokio_util::sync::CancellationToken;
+
+/// Local demo: server, agents, certificates and member API servers, all on 127.0.0.1.
+#[derive(Parser)]
+struct Args {
+    /// Folder for certificates and kubeconfigs.
+    #[arg(long, default_value = "demo-certs")]
+    dir: PathBuf,
+    /// CONNECT listener of the demo proxy.
+    #[arg(long, default_value = "127.0.0.1:8090")]
+    frontend_addr: String,
+    /// Run the printed kubectl and curl commands, report, and exit.
+    #[arg(long)]
+    check: bool,
+}
+
+const CLUSTERS: [&str; 2] = ["alpha", "beta"];
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    proxy_common::telemetry::init(proxy_common::telemetry::LogFormat::Text);
+    let pki = proxy_certs::write_dev_pki(&args.dir, &CLUSTERS)?;
+    let shutdown = CancellationToken::new();
+    proxy_common::shutdown::spawn_signal_handler(shutdown.clone())?;
+
+    let server_args = proxy_server::Args::try_parse_from([
+        "proxy-server",
+        "--agent-addr",
+        "127.0.0.1:0",
+        "--admin-addr",
+        "127.0.0.1:0",
+        "--frontend-addr",
+        &args.frontend_addr,
+        "--agent-tls-cert",
+        &pki.server_cert().display().to_string(),
+        "--agent-tls-key",
+        &pki.server_key().display().to_string(),
+        "--agent-ca",
+        &pki.proxy_ca().display().to_string(),
+    ])?;
+    let config = proxy_server::Config::from_args(&server_args)?;
+    let listeners = proxy_server::Listeners::bind(&config).await?;
+    let agent_addr = listeners.agent.local_addr()?;
+    let frontend = listeners.frontend.local_addr()?;
+    let server = tokio::spawn(proxy_server::run(config, listeners, shutdown.clone()));
+
+    let mut agents = Vec::new();
+    for cluster in CLUSTERS {
+        let api = FakeApiServer::start(&pki, cluster).await?;
+        let agent_args = proxy_agent::Args::try_parse_from([
+            "proxy-agent",
+            "--server",
+            &agent_addr.to_string(),
+            "--server-name",
+            "localhost",
+            "--tls-cert",
+            &pki.agent_cert(cluster).display().to_string(),
+            "--tls-key",
+            &pki.agent_key(cluster).display().to_string(),
+            "--server-ca",
+            &pki.proxy_ca().display().to_string(),
+            "--upstream",
+            &api.addr.to_string(),
+            "--admin-addr",
+            "127.0.0.1:0",
+        ])?;
+        let config = proxy_agent::Config::from_args(&agent_args)?;
+        let admin = tokio::net::TcpListener::bind(config.admin_addr).await?;
+        agents.push(tokio::spawn(proxy_agent::run(
+            config,
+            admin,
+            shutdown.clone(),
+        )));
+        client::write_kubeconfig(&args.dir, &pki, cluster, &format!("http://{frontend}"))?;
+    }
+    wait_served(frontend, &pki).await?;
+
+    let dir = args.dir.display();
+    let commands = [
+        format!("kubectl --kubeconfig {dir}/kubeconfig-alpha get namespaces"),
+        format!("kubectl --kubeconfig {dir}/kubeconfig-beta get --raw /version"),
+        format!(
+            "curl --proxy http://{frontend} --cacert {dir}/apiserver-alpha-ca.pem https://alpha:443/version"
+        ),
+    ];
+    println!(
+        "\nproxy demo is up: CONNECT proxy on {frontend}, member clusters alpha and beta.\nTry:\n"
+    );
+    for c in &commands {
+        println!("  {c}");
+    }
+    println!("\nCtrl-C stops it.");
+
+    let result = if args.check {
+        check(&commands)
+    } else {
+        shutdown.cancelled().await;
+        Ok(())
+    };
+    shutdown.cancel();
+    for agent in agents {
+        agent.await?;
+    }
+    server.await??;
+    result
+}
+
+/// Waits until both members answer through the proxy.
+async fn wait_served(
+    frontend: std::net::SocketAddr,
+    pki: &proxy_certs::DevPki,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    for cluster in CLUSTERS {
+        loop {
+            if let Ok((200, _)) = client::get_via_proxy(frontend, pki, cluster, "/version").await {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!("cluster {cluster} not reachable through the proxy");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    Ok(())
+}
+
+/// Runs each printed command the way a person would paste it.
+fn check(commands: &[String]) -> anyhow::Result<()> {
+    for c in commands {
+        let out = std::process::Command::new("sh")
+            .args(["-c", c])
+            .output()
+            .with_context(|| format!("running {c}"))?;
+        if !out.status.success() {
+            bail!("`{c}` failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        println!(
+            "ok: {c}\n{}",
+            String::from_utf8_lossy(&out.stdout).trim_end()
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,213 @@
+//! Agents and servers coming and going: nothing is left half-open, and service comes back by
+//! itself.
+
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use integration_tests::upstream::SourceServer;
+use integration_tests::{
+    AgentProc, Bed, ConnectReply, FakeApiServer, ServerProc, connect, get_via_proxy,
+};
+use tokio::io::AsyncReadExt;
+
+/// Reads until EOF or error; returns how long that took.
+async fn until_closed(mut s: tokio::net::TcpStream, limit: Duration) -> Duration {
+    let started = Instant::now();
+    let mut buf = vec![0u8; 256 * 1024];
+    let res = tokio::time::timeout(limit, async {
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    assert!(res.is_ok(), "connection still open after {limit:?}");
+    started.elapsed()
+}
+
+async fn wait_closed(conn: &integration_tests::upstream::SourceConn, limit: Duration) -> Duration {
+    let started = Instant::now();
+    loop {
+        if conn.closed_at.lock().unwrap().is_some() {
+            return started.elapsed();
+        }
+        assert!(
+            started.elapsed() < limit,
+            "upstream connection still open after {limit:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_an_agent_closes_its_connections_on_both_sides_and_a_new_one_serves() {
+    let bed = Bed::new(&["alpha"]);
+    let source = SourceServer::start().await.unwrap();
+    let server = ServerProc::start(&bed.pki, None, &["--agent-wait", "0s"])
+        .await
+        .unwrap();
+    let agent = AgentProc::start_ready(&bed.pki, &[server.agent_addr], "alpha", source.addr)
+        .await
+        .unwrap();
+
+    let mut tunnel = connect(server.frontend_addr, "alpha:443")
+        .await
+        .unwrap()
+        .tunnel()
+        .unwrap();
+    let mut buf = vec![0u8; 1 << 20];
+    tunnel.read_exact(&mut buf).await.unwrap();
+    let upstream = source.conns()[0].clone();
+    assert!(upstream.written.load(Ordering::Relaxed) > 0);
+
+    agent.proc.kill().await;
+    let client_closed = until_closed(tunnel, Duration::from_secs(5)).await;
+    let upstream_closed = wait_closed(&upstream, Duration::from_secs(5)).await;
+    eprintln!(
+        "agent killed: client side closed after {client_closed:?}, upstream side after {upstream_closed:?}"
+    );
+
+    // Nothing for alpha until a new agent comes.
+    match connect(server.frontend_addr, "alpha:443").await.unwrap() {
+        ConnectReply::Refused { status, .. } => assert_eq!(status, 503),
+        ConnectReply::Tunnel(_) => panic!("served by a dead agent"),
+    }
+    let _again = AgentProc::start_ready(&bed.pki, &[server.agent_addr], "alpha", source.addr)
+        .await
+        .unwrap();
+    let mut tunnel = connect(server.frontend_addr, "alpha:443")
+        .await
+        .unwrap()
+        .tunnel()
+        .unwrap();
+    tunnel.read_exact(&mut buf).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_re_registers_by_itself_after_a_server_restart() {
+    let bed = Bed::new(&["alpha"]);
+    let api = FakeApiServer::start(&bed.pki, "alpha").await.unwrap();
+    let server = ServerProc::start(&bed.pki, None, &[]).await.unwrap();
+    let agent_addr = server.agent_addr;
+    let agent = AgentProc::start_ready(&bed.pki, &[agent_addr], "alpha", api.addr)
+        .await
+        .unwrap();
+    // Kill the server, wait until the agent noticed, start a new one on the same port, and time
+    // how long until a CONNECT works again.
+    server.proc.kill().await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while integration_tests::procs::admin_get(agent.admin_addr, "/readyz")
+        .await
+        .unwrap()
+        .0
+        == 200
+    {
+        assert!(
+            Instant::now() < deadline,
+            "agent still claims to be registered with a dead server"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Let the agent's backoff grow a little, as in a real restart.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let server = ServerProc::start(&bed.pki, Some(agent_addr), &[])
+        .await
+        .unwrap();
+    let back = Instant::now();
+    loop {
+        if let Ok((200, _)) =
+            get_via_proxy(server.frontend_addr, &bed.pki, "alpha", "/version").await
+        {
+            break;
+        }
+        assert!(
+            back.elapsed() < Duration::from_secs(10),
+            "agent never re-registered:\n{}",
+            agent.proc.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let took = back.elapsed();
+    eprintln!("agent serving again {took:?} after the server came back");
+    assert!(
+        took < Duration::from_secs(2),
+        "re-registration took {took:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_that_stops_answering_pings_is_dropped_with_its_connections() {
+    let bed = Bed::new(&["alpha"]);
+    let source = SourceServer::start().await.unwrap();
+    let server = ServerProc::start(
+        &bed.pki,
+        None,
+        &[
+            "--keepalive-interval",
+            "300ms",
+            "--keepalive-timeout",
+            "300ms",
+            "--agent-wait",
+            "0s",
+        ],
+    )
+    .await
+    .unwrap();
+    let agent = AgentProc::start_ready(&bed.pki, &[server.agent_addr], "alpha", source.addr)
+        .await
+        .unwrap();
+    let mut tunnel = connect(server.frontend_addr, "alpha:443")
+        .await
+        .unwrap()
+        .tunnel()
+        .unwrap();
+    let mut buf = vec![0u8; 1 << 20];
+    tunnel.read_exact(&mut buf).await.unwrap();
+
+    // A frozen agent keeps its TCP connection open but answers nothing.
+    agent.proc.signal("STOP");
+    let closed = until_closed(tunnel, Duration::from_secs(5)).await;
+    let mut refused_after = None;
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(5) {
+        if let ConnectReply::Refused { status: 503, .. } =
+            connect(server.frontend_addr, "alpha:443").await.unwrap()
+        {
+            refused_after = Some(started.elapsed());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    agent.proc.signal("CONT");
+    eprintln!(
+        "frozen agent: its connection closed after {closed:?}, cluster unserved after a further {refused_after:?}"
+    );
+    assert!(
+        refused_after.is_some(),
+        "frozen agent still in the registry"
+    );
+    assert!(server.proc.logs().contains("agent disconnected"));
+
+    // Thawed, it notices and comes back by itself.
+    agent
+        .wait_registered(Duration::from_secs(15))
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        if let ConnectReply::Tunnel(mut t) =
+            connect(server.frontend_addr, "alpha:443").await.unwrap()
+        {
+            t.read_exact(&mut buf).await.unwrap();
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "thawed agent did not come back:\n{}",
+            agent.proc.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

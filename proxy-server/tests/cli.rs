@@ -1,0 +1,127 @@
+//! The command line: every flag documented with its environment variable, and bad
+//! configuration refused with a message that names the problem.
+
+use std::process::{Command, Output};
+
+fn server(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_proxy-server"))
+        .args(args)
+        .env("RUST_LOG", "error")
+        .output()
+        .expect("run proxy-server")
+}
+
+#[test]
+fn help_lists_every_flag_with_its_environment_variable() {
+    let out = server(&["--help"]);
+    assert!(out.status.success());
+    let help = String::from_utf8_lossy(&out.stdout);
+    for flag in [
+        "agent-addr",
+        "agent-tls-cert",
+        "agent-tls-key",
+        "agent-ca",
+        "frontend-addr",
+        "admin-addr",
+        "dial-timeout",
+        "agent-wait",
+        "keepalive-interval",
+        "keepalive-timeout",
+        "cluster-suffix",
+        "server-id",
+        "log-format",
+    ] {
+        assert!(
+            help.contains(&format!("--{flag}")),
+            "--{flag} missing from help"
+        );
+        let env = format!("PROXY_SERVER_{}", flag.to_uppercase().replace('-', "_"));
+        assert!(help.contains(&env), "{env} missing from help");
+    }
+    assert!(help.contains("[default: 0.0.0.0:8091]") && help.contains("[default: 127.0.0.1:8090]"));
+}
+
+#[test]
+fn missing_or_unreadable_certificates_are_refused_clearly() {
+    let out = server(&["--agent-tls-cert", "x.pem", "--agent-tls-key", "x.key"]);
+    assert_eq!(out.status.code(), Some(2), "missing --agent-ca accepted");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--agent-ca"));
+
+    let dir = tempfile::tempdir().unwrap();
+    let pki = proxy_certs::write_dev_pki(dir.path(), &["alpha"]).unwrap();
+    let missing = dir.path().join("nope.pem");
+    let out = server(&[
+        "--agent-tls-cert",
+        missing.to_str().unwrap(),
+        "--agent-tls-key",
+        pki.server_key().to_str().unwrap(),
+        "--agent-ca",
+        pki.proxy_ca().to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("nope.pem"),
+        "error does not name the file: {err}"
+    );
+
+    // A key that does not belong to the certificate.
+    let out = server(&[
+        "--agent-tls-cert",
+        pki.server_cert().to_str().unwrap(),
+        "--agent-tls-key",
+        pki.agent_key("alpha").to_str().unwrap(),
+        "--agent-ca",
+        pki.proxy_ca().to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("invalid TLS material"));
+}
+
+#[test]
+fn an_address_in_use_is_reported_with_the_listener_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = proxy_certs::write_dev_pki(dir.path(), &["alpha"]).unwrap();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let out = server(&[
+        "--agent-tls-cert",
+        pki.server_cert().to_str().unwrap(),
+        "--agent-tls-key",
+        pki.server_key().to_str().unwrap(),
+        "--agent-ca",
+        pki.proxy_ca().to_str().unwrap(),
+        "--agent-addr",
+        "127.0.0.1:0",
+        "--admin-addr",
+        "127.0.0.1:0",
+        "--frontend-addr",
+        &addr,
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!("cannot listen on {addr} (frontend)")),
+        "{err}"
+    );
+}
+
+#[test]
+fn zero_timeouts_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = proxy_certs::write_dev_pki(dir.path(), &["alpha"]).unwrap();
+    let out = server(&[
+        "--agent-tls-cert",
+        pki.server_cert().to_str().unwrap(),
+        "--agent-tls-key",
+        pki.server_key().to_str().unwrap(),
+        "--agent-ca",
+        pki.proxy_ca().to_str().unwrap(),
+        "--dial-timeout",
+        "0s",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--dial-timeout: must be greater than zero")
+    );
+}
