@@ -11,6 +11,7 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
+use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -18,8 +19,17 @@ use tokio_util::task::TaskTracker;
 /// A readiness check: `Ok` when ready, otherwise why not.
 pub type ReadyCheck = Arc<dyn Fn() -> Result<(), String> + Send + Sync>;
 
+/// What the admin listener serves.
+#[derive(Clone)]
+pub struct Admin {
+    /// `/readyz`.
+    pub ready: ReadyCheck,
+    /// `/metrics`.
+    pub metrics: Arc<Registry>,
+}
+
 /// Serves the admin endpoints on `listener` until `shutdown` fires.
-pub async fn serve(listener: TcpListener, ready: ReadyCheck, shutdown: CancellationToken) {
+pub async fn serve(listener: TcpListener, ready: Admin, shutdown: CancellationToken) {
     let tracker = TaskTracker::new();
     loop {
         let (stream, _) = tokio::select! {
@@ -50,7 +60,7 @@ pub async fn serve(listener: TcpListener, ready: ReadyCheck, shutdown: Cancellat
     tracker.wait().await;
 }
 
-fn route(req: &Request<Incoming>, ready: &ReadyCheck) -> Response<Full<Bytes>> {
+fn route(req: &Request<Incoming>, admin: &Admin) -> Response<Full<Bytes>> {
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return text(
             StatusCode::METHOD_NOT_ALLOWED,
@@ -59,13 +69,30 @@ fn route(req: &Request<Incoming>, ready: &ReadyCheck) -> Response<Full<Bytes>> {
     }
     match req.uri().path() {
         "/healthz" | "/livez" => text(StatusCode::OK, "ok\n".into()),
-        "/readyz" => match ready() {
+        "/readyz" => match (admin.ready)() {
             Ok(()) => text(StatusCode::OK, "ok\n".into()),
             Err(why) => text(
                 StatusCode::SERVICE_UNAVAILABLE,
                 format!("not ready: {why}\n"),
             ),
         },
+        "/metrics" => {
+            let mut body = String::new();
+            if let Err(err) = prometheus_client::encoding::text::encode(&mut body, &admin.metrics) {
+                return text(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    format!("encoding metrics: {err}\n"),
+                );
+            }
+            let mut resp = text(StatusCode::OK, body);
+            resp.headers_mut().insert(
+                hyper::header::CONTENT_TYPE,
+                hyper::header::HeaderValue::from_static(
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                ),
+            );
+            resp
+        }
         _ => text(StatusCode::NOT_FOUND, "not found\n".into()),
     }
 }

@@ -4,6 +4,7 @@
 
 pub mod admin;
 pub mod pump;
+pub mod reload;
 pub mod shutdown;
 pub mod telemetry;
 pub mod tls;

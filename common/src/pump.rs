@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::{BufMut, Bytes, BytesMut};
+use prometheus_client::metrics::counter::Counter;
 use proxy_proto::{Chunk, MAX_CHUNK};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
@@ -31,9 +32,33 @@ pub struct ByteCounts {
     pub sent: AtomicU64,
     /// Received from the tunnel and written to the local socket.
     pub received: AtomicU64,
+    /// Metric counters fed alongside (sent, received).
+    metrics: Option<(Counter, Counter)>,
 }
 
 impl ByteCounts {
+    /// Counts that also feed two Prometheus counters: (sent, received).
+    pub fn with_metrics(sent: Counter, received: Counter) -> Self {
+        Self {
+            metrics: Some((sent, received)),
+            ..Self::default()
+        }
+    }
+
+    fn add_sent(&self, n: usize) {
+        self.sent.fetch_add(n as u64, Ordering::Relaxed);
+        if let Some((sent, _)) = &self.metrics {
+            sent.inc_by(n as u64);
+        }
+    }
+
+    fn add_received(&self, n: usize) {
+        self.received.fetch_add(n as u64, Ordering::Relaxed);
+        if let Some((_, received)) = &self.metrics {
+            received.inc_by(n as u64);
+        }
+    }
+
     /// (sent, received) so far.
     pub fn get(&self) -> (u64, u64) {
         (
@@ -137,9 +162,7 @@ async fn socket_to_tunnel<R: AsyncRead>(
 ) -> Result<(), PumpError> {
     tokio::pin!(reader);
     if !prefix.is_empty() {
-        counts
-            .sent
-            .fetch_add(prefix.len() as u64, Ordering::Relaxed);
+        counts.add_sent(prefix.len());
         send(tx, data_chunk(prefix)).await?;
     }
     let mut buf = BytesMut::with_capacity(MAX_CHUNK);
@@ -161,7 +184,7 @@ async fn socket_to_tunnel<R: AsyncRead>(
             });
             return Ok(());
         }
-        counts.sent.fetch_add(n as u64, Ordering::Relaxed);
+        counts.add_sent(n);
         permit.send(data_chunk(buf.split().freeze()));
     }
 }
@@ -180,9 +203,7 @@ async fn tunnel_to_socket<W: AsyncWrite>(
                         .write_all(&chunk.data)
                         .await
                         .map_err(PumpError::LocalWrite)?;
-                    counts
-                        .received
-                        .fetch_add(chunk.data.len() as u64, Ordering::Relaxed);
+                    counts.add_received(chunk.data.len());
                 }
                 if chunk.fin {
                     writer.shutdown().await.map_err(PumpError::LocalWrite)?;

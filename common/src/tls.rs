@@ -112,6 +112,36 @@ pub fn mtls_server_config(
     Ok(config)
 }
 
+/// TLS for the CONNECT frontend (HTTP/1.1). With `client_ca`, client certificates signed by it
+/// are verified; they are required unless `cert_optional` (clients may then use a token).
+pub fn frontend_server_config(
+    identity: &CertKeyPaths,
+    client_ca: Option<&Path>,
+    cert_optional: bool,
+) -> Result<ServerConfig, TlsError> {
+    let builder =
+        ServerConfig::builder_with_provider(provider()).with_safe_default_protocol_versions()?;
+    let builder = match client_ca {
+        Some(ca) => {
+            let roots = Arc::new(load_roots(ca)?);
+            let mut verifier = WebPkiClientVerifier::builder_with_provider(roots, provider());
+            if cert_optional {
+                verifier = verifier.allow_unauthenticated();
+            }
+            let verifier = verifier.build().map_err(|e| TlsError::Verifier {
+                path: ca.to_owned(),
+                reason: e.to_string(),
+            })?;
+            builder.with_client_cert_verifier(verifier)
+        }
+        None => builder.with_no_client_auth(),
+    };
+    let mut config =
+        builder.with_single_cert(load_certs(&identity.cert)?, load_key(&identity.key)?)?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(config)
+}
+
 /// TLS for a client that verifies its server against `server_ca` and authenticates with
 /// `identity`.
 pub fn mtls_client_config(

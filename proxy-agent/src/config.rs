@@ -3,10 +3,10 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
+use proxy_common::reload::Reloadable;
 use proxy_common::telemetry::LogFormat;
 use proxy_common::tls::{self, CertKeyPaths, TlsError};
 use rustls::pki_types::ServerName;
@@ -50,6 +50,14 @@ pub struct Args {
         default_value = "kubernetes.default.svc:443"
     )]
     pub upstream: String,
+    /// A further destination servers may ask for (HOST:PORT, repeatable). Anything that is
+    /// neither this nor --upstream is refused without being resolved or dialed.
+    #[arg(
+        long = "allow-destination",
+        env = "PROXY_AGENT_ALLOW_DESTINATION",
+        value_delimiter = ','
+    )]
+    pub allow_destinations: Vec<String>,
     /// Admin listener: /healthz, /readyz (ready = registered with at least one server).
     #[arg(long, env = "PROXY_AGENT_ADMIN_ADDR", default_value = "127.0.0.1:8093")]
     pub admin_addr: SocketAddr,
@@ -102,14 +110,16 @@ pub struct ServerTarget {
 pub struct Config {
     /// Servers to keep tunnels to.
     pub servers: Vec<ServerTarget>,
-    /// mTLS client configuration.
-    pub tls: Arc<rustls::ClientConfig>,
+    /// mTLS client configuration; reloaded when the certificate, key or CA files change.
+    pub tls: Reloadable<rustls::ClientConfig>,
     /// Cluster this agent serves.
     pub cluster: String,
     /// This agent's id.
     pub agent_id: String,
-    /// The only destination dialed.
+    /// The default destination.
     pub upstream: String,
+    /// Further destinations a server may name.
+    pub allow_destinations: Vec<String>,
     /// Where the admin listener binds.
     pub admin_addr: SocketAddr,
     /// See [`Args::dial_timeout`].
@@ -146,13 +156,42 @@ fn split_host_port(flag: &'static str, value: &str) -> Result<(String, u16), Con
 }
 
 impl Config {
+    /// The address to dial for a server's request, or why it is refused. An empty request means
+    /// the upstream; others must match an allowed destination exactly, as text: nothing the
+    /// server sends is resolved unless the operator listed it.
+    pub fn destination<'a>(&'a self, requested: &'a str) -> Result<&'a str, String> {
+        if requested.is_empty() || requested == self.upstream {
+            return Ok(&self.upstream);
+        }
+        if self.allow_destinations.iter().any(|d| d == requested) {
+            return Ok(requested);
+        }
+        Err(format!(
+            "destination {requested:?} is not allowed by this agent (allowed: its upstream {:?}{})",
+            self.upstream,
+            if self.allow_destinations.is_empty() {
+                String::new()
+            } else {
+                format!(" and {:?}", self.allow_destinations)
+            }
+        ))
+    }
+
     /// Checks the flags and loads the TLS material.
     pub fn from_args(args: &Args) -> Result<Self, ConfigError> {
         let identity = CertKeyPaths {
             cert: args.tls_cert.clone(),
             key: args.tls_key.clone(),
         };
-        let tls = tls::mtls_client_config(&identity, &args.server_ca)?;
+        let server_ca = args.server_ca.clone();
+        let files = vec![
+            identity.cert.clone(),
+            identity.key.clone(),
+            server_ca.clone(),
+        ];
+        let tls = Reloadable::load("agent TLS", files, move || {
+            tls::mtls_client_config(&identity, &server_ca)
+        })?;
         let cluster = match &args.cluster {
             Some(c) => c.clone(),
             None => tls::common_name_of_file(&args.tls_cert)?,
@@ -176,15 +215,19 @@ impl Config {
             });
         }
         split_host_port("upstream", &args.upstream)?;
+        for dest in &args.allow_destinations {
+            split_host_port("allow-destination", dest)?;
+        }
         Ok(Self {
             servers,
-            tls: Arc::new(tls),
+            tls,
             cluster,
             agent_id: args
                 .agent_id
                 .clone()
                 .unwrap_or_else(|| proxy_common::default_instance_id("proxy-agent")),
             upstream: args.upstream.clone(),
+            allow_destinations: args.allow_destinations.clone(),
             admin_addr: args.admin_addr,
             dial_timeout: args.dial_timeout,
             keepalive_interval: args.keepalive_interval,

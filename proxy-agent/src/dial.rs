@@ -16,16 +16,22 @@ use tonic::transport::Channel;
 
 use crate::Shared;
 
-/// Handles dial `dial_id` from the server of `control`.
+/// Handles dial `dial_id` for `destination` (empty: the upstream) from the server of `control`.
 pub async fn serve_dial(
     mut client: TunnelClient<Channel>,
     control: mpsc::Sender<AgentMessage>,
     dial_id: u64,
+    destination: &str,
     shared: &Shared,
     cancel: CancellationToken,
 ) {
     let started = Instant::now();
-    let upstream = &shared.config.upstream;
+    let upstream = match shared.config.destination(destination) {
+        Ok(dest) => dest,
+        Err(reason) => {
+            return report_failure(shared, &control, dial_id, "not_allowed", reason).await;
+        }
+    };
     let dialed = tokio::select! {
         () = cancel.cancelled() => return,
         res = tokio::time::timeout(shared.config.dial_timeout, TcpStream::connect(upstream)) => res,
@@ -33,16 +39,28 @@ pub async fn serve_dial(
     let socket = match dialed {
         Ok(Ok(socket)) => socket,
         Ok(Err(err)) => {
-            return report_failure(&control, dial_id, format!("dial {upstream}: {err}")).await;
+            let kind = match err.kind() {
+                std::io::ErrorKind::ConnectionRefused => "refused",
+                std::io::ErrorKind::HostUnreachable | std::io::ErrorKind::NetworkUnreachable => {
+                    "unreachable"
+                }
+                _ => "other",
+            };
+            let reason = format!("dial {upstream}: {err}");
+            return report_failure(shared, &control, dial_id, kind, reason).await;
         }
         Err(_) => {
             let reason = format!(
                 "dial {upstream}: timed out after {:?}",
                 shared.config.dial_timeout
             );
-            return report_failure(&control, dial_id, reason).await;
+            return report_failure(shared, &control, dial_id, "timeout", reason).await;
         }
     };
+    shared
+        .metrics
+        .upstream_dial_duration
+        .observe(started.elapsed().as_secs_f64());
     let _ = socket.set_nodelay(true);
     let (tx, rx) = mpsc::channel(CHUNK_QUEUE);
     let mut req = Request::new(ReceiverStream::new(rx));
@@ -63,7 +81,9 @@ pub async fn serve_dial(
         }
     };
     let _active = shared.active_connection();
-    let counts = ByteCounts::default();
+    let (to_upstream, from_upstream) = shared.metrics.byte_counters();
+    // The pump's "sent" is what it read from the upstream socket.
+    let counts = ByteCounts::with_metrics(from_upstream, to_upstream);
     let result = pump::splice(
         socket,
         Bytes::new(),
@@ -89,8 +109,15 @@ pub async fn serve_dial(
     );
 }
 
-async fn report_failure(control: &mpsc::Sender<AgentMessage>, dial_id: u64, reason: String) {
+async fn report_failure(
+    shared: &Shared,
+    control: &mpsc::Sender<AgentMessage>,
+    dial_id: u64,
+    kind: &str,
+    reason: String,
+) {
     tracing::warn!(dial.id = dial_id, %reason, "upstream dial failed");
+    shared.metrics.dial_failed(kind);
     let msg = AgentMessage {
         msg: Some(agent_message::Msg::DialFailed(DialFailed {
             dial_id,

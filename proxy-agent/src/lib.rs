@@ -6,6 +6,7 @@
 pub mod backoff;
 pub mod config;
 pub mod dial;
+pub mod metrics;
 pub mod session;
 
 use std::sync::Arc;
@@ -26,39 +27,53 @@ pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 pub struct Shared {
     /// The configuration.
     pub config: Config,
+    /// The metrics.
+    pub metrics: metrics::Metrics,
     registered: AtomicUsize,
-    active: AtomicUsize,
 }
 
-/// Counts one registered session while alive.
+/// Counts one registered session or open connection while alive.
 #[derive(Debug)]
-pub struct CountGuard<'a>(&'a AtomicUsize);
+pub struct CountGuard<'a> {
+    count: Option<&'a AtomicUsize>,
+    gauge: prometheus_client::metrics::gauge::Gauge,
+}
 
 impl Drop for CountGuard<'_> {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+        if let Some(count) = self.count {
+            count.fetch_sub(1, Ordering::Relaxed);
+        }
+        self.gauge.dec();
     }
 }
 
 impl Shared {
-    fn new(config: Config) -> Self {
+    fn new(config: Config, metrics: metrics::Metrics) -> Self {
         Self {
             config,
+            metrics,
             registered: AtomicUsize::new(0),
-            active: AtomicUsize::new(0),
         }
     }
 
     /// Marks one more server as registered until the guard drops.
     pub fn registered(&self) -> CountGuard<'_> {
         self.registered.fetch_add(1, Ordering::Relaxed);
-        CountGuard(&self.registered)
+        self.metrics.servers_connected.inc();
+        CountGuard {
+            count: Some(&self.registered),
+            gauge: self.metrics.servers_connected.clone(),
+        }
     }
 
     /// Marks one more tunneled connection as active until the guard drops.
     pub fn active_connection(&self) -> CountGuard<'_> {
-        self.active.fetch_add(1, Ordering::Relaxed);
-        CountGuard(&self.active)
+        self.metrics.connections_active.inc();
+        CountGuard {
+            count: None,
+            gauge: self.metrics.connections_active.clone(),
+        }
     }
 
     /// Servers this agent is registered with.
@@ -69,8 +84,16 @@ impl Shared {
 
 /// Runs the agent until `shutdown`.
 pub async fn run(config: Config, admin: TcpListener, shutdown: CancellationToken) {
-    let shared = Arc::new(Shared::new(config));
+    let mut prometheus = prometheus_client::registry::Registry::default();
+    let metrics = metrics::Metrics::new(&mut prometheus);
+    let shared = Arc::new(Shared::new(config, metrics));
     let tracker = TaskTracker::new();
+    match proxy_common::reload::sighup_trigger() {
+        Ok(trigger) => shared.config.tls.spawn_watcher(trigger, shutdown.clone()),
+        Err(err) => {
+            tracing::warn!(%err, "no SIGHUP handler; certificates reload on file change only")
+        }
+    }
     let ready_state = shared.clone();
     let ready: proxy_common::admin::ReadyCheck = Arc::new(move || {
         if ready_state.registered_count() > 0 {
@@ -79,7 +102,15 @@ pub async fn run(config: Config, admin: TcpListener, shutdown: CancellationToken
             Err("not registered with any proxy server".into())
         }
     });
-    tracker.spawn(proxy_common::admin::serve(admin, ready, shutdown.clone()));
+    let admin_state = proxy_common::admin::Admin {
+        ready,
+        metrics: Arc::new(prometheus),
+    };
+    tracker.spawn(proxy_common::admin::serve(
+        admin,
+        admin_state,
+        shutdown.clone(),
+    ));
     tracing::info!(cluster = %shared.config.cluster, agent.id = %shared.config.agent_id, upstream = %shared.config.upstream, "proxy-agent started");
     for server in shared.config.servers.clone() {
         tracker.spawn(session::maintain(server, shared.clone(), shutdown.clone()));

@@ -78,7 +78,8 @@ pub async fn maintain(server: ServerTarget, shared: Arc<Shared>, shutdown: Cance
 }
 
 async fn connect(server: &ServerTarget, shared: &Shared) -> Result<Channel, SessionError> {
-    let tls = TlsConnector::from(shared.config.tls.clone());
+    // Read per connection attempt: a rotated certificate is used from the next reconnect on.
+    let tls = TlsConnector::from(shared.config.tls.current());
     let addr = server.addr.clone();
     let name = server.tls_name.clone();
     let connector = tower::service_fn(move |_| {
@@ -180,8 +181,16 @@ async fn session(
                         (client.clone(), control.clone(), shared.clone());
                     let cancel = session_token.child_token();
                     tracker.spawn(async move {
-                        crate::dial::serve_dial(client, control, dial.dial_id, &shared, cancel)
-                            .await;
+                        let dest = dial.destination;
+                        crate::dial::serve_dial(
+                            client,
+                            control,
+                            dial.dial_id,
+                            &dest,
+                            &shared,
+                            cancel,
+                        )
+                        .await;
                     });
                 }
                 Some(server_message::Msg::Registered(_)) | None => {

@@ -3,12 +3,14 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
+use proxy_common::reload::Reloadable;
 use proxy_common::telemetry::LogFormat;
 use proxy_common::tls::{self, CertKeyPaths, TlsError};
+
+use crate::auth::{Policy, PolicyError};
 
 /// Flags of `proxy-server`.
 #[derive(Debug, Parser)]
@@ -21,23 +23,48 @@ pub struct Args {
     /// gRPC (HTTP/2 over mutual TLS) listener for agents.
     #[arg(long, env = "PROXY_SERVER_AGENT_ADDR", default_value = "0.0.0.0:8091")]
     pub agent_addr: SocketAddr,
-    /// The server's certificate (PEM chain) on the agent listener.
+    /// The server's certificate (PEM chain) on the agent listener. Reloaded when it changes.
     #[arg(long, env = "PROXY_SERVER_AGENT_TLS_CERT")]
     pub agent_tls_cert: PathBuf,
-    /// The server's private key (PEM) on the agent listener.
+    /// The server's private key (PEM) on the agent listener. Reloaded when it changes.
     #[arg(long, env = "PROXY_SERVER_AGENT_TLS_KEY")]
     pub agent_tls_key: PathBuf,
     /// CA (PEM) that signs agent client certificates; agents without one are refused.
     #[arg(long, env = "PROXY_SERVER_AGENT_CA")]
     pub agent_ca: PathBuf,
-    /// HTTP CONNECT listener for controllers (plain TCP).
+    /// HTTP CONNECT listener for controllers.
     #[arg(
         long,
         env = "PROXY_SERVER_FRONTEND_ADDR",
         default_value = "127.0.0.1:8090"
     )]
     pub frontend_addr: SocketAddr,
-    /// Admin listener: /healthz, /readyz.
+    /// Serve the CONNECT listener over TLS with this certificate (PEM chain): an https:// proxy-url.
+    #[arg(
+        long,
+        env = "PROXY_SERVER_FRONTEND_TLS_CERT",
+        requires = "frontend_tls_key"
+    )]
+    pub frontend_tls_cert: Option<PathBuf>,
+    /// Private key (PEM) of --frontend-tls-cert.
+    #[arg(
+        long,
+        env = "PROXY_SERVER_FRONTEND_TLS_KEY",
+        requires = "frontend_tls_cert"
+    )]
+    pub frontend_tls_key: Option<PathBuf>,
+    /// Accept frontend client certificates signed by this CA (PEM); the identity is the Subject
+    /// CN. Without --frontend-auth-file a valid client certificate is then required.
+    #[arg(long, env = "PROXY_SERVER_FRONTEND_CA", requires = "frontend_tls_cert")]
+    pub frontend_ca: Option<PathBuf>,
+    /// YAML policy: which identities (token or certificate CN) may reach which clusters.
+    /// Re-read when it changes and on SIGHUP.
+    #[arg(long, env = "PROXY_SERVER_FRONTEND_AUTH_FILE")]
+    pub frontend_auth_file: Option<PathBuf>,
+    /// Allow a frontend on a non-loopback address with no authentication at all.
+    #[arg(long, env = "PROXY_SERVER_FRONTEND_ALLOW_UNAUTHENTICATED")]
+    pub frontend_allow_unauthenticated: bool,
+    /// Admin listener: /healthz, /readyz, /metrics.
     #[arg(
         long,
         env = "PROXY_SERVER_ADMIN_ADDR",
@@ -58,6 +85,26 @@ pub struct Args {
     /// connection it carried.
     #[arg(long, env = "PROXY_SERVER_KEEPALIVE_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub keepalive_timeout: Duration,
+    /// Time a client or agent has to finish its TLS handshake, and a client to send its
+    /// complete CONNECT head (slower clients get 408).
+    #[arg(long, env = "PROXY_SERVER_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub handshake_timeout: Duration,
+    /// Largest CONNECT request head (request line and headers) in bytes; larger gets 431.
+    #[arg(long, env = "PROXY_SERVER_MAX_HEAD_BYTES", default_value_t = 16 * 1024)]
+    pub max_head_bytes: usize,
+    /// Most tunneled connections open at once, in total; more get 503.
+    #[arg(long, env = "PROXY_SERVER_MAX_CONNECTIONS", default_value_t = 20_000)]
+    pub max_connections: usize,
+    /// Most tunneled connections open at once to one cluster; more get 503.
+    #[arg(
+        long,
+        env = "PROXY_SERVER_MAX_CONNECTIONS_PER_CLUSTER",
+        default_value_t = 5_000
+    )]
+    pub max_connections_per_cluster: usize,
+    /// Most CONNECTs waiting for an agent's dial at once; more get 503.
+    #[arg(long, env = "PROXY_SERVER_MAX_PENDING_DIALS", default_value_t = 2_048)]
+    pub max_pending_dials: usize,
     /// Optional suffix stripped from the CONNECT host to get the cluster name
     /// (e.g. `.clusters.local` lets `alpha.clusters.local:443` reach cluster `alpha`).
     #[arg(long, env = "PROXY_SERVER_CLUSTER_SUFFIX")]
@@ -73,10 +120,16 @@ pub struct Args {
 /// Why the flags do not make a usable configuration.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    /// TLS material could not be loaded.
+    /// TLS material of the agent listener could not be loaded.
     #[error("agent listener TLS: {0}")]
-    AgentTls(#[from] TlsError),
-    /// A flag value is out of range.
+    AgentTls(TlsError),
+    /// TLS material of the frontend could not be loaded.
+    #[error("frontend TLS: {0}")]
+    FrontendTls(TlsError),
+    /// The auth policy could not be loaded.
+    #[error("{0}")]
+    Policy(#[from] PolicyError),
+    /// A flag value is out of range or flags do not fit together.
     #[error("--{flag}: {reason}")]
     Invalid {
         /// The flag.
@@ -84,6 +137,32 @@ pub enum ConfigError {
         /// Why.
         reason: String,
     },
+}
+
+/// How the frontend authenticates clients.
+#[derive(Debug, Clone)]
+pub enum FrontendAuth {
+    /// Anyone may reach any cluster (loopback, or explicitly allowed).
+    Open,
+    /// A client certificate signed by --frontend-ca is required; it reaches any cluster.
+    CertificateRequired,
+    /// The policy file decides.
+    Policy(Reloadable<Policy>),
+}
+
+/// Limits against hostile or runaway clients.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// See [`Args::handshake_timeout`].
+    pub handshake_timeout: Duration,
+    /// See [`Args::max_head_bytes`].
+    pub max_head_bytes: usize,
+    /// See [`Args::max_connections`].
+    pub max_connections: usize,
+    /// See [`Args::max_connections_per_cluster`].
+    pub max_connections_per_cluster: usize,
+    /// See [`Args::max_pending_dials`].
+    pub max_pending_dials: usize,
 }
 
 /// The validated configuration `run` works from.
@@ -96,7 +175,11 @@ pub struct Config {
     /// Where to listen for admin requests.
     pub admin_addr: SocketAddr,
     /// TLS of the agent listener (mutual: agents must present a certificate).
-    pub agent_tls: Arc<rustls::ServerConfig>,
+    pub agent_tls: Reloadable<rustls::ServerConfig>,
+    /// TLS of the frontend, if any.
+    pub frontend_tls: Option<Reloadable<rustls::ServerConfig>>,
+    /// Frontend authentication.
+    pub frontend_auth: FrontendAuth,
     /// See [`Args::dial_timeout`].
     pub dial_timeout: Duration,
     /// See [`Args::agent_wait`].
@@ -105,45 +188,134 @@ pub struct Config {
     pub keepalive_interval: Duration,
     /// See [`Args::keepalive_timeout`].
     pub keepalive_timeout: Duration,
+    /// Limits.
+    pub limits: Limits,
     /// See [`Args::cluster_suffix`].
     pub cluster_suffix: Option<String>,
     /// This server's id.
     pub server_id: String,
 }
 
+fn invalid(flag: &'static str, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        flag,
+        reason: reason.into(),
+    }
+}
+
 fn positive(flag: &'static str, d: Duration) -> Result<Duration, ConfigError> {
     if d.is_zero() {
-        return Err(ConfigError::Invalid {
-            flag,
-            reason: "must be greater than zero".into(),
-        });
+        return Err(invalid(flag, "must be greater than zero"));
     }
     Ok(d)
 }
 
+fn at_least_one(flag: &'static str, n: usize) -> Result<usize, ConfigError> {
+    if n == 0 {
+        return Err(invalid(flag, "must be at least 1"));
+    }
+    Ok(n)
+}
+
 impl Config {
-    /// Checks the flags and loads the TLS material.
+    /// Checks the flags and loads the TLS material and policy.
     pub fn from_args(args: &Args) -> Result<Self, ConfigError> {
-        let agent_tls = tls::mtls_server_config(
-            &CertKeyPaths {
-                cert: args.agent_tls_cert.clone(),
-                key: args.agent_tls_key.clone(),
-            },
-            &args.agent_ca,
-        )?;
+        let agent_identity = CertKeyPaths {
+            cert: args.agent_tls_cert.clone(),
+            key: args.agent_tls_key.clone(),
+        };
+        let agent_ca = args.agent_ca.clone();
+        let agent_tls = Reloadable::load(
+            "agent listener TLS",
+            vec![
+                agent_identity.cert.clone(),
+                agent_identity.key.clone(),
+                agent_ca.clone(),
+            ],
+            move || tls::mtls_server_config(&agent_identity, &agent_ca),
+        )
+        .map_err(ConfigError::AgentTls)?;
+
+        let policy = match &args.frontend_auth_file {
+            Some(path) => {
+                let file = path.clone();
+                Some(Reloadable::load(
+                    "frontend auth policy",
+                    vec![path.clone()],
+                    move || Policy::load(&file),
+                )?)
+            }
+            None => None,
+        };
+
+        let frontend_tls = match (&args.frontend_tls_cert, &args.frontend_tls_key) {
+            (Some(cert), Some(key)) => {
+                let identity = CertKeyPaths {
+                    cert: cert.clone(),
+                    key: key.clone(),
+                };
+                let mut files = vec![cert.clone(), key.clone()];
+                files.extend(args.frontend_ca.iter().cloned());
+                let ca = args.frontend_ca.clone();
+                // With a policy, clients may authenticate by token instead of certificate.
+                let cert_optional = policy.is_some();
+                Some(
+                    Reloadable::load("frontend TLS", files, move || {
+                        tls::frontend_server_config(&identity, ca.as_deref(), cert_optional)
+                    })
+                    .map_err(ConfigError::FrontendTls)?,
+                )
+            }
+            _ => None,
+        };
+
+        let frontend_auth = match (policy, &args.frontend_ca) {
+            (Some(policy), _) => FrontendAuth::Policy(policy),
+            (None, Some(_)) => FrontendAuth::CertificateRequired,
+            (None, None) => FrontendAuth::Open,
+        };
+        if matches!(frontend_auth, FrontendAuth::Open)
+            && !args.frontend_addr.ip().is_loopback()
+            && !args.frontend_allow_unauthenticated
+        {
+            return Err(invalid(
+                "frontend-addr",
+                format!(
+                    "{} is not a loopback address and no authentication is configured: anyone who can reach it could reach every cluster. \
+                     Set --frontend-auth-file or --frontend-ca, or pass --frontend-allow-unauthenticated if that is really intended",
+                    args.frontend_addr
+                ),
+            ));
+        }
+
         let cluster_suffix = match args.cluster_suffix.as_deref() {
             None | Some("") => None,
             Some(s) => Some(s.to_ascii_lowercase()),
         };
+        if args.max_head_bytes < 256 {
+            return Err(invalid("max-head-bytes", "must be at least 256"));
+        }
         Ok(Self {
             agent_addr: args.agent_addr,
             frontend_addr: args.frontend_addr,
             admin_addr: args.admin_addr,
-            agent_tls: Arc::new(agent_tls),
+            agent_tls,
+            frontend_tls,
+            frontend_auth,
             dial_timeout: positive("dial-timeout", args.dial_timeout)?,
             agent_wait: args.agent_wait,
             keepalive_interval: positive("keepalive-interval", args.keepalive_interval)?,
             keepalive_timeout: positive("keepalive-timeout", args.keepalive_timeout)?,
+            limits: Limits {
+                handshake_timeout: positive("handshake-timeout", args.handshake_timeout)?,
+                max_head_bytes: args.max_head_bytes,
+                max_connections: at_least_one("max-connections", args.max_connections)?,
+                max_connections_per_cluster: at_least_one(
+                    "max-connections-per-cluster",
+                    args.max_connections_per_cluster,
+                )?,
+                max_pending_dials: at_least_one("max-pending-dials", args.max_pending_dials)?,
+            },
             cluster_suffix,
             server_id: args
                 .server_id

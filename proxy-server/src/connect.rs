@@ -5,11 +5,10 @@
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt};
 
+use crate::auth::Credentials;
+
 /// Most header lines accepted in a CONNECT request.
 pub const MAX_HEADERS: usize = 64;
-
-/// Largest request head (request line and headers) accepted.
-pub const MAX_HEAD_BYTES: usize = 16 * 1024;
 
 /// A parsed CONNECT request.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -20,6 +19,8 @@ pub struct ConnectRequest {
     pub port: u16,
     /// Bytes the client sent after the head (to be forwarded first).
     pub leftover: Bytes,
+    /// What the `Proxy-Authorization` header presented.
+    pub credentials: Credentials,
 }
 
 /// Why a request head was refused; each maps to one HTTP status.
@@ -94,11 +95,21 @@ pub fn parse(buf: &[u8], max_head: usize) -> Result<Option<(ConnectRequest, usiz
     }
     let target = req.path.unwrap_or_default();
     let (host, port) = parse_authority(target)?;
+    let mut auth = req
+        .headers
+        .iter()
+        .filter(|h| h.name.eq_ignore_ascii_case("proxy-authorization"));
+    let credentials = match (auth.next(), auth.next()) {
+        (None, _) => Credentials::None,
+        (Some(h), None) => Credentials::parse(Some(h.value)),
+        (Some(_), Some(_)) => Credentials::Malformed,
+    };
     Ok(Some((
         ConnectRequest {
             host,
             port,
             leftover: Bytes::new(),
+            credentials,
         },
         head_len,
     )))
@@ -129,7 +140,7 @@ mod tests {
     use super::*;
 
     fn ok(raw: &str) -> (ConnectRequest, usize) {
-        parse(raw.as_bytes(), MAX_HEAD_BYTES).unwrap().unwrap()
+        parse(raw.as_bytes(), 16 * 1024).unwrap().unwrap()
     }
 
     #[test]

@@ -1,28 +1,39 @@
-//! The HTTP CONNECT frontend: one task per client connection, which reads the request head under
-//! a timeout, finds an agent of the requested cluster, asks it to dial, answers `200` only once
-//! the agent reached its upstream, then splices bytes until both sides are done.
+//! The HTTP CONNECT frontend: one task per client connection, which (optionally) runs TLS,
+//! reads the request head under a timeout, authenticates and authorizes the client for the
+//! cluster, finds an agent, asks it to dial, answers `200` only once the agent reached its
+//! upstream, then splices bytes until both sides are done.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use proxy_common::pump::{self, ByteCounts, PumpError, Role};
-use tokio::io::AsyncWriteExt;
+use proxy_common::reload::Reloadable;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-use crate::connect::{self, MAX_HEAD_BYTES, RequestError};
+use crate::auth::{AuthError, Credentials};
+use crate::config::{FrontendAuth, Limits};
+use crate::connect::{self, ConnectRequest, RequestError};
+use crate::metrics::{ClusterLabel, Metrics, Outcome};
 use crate::registry::{AgentGone, DialOutcome, Registry, TunnelStream};
-
-/// Time a client has to send its complete request head.
-pub const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What the frontend needs from the rest of the server.
 #[derive(Debug)]
 pub struct Frontend {
     /// Where agents are found.
     pub registry: Arc<Registry>,
+    /// Where outcomes are counted.
+    pub metrics: Arc<Metrics>,
+    /// TLS of the listener, if any.
+    pub tls: Option<Reloadable<rustls::ServerConfig>>,
+    /// How clients authenticate.
+    pub auth: FrontendAuth,
+    /// Size and time limits.
+    pub limits: Limits,
     /// See `--dial-timeout`.
     pub dial_timeout: Duration,
     /// See `--agent-wait`.
@@ -31,16 +42,16 @@ pub struct Frontend {
     pub cluster_suffix: Option<String>,
 }
 
-/// A CONNECT that did not become a tunnel: the status and one human-readable line for the client.
+/// A CONNECT that did not become a tunnel: the status and one human-readable line.
 #[derive(Debug)]
 struct Refusal {
     status: u16,
     reason: String,
-    outcome: &'static str,
+    outcome: Outcome,
 }
 
 impl Refusal {
-    fn new(status: u16, outcome: &'static str, reason: impl Into<String>) -> Self {
+    fn new(status: u16, outcome: Outcome, reason: impl Into<String>) -> Self {
         Self {
             status,
             reason: reason.into(),
@@ -51,20 +62,21 @@ impl Refusal {
 
 /// The one place request errors become HTTP statuses.
 fn refusal_for(err: &RequestError) -> Refusal {
-    match err {
-        RequestError::Malformed(_) | RequestError::Io(_) | RequestError::Closed => {
-            Refusal::new(400, "bad_request", err.to_string())
-        }
-        RequestError::MethodNotAllowed(_) => Refusal::new(405, "bad_request", err.to_string()),
-        RequestError::TooLarge(_) => Refusal::new(431, "bad_request", err.to_string()),
-    }
+    let status = match err {
+        RequestError::Malformed(_) | RequestError::Io(_) | RequestError::Closed => 400,
+        RequestError::MethodNotAllowed(_) => 405,
+        RequestError::TooLarge(_) => 431,
+    };
+    Refusal::new(status, Outcome::BadRequest, err.to_string())
 }
 
 fn status_text(status: u16) -> &'static str {
     match status {
         200 => "Connection established",
         400 => "Bad Request",
+        403 => "Forbidden",
         405 => "Method Not Allowed",
+        407 => "Proxy Authentication Required",
         408 => "Request Timeout",
         431 => "Request Header Fields Too Large",
         502 => "Bad Gateway",
@@ -76,13 +88,15 @@ fn status_text(status: u16) -> &'static str {
 
 fn error_response(refusal: &Refusal) -> Vec<u8> {
     let body = format!("{}\n", refusal.reason.replace(['\r', '\n'], " "));
-    let allow = if refusal.status == 405 {
-        "Allow: CONNECT\r\n"
-    } else {
-        ""
+    let extra = match refusal.status {
+        405 => "Allow: CONNECT\r\n",
+        407 => {
+            "Proxy-Authenticate: Basic realm=\"multicluster-proxy\"\r\nProxy-Authenticate: Bearer realm=\"multicluster-proxy\"\r\n"
+        }
+        _ => "",
     };
     format!(
-        "HTTP/1.1 {} {}\r\n{allow}Content-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        "HTTP/1.1 {} {}\r\n{extra}Content-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         refusal.status,
         status_text(refusal.status),
         body.len()
@@ -111,91 +125,235 @@ pub async fn serve(
         };
         let frontend = frontend.clone();
         let cancel = shutdown.child_token();
-        let span =
-            tracing::info_span!("connect", client.addr = %addr, cluster = tracing::field::Empty);
-        tracker.spawn(handle(frontend, stream, cancel).instrument(span));
-    }
-}
-
-async fn handle(frontend: Arc<Frontend>, mut client: TcpStream, cancel: CancellationToken) {
-    let started = Instant::now();
-    let _ = client.set_nodelay(true);
-    let head = tokio::select! {
-        () = cancel.cancelled() => return,
-        res = tokio::time::timeout(HEAD_TIMEOUT, connect::read_request(&mut client, MAX_HEAD_BYTES)) => res,
-    };
-    let req = match head {
-        Ok(Ok(req)) => req,
-        Ok(Err(RequestError::Closed)) => return,
-        Ok(Err(err)) => return refuse(client, &refusal_for(&err)).await,
-        Err(_) => {
-            let r = Refusal::new(
-                408,
-                "bad_request",
-                format!("request head not received within {HEAD_TIMEOUT:?}"),
-            );
-            return refuse(client, &r).await;
-        }
-    };
-    let cluster = frontend.cluster_of(&req.host);
-    tracing::Span::current().record("cluster", cluster.as_str());
-    if !proxy_common::is_valid_cluster_name(&cluster) {
-        let r = Refusal::new(
-            400,
-            "bad_request",
-            format!("{:?} is not a cluster name", req.host),
+        let span = tracing::info_span!(
+            "connect",
+            client.addr = %addr,
+            cluster = tracing::field::Empty,
+            identity = tracing::field::Empty,
         );
-        return refuse(client, &r).await;
+        tracker.spawn(
+            async move {
+                tokio::select! {
+                    () = handle(&frontend, stream) => {}
+                    () = cancel.cancelled() => {}
+                }
+            }
+            .instrument(span),
+        );
     }
-
-    let tunnel = tokio::select! {
-        () = cancel.cancelled() => return,
-        res = frontend.dial(&cluster) => res,
-    };
-    let (agent_id, agent_closed, stream) = match tunnel {
-        Ok(t) => t,
-        Err(refusal) => {
-            tracing::info!(outcome = refusal.outcome, status = refusal.status, reason = %refusal.reason, "connect refused");
-            return refuse(client, &refusal).await;
-        }
-    };
-    let ttfb = started.elapsed();
-    if let Err(err) = client
-        .write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
-        .await
-    {
-        tracing::info!(%err, "client left before the tunnel was established");
-        return;
-    }
-    // The connection ends when the agent leaves or the server shuts down, whichever first.
-    let conn_cancel = agent_closed.child_token();
-    let counts = ByteCounts::default();
-    let result = tokio::select! {
-        res = pump::splice(client, req.leftover, stream.outbound, stream.inbound, Role::Server, &counts, &conn_cancel) => res,
-        () = cancel.cancelled() => Err(PumpError::Cancelled),
-    };
-    let (to_cluster, from_cluster) = counts.get();
-    let outcome = match &result {
-        Ok(()) => "ok".to_owned(),
-        Err(err) => err.to_string(),
-    };
-    tracing::info!(
-        agent.id = %agent_id,
-        bytes_to_cluster = to_cluster,
-        bytes_from_cluster = from_cluster,
-        connect_ms = ttfb.as_millis() as u64,
-        duration_ms = started.elapsed().as_millis() as u64,
-        %outcome,
-        "tunneled connection closed"
-    );
 }
 
-async fn refuse(mut client: TcpStream, refusal: &Refusal) {
+/// TLS (when configured) in the connection's own task, under the handshake timeout.
+async fn handle(frontend: &Frontend, tcp: TcpStream) {
+    let _ = tcp.set_nodelay(true);
+    let Some(tls) = &frontend.tls else {
+        return frontend.serve_client(tcp, None).await;
+    };
+    let acceptor = TlsAcceptor::from(tls.current());
+    match tokio::time::timeout(frontend.limits.handshake_timeout, acceptor.accept(tcp)).await {
+        Ok(Ok(stream)) => {
+            let cn = stream
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|c| c.first())
+                .and_then(proxy_common::tls::common_name);
+            frontend.serve_client(stream, cn).await;
+        }
+        Ok(Err(err)) => tracing::info!(%err, "frontend TLS handshake failed"),
+        Err(_) => tracing::info!("frontend TLS handshake timed out"),
+    }
+}
+
+async fn refuse<S: AsyncWrite + Unpin>(mut client: S, refusal: &Refusal) {
     let _ = client.write_all(&error_response(refusal)).await;
     let _ = client.shutdown().await;
 }
 
 impl Frontend {
+    async fn serve_client<S>(&self, mut client: S, cert_cn: Option<String>)
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send,
+    {
+        let started = Instant::now();
+        let limit = self.limits.handshake_timeout;
+        let head = tokio::time::timeout(
+            limit,
+            connect::read_request(&mut client, self.limits.max_head_bytes),
+        )
+        .await;
+        let req = match head {
+            Ok(Ok(req)) => req,
+            Ok(Err(RequestError::Closed)) => return,
+            Ok(Err(err)) => return self.refuse(client, "", refusal_for(&err)).await,
+            Err(_) => {
+                let r = Refusal::new(
+                    408,
+                    Outcome::BadRequest,
+                    format!("request head not received within {limit:?}"),
+                );
+                return self.refuse(client, "", r).await;
+            }
+        };
+        let cluster = self.cluster_of(&req.host);
+        tracing::Span::current().record("cluster", cluster.as_str());
+        if !proxy_common::is_valid_cluster_name(&cluster) {
+            let r = Refusal::new(
+                400,
+                Outcome::BadRequest,
+                format!("{:?} is not a cluster name", req.host),
+            );
+            return self.refuse(client, "", r).await;
+        }
+        // Metric labels only ever carry names of registered clusters.
+        let label = if self.registry.is_registered(&cluster) {
+            cluster.clone()
+        } else {
+            String::new()
+        };
+
+        let identity = match self.authorize(&req, cert_cn.as_deref(), &cluster) {
+            Ok(identity) => identity,
+            Err(refusal) => return self.refuse(client, &label, refusal).await,
+        };
+        tracing::Span::current().record("identity", identity.as_str());
+
+        let slot = match self.registry.open_connection(&cluster) {
+            Ok(slot) => slot,
+            Err(limit) => {
+                let r = Refusal::new(503, Outcome::Limited, limit.to_string());
+                return self.refuse(client, &label, r).await;
+            }
+        };
+        let (agent_id, agent_closed, stream) = match self.dial(&cluster).await {
+            Ok(t) => t,
+            Err(refusal) => {
+                drop(slot);
+                let label = if self.registry.is_registered(&cluster) {
+                    cluster.clone()
+                } else {
+                    String::new()
+                };
+                return self.refuse(client, &label, refusal).await;
+            }
+        };
+        let connect_time = started.elapsed();
+        if let Err(err) = client
+            .write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
+            .await
+        {
+            tracing::info!(%err, "client left before the tunnel was established");
+            return;
+        }
+        self.metrics.count(&cluster, Outcome::Ok);
+        self.metrics
+            .dial_duration
+            .get_or_create(&ClusterLabel {
+                cluster: cluster.clone(),
+            })
+            .observe(connect_time.as_secs_f64());
+        // The connection ends when the agent leaves or the server shuts down, whichever first.
+        let conn_cancel = agent_closed.child_token();
+        let (to_cluster, from_cluster) = self.metrics.byte_counters(&cluster);
+        let counts = ByteCounts::with_metrics(to_cluster, from_cluster);
+        let result = pump::splice(
+            client,
+            req.leftover,
+            stream.outbound,
+            stream.inbound,
+            Role::Server,
+            &counts,
+            &conn_cancel,
+        )
+        .await;
+        drop(slot);
+        let (to_cluster, from_cluster) = counts.get();
+        let outcome = match &result {
+            Ok(()) => "ok".to_owned(),
+            Err(PumpError::Cancelled) => "closed: agent left or server shutting down".to_owned(),
+            Err(err) => err.to_string(),
+        };
+        tracing::info!(
+            agent.id = %agent_id,
+            bytes_to_cluster = to_cluster,
+            bytes_from_cluster = from_cluster,
+            connect_ms = connect_time.as_millis() as u64,
+            duration_ms = started.elapsed().as_millis() as u64,
+            %outcome,
+            "tunneled connection closed"
+        );
+    }
+
+    async fn refuse<S: AsyncWrite + Unpin>(&self, client: S, label: &str, refusal: Refusal) {
+        self.metrics.count(label, refusal.outcome);
+        tracing::info!(
+            outcome = refusal.outcome.label(),
+            status = refusal.status,
+            reason = %refusal.reason,
+            "connect refused"
+        );
+        refuse(client, &refusal).await;
+    }
+
+    /// Who the client is, and whether it may reach `cluster`. Logs each decision once.
+    fn authorize(
+        &self,
+        req: &ConnectRequest,
+        cert_cn: Option<&str>,
+        cluster: &str,
+    ) -> Result<String, Refusal> {
+        let policy = match &self.auth {
+            FrontendAuth::Open => {
+                return Ok(cert_cn.map_or_else(|| "anonymous".to_owned(), str::to_owned));
+            }
+            FrontendAuth::CertificateRequired => {
+                // The TLS handshake already required and verified the certificate.
+                return cert_cn.map(str::to_owned).ok_or_else(|| {
+                    Refusal::new(
+                        407,
+                        Outcome::Unauthenticated,
+                        "a client certificate is required",
+                    )
+                });
+            }
+            FrontendAuth::Policy(policy) => policy.current(),
+        };
+        let identity = match policy.authenticate(&req.credentials, cert_cn) {
+            Ok(identity) => identity.to_owned(),
+            Err(err) => {
+                let presented = match (&req.credentials, cert_cn) {
+                    (Credentials::None, None) => "nothing",
+                    (Credentials::None, Some(_)) => "an unknown client certificate",
+                    _ => "a token",
+                };
+                tracing::info!(
+                    identity = "",
+                    cluster,
+                    decision = "unauthenticated",
+                    presented,
+                    "access decision"
+                );
+                let reason = match err {
+                    AuthError::Missing => format!(
+                        "{err}: send Proxy-Authorization (Bearer token, or Basic with the token as password) or a client certificate"
+                    ),
+                    AuthError::Invalid => err.to_string(),
+                };
+                return Err(Refusal::new(407, Outcome::Unauthenticated, reason));
+            }
+        };
+        if !policy.allows(&identity, cluster) {
+            tracing::info!(identity, cluster, decision = "forbidden", "access decision");
+            return Err(Refusal::new(
+                403,
+                Outcome::Forbidden,
+                format!("{identity:?} is not allowed to reach cluster {cluster:?}"),
+            ));
+        }
+        tracing::info!(identity, cluster, decision = "allowed", "access decision");
+        Ok(identity)
+    }
+
     /// The cluster a CONNECT host names: the host, minus the configured suffix.
     fn cluster_of(&self, host: &str) -> String {
         match &self.cluster_suffix {
@@ -215,38 +373,38 @@ impl Frontend {
         let Some(agent) = self.registry.wait_for_agent(cluster, self.agent_wait).await else {
             return Err(Refusal::new(
                 503,
-                "no_agent",
+                Outcome::NoAgent,
                 format!("no agent connected for cluster {cluster:?}"),
             ));
         };
-        let mut pending = self.registry.begin_dial(&agent);
+        let mut pending = self
+            .registry
+            .begin_dial(&agent)
+            .map_err(|limit| Refusal::new(503, Outcome::Limited, limit.to_string()))?;
         let dial = async {
             agent.request_dial(pending.id()).await?;
             pending.outcome().await
         };
+        let agent_id = &agent.info.agent_id;
         match tokio::time::timeout(self.dial_timeout, dial).await {
             Ok(Ok(DialOutcome::Connected(stream))) => {
-                Ok((agent.info.agent_id.clone(), agent.closed().clone(), stream))
+                Ok((agent_id.clone(), agent.closed().clone(), stream))
             }
             Ok(Ok(DialOutcome::Failed(reason))) => Err(Refusal::new(
                 502,
-                "dial_failed",
+                Outcome::DialFailed,
                 format!(
-                    "agent {} of cluster {cluster:?} could not reach its upstream: {reason}",
-                    agent.info.agent_id
+                    "agent {agent_id} of cluster {cluster:?} could not reach its upstream: {reason}"
                 ),
             )),
             Ok(Err(AgentGone)) => Err(Refusal::new(
                 502,
-                "dial_failed",
-                format!(
-                    "agent {} of cluster {cluster:?} disconnected during the dial",
-                    agent.info.agent_id
-                ),
+                Outcome::DialFailed,
+                format!("agent {agent_id} of cluster {cluster:?} disconnected during the dial"),
             )),
             Err(_) => Err(Refusal::new(
                 504,
-                "dial_timeout",
+                Outcome::DialTimeout,
                 format!(
                     "agent of cluster {cluster:?} did not reach its upstream within {:?}",
                     self.dial_timeout

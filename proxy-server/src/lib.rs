@@ -6,10 +6,12 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod auth;
 pub mod config;
 pub mod connect;
 pub mod frontend;
 pub mod listener;
+pub mod metrics;
 pub mod registry;
 pub mod tunnel;
 
@@ -65,6 +67,9 @@ pub enum ServerError {
         /// Why.
         source: std::io::Error,
     },
+    /// Installing the SIGHUP handler failed.
+    #[error("cannot install the SIGHUP handler: {0}")]
+    Signal(std::io::Error),
     /// The gRPC server failed.
     #[error("agent listener failed: {0}")]
     Transport(#[from] tonic::transport::Error),
@@ -103,18 +108,39 @@ pub async fn run(
     listeners: Listeners,
     shutdown: CancellationToken,
 ) -> Result<(), ServerError> {
-    let registry = Arc::new(registry::Registry::new());
+    let mut prometheus = prometheus_client::registry::Registry::default();
+    let metrics = Arc::new(metrics::Metrics::new(&mut prometheus));
+    let registry = Arc::new(registry::Registry::new(config.limits, metrics.clone()));
     let tracker = TaskTracker::new();
 
-    let ready: proxy_common::admin::ReadyCheck = Arc::new(|| Ok(()));
+    // Certificates, keys, CAs and the policy are re-read when their files change or on SIGHUP.
+    let reload = proxy_common::reload::sighup_trigger().map_err(ServerError::Signal)?;
+    config
+        .agent_tls
+        .spawn_watcher(reload.clone(), shutdown.clone());
+    if let Some(tls) = &config.frontend_tls {
+        tls.spawn_watcher(reload.clone(), shutdown.clone());
+    }
+    if let config::FrontendAuth::Policy(policy) = &config.frontend_auth {
+        policy.spawn_watcher(reload.clone(), shutdown.clone());
+    }
+
+    let admin = proxy_common::admin::Admin {
+        ready: Arc::new(|| Ok(())),
+        metrics: Arc::new(prometheus),
+    };
     tracker.spawn(proxy_common::admin::serve(
         listeners.admin,
-        ready,
+        admin,
         shutdown.clone(),
     ));
 
     let frontend = Arc::new(frontend::Frontend {
         registry: registry.clone(),
+        metrics: metrics.clone(),
+        tls: config.frontend_tls.clone(),
+        auth: config.frontend_auth.clone(),
+        limits: config.limits,
         dial_timeout: config.dial_timeout,
         agent_wait: config.agent_wait,
         cluster_suffix: config.cluster_suffix.clone(),
@@ -128,7 +154,12 @@ pub async fn run(
 
     tracing::info!(server.id = %config.server_id, "proxy-server started");
     let service = tunnel::TunnelService::new(registry, config.server_id.clone(), shutdown.clone());
-    let incoming = listener::incoming(listeners.agent, config.agent_tls.clone(), shutdown.clone());
+    let incoming = listener::incoming(
+        listeners.agent,
+        config.agent_tls.clone(),
+        config.limits.handshake_timeout,
+        shutdown.clone(),
+    );
     let grpc = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(config.keepalive_interval))
         .http2_keepalive_timeout(Some(config.keepalive_timeout))

@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use proxy_common::reload::Reloadable;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
@@ -18,9 +19,6 @@ use tokio_rustls::server::TlsStream;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::server::Connected;
-
-/// Time an agent has to complete its TLS handshake.
-pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Finished handshakes waiting for the gRPC server to pick them up.
 const ACCEPTED_QUEUE: usize = 64;
@@ -86,13 +84,15 @@ impl AsyncWrite for AgentIo {
 }
 
 /// Accepts agents on `listener` until `shutdown`; yields their verified TLS connections.
+/// The TLS configuration is read anew for every connection, so a reloaded certificate applies to
+/// the next agent that connects.
 pub fn incoming(
     listener: TcpListener,
-    tls: Arc<rustls::ServerConfig>,
+    tls: Reloadable<rustls::ServerConfig>,
+    handshake_timeout: Duration,
     shutdown: CancellationToken,
 ) -> ReceiverStream<io::Result<AgentIo>> {
     let (tx, rx) = mpsc::channel(ACCEPTED_QUEUE);
-    let acceptor = TlsAcceptor::from(tls);
     let next_id = Arc::new(AtomicU64::new(1));
     tokio::spawn(async move {
         loop {
@@ -108,13 +108,13 @@ pub fn incoming(
                     }
                 },
             };
-            let acceptor = acceptor.clone();
+            let acceptor = TlsAcceptor::from(tls.current());
             let tx = tx.clone();
             let id = next_id.fetch_add(1, Ordering::Relaxed);
             let shutdown = shutdown.clone();
             tokio::spawn(async move {
                 let handshake =
-                    tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(acceptor, tcp, addr, id));
+                    tokio::time::timeout(handshake_timeout, handshake(acceptor, tcp, addr, id));
                 let io = tokio::select! {
                     () = shutdown.cancelled() => return,
                     res = handshake => match res {

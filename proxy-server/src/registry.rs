@@ -17,6 +17,9 @@ use tokio::sync::{Notify, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tonic::{Status, Streaming};
 
+use crate::config::Limits;
+use crate::metrics::{ClusterLabel, Metrics};
+
 /// How long after its last agent left a cluster counts as "reconnecting": CONNECTs for it wait
 /// (up to the configured agent wait) instead of failing at once. Longer than the agents' largest
 /// reconnect backoff.
@@ -76,7 +79,10 @@ impl AgentHandle {
     /// Asks the agent to dial its upstream. Waits while the agent's control queue is full.
     pub async fn request_dial(&self, dial_id: u64) -> Result<(), AgentGone> {
         let msg = ServerMessage {
-            msg: Some(server_message::Msg::Dial(DialRequest { dial_id })),
+            msg: Some(server_message::Msg::Dial(DialRequest {
+                dial_id,
+                destination: String::new(),
+            })),
         };
         self.control.send(Ok(msg)).await.map_err(|_| AgentGone)
     }
@@ -119,26 +125,107 @@ pub enum DialLookupError {
     Abandoned(u64),
 }
 
-/// Clusters, their agents, and pending dials.
-#[derive(Debug, Default)]
+/// Clusters, their agents, pending dials and open connections.
+#[derive(Debug)]
 pub struct Registry {
     clusters: DashMap<String, Vec<Arc<AgentHandle>>>,
     departed: DashMap<String, Instant>,
     pending: DashMap<u64, PendingDial>,
+    open: DashMap<String, usize>,
+    open_total: AtomicUsize,
     next_dial: AtomicU64,
     round_robin: AtomicUsize,
     changed: Notify,
+    limits: Limits,
+    metrics: Arc<Metrics>,
+}
+
+/// A limit that refused a CONNECT (the client gets `503` with this reason).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LimitError {
+    /// Too many tunneled connections in total.
+    #[error("the proxy is at its limit of {0} open connections")]
+    Total(usize),
+    /// Too many tunneled connections to this cluster.
+    #[error("cluster {cluster:?} is at its limit of {limit} open connections")]
+    Cluster {
+        /// The cluster.
+        cluster: String,
+        /// The limit.
+        limit: usize,
+    },
+    /// Too many CONNECTs waiting for agents.
+    #[error("the proxy is at its limit of {0} dials in progress")]
+    PendingDials(usize),
 }
 
 impl Registry {
-    /// An empty registry.
-    pub fn new() -> Self {
-        Self::default()
+    /// An empty registry enforcing `limits` and reporting to `metrics`.
+    pub fn new(limits: Limits, metrics: Arc<Metrics>) -> Self {
+        Self {
+            clusters: DashMap::new(),
+            departed: DashMap::new(),
+            pending: DashMap::new(),
+            open: DashMap::new(),
+            open_total: AtomicUsize::new(0),
+            next_dial: AtomicU64::new(0),
+            round_robin: AtomicUsize::new(0),
+            changed: Notify::new(),
+            limits,
+            metrics,
+        }
+    }
+
+    /// Whether `cluster` has an agent now (used to keep metric labels to known clusters).
+    pub fn is_registered(&self, cluster: &str) -> bool {
+        self.clusters.contains_key(cluster)
+    }
+
+    /// Takes one connection slot for `cluster`; the guard gives it back.
+    pub fn open_connection(self: &Arc<Self>, cluster: &str) -> Result<ConnectionSlot, LimitError> {
+        let total = self.open_total.fetch_add(1, Ordering::AcqRel) + 1;
+        if total > self.limits.max_connections {
+            self.open_total.fetch_sub(1, Ordering::AcqRel);
+            return Err(LimitError::Total(self.limits.max_connections));
+        }
+        {
+            let mut count = self.open.entry(cluster.to_owned()).or_insert(0);
+            if *count >= self.limits.max_connections_per_cluster {
+                drop(count);
+                self.open_total.fetch_sub(1, Ordering::AcqRel);
+                return Err(LimitError::Cluster {
+                    cluster: cluster.to_owned(),
+                    limit: self.limits.max_connections_per_cluster,
+                });
+            }
+            *count += 1;
+        }
+        self.metrics
+            .connections_active
+            .get_or_create(&ClusterLabel {
+                cluster: cluster.to_owned(),
+            })
+            .inc();
+        Ok(ConnectionSlot {
+            registry: self.clone(),
+            cluster: cluster.to_owned(),
+        })
+    }
+
+    /// Open tunneled connections in total.
+    pub fn open_connections(&self) -> usize {
+        self.open_total.load(Ordering::Acquire)
     }
 
     /// Adds an agent. It stays registered until the returned guard is dropped.
     pub fn register(self: &Arc<Self>, agent: AgentHandle) -> Registration {
         let agent = Arc::new(agent);
+        self.metrics
+            .agents
+            .get_or_create(&ClusterLabel {
+                cluster: agent.info.cluster.clone(),
+            })
+            .inc();
         self.clusters
             .entry(agent.info.cluster.clone())
             .or_default()
@@ -191,7 +278,12 @@ impl Registry {
 
     /// Records a dial to be answered by `agent`'s connection. Dropping the returned guard
     /// forgets it, so an abandoned CONNECT leaves nothing behind.
-    pub fn begin_dial(self: &Arc<Self>, agent: &AgentHandle) -> DialGuard {
+    pub fn begin_dial(self: &Arc<Self>, agent: &AgentHandle) -> Result<DialGuard, LimitError> {
+        // Checked before inserting, so the bound can be overshot only by the number of
+        // CONNECTs racing through this line at once.
+        if self.pending.len() >= self.limits.max_pending_dials {
+            return Err(LimitError::PendingDials(self.limits.max_pending_dials));
+        }
         let id = self.next_dial.fetch_add(1, Ordering::Relaxed) + 1;
         let (reply, rx) = oneshot::channel();
         self.pending.insert(
@@ -201,11 +293,11 @@ impl Registry {
                 reply,
             },
         );
-        DialGuard {
+        Ok(DialGuard {
             registry: self.clone(),
             id,
             rx: Some(rx),
-        }
+        })
     }
 
     /// Delivers an agent's answer to dial `dial_id`. Only the connection the dial was sent on
@@ -243,6 +335,12 @@ impl Registry {
 
     fn remove(&self, agent: &Arc<AgentHandle>) {
         let cluster = &agent.info.cluster;
+        self.metrics
+            .agents
+            .get_or_create(&ClusterLabel {
+                cluster: cluster.clone(),
+            })
+            .dec();
         let emptied = match self.clusters.get_mut(cluster) {
             Some(mut agents) => {
                 agents.retain(|a| !Arc::ptr_eq(a, agent));
@@ -285,6 +383,30 @@ impl Drop for Registration {
     fn drop(&mut self) {
         self.registry.remove(&self.agent);
         self.agent.closed.cancel();
+    }
+}
+
+/// One open tunneled connection's place under the limits; dropping it frees the slot.
+#[derive(Debug)]
+pub struct ConnectionSlot {
+    registry: Arc<Registry>,
+    cluster: String,
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        let r = &self.registry;
+        r.open_total.fetch_sub(1, Ordering::AcqRel);
+        if let Some(mut count) = r.open.get_mut(&self.cluster) {
+            *count -= 1;
+        }
+        r.open.remove_if(&self.cluster, |_, n| *n == 0);
+        r.metrics
+            .connections_active
+            .get_or_create(&ClusterLabel {
+                cluster: self.cluster.clone(),
+            })
+            .dec();
     }
 }
 

@@ -1,0 +1,142 @@
+//! Values built from files (certificates, keys, CAs, the auth policy) that are rebuilt when a
+//! file changes or on SIGHUP, without a restart. New connections use the new value; existing ones
+//! keep what they started with. A file that fails to load keeps the previous value, and the
+//! reason is logged.
+
+use std::fmt::Display;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use arc_swap::ArcSwap;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+/// How often watched files are checked. Polling metadata is cheap and, unlike inotify, sees the
+/// atomic symlink swap Kubernetes uses to update mounted Secrets.
+pub const RELOAD_INTERVAL: Duration = Duration::from_millis(500);
+
+type Builder<T> = Arc<dyn Fn() -> Result<T, String> + Send + Sync>;
+
+/// A value built from files, swapped atomically when they change.
+pub struct Reloadable<T> {
+    what: &'static str,
+    files: Vec<PathBuf>,
+    build: Builder<T>,
+    value: Arc<ArcSwap<T>>,
+}
+
+impl<T> Clone for Reloadable<T> {
+    fn clone(&self) -> Self {
+        Self {
+            what: self.what,
+            files: self.files.clone(),
+            build: self.build.clone(),
+            value: self.value.clone(),
+        }
+    }
+}
+
+impl<T> std::fmt::Debug for Reloadable<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Reloadable")
+            .field("what", &self.what)
+            .field("files", &self.files)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(PartialEq, Eq, Clone, Debug)]
+struct Fingerprint(Vec<Option<(SystemTime, u64, u64)>>);
+
+fn fingerprint(files: &[PathBuf]) -> Fingerprint {
+    use std::os::unix::fs::MetadataExt;
+    Fingerprint(
+        files
+            .iter()
+            .map(|f| {
+                std::fs::metadata(f).ok().map(|m| {
+                    (
+                        m.modified().unwrap_or(SystemTime::UNIX_EPOCH),
+                        m.len(),
+                        m.ino(),
+                    )
+                })
+            })
+            .collect(),
+    )
+}
+
+impl<T: Send + Sync + 'static> Reloadable<T> {
+    /// Builds the first value; an error here is a configuration error.
+    pub fn load<E, F>(what: &'static str, files: Vec<PathBuf>, build: F) -> Result<Self, E>
+    where
+        E: Display,
+        F: Fn() -> Result<T, E> + Send + Sync + 'static,
+    {
+        let first = build()?;
+        Ok(Self {
+            what,
+            files,
+            build: Arc::new(move || build().map_err(|e| e.to_string())),
+            value: Arc::new(ArcSwap::from_pointee(first)),
+        })
+    }
+
+    /// The current value.
+    pub fn current(&self) -> Arc<T> {
+        self.value.load_full()
+    }
+
+    /// Rebuilds now; keeps the old value on failure. Returns whether it changed.
+    pub fn reload(&self) -> bool {
+        match (self.build)() {
+            Ok(value) => {
+                self.value.store(Arc::new(value));
+                tracing::info!(what = self.what, files = ?self.files, "reloaded");
+                true
+            }
+            Err(err) => {
+                tracing::warn!(what = self.what, %err, "reload failed; keeping the previous version");
+                false
+            }
+        }
+    }
+
+    /// Watches the files until `shutdown`, rebuilding when one changes or `trigger` fires.
+    pub fn spawn_watcher(&self, trigger: Arc<Notify>, shutdown: CancellationToken) {
+        let this = self.clone();
+        tokio::spawn(async move {
+            let mut last = fingerprint(&this.files);
+            loop {
+                let forced = tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    () = trigger.notified() => true,
+                    () = tokio::time::sleep(RELOAD_INTERVAL) => false,
+                };
+                let now = fingerprint(&this.files);
+                if forced || now != last {
+                    // A failed attempt is not retried until the files change again, so a bad
+                    // file is logged once, not every interval.
+                    this.reload();
+                    last = now;
+                }
+            }
+        });
+    }
+}
+
+/// A trigger fired on every SIGHUP, for [`Reloadable::spawn_watcher`].
+pub fn sighup_trigger() -> std::io::Result<Arc<Notify>> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut hup = signal(SignalKind::hangup())?;
+    let trigger = Arc::new(Notify::new());
+    let notify = trigger.clone();
+    tokio::spawn(async move {
+        while hup.recv().await.is_some() {
+            tracing::info!("SIGHUP: reloading certificates and policy");
+            notify.notify_waiters();
+        }
+    });
+    Ok(trigger)
+}

@@ -1,0 +1,97 @@
+//! The agent's Prometheus metrics.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+/// `{reason}` of a failed upstream dial: a small fixed set.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    /// `refused`, `timeout`, `not_allowed`, `unreachable` or `other`.
+    pub reason: String,
+}
+
+/// `{direction}`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DirectionLabel {
+    /// `to_upstream` or `from_upstream`.
+    pub direction: String,
+}
+
+/// Every metric the agent exports.
+#[derive(Debug)]
+pub struct Metrics {
+    /// Servers the agent is registered with.
+    pub servers_connected: Gauge,
+    /// Open tunneled connections.
+    pub connections_active: Gauge,
+    /// Time to connect to the upstream.
+    pub upstream_dial_duration: Histogram,
+    /// Failed upstream dials by reason.
+    pub upstream_dial_failures: Family<ReasonLabel, Counter>,
+    /// Bytes carried, counted as they flow.
+    pub bytes: Family<DirectionLabel, Counter>,
+}
+
+impl Metrics {
+    /// Creates every metric and registers it in `registry`.
+    pub fn new(registry: &mut Registry) -> Self {
+        let m = Self {
+            servers_connected: Gauge::default(),
+            connections_active: Gauge::default(),
+            upstream_dial_duration: Histogram::new(exponential_buckets(0.0001, 2.0, 18)),
+            upstream_dial_failures: Family::default(),
+            bytes: Family::default(),
+        };
+        registry.register(
+            "proxy_agent_servers_connected",
+            "Servers this agent is registered with",
+            m.servers_connected.clone(),
+        );
+        registry.register(
+            "proxy_agent_connections_active",
+            "Open tunneled connections",
+            m.connections_active.clone(),
+        );
+        registry.register(
+            "proxy_agent_upstream_dial_duration_seconds",
+            "Time to connect to the upstream",
+            m.upstream_dial_duration.clone(),
+        );
+        registry.register(
+            "proxy_agent_upstream_dial_failures",
+            "Upstream dials that failed, by reason",
+            m.upstream_dial_failures.clone(),
+        );
+        registry.register(
+            "proxy_agent_bytes",
+            "Bytes carried through tunnels",
+            m.bytes.clone(),
+        );
+        m
+    }
+
+    /// Counts a failed dial under a bounded reason.
+    pub fn dial_failed(&self, reason: &str) {
+        self.upstream_dial_failures
+            .get_or_create(&ReasonLabel {
+                reason: reason.to_owned(),
+            })
+            .inc();
+    }
+
+    /// The byte counters: (to_upstream, from_upstream).
+    pub fn byte_counters(&self) -> (Counter, Counter) {
+        let get = |d: &str| {
+            self.bytes
+                .get_or_create(&DirectionLabel {
+                    direction: d.to_owned(),
+                })
+                .clone()
+        };
+        (get("to_upstream"), get("from_upstream"))
+    }
+}

@@ -1,0 +1,156 @@
+//! The server's Prometheus metrics. Cluster label values come only from registered agents (a
+//! CONNECT for an unknown name is counted under `cluster=""`), so clients cannot grow the series.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+/// `{cluster}`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ClusterLabel {
+    /// Cluster name, or empty when the request named no registered cluster.
+    pub cluster: String,
+}
+
+/// `{cluster, result}`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    /// Cluster name, or empty.
+    pub cluster: String,
+    /// One of [`Outcome`]'s labels.
+    pub result: String,
+}
+
+/// `{cluster, direction}`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BytesLabels {
+    /// Cluster name.
+    pub cluster: String,
+    /// `to_cluster` or `from_cluster`.
+    pub direction: String,
+}
+
+/// How a CONNECT ended up; the `result` label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Tunnel established.
+    Ok,
+    /// No agent for the cluster.
+    NoAgent,
+    /// The agent could not reach its upstream (or left mid-dial).
+    DialFailed,
+    /// The agent did not answer in time.
+    DialTimeout,
+    /// Missing or bad credentials.
+    Unauthenticated,
+    /// Identity not granted the cluster.
+    Forbidden,
+    /// A connection or dial limit was reached.
+    Limited,
+    /// Malformed, oversized, slow or non-CONNECT request.
+    BadRequest,
+}
+
+impl Outcome {
+    /// The label value.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Ok => "ok",
+            Self::NoAgent => "no_agent",
+            Self::DialFailed => "dial_failed",
+            Self::DialTimeout => "dial_timeout",
+            Self::Unauthenticated => "unauthenticated",
+            Self::Forbidden => "forbidden",
+            Self::Limited => "limited",
+            Self::BadRequest => "bad_request",
+        }
+    }
+}
+
+/// Every metric the server exports, and the registry that encodes them.
+#[derive(Debug)]
+pub struct Metrics {
+    /// Connected agents per cluster.
+    pub agents: Family<ClusterLabel, Gauge>,
+    /// Open tunneled connections per cluster.
+    pub connections_active: Family<ClusterLabel, Gauge>,
+    /// CONNECT requests by outcome.
+    pub connections_total: Family<ResultLabels, Counter>,
+    /// CONNECT received to `200` sent.
+    pub dial_duration: Family<ClusterLabel, Histogram, fn() -> Histogram>,
+    /// Bytes carried, counted as they flow.
+    pub bytes: Family<BytesLabels, Counter>,
+}
+
+fn dial_histogram() -> Histogram {
+    // 0.5 ms to ~16 s.
+    Histogram::new(exponential_buckets(0.0005, 2.0, 16))
+}
+
+impl Metrics {
+    /// Creates every metric and registers it in `registry`.
+    pub fn new(registry: &mut Registry) -> Self {
+        let agents = Family::<ClusterLabel, Gauge>::default();
+        registry.register("proxy_server_agents", "Connected agents", agents.clone());
+        let connections_active = Family::<ClusterLabel, Gauge>::default();
+        registry.register(
+            "proxy_server_connections_active",
+            "Open tunneled connections",
+            connections_active.clone(),
+        );
+        let connections_total = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "proxy_server_connections",
+            "CONNECT requests by result",
+            connections_total.clone(),
+        );
+        let dial_duration =
+            Family::<ClusterLabel, Histogram, fn() -> Histogram>::new_with_constructor(
+                dial_histogram,
+            );
+        registry.register(
+            "proxy_server_dial_duration_seconds",
+            "Time from CONNECT received to 200 sent",
+            dial_duration.clone(),
+        );
+        let bytes = Family::<BytesLabels, Counter>::default();
+        registry.register(
+            "proxy_server_bytes",
+            "Bytes carried through tunnels",
+            bytes.clone(),
+        );
+        Self {
+            agents,
+            connections_active,
+            connections_total,
+            dial_duration,
+            bytes,
+        }
+    }
+
+    /// Counts one CONNECT outcome.
+    pub fn count(&self, cluster: &str, outcome: Outcome) {
+        self.connections_total
+            .get_or_create(&ResultLabels {
+                cluster: cluster.to_owned(),
+                result: outcome.label().to_owned(),
+            })
+            .inc();
+    }
+
+    /// The byte counters of `cluster`: (to_cluster, from_cluster).
+    pub fn byte_counters(&self, cluster: &str) -> (Counter, Counter) {
+        let get = |direction: &str| {
+            self.bytes
+                .get_or_create(&BytesLabels {
+                    cluster: cluster.to_owned(),
+                    direction: direction.to_owned(),
+                })
+                .clone()
+        };
+        (get("to_cluster"), get("from_cluster"))
+    }
+}
