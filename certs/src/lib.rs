@@ -110,6 +110,10 @@ pub const APISERVER_NAMES: &[&str] = &[
     "127.0.0.1",
 ];
 
+/// Frontend client identities a development PKI includes (certificates signed by the proxy CA,
+/// CN = name), for trying `--frontend-ca` and the auth policy.
+pub const DEV_CLIENTS: &[&str] = &["kubefed", "ops", "stranger"];
+
 /// Paths of a PKI written by [`write_dev_pki`].
 #[derive(Debug, Clone)]
 pub struct DevPki {
@@ -137,6 +141,14 @@ impl DevPki {
     /// Key of the agent for `cluster`.
     pub fn agent_key(&self, cluster: &str) -> PathBuf {
         self.dir.join(format!("agent-{cluster}.key"))
+    }
+    /// Frontend client certificate of `name` (CN = name).
+    pub fn client_cert(&self, name: &str) -> PathBuf {
+        self.dir.join(format!("client-{name}.pem"))
+    }
+    /// Key of the frontend client `name`.
+    pub fn client_key(&self, name: &str) -> PathBuf {
+        self.dir.join(format!("client-{name}.key"))
     }
     /// CA of the member cluster's API server.
     pub fn apiserver_ca(&self, cluster: &str) -> PathBuf {
@@ -183,6 +195,13 @@ pub fn write_dev_pki(dir: &Path, clusters: &[&str]) -> anyhow::Result<DevPki> {
         "server",
         &proxy_ca.issue("proxy-server", SERVER_NAMES, Usage::Server)?,
     )?;
+    for name in DEV_CLIENTS {
+        write_pair(
+            dir,
+            &format!("client-{name}"),
+            &proxy_ca.issue(name, &[], Usage::Client)?,
+        )?;
+    }
     for cluster in clusters {
         write_pair(
             dir,

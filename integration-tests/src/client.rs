@@ -11,7 +11,7 @@ use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
 use proxy_certs::DevPki;
 use rustls::pki_types::ServerName;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
@@ -47,17 +47,17 @@ pub async fn connect(proxy: SocketAddr, target: &str) -> anyhow::Result<ConnectR
     s.set_nodelay(true)?;
     s.write_all(format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n").as_bytes())
         .await?;
-    let (status, rest) = read_response_head(&mut s).await?;
+    let (status, _) = read_response_head(&mut s).await?;
     if status == 200 {
         return Ok(ConnectReply::Tunnel(s));
     }
-    let mut body = rest;
+    let mut body = String::new();
     s.read_to_string(&mut body).await?;
     Ok(ConnectReply::Refused { status, body })
 }
 
-/// Reads an HTTP/1.1 response head; returns the status and any body bytes read with it.
-pub async fn read_response_head(s: &mut TcpStream) -> anyhow::Result<(u16, String)> {
+/// Reads an HTTP/1.1 response head; returns the status and the head's text.
+pub async fn read_response_head<S: AsyncRead + Unpin>(s: &mut S) -> anyhow::Result<(u16, String)> {
     let mut head = Vec::new();
     let mut byte = [0u8; 1];
     while !head.ends_with(b"\r\n\r\n") {
@@ -78,7 +78,96 @@ pub async fn read_response_head(s: &mut TcpStream) -> anyhow::Result<(u16, Strin
         .nth(1)
         .and_then(|s| s.parse().ok())
         .with_context(|| format!("bad status line in {text:?}"))?;
-    Ok((status, String::new()))
+    Ok((status, text.into_owned()))
+}
+
+/// How to reach a TLS frontend and what to present to it.
+#[derive(Debug, Clone, Default)]
+pub struct FrontendClient {
+    /// Verify the frontend with this CA (TLS); `None` for plain TCP.
+    pub tls_ca: Option<PathBuf>,
+    /// Present this client certificate and key.
+    pub cert: Option<(PathBuf, PathBuf)>,
+    /// A `Proxy-Authorization` header value.
+    pub authorization: Option<String>,
+}
+
+/// A frontend's answer to a CONNECT: status, response head, body (empty on 200).
+#[derive(Debug)]
+pub struct Answer {
+    /// HTTP status.
+    pub status: u16,
+    /// The response head.
+    pub head: String,
+    /// The body of a refusal.
+    pub body: String,
+}
+
+/// Trait object for plain or TLS client streams.
+pub trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+
+impl FrontendClient {
+    /// Opens a connection to the frontend (TLS if configured).
+    pub async fn open(&self, proxy: SocketAddr) -> anyhow::Result<Box<dyn Io>> {
+        let tcp = TcpStream::connect(proxy).await?;
+        tcp.set_nodelay(true)?;
+        let Some(ca) = &self.tls_ca else {
+            return Ok(Box::new(tcp));
+        };
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in proxy_common::tls::load_certs(ca)? {
+            roots.add(cert)?;
+        }
+        let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots);
+        let config = match &self.cert {
+            Some((cert, key)) => builder.with_client_auth_cert(
+                proxy_common::tls::load_certs(cert)?,
+                proxy_common::tls::load_key(key)?,
+            )?,
+            None => builder.with_no_client_auth(),
+        };
+        let tls = TlsConnector::from(Arc::new(config))
+            .connect(ServerName::try_from("localhost")?, tcp)
+            .await?;
+        Ok(Box::new(tls))
+    }
+
+    /// Sends `CONNECT target` and returns the answer and, on 200, the tunnel.
+    pub async fn connect(
+        &self,
+        proxy: SocketAddr,
+        target: &str,
+    ) -> anyhow::Result<(Answer, Option<Box<dyn Io>>)> {
+        let mut s = self.open(proxy).await?;
+        let auth = self
+            .authorization
+            .as_ref()
+            .map(|a| format!("Proxy-Authorization: {a}\r\n"))
+            .unwrap_or_default();
+        s.write_all(
+            format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n{auth}\r\n").as_bytes(),
+        )
+        .await?;
+        let (status, head) = read_response_head(&mut s).await?;
+        if status == 200 {
+            return Ok((
+                Answer {
+                    status,
+                    head,
+                    body: String::new(),
+                },
+                Some(s),
+            ));
+        }
+        let mut body = String::new();
+        s.read_to_string(&mut body).await?;
+        Ok((Answer { status, head, body }, None))
+    }
 }
 
 /// TLS to `cluster`'s API server through an established tunnel, verifying its certificate for

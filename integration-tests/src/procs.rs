@@ -140,20 +140,21 @@ impl ServerProc {
         extra: &[&str],
     ) -> anyhow::Result<Self> {
         let agent = agent_addr.map_or("127.0.0.1:0".to_owned(), |a| a.to_string());
-        let mut args: Vec<String> = vec![
-            "--agent-addr".into(),
-            agent,
-            "--frontend-addr".into(),
-            "127.0.0.1:0".into(),
-            "--admin-addr".into(),
-            "127.0.0.1:0".into(),
-            "--agent-tls-cert".into(),
-            pki.server_cert().display().to_string(),
-            "--agent-tls-key".into(),
-            pki.server_key().display().to_string(),
-            "--agent-ca".into(),
-            pki.proxy_ca().display().to_string(),
+        let defaults: [(&str, String); 6] = [
+            ("--agent-addr", agent),
+            ("--frontend-addr", "127.0.0.1:0".into()),
+            ("--admin-addr", "127.0.0.1:0".into()),
+            ("--agent-tls-cert", pki.server_cert().display().to_string()),
+            ("--agent-tls-key", pki.server_key().display().to_string()),
+            ("--agent-ca", pki.proxy_ca().display().to_string()),
         ];
+        // `extra` may override any default.
+        let mut args: Vec<String> = Vec::new();
+        for (flag, value) in defaults {
+            if !extra.contains(&flag) {
+                args.extend([flag.to_owned(), value]);
+            }
+        }
         args.extend(extra.iter().map(|s| (*s).to_owned()));
         let log = unique_log(&pki.dir, "server");
         let (proc, line) = Proc::spawn("proxy-server", &bin("proxy-server"), &args, log).await?;
@@ -264,6 +265,19 @@ pub async fn admin_get(addr: SocketAddr, path: &str) -> anyhow::Result<(u16, Str
         .map(|(_, b)| b.to_owned())
         .unwrap_or_default();
     Ok((status, body))
+}
+
+/// The value of one sample in an admin `/metrics` page (`name{labels}` exactly as printed),
+/// or 0 when absent.
+pub async fn metric(addr: SocketAddr, sample: &str) -> f64 {
+    let (_, body) = admin_get(addr, "/metrics").await.expect("metrics");
+    body.lines()
+        .find_map(|l| {
+            l.strip_prefix(sample)
+                .and_then(|rest| rest.strip_prefix(' '))
+        })
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0)
 }
 
 /// Polls `/readyz` until it answers 200 or `timeout` passes.
