@@ -13,10 +13,11 @@ fn main() -> anyhow::Result<()> {
         let admin = tokio::net::TcpListener::bind(config.admin_addr)
             .await
             .with_context(|| format!("cannot listen on {} (admin)", config.admin_addr))?;
-        // One machine-readable line on stdout: the bound admin address (port 0 picks one).
-        println!("proxy-agent listening admin={}", admin.local_addr()?);
         let shutdown = CancellationToken::new();
         proxy_common::shutdown::spawn_signal_handler(shutdown.clone())?;
+        // One machine-readable line on stdout: the bound admin address (port 0 picks one).
+        // Printed once signals are handled, so a supervisor may stop us as soon as it sees it.
+        println!("proxy-agent listening admin={}", admin.local_addr()?);
         proxy_agent::run(config, admin, shutdown).await;
         Ok(())
     })

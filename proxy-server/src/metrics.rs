@@ -83,6 +83,8 @@ pub struct Metrics {
     pub dial_duration: Family<ClusterLabel, Histogram, fn() -> Histogram>,
     /// Bytes carried, counted as they flow.
     pub bytes: Family<BytesLabels, Counter>,
+    /// CONNECTs waiting for an agent's answer.
+    pub pending_dials: Gauge,
 }
 
 fn dial_histogram() -> Histogram {
@@ -122,7 +124,14 @@ impl Metrics {
             "Bytes carried through tunnels",
             bytes.clone(),
         );
+        let pending_dials = Gauge::default();
+        registry.register(
+            "proxy_server_pending_dials",
+            "CONNECTs waiting for an agent's answer",
+            pending_dials.clone(),
+        );
         Self {
+            pending_dials,
             agents,
             connections_active,
             connections_total,

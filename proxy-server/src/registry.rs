@@ -293,6 +293,7 @@ impl Registry {
                 reply,
             },
         );
+        self.metrics.pending_dials.inc();
         Ok(DialGuard {
             registry: self.clone(),
             id,
@@ -440,5 +441,6 @@ impl DialGuard {
 impl Drop for DialGuard {
     fn drop(&mut self) {
         self.registry.pending.remove(&self.id);
+        self.registry.metrics.pending_dials.dec();
     }
 }

@@ -125,3 +125,74 @@ fn zero_timeouts_are_refused() {
         String::from_utf8_lossy(&out.stderr).contains("--dial-timeout: must be greater than zero")
     );
 }
+
+#[test]
+fn an_open_frontend_on_a_public_address_must_be_explicit() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = proxy_certs::write_dev_pki(dir.path(), &["alpha"]).unwrap();
+    let (cert, key, ca) = (pki.server_cert(), pki.server_key(), pki.proxy_ca());
+    let base = [
+        "--agent-tls-cert",
+        cert.to_str().unwrap(),
+        "--agent-tls-key",
+        key.to_str().unwrap(),
+        "--agent-ca",
+        ca.to_str().unwrap(),
+        "--agent-addr",
+        "127.0.0.1:0",
+        "--admin-addr",
+        "127.0.0.1:0",
+        "--frontend-addr",
+        "0.0.0.0:0",
+    ];
+    let out = server(&base);
+    assert_eq!(out.status.code(), Some(1), "open public frontend accepted");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("not a loopback address") && err.contains("--frontend-allow-unauthenticated"),
+        "{err}"
+    );
+
+    // With the explicit flag it starts (and is stopped with SIGTERM).
+    let mut child = Command::new(env!("CARGO_BIN_EXE_proxy-server"))
+        .args(base)
+        .arg("--frontend-allow-unauthenticated")
+        .env("RUST_LOG", "error")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    assert!(line.starts_with("proxy-server listening"), "{line}");
+    Command::new("kill")
+        .arg(child.id().to_string())
+        .status()
+        .unwrap();
+    assert!(child.wait().unwrap().success());
+}
+
+#[test]
+fn a_broken_auth_file_is_refused_at_start_without_echoing_secrets() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = proxy_certs::write_dev_pki(dir.path(), &["alpha"]).unwrap();
+    let auth = dir.path().join("auth.yaml");
+    std::fs::write(&auth, "clients:\n  - name: a\n    tokn: hunter2-secret\n").unwrap();
+    let out = server(&[
+        "--agent-tls-cert",
+        pki.server_cert().to_str().unwrap(),
+        "--agent-tls-key",
+        pki.server_key().to_str().unwrap(),
+        "--agent-ca",
+        pki.proxy_ca().to_str().unwrap(),
+        "--frontend-auth-file",
+        auth.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("auth.yaml") && err.contains("line 3"), "{err}");
+    assert!(!err.contains("hunter2"), "secret echoed: {err}");
+}

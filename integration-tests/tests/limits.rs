@@ -1,0 +1,247 @@
+//! Every frontend limit attacked, and the server still serving others afterwards.
+
+use std::time::{Duration, Instant};
+
+use integration_tests::procs::metric;
+use integration_tests::upstream::BannerServer;
+use integration_tests::{AgentProc, Bed, ConnectReply, ServerProc, connect};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+
+async fn raw(addr: std::net::SocketAddr, bytes: &[u8]) -> String {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(bytes).await.unwrap();
+    let mut out = String::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_string(&mut out))
+        .await
+        .unwrap()
+        .unwrap();
+    out
+}
+
+/// The server still tunnels to alpha.
+async fn still_serving(server: &ServerProc) {
+    let tunnel = connect(server.frontend_addr, "alpha:443")
+        .await
+        .unwrap()
+        .tunnel()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(tunnel).read_line(&mut line).await.unwrap();
+    assert_eq!(line.trim(), "alpha-upstream");
+}
+
+async fn setup(extra: &[&str]) -> (Bed, ServerProc, AgentProc) {
+    let bed = Bed::new(&["alpha"]);
+    let up = BannerServer::start("alpha-upstream").await.unwrap();
+    let server = ServerProc::start(&bed.pki, None, extra).await.unwrap();
+    let agent = AgentProc::start_ready(&bed.pki, &[server.agent_addr], "alpha", up.addr)
+        .await
+        .unwrap();
+    (bed, server, agent)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_and_slow_heads_are_cut_off() {
+    let (_bed, server, _agent) =
+        setup(&["--max-head-bytes", "1024", "--handshake-timeout", "500ms"]).await;
+    let big = format!(
+        "CONNECT alpha:443 HTTP/1.1\r\nX-Pad: {}\r\n\r\n",
+        "a".repeat(4096)
+    );
+    let answer = raw(server.frontend_addr, big.as_bytes()).await;
+    assert!(answer.starts_with("HTTP/1.1 431 "), "{answer}");
+    // A head that never ends, sent a byte at a time (slowloris).
+    let mut slow = TcpStream::connect(server.frontend_addr).await.unwrap();
+    let started = Instant::now();
+    for b in b"CONNECT alpha:443 HTTP/1.1\r\nX-Slow: " {
+        if slow.write_all(&[*b]).await.is_err() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(40)).await;
+        if started.elapsed() > Duration::from_millis(600) {
+            break;
+        }
+    }
+    let mut out = String::new();
+    tokio::time::timeout(Duration::from_secs(5), slow.read_to_string(&mut out))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(out.starts_with("HTTP/1.1 408 "), "{out}");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "slow client held on for {:?}",
+        started.elapsed()
+    );
+    let admin = server.admin_addr;
+    assert_eq!(
+        metric(
+            admin,
+            r#"proxy_server_connections_total{cluster="",result="bad_request"}"#
+        )
+        .await,
+        2.0
+    );
+    still_serving(&server).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_bytes_after_the_connect_head_reach_the_upstream() {
+    let (_bed, server, _agent) = setup(&[]).await;
+    let mut s = TcpStream::connect(server.frontend_addr).await.unwrap();
+    // Head and first payload in one write, as clients that do not wait for 200 send them.
+    s.write_all(b"CONNECT alpha:443 HTTP/1.1\r\n\r\nhello upstream\n")
+        .await
+        .unwrap();
+    let mut r = BufReader::new(s);
+    let mut line = String::new();
+    r.read_line(&mut line).await.unwrap();
+    assert!(line.starts_with("HTTP/1.1 200"), "{line}");
+    r.read_line(&mut line).await.unwrap(); // blank line ending the head
+    line.clear();
+    r.read_line(&mut line).await.unwrap();
+    assert_eq!(line.trim(), "alpha-upstream");
+    line.clear();
+    r.read_line(&mut line).await.unwrap();
+    assert_eq!(line.trim(), "hello upstream", "pipelined bytes lost");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_limits_refuse_with_503_and_count_it() {
+    let (_bed, server, _agent) = setup(&["--max-connections-per-cluster", "3"]).await;
+    let mut open = Vec::new();
+    for _ in 0..3 {
+        open.push(
+            connect(server.frontend_addr, "alpha:443")
+                .await
+                .unwrap()
+                .tunnel()
+                .unwrap(),
+        );
+    }
+    match connect(server.frontend_addr, "alpha:443").await.unwrap() {
+        ConnectReply::Refused { status, body } => {
+            assert_eq!(status, 503);
+            assert!(body.contains("limit of 3"), "{body}");
+        }
+        ConnectReply::Tunnel(_) => panic!("per-cluster limit not enforced"),
+    }
+    let admin = server.admin_addr;
+    assert_eq!(
+        metric(
+            admin,
+            r#"proxy_server_connections_total{cluster="alpha",result="limited"}"#
+        )
+        .await,
+        1.0
+    );
+    assert_eq!(
+        metric(admin, r#"proxy_server_connections_active{cluster="alpha"}"#).await,
+        3.0
+    );
+    // Closing one frees its slot.
+    drop(open.pop());
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        if let ConnectReply::Tunnel(t) = connect(server.frontend_addr, "alpha:443").await.unwrap() {
+            open.push(t);
+            break;
+        }
+        assert!(Instant::now() < deadline, "slot never freed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    drop(open);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while metric(admin, r#"proxy_server_connections_active{cluster="alpha"}"#).await != 0.0 {
+        assert!(
+            Instant::now() < deadline,
+            "connections_active never returned to 0"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    still_serving(&server).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn total_connection_limit_spans_clusters() {
+    let bed = Bed::new(&["alpha", "beta"]);
+    let alpha_up = BannerServer::start("alpha-upstream").await.unwrap();
+    let beta_up = BannerServer::start("beta-upstream").await.unwrap();
+    let server = ServerProc::start(&bed.pki, None, &["--max-connections", "2"])
+        .await
+        .unwrap();
+    let _a = AgentProc::start_ready(&bed.pki, &[server.agent_addr], "alpha", alpha_up.addr)
+        .await
+        .unwrap();
+    let _b = AgentProc::start_ready(&bed.pki, &[server.agent_addr], "beta", beta_up.addr)
+        .await
+        .unwrap();
+    let _one = connect(server.frontend_addr, "alpha:443")
+        .await
+        .unwrap()
+        .tunnel()
+        .unwrap();
+    let _two = connect(server.frontend_addr, "beta:443")
+        .await
+        .unwrap()
+        .tunnel()
+        .unwrap();
+    match connect(server.frontend_addr, "beta:443").await.unwrap() {
+        ConnectReply::Refused { status, body } => assert!(
+            status == 503 && body.contains("limit of 2 open connections"),
+            "{body}"
+        ),
+        ConnectReply::Tunnel(_) => panic!("total limit not enforced"),
+    }
+    assert_eq!(
+        metric(
+            server.admin_addr,
+            r#"proxy_server_connections_total{cluster="beta",result="limited"}"#
+        )
+        .await,
+        1.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pending_dials_are_bounded_and_leave_nothing_behind() {
+    let (_bed, server, agent) = setup(&["--max-pending-dials", "2", "--dial-timeout", "2s"]).await;
+    // A frozen agent never answers: dials pile up until the limit.
+    agent.proc.signal("STOP");
+    let frontend = server.frontend_addr;
+    let waiting: Vec<_> = (0..2)
+        .map(|_| tokio::spawn(connect(frontend, "alpha:443")))
+        .collect();
+    // Let both register as pending.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let started = Instant::now();
+    let third = connect(frontend, "alpha:443").await.unwrap();
+    match third {
+        ConnectReply::Refused { status, body } => {
+            assert_eq!(status, 503);
+            assert!(body.contains("dials in progress"), "{body}");
+        }
+        ConnectReply::Tunnel(_) => panic!("pending dial limit not enforced"),
+    }
+    assert!(started.elapsed() < Duration::from_millis(500));
+    assert_eq!(
+        metric(server.admin_addr, "proxy_server_pending_dials").await,
+        2.0
+    );
+    for w in waiting {
+        match w.await.unwrap().unwrap() {
+            ConnectReply::Refused { status, .. } => assert_eq!(status, 504),
+            ConnectReply::Tunnel(_) => panic!("frozen agent answered"),
+        }
+    }
+    agent.proc.signal("CONT");
+    // Timed-out dials were forgotten: the limit admits new ones again.
+    assert_eq!(
+        metric(server.admin_addr, "proxy_server_pending_dials").await,
+        0.0
+    );
+    still_serving(&server).await;
+    still_serving(&server).await;
+    still_serving(&server).await;
+}
