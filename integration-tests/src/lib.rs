@@ -6,6 +6,7 @@ pub mod apiserver;
 pub mod client;
 pub mod data;
 pub mod procs;
+pub mod rogue;
 pub mod upstream;
 
 use proxy_certs::DevPki;

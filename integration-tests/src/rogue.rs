@@ -1,0 +1,69 @@
+//! A hand-driven gRPC agent for attacking the server with out-of-protocol behaviour: it holds a
+//! valid agent certificate but sends whatever the test asks.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use hyper_util::rt::TokioIo;
+use proxy_certs::DevPki;
+use proxy_proto::tunnel_client::TunnelClient;
+use proxy_proto::{AgentMessage, Register, ServerMessage, agent_message};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio_rustls::TlsConnector;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::Streaming;
+use tonic::transport::{Channel, Endpoint};
+
+/// An mTLS gRPC client to `server` with the agent certificate of `cert_cluster`.
+pub async fn client(
+    pki: &DevPki,
+    cert_cluster: &str,
+    server: SocketAddr,
+) -> anyhow::Result<TunnelClient<Channel>> {
+    let identity = proxy_common::tls::CertKeyPaths {
+        cert: pki.agent_cert(cert_cluster),
+        key: pki.agent_key(cert_cluster),
+    };
+    let tls = Arc::new(proxy_common::tls::mtls_client_config(
+        &identity,
+        &pki.proxy_ca(),
+    )?);
+    let connector = tower::service_fn(move |_| {
+        let tls = TlsConnector::from(tls.clone());
+        async move {
+            let tcp = TcpStream::connect(server).await?;
+            let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
+            Ok::<_, std::io::Error>(TokioIo::new(tls.connect(name, tcp).await?))
+        }
+    });
+    let channel = Endpoint::from_shared(format!("http://{server}"))?
+        .connect_with_connector(connector)
+        .await?;
+    Ok(TunnelClient::new(channel))
+}
+
+/// The register message for `cluster`.
+pub fn register(cluster: &str, agent_id: &str) -> AgentMessage {
+    AgentMessage {
+        msg: Some(agent_message::Msg::Register(Register {
+            cluster: cluster.into(),
+            agent_id: agent_id.into(),
+            version: "rogue".into(),
+        })),
+    }
+}
+
+/// Opens a control stream whose first messages are `first`; returns the sender for more and the
+/// server's stream (or its refusal).
+pub async fn control(
+    client: &mut TunnelClient<Channel>,
+    first: Vec<AgentMessage>,
+) -> Result<(mpsc::Sender<AgentMessage>, Streaming<ServerMessage>), tonic::Status> {
+    let (tx, rx) = mpsc::channel(16);
+    for m in first {
+        tx.send(m).await.expect("queue");
+    }
+    let resp = client.control(ReceiverStream::new(rx)).await?;
+    Ok((tx, resp.into_inner()))
+}

@@ -1,0 +1,280 @@
+//! Agents that send nonsense lose only that stream or their own registration, never the
+//! server, and can never take over another agent's connections.
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use integration_tests::rogue;
+use integration_tests::upstream::BannerServer;
+use integration_tests::{AgentProc, Bed, ConnectReply, ServerProc, connect};
+use proxy_proto::{AgentMessage, Chunk, DIAL_ID_HEADER, DialFailed, agent_message, server_message};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::Code;
+
+async fn alpha_still_served(server: &ServerProc) {
+    let tunnel = connect(server.frontend_addr, "alpha:443")
+        .await
+        .unwrap()
+        .tunnel()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(tunnel).read_line(&mut line).await.unwrap();
+    assert_eq!(line.trim(), "alpha-upstream");
+}
+
+async fn setup(extra: &[&str]) -> (Bed, ServerProc, AgentProc, BannerServer) {
+    let bed = Bed::new(&["alpha", "beta"]);
+    let up = BannerServer::start("alpha-upstream").await.unwrap();
+    let server = ServerProc::start(&bed.pki, None, extra).await.unwrap();
+    let agent = AgentProc::start_ready(&bed.pki, &[server.agent_addr], "alpha", up.addr)
+        .await
+        .unwrap();
+    (bed, server, agent, up)
+}
+
+fn data_request(dial_id: &str, chunks: Vec<Chunk>) -> tonic::Request<ReceiverStream<Chunk>> {
+    let (tx, rx) = tokio::sync::mpsc::channel(chunks.len().max(1));
+    for c in chunks {
+        tx.try_send(c).unwrap();
+    }
+    // Keep the stream open so the server's answer, not our end of stream, decides.
+    std::mem::forget(tx);
+    let mut req = tonic::Request::new(ReceiverStream::new(rx));
+    req.metadata_mut()
+        .insert(DIAL_ID_HEADER, dial_id.parse().unwrap());
+    req
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_and_foreign_dial_ids_are_refused_and_cannot_hijack_a_connection() {
+    let (bed, server, alpha, _up) = setup(&["--dial-timeout", "2s"]).await;
+    let mut rogue = rogue::client(&bed.pki, "beta", server.agent_addr)
+        .await
+        .unwrap();
+    let (_keep, mut control) = rogue::control(&mut rogue, vec![rogue::register("beta", "rogue")])
+        .await
+        .unwrap();
+    assert!(matches!(
+        control.message().await.unwrap().unwrap().msg,
+        Some(server_message::Msg::Registered(_))
+    ));
+
+    // A dial for alpha stays pending while alpha's agent is frozen; the rogue (beta) tries
+    // every plausible dial id for it.
+    alpha.proc.signal("STOP");
+    let frontend = server.frontend_addr;
+    let victim = tokio::spawn(connect(frontend, "alpha:443"));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    for id in 0..64 {
+        let err = rogue
+            .data(data_request(&id.to_string(), vec![]))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::NotFound, "dial {id}: {err:?}");
+    }
+    for bad in ["", "x", "-1", "99999999999999999999999"] {
+        let err = rogue.data(data_request(bad, vec![])).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{bad:?}: {err:?}");
+    }
+    match victim.await.unwrap().unwrap() {
+        ConnectReply::Refused { status, .. } => assert_eq!(status, 504),
+        ConnectReply::Tunnel(_) => panic!("a foreign agent answered alpha's dial"),
+    }
+    alpha.proc.signal("CONT");
+    alpha_still_served(&server).await;
+
+    // The rogue kept its own registration: beta's dials still reach it.
+    let beta = tokio::spawn(connect(frontend, "beta:443"));
+    let dial = tokio::time::timeout(Duration::from_secs(5), control.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert!(
+        matches!(dial.msg, Some(server_message::Msg::Dial(_))),
+        "{dial:?}"
+    );
+    drop(control);
+    drop(_keep);
+    let _ = beta.await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn out_of_order_control_messages_cost_only_that_registration() {
+    let (bed, server, _alpha, _up) = setup(&["--agent-wait", "0s"]).await;
+    let mut rogue = rogue::client(&bed.pki, "beta", server.agent_addr)
+        .await
+        .unwrap();
+
+    // A dial failure before registering.
+    let failed = AgentMessage {
+        msg: Some(agent_message::Msg::DialFailed(DialFailed {
+            dial_id: 1,
+            reason: "x".into(),
+        })),
+    };
+    let err = rogue::control(&mut rogue, vec![failed.clone()])
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    // An empty message.
+    let err = rogue::control(&mut rogue, vec![AgentMessage { msg: None }])
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    // An oversized registration.
+    let err = rogue::control(
+        &mut rogue,
+        vec![rogue::register("beta", &"x".repeat(1 << 20))],
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(
+            err.code(),
+            Code::InvalidArgument | Code::OutOfRange | Code::ResourceExhausted | Code::Internal
+        ),
+        "{err:?}"
+    );
+
+    // Registered, then registering again: the server drops this registration.
+    let (tx, mut control) = rogue::control(&mut rogue, vec![rogue::register("beta", "rogue")])
+        .await
+        .unwrap();
+    control.message().await.unwrap().unwrap();
+    tx.send(rogue::register("beta", "again")).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        if let ConnectReply::Refused { status: 503, .. } =
+            connect(server.frontend_addr, "beta:443").await.unwrap()
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "second registration did not end the first"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // A dial failure for a dial it was never asked: ignored, nothing else happens.
+    let (tx, mut control) = rogue::control(&mut rogue, vec![rogue::register("beta", "rogue2")])
+        .await
+        .unwrap();
+    control.message().await.unwrap().unwrap();
+    tx.send(failed).await.unwrap();
+    alpha_still_served(&server).await;
+    assert!(server.proc.logs().contains("protocol violation"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_data_message_loses_only_its_own_connection() {
+    let (bed, server, _alpha, _up) = setup(&[]).await;
+    let mut rogue = rogue::client(&bed.pki, "beta", server.agent_addr)
+        .await
+        .unwrap();
+    let (_keep, mut control) = rogue::control(&mut rogue, vec![rogue::register("beta", "rogue")])
+        .await
+        .unwrap();
+    control.message().await.unwrap().unwrap();
+
+    let frontend = server.frontend_addr;
+    let client = tokio::spawn(async move {
+        let mut tunnel = connect(frontend, "beta:443")
+            .await
+            .unwrap()
+            .tunnel()
+            .unwrap();
+        let mut got = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(10), tunnel.read_to_end(&mut got))
+            .await
+            .expect("tunnel not closed");
+        got
+    });
+    let Some(server_message::Msg::Dial(dial)) = control.message().await.unwrap().unwrap().msg
+    else {
+        panic!("expected a dial");
+    };
+    // A first small chunk, then one far over the message limit.
+    let chunks = vec![
+        Chunk {
+            data: Bytes::from_static(b"hello"),
+            fin: false,
+        },
+        Chunk {
+            data: Bytes::from(vec![7u8; 1 << 20]),
+            fin: false,
+        },
+    ];
+    let resp = rogue
+        .data(data_request(&dial.dial_id.to_string(), chunks))
+        .await
+        .unwrap();
+    let mut inbound = resp.into_inner();
+    // The server kills that stream...
+    let ended = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match inbound.message().await {
+                Ok(Some(_)) => continue,
+                other => return other,
+            }
+        }
+    })
+    .await
+    .expect("stream not closed");
+    assert!(!matches!(ended, Ok(Some(_))));
+    // ...and its client, which got the bytes before the bad message and nothing after.
+    let got = client.await.unwrap();
+    assert!(got.len() < 1 << 20, "oversized message delivered");
+    // Everyone else is fine, and the rogue's control stream too.
+    alpha_still_served(&server).await;
+    let again = tokio::spawn(connect(frontend, "beta:443"));
+    let next = tokio::time::timeout(Duration::from_secs(5), control.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert!(matches!(next.msg, Some(server_message::Msg::Dial(_))));
+    drop(control);
+    drop(_keep);
+    let _ = again.await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_unfinished_tls_handshakes_does_not_stop_agents_registering() {
+    let bed = Bed::new(&["alpha"]);
+    let up = BannerServer::start("alpha-upstream").await.unwrap();
+    let server = ServerProc::start(&bed.pki, None, &["--handshake-timeout", "3s"])
+        .await
+        .unwrap();
+    let mut flood = Vec::new();
+    for i in 0..300 {
+        let mut s = tokio::net::TcpStream::connect(server.agent_addr)
+            .await
+            .unwrap();
+        if i % 2 == 0 {
+            // The first bytes of a ClientHello, then silence.
+            s.write_all(&[0x16, 0x03, 0x01, 0x02, 0x00]).await.unwrap();
+        }
+        flood.push(s);
+    }
+    let started = Instant::now();
+    let _agent = AgentProc::start_ready(&bed.pki, &[server.agent_addr], "alpha", up.addr)
+        .await
+        .unwrap();
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_secs(2),
+        "registration took {took:?} during the flood"
+    );
+    alpha_still_served(&server).await;
+    // The stalled handshakes are cut off at the timeout.
+    let mut closed = 0;
+    for mut s in flood {
+        let mut b = [0u8; 1];
+        if let Ok(Ok(_)) = tokio::time::timeout(Duration::from_secs(6), s.read(&mut b)).await {
+            closed += 1;
+        }
+    }
+    assert_eq!(closed, 300, "some handshakes were never timed out");
+}
