@@ -1,0 +1,182 @@
+//! The agent dials only its upstream and the destinations it was explicitly allowed, whatever a
+//! (compromised) server asks. Driven by a fake server that sends hostile dial requests.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use integration_tests::upstream::BannerServer;
+use integration_tests::{AgentProc, Bed};
+use proxy_proto::tunnel_server::{Tunnel, TunnelServer};
+use proxy_proto::{
+    AgentMessage, Chunk, DIAL_ID_HEADER, DialRequest, Registered, ServerMessage, agent_message,
+    server_message,
+};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status, Streaming};
+
+/// What the fake server saw.
+#[derive(Debug)]
+enum Seen {
+    Failed(u64, String),
+    Data(u64, Vec<u8>),
+}
+
+struct FakeServer {
+    dials: Vec<DialRequest>,
+    seen: mpsc::Sender<Seen>,
+}
+
+type Out<T> = std::pin::Pin<Box<dyn futures_util::Stream<Item = Result<T, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Tunnel for FakeServer {
+    type ControlStream = Out<ServerMessage>;
+    type DataStream = Out<Chunk>;
+
+    async fn control(
+        &self,
+        req: Request<Streaming<AgentMessage>>,
+    ) -> Result<Response<Self::ControlStream>, Status> {
+        let mut inbound = req.into_inner();
+        inbound.message().await?; // the registration
+        let mut out = vec![ServerMessage {
+            msg: Some(server_message::Msg::Registered(Registered {
+                server_id: "fake".into(),
+            })),
+        }];
+        out.extend(self.dials.iter().map(|d| ServerMessage {
+            msg: Some(server_message::Msg::Dial(d.clone())),
+        }));
+        let seen = self.seen.clone();
+        tokio::spawn(async move {
+            while let Ok(Some(m)) = inbound.message().await {
+                if let Some(agent_message::Msg::DialFailed(f)) = m.msg {
+                    let _ = seen.send(Seen::Failed(f.dial_id, f.reason)).await;
+                }
+            }
+        });
+        // Keep the control stream open after the dial requests.
+        let stream = futures_util::stream::iter(out.into_iter().map(Ok))
+            .chain(futures_util::stream::pending());
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn data(
+        &self,
+        req: Request<Streaming<Chunk>>,
+    ) -> Result<Response<Self::DataStream>, Status> {
+        let id: u64 = req
+            .metadata()
+            .get(DIAL_ID_HEADER)
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        let mut inbound = req.into_inner();
+        let seen = self.seen.clone();
+        tokio::spawn(async move {
+            let mut first = Vec::new();
+            if let Ok(Some(c)) = inbound.message().await {
+                first.extend_from_slice(&c.data);
+            }
+            let _ = seen.send(Seen::Data(id, first)).await;
+        });
+        Ok(Response::new(Box::pin(futures_util::stream::pending())))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_refuses_destinations_it_was_not_given() {
+    let bed = Bed::new(&["alpha"]);
+    let upstream = BannerServer::start("upstream").await.unwrap();
+    let allowed = BannerServer::start("allowed").await.unwrap();
+    // A listener the server will name but the agent must never connect to.
+    let forbidden = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let forbidden_addr = forbidden.local_addr().unwrap();
+    let forbidden_hits = Arc::new(AtomicUsize::new(0));
+    let hits = forbidden_hits.clone();
+    tokio::spawn(async move {
+        while forbidden.accept().await.is_ok() {
+            hits.fetch_add(1, Ordering::SeqCst);
+        }
+    });
+
+    let dial = |dial_id: u64, destination: String| DialRequest {
+        dial_id,
+        destination,
+    };
+    let dials = vec![
+        dial(1, String::new()),
+        dial(2, forbidden_addr.to_string()),
+        dial(3, allowed.addr.to_string()),
+        dial(4, "kubernetes.default.svc.evil.example:443".into()),
+        dial(5, format!("{}.", allowed.addr.ip())), // near-miss spelling
+    ];
+    let (seen_tx, mut seen_rx) = mpsc::channel(16);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let pki = bed.pki.clone();
+    let tls = proxy_common::reload::Reloadable::load("fake server TLS", vec![], move || {
+        proxy_common::tls::mtls_server_config(
+            &proxy_common::tls::CertKeyPaths {
+                cert: pki.server_cert(),
+                key: pki.server_key(),
+            },
+            &pki.proxy_ca(),
+        )
+    })
+    .unwrap();
+    let shutdown = CancellationToken::new();
+    let incoming =
+        proxy_server::listener::incoming(listener, tls, Duration::from_secs(5), shutdown.clone());
+    let service = FakeServer {
+        dials,
+        seen: seen_tx,
+    };
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(TunnelServer::new(service))
+            .serve_with_incoming(incoming),
+    );
+
+    let allow = format!("--allow-destination={}", allowed.addr);
+    let agent = AgentProc::start(&bed.pki, &[addr], "alpha", upstream.addr, &[&allow])
+        .await
+        .unwrap();
+    let mut failed = std::collections::BTreeMap::new();
+    let mut data = std::collections::BTreeMap::new();
+    while failed.len() + data.len() < 5 {
+        match tokio::time::timeout(Duration::from_secs(10), seen_rx.recv()).await {
+            Ok(Some(Seen::Failed(id, reason))) => {
+                failed.insert(id, reason);
+            }
+            Ok(Some(Seen::Data(id, first))) => {
+                data.insert(id, String::from_utf8_lossy(&first).into_owned());
+            }
+            other => panic!(
+                "fake server saw {other:?}; failed {failed:?} data {data:?}\n{}",
+                agent.proc.logs()
+            ),
+        }
+    }
+    assert_eq!(data.get(&1).map(|s| s.trim()), Some("upstream"), "{data:?}");
+    assert_eq!(data.get(&3).map(|s| s.trim()), Some("allowed"), "{data:?}");
+    for id in [2, 4, 5] {
+        let reason = failed
+            .get(&id)
+            .unwrap_or_else(|| panic!("dial {id} not refused: {failed:?} {data:?}"));
+        assert!(reason.contains("is not allowed by this agent"), "{reason}");
+    }
+    assert_eq!(
+        forbidden_hits.load(Ordering::SeqCst),
+        0,
+        "agent connected to a destination it was not given"
+    );
+    assert!(agent.proc.logs().contains("upstream dial failed"));
+    shutdown.cancel();
+}
