@@ -53,24 +53,47 @@ fn agent_conn<T>(req: &Request<T>) -> Result<AgentConn, Status> {
         .ok_or_else(|| Status::internal("connection has no agent identity"))
 }
 
-/// Checks a registration against the connection's certificate.
-fn check_register(reg: &Register, conn: &AgentConn) -> Result<(), Status> {
+/// Longest agent id or version string accepted.
+pub const MAX_AGENT_FIELD: usize = 253;
+
+/// Validates the first message of a control stream from a connection whose certificate CN is
+/// `cn`: it must be a registration for exactly that cluster, with sane fields. Pure, so the fuzz
+/// target can drive it with arbitrary decoded messages.
+pub fn registration(first: Option<AgentMessage>, cn: &str) -> Result<Register, Status> {
+    let Some(AgentMessage {
+        msg: Some(agent_message::Msg::Register(reg)),
+    }) = first
+    else {
+        return Err(Status::invalid_argument(
+            "the first message on the control stream must be a registration",
+        ));
+    };
     if !proxy_common::is_valid_cluster_name(&reg.cluster) {
         return Err(Status::invalid_argument(format!(
             "cluster name {:?} is not a valid DNS name (lower-case letters, digits, '-', '.')",
+            reg.cluster.chars().take(64).collect::<String>()
+        )));
+    }
+    if reg.cluster != cn {
+        return Err(Status::permission_denied(format!(
+            "certificate CN {cn:?} may not register cluster {:?}: an agent serves only the cluster named by its certificate",
             reg.cluster
         )));
     }
-    if reg.cluster != conn.cn {
-        return Err(Status::permission_denied(format!(
-            "certificate CN {:?} may not register cluster {:?}: an agent serves only the cluster named by its certificate",
-            conn.cn, reg.cluster
+    if reg.agent_id.is_empty()
+        || reg.agent_id.len() > MAX_AGENT_FIELD
+        || reg.agent_id.chars().any(char::is_control)
+    {
+        return Err(Status::invalid_argument(format!(
+            "agent id must be 1 to {MAX_AGENT_FIELD} bytes without control characters"
         )));
     }
-    if reg.agent_id.is_empty() || reg.agent_id.len() > 253 {
-        return Err(Status::invalid_argument("agent id must be 1 to 253 bytes"));
+    if reg.version.len() > MAX_AGENT_FIELD || reg.version.chars().any(char::is_control) {
+        return Err(Status::invalid_argument(format!(
+            "version must be at most {MAX_AGENT_FIELD} bytes without control characters"
+        )));
     }
-    Ok(())
+    Ok(reg)
 }
 
 type DataResponse = Pin<Box<dyn Stream<Item = Result<Chunk, Status>> + Send>>;
@@ -89,18 +112,13 @@ impl Tunnel for TunnelService {
         let first = tokio::time::timeout(REGISTER_TIMEOUT, inbound.message())
             .await
             .map_err(|_| Status::deadline_exceeded("no registration received in time"))??;
-        let Some(AgentMessage {
-            msg: Some(agent_message::Msg::Register(reg)),
-        }) = first
-        else {
-            return Err(Status::invalid_argument(
-                "the first message on the control stream must be a registration",
-            ));
+        let reg = match registration(first, &conn.cn) {
+            Ok(reg) => reg,
+            Err(status) => {
+                tracing::warn!(agent.addr = %conn.addr, cn = %conn.cn, reason = status.message(), "agent registration refused");
+                return Err(status);
+            }
         };
-        if let Err(status) = check_register(&reg, &conn) {
-            tracing::warn!(agent.addr = %conn.addr, cn = %conn.cn, cluster = %reg.cluster, reason = status.message(), "agent registration refused");
-            return Err(status);
-        }
 
         let (tx, rx) = mpsc::channel(CONTROL_QUEUE);
         let registered = ServerMessage {
