@@ -1,5 +1,6 @@
-//! The admin listener: `/healthz` (the process answers) and `/readyz` (the component's own
-//! readiness check).
+//! The admin listener: `/healthz` (the process answers), `/readyz` (the component's own
+//! readiness checks; `?verbose` lists each), `/metrics`, and routes a component adds (the
+//! server's status page and kubeconfigs).
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -16,16 +17,24 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-/// A readiness check: `Ok` when ready, otherwise why not.
-pub type ReadyCheck = Arc<dyn Fn() -> Result<(), String> + Send + Sync>;
+/// A readiness check: `Ok(detail)` when ready, otherwise why not.
+pub type ReadyCheck = Arc<dyn Fn() -> Result<String, String> + Send + Sync>;
+
+/// A response for the admin listener.
+pub type AdminResponse = Response<Full<Bytes>>;
+
+/// Extra routes: given the path and query, a response, or `None` for 404.
+pub type Routes = Arc<dyn Fn(&str, Option<&str>) -> Option<AdminResponse> + Send + Sync>;
 
 /// What the admin listener serves.
 #[derive(Clone)]
 pub struct Admin {
-    /// `/readyz`.
-    pub ready: ReadyCheck,
+    /// `/readyz` checks, by name.
+    pub checks: Vec<(&'static str, ReadyCheck)>,
     /// `/metrics`.
     pub metrics: Arc<Registry>,
+    /// Further GET routes.
+    pub routes: Option<Routes>,
 }
 
 /// Serves the admin endpoints on `listener` until `shutdown` fires.
@@ -60,22 +69,23 @@ pub async fn serve(listener: TcpListener, ready: Admin, shutdown: CancellationTo
     tracker.wait().await;
 }
 
-fn route(req: &Request<Incoming>, admin: &Admin) -> Response<Full<Bytes>> {
+fn route(req: &Request<Incoming>, admin: &Admin) -> AdminResponse {
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return text(
             StatusCode::METHOD_NOT_ALLOWED,
             "method not allowed\n".into(),
         );
     }
+    let verbose = req.uri().query().is_some_and(|q| {
+        q.split('&')
+            .any(|kv| kv == "verbose" || kv.starts_with("verbose="))
+    });
     match req.uri().path() {
+        "/healthz" | "/livez" if verbose => {
+            text(StatusCode::OK, "[+]ping ok\nhealthz check passed\n".into())
+        }
         "/healthz" | "/livez" => text(StatusCode::OK, "ok\n".into()),
-        "/readyz" => match (admin.ready)() {
-            Ok(()) => text(StatusCode::OK, "ok\n".into()),
-            Err(why) => text(
-                StatusCode::SERVICE_UNAVAILABLE,
-                format!("not ready: {why}\n"),
-            ),
-        },
+        "/readyz" => readyz(&admin.checks, verbose),
         "/metrics" => {
             let mut body = String::new();
             if let Err(err) = prometheus_client::encoding::text::encode(&mut body, &admin.metrics) {
@@ -93,11 +103,43 @@ fn route(req: &Request<Incoming>, admin: &Admin) -> Response<Full<Bytes>> {
             );
             resp
         }
-        _ => text(StatusCode::NOT_FOUND, "not found\n".into()),
+        path => admin
+            .routes
+            .as_ref()
+            .and_then(|routes| routes(path, req.uri().query()))
+            .unwrap_or_else(|| text(StatusCode::NOT_FOUND, "not found\n".into())),
     }
 }
 
-fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
+/// Runs every check; the Kubernetes `?verbose` format lists each.
+fn readyz(checks: &[(&'static str, ReadyCheck)], verbose: bool) -> AdminResponse {
+    let mut report = String::new();
+    let mut failures = Vec::new();
+    for (name, check) in checks {
+        match check() {
+            Ok(detail) => report.push_str(&format!("[+]{name} ok: {detail}\n")),
+            Err(why) => {
+                report.push_str(&format!("[-]{name} failed: {why}\n"));
+                failures.push(format!("{name}: {why}"));
+            }
+        }
+    }
+    let status = if failures.is_empty() {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    let body = match (verbose, failures.is_empty()) {
+        (true, true) => format!("{report}readyz check passed\n"),
+        (true, false) => format!("{report}readyz check failed\n"),
+        (false, true) => "ok\n".to_owned(),
+        (false, false) => format!("not ready: {}\n", failures.join("; ")),
+    };
+    text(status, body)
+}
+
+/// A plain-text response.
+pub fn text(status: StatusCode, body: String) -> AdminResponse {
     let mut resp = Response::new(Full::new(Bytes::from(body)));
     *resp.status_mut() = status;
     resp.headers_mut().insert(

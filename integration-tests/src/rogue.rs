@@ -50,6 +50,7 @@ pub fn register(cluster: &str, agent_id: &str) -> AgentMessage {
             cluster: cluster.into(),
             agent_id: agent_id.into(),
             version: "rogue".into(),
+            ..Default::default()
         })),
     }
 }

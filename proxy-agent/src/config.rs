@@ -58,6 +58,20 @@ pub struct Args {
         value_delimiter = ','
     )]
     pub allow_destinations: Vec<String>,
+    /// CA (PEM) of this cluster's API server, reported to servers so they can hand out
+    /// kubeconfigs that verify it. Default: the in-cluster service-account CA when present.
+    #[arg(long, env = "PROXY_AGENT_UPSTREAM_CA")]
+    pub upstream_ca: Option<PathBuf>,
+    /// TLS name on this cluster's API-server certificate, for generated kubeconfigs.
+    #[arg(
+        long,
+        env = "PROXY_AGENT_UPSTREAM_SERVER_NAME",
+        default_value = "kubernetes.default.svc"
+    )]
+    pub upstream_server_name: String,
+    /// On SIGTERM, how long open connections may continue before the agent exits.
+    #[arg(long, env = "PROXY_AGENT_SHUTDOWN_GRACE", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub shutdown_grace: Duration,
     /// Admin listener: /healthz, /readyz (ready = registered with at least one server).
     #[arg(long, env = "PROXY_AGENT_ADMIN_ADDR", default_value = "127.0.0.1:8093")]
     pub admin_addr: SocketAddr,
@@ -96,6 +110,12 @@ pub enum ConfigError {
     },
 }
 
+/// Where Kubernetes mounts the API server's CA into every pod.
+pub const IN_CLUSTER_CA: &str = "/var/run/secrets/kubernetes.io/serviceaccount/ca.crt";
+
+/// Largest CA bundle reported to servers.
+pub const MAX_UPSTREAM_CA: usize = 64 * 1024;
+
 /// One proxy server to keep a tunnel to.
 #[derive(Debug, Clone)]
 pub struct ServerTarget {
@@ -120,6 +140,12 @@ pub struct Config {
     pub upstream: String,
     /// Further destinations a server may name.
     pub allow_destinations: Vec<String>,
+    /// The member API server's CA file, if any (re-read at each registration).
+    pub upstream_ca: Option<PathBuf>,
+    /// See [`Args::upstream_server_name`].
+    pub upstream_server_name: String,
+    /// See [`Args::shutdown_grace`].
+    pub shutdown_grace: Duration,
     /// Where the admin listener binds.
     pub admin_addr: SocketAddr,
     /// See [`Args::dial_timeout`].
@@ -156,6 +182,25 @@ fn split_host_port(flag: &'static str, value: &str) -> Result<(String, u16), Con
 }
 
 impl Config {
+    /// The API server CA bundle to report, read now so a rotated CA is reported on the next
+    /// registration. Empty when none is configured or it cannot be read (logged).
+    pub fn upstream_ca_pem(&self) -> Vec<u8> {
+        let Some(path) = &self.upstream_ca else {
+            return Vec::new();
+        };
+        match std::fs::read(path) {
+            Ok(pem) if pem.len() <= MAX_UPSTREAM_CA => pem,
+            Ok(_) => {
+                tracing::warn!(path = %path.display(), "upstream CA larger than {MAX_UPSTREAM_CA} bytes; not reported");
+                Vec::new()
+            }
+            Err(err) => {
+                tracing::warn!(path = %path.display(), %err, "cannot read upstream CA; not reported");
+                Vec::new()
+            }
+        }
+    }
+
     /// The address to dial for a server's request, or why it is refused. An empty request means
     /// the upstream; others must match an allowed destination exactly, as text: nothing the
     /// server sends is resolved unless the operator listed it.
@@ -218,7 +263,24 @@ impl Config {
         for dest in &args.allow_destinations {
             split_host_port("allow-destination", dest)?;
         }
+        let upstream_ca = match &args.upstream_ca {
+            Some(path) => {
+                tls::load_certs(path)?;
+                Some(path.clone())
+            }
+            None => Some(PathBuf::from(IN_CLUSTER_CA)).filter(|p| p.exists()),
+        };
+        if tls::server_name(&args.upstream_server_name).is_err() {
+            return Err(invalid(
+                "upstream-server-name",
+                &args.upstream_server_name,
+                "not a DNS name or IP address",
+            ));
+        }
         Ok(Self {
+            upstream_ca,
+            upstream_server_name: args.upstream_server_name.clone(),
+            shutdown_grace: args.shutdown_grace,
             servers,
             tls,
             cluster,

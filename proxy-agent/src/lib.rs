@@ -19,8 +19,11 @@ use tokio_util::task::TaskTracker;
 
 pub use config::{Args, Config, ConfigError};
 
-/// How long open connections may take to wind down after the shutdown signal.
+/// How long tasks may take to finish once everything was told to close.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// How often a draining agent checks whether its connections have ended.
+const DRAIN_POLL: Duration = Duration::from_millis(50);
 
 /// State shared by the agent's sessions.
 #[derive(Debug)]
@@ -82,46 +85,79 @@ impl Shared {
     }
 }
 
-/// Runs the agent until `shutdown`.
+/// Runs the agent until `shutdown`, then drains: servers are told to send new connections to
+/// other agents, open connections continue until they end or the grace period runs out.
 pub async fn run(config: Config, admin: TcpListener, shutdown: CancellationToken) {
     let mut prometheus = prometheus_client::registry::Registry::default();
     let metrics = metrics::Metrics::new(&mut prometheus);
     let shared = Arc::new(Shared::new(config, metrics));
+    let life = session::Lifecycle {
+        drain: shutdown.clone(),
+        close: CancellationToken::new(),
+    };
     let tracker = TaskTracker::new();
     match proxy_common::reload::sighup_trigger() {
-        Ok(trigger) => shared.config.tls.spawn_watcher(trigger, shutdown.clone()),
+        Ok(trigger) => shared.config.tls.spawn_watcher(trigger, life.close.clone()),
         Err(err) => {
             tracing::warn!(%err, "no SIGHUP handler; certificates reload on file change only")
         }
     }
-    let ready_state = shared.clone();
-    let ready: proxy_common::admin::ReadyCheck = Arc::new(move || {
-        if ready_state.registered_count() > 0 {
-            Ok(())
-        } else {
-            Err("not registered with any proxy server".into())
-        }
-    });
+    let registered = shared.clone();
+    let draining = shutdown.clone();
     let admin_state = proxy_common::admin::Admin {
-        ready,
+        checks: vec![
+            (
+                "registered",
+                Arc::new(move || match registered.registered_count() {
+                    0 => Err("not registered with any proxy server".into()),
+                    n => Ok(format!("registered with {n} server(s)")),
+                }),
+            ),
+            (
+                "not-draining",
+                Arc::new(move || match draining.is_cancelled() {
+                    true => Err("draining for shutdown".into()),
+                    false => Ok("serving".into()),
+                }),
+            ),
+        ],
         metrics: Arc::new(prometheus),
+        routes: None,
     };
     tracker.spawn(proxy_common::admin::serve(
         admin,
         admin_state,
-        shutdown.clone(),
+        life.close.clone(),
     ));
     tracing::info!(cluster = %shared.config.cluster, agent.id = %shared.config.agent_id, upstream = %shared.config.upstream, "proxy-agent started");
     for server in shared.config.servers.clone() {
-        tracker.spawn(session::maintain(server, shared.clone(), shutdown.clone()));
+        tracker.spawn(session::maintain(server, shared.clone(), life.clone()));
     }
     shutdown.cancelled().await;
+    let grace = shared.config.shutdown_grace;
+    tracing::info!(
+        open = shared.metrics.connections_active.get(),
+        ?grace,
+        "draining"
+    );
+    let deadline = tokio::time::Instant::now() + grace;
+    while shared.metrics.connections_active.get() > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(DRAIN_POLL).await;
+    }
+    let left = shared.metrics.connections_active.get();
+    if left > 0 {
+        tracing::warn!(
+            open = left,
+            "grace period over; closing the remaining connections"
+        );
+    }
+    life.close.cancel();
     tracker.close();
     if tokio::time::timeout(SHUTDOWN_GRACE, tracker.wait())
         .await
         .is_err()
     {
-        tracing::warn!("open connections did not finish within the shutdown grace period");
+        tracing::warn!("tasks did not finish after closing");
     }
     tracing::info!("proxy-agent stopped");
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use hyper_util::rt::TokioIo;
 use proxy_proto::tunnel_client::TunnelClient;
-use proxy_proto::{AgentMessage, MAX_MESSAGE, Register, agent_message, server_message};
+use proxy_proto::{AgentMessage, Drain, MAX_MESSAGE, Register, agent_message, server_message};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio_rustls::TlsConnector;
@@ -50,11 +50,22 @@ pub enum SessionError {
     Protocol(String),
 }
 
-/// Keeps a tunnel to `server` until `shutdown`.
-pub async fn maintain(server: ServerTarget, shared: Arc<Shared>, shutdown: CancellationToken) {
+/// The agent's two shutdown signals: `drain` (SIGTERM: tell servers, stop reconnecting, keep
+/// serving open connections) and `close` (grace over: end everything).
+#[derive(Debug, Clone)]
+pub struct Lifecycle {
+    /// Cancelled on the shutdown signal.
+    pub drain: CancellationToken,
+    /// Cancelled when the agent must close everything.
+    pub close: CancellationToken,
+}
+
+/// Keeps a tunnel to `server` until the agent drains.
+pub async fn maintain(server: ServerTarget, shared: Arc<Shared>, life: Lifecycle) {
     let mut backoff = Backoff::default();
+    let shutdown = &life.drain;
     while !shutdown.is_cancelled() {
-        match session(&server, &shared, &shutdown).await {
+        match session(&server, &shared, &life).await {
             Ok(()) => {
                 backoff.reset();
                 if shutdown.is_cancelled() {
@@ -120,7 +131,7 @@ fn error_chain(err: &dyn std::error::Error) -> String {
 async fn session(
     server: &ServerTarget,
     shared: &Arc<Shared>,
-    shutdown: &CancellationToken,
+    life: &Lifecycle,
 ) -> Result<(), SessionError> {
     let channel = connect(server, shared).await?;
     let mut client = TunnelClient::new(channel)
@@ -132,6 +143,8 @@ async fn session(
             cluster: shared.config.cluster.clone(),
             agent_id: shared.config.agent_id.clone(),
             version: env!("CARGO_PKG_VERSION").to_owned(),
+            upstream_ca: shared.config.upstream_ca_pem(),
+            upstream_server_name: shared.config.upstream_server_name.clone(),
         })),
     };
     control
@@ -166,12 +179,21 @@ async fn session(
 
     // Every tunneled connection of this session is a child of this token: losing the server
     // closes them all.
-    let session_token = shutdown.child_token();
+    let session_token = life.close.child_token();
     let _close_all = session_token.clone().drop_guard();
     let tracker = TaskTracker::new();
+    let mut draining = false;
     let result = loop {
         let msg = tokio::select! {
-            () = shutdown.cancelled() => break Ok(()),
+            () = life.drain.cancelled(), if !draining => {
+                draining = true;
+                let drain = AgentMessage { msg: Some(agent_message::Msg::Drain(Drain {})) };
+                // Best effort: if the queue is full the server learns when the stream ends.
+                let _ = control.try_send(drain);
+                tracing::info!(server = %server.addr, "draining: told the server to send new connections elsewhere");
+                continue;
+            }
+            () = life.close.cancelled() => break Ok(()),
             msg = inbound.message() => msg,
         };
         match msg {

@@ -17,21 +17,26 @@ use crate::auth::{Policy, PolicyError};
 #[command(
     name = "proxy-server",
     version,
-    about = "Reverse-tunnel API-server proxy: agents dial in over gRPC/mTLS, controllers CONNECT by cluster name."
+    about = "Reverse-tunnel API-server proxy: agents dial in over gRPC/mTLS, controllers CONNECT by cluster name.",
+    subcommand_negates_reqs = true,
+    args_conflicts_with_subcommands = true
 )]
 pub struct Args {
+    /// Without a subcommand the server runs.
+    #[command(subcommand)]
+    pub command: Option<Command>,
     /// gRPC (HTTP/2 over mutual TLS) listener for agents.
     #[arg(long, env = "PROXY_SERVER_AGENT_ADDR", default_value = "0.0.0.0:8091")]
     pub agent_addr: SocketAddr,
     /// The server's certificate (PEM chain) on the agent listener. Reloaded when it changes.
-    #[arg(long, env = "PROXY_SERVER_AGENT_TLS_CERT")]
-    pub agent_tls_cert: PathBuf,
+    #[arg(long, env = "PROXY_SERVER_AGENT_TLS_CERT", required = true)]
+    pub agent_tls_cert: Option<PathBuf>,
     /// The server's private key (PEM) on the agent listener. Reloaded when it changes.
-    #[arg(long, env = "PROXY_SERVER_AGENT_TLS_KEY")]
-    pub agent_tls_key: PathBuf,
+    #[arg(long, env = "PROXY_SERVER_AGENT_TLS_KEY", required = true)]
+    pub agent_tls_key: Option<PathBuf>,
     /// CA (PEM) that signs agent client certificates; agents without one are refused.
-    #[arg(long, env = "PROXY_SERVER_AGENT_CA")]
-    pub agent_ca: PathBuf,
+    #[arg(long, env = "PROXY_SERVER_AGENT_CA", required = true)]
+    pub agent_ca: Option<PathBuf>,
     /// HTTP CONNECT listener for controllers.
     #[arg(
         long,
@@ -105,6 +110,13 @@ pub struct Args {
     /// Most CONNECTs waiting for an agent's dial at once; more get 503.
     #[arg(long, env = "PROXY_SERVER_MAX_PENDING_DIALS", default_value_t = 2_048)]
     pub max_pending_dials: usize,
+    /// The proxy's address as controllers reach it, written as `proxy-url` into generated
+    /// kubeconfigs (default: http:// or https:// and --frontend-addr).
+    #[arg(long, env = "PROXY_SERVER_PUBLIC_URL")]
+    pub public_url: Option<String>,
+    /// On SIGTERM, how long open tunneled connections may continue before they are closed.
+    #[arg(long, env = "PROXY_SERVER_SHUTDOWN_GRACE", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub shutdown_grace: Duration,
     /// Optional suffix stripped from the CONNECT host to get the cluster name
     /// (e.g. `.clusters.local` lets `alpha.clusters.local:443` reach cluster `alpha`).
     #[arg(long, env = "PROXY_SERVER_CLUSTER_SUFFIX")]
@@ -115,6 +127,25 @@ pub struct Args {
     /// Log format.
     #[arg(long, env = "PROXY_SERVER_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+}
+
+/// Subcommands.
+#[derive(Debug, clap::Subcommand)]
+pub enum Command {
+    /// Write a kubeconfig with a cluster, user and context for every connected cluster (as
+    /// reported by a running server's admin listener); fill in the users' credentials.
+    Kubeconfig {
+        /// Admin listener of the running server.
+        #[arg(
+            long,
+            env = "PROXY_SERVER_ADMIN_URL",
+            default_value = "http://127.0.0.1:8095"
+        )]
+        admin_url: String,
+        /// Where to write it (default: standard output).
+        #[arg(long, short)]
+        out: Option<PathBuf>,
+    },
 }
 
 /// Why the flags do not make a usable configuration.
@@ -192,6 +223,10 @@ pub struct Config {
     pub limits: Limits,
     /// See [`Args::cluster_suffix`].
     pub cluster_suffix: Option<String>,
+    /// The proxy URL written into kubeconfigs.
+    pub public_url: String,
+    /// See [`Args::shutdown_grace`].
+    pub shutdown_grace: Duration,
     /// This server's id.
     pub server_id: String,
 }
@@ -220,11 +255,14 @@ fn at_least_one(flag: &'static str, n: usize) -> Result<usize, ConfigError> {
 impl Config {
     /// Checks the flags and loads the TLS material and policy.
     pub fn from_args(args: &Args) -> Result<Self, ConfigError> {
-        let agent_identity = CertKeyPaths {
-            cert: args.agent_tls_cert.clone(),
-            key: args.agent_tls_key.clone(),
+        let required = |flag: &'static str, v: &Option<PathBuf>| {
+            v.clone().ok_or_else(|| invalid(flag, "required"))
         };
-        let agent_ca = args.agent_ca.clone();
+        let agent_identity = CertKeyPaths {
+            cert: required("agent-tls-cert", &args.agent_tls_cert)?,
+            key: required("agent-tls-key", &args.agent_tls_key)?,
+        };
+        let agent_ca = required("agent-ca", &args.agent_ca)?;
         let agent_tls = Reloadable::load(
             "agent listener TLS",
             vec![
@@ -292,6 +330,24 @@ impl Config {
             None | Some("") => None,
             Some(s) => Some(s.to_ascii_lowercase()),
         };
+        let public_url = match &args.public_url {
+            Some(url) if url.starts_with("http://") || url.starts_with("https://") => url.clone(),
+            Some(url) => {
+                return Err(invalid(
+                    "public-url",
+                    format!("{url:?} must start with http:// or https://"),
+                ));
+            }
+            None => format!(
+                "{}://{}",
+                if frontend_tls.is_some() {
+                    "https"
+                } else {
+                    "http"
+                },
+                args.frontend_addr
+            ),
+        };
         if args.max_head_bytes < 256 {
             return Err(invalid("max-head-bytes", "must be at least 256"));
         }
@@ -317,6 +373,8 @@ impl Config {
                 max_pending_dials: at_least_one("max-pending-dials", args.max_pending_dials)?,
             },
             cluster_suffix,
+            public_url,
+            shutdown_grace: args.shutdown_grace,
             server_id: args
                 .server_id
                 .clone()

@@ -104,11 +104,13 @@ fn error_response(refusal: &Refusal) -> Vec<u8> {
     .into_bytes()
 }
 
-/// Accepts CONNECT clients until `shutdown`; each connection runs in `tracker`.
+/// Accepts CONNECT clients until `shutdown` (the listener is then closed, so new clients are
+/// refused); each connection runs in `tracker` until it ends or `close` fires.
 pub async fn serve(
     listener: TcpListener,
     frontend: Arc<Frontend>,
     shutdown: CancellationToken,
+    close: CancellationToken,
     tracker: TaskTracker,
 ) {
     loop {
@@ -124,7 +126,7 @@ pub async fn serve(
             },
         };
         let frontend = frontend.clone();
-        let cancel = shutdown.child_token();
+        let cancel = close.child_token();
         let span = tracing::info_span!(
             "connect",
             client.addr = %addr,
@@ -229,6 +231,9 @@ impl Frontend {
             Ok(t) => t,
             Err(refusal) => {
                 drop(slot);
+                if matches!(refusal.outcome, Outcome::DialFailed | Outcome::DialTimeout) {
+                    self.registry.record_dial(&cluster, Err(&refusal.reason));
+                }
                 let label = if self.registry.is_registered(&cluster) {
                     cluster.clone()
                 } else {
@@ -246,6 +251,7 @@ impl Frontend {
             return;
         }
         self.metrics.count(&cluster, Outcome::Ok);
+        self.registry.record_dial(&cluster, Ok(connect_time));
         self.metrics
             .dial_duration
             .get_or_create(&ClusterLabel {

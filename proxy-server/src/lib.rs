@@ -10,9 +10,11 @@ pub mod auth;
 pub mod config;
 pub mod connect;
 pub mod frontend;
+pub mod kubeconfig;
 pub mod listener;
 pub mod metrics;
 pub mod registry;
+pub mod status;
 pub mod tunnel;
 
 use std::net::SocketAddr;
@@ -40,7 +42,7 @@ pub const CONNECTION_WINDOW: u32 = 128 * 1024 * 1024;
 /// connection may open. hyper's default of 200 would cap a cluster's connections.
 pub const MAX_STREAMS_PER_AGENT: u32 = 16 * 1024;
 
-/// How long open work may take to wind down after the shutdown signal.
+/// How long tasks may take to finish once everything was told to close.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
 /// The server's three listeners, bound before [`run`].
@@ -70,6 +72,9 @@ pub enum ServerError {
     /// Installing the SIGHUP handler failed.
     #[error("cannot install the SIGHUP handler: {0}")]
     Signal(std::io::Error),
+    /// A task of the server panicked.
+    #[error("server task failed: {0}")]
+    Task(String),
     /// The gRPC server failed.
     #[error("agent listener failed: {0}")]
     Transport(#[from] tonic::transport::Error),
@@ -102,37 +107,59 @@ impl Listeners {
     }
 }
 
-/// Runs the server until `shutdown` is cancelled and open work has wound down.
+/// Runs the server until `shutdown` is cancelled, then drains: the listeners stop accepting
+/// (new CONNECTs and agents are refused), `/readyz` fails, open tunneled connections continue
+/// until they end or `--shutdown-grace` runs out, then everything still open is closed.
 pub async fn run(
     config: Config,
     listeners: Listeners,
     shutdown: CancellationToken,
 ) -> Result<(), ServerError> {
+    // `shutdown` stops intake; `close` ends what is still open once the drain is over. Agents'
+    // tokens and every tunneled connection's token are children of `close`.
+    let close = CancellationToken::new();
     let mut prometheus = prometheus_client::registry::Registry::default();
     let metrics = Arc::new(metrics::Metrics::new(&mut prometheus));
     let registry = Arc::new(registry::Registry::new(config.limits, metrics.clone()));
-    let tracker = TaskTracker::new();
+    let connections = TaskTracker::new();
+    let background = TaskTracker::new();
 
     // Certificates, keys, CAs and the policy are re-read when their files change or on SIGHUP.
     let reload = proxy_common::reload::sighup_trigger().map_err(ServerError::Signal)?;
     config
         .agent_tls
-        .spawn_watcher(reload.clone(), shutdown.clone());
+        .spawn_watcher(reload.clone(), close.clone());
     if let Some(tls) = &config.frontend_tls {
-        tls.spawn_watcher(reload.clone(), shutdown.clone());
+        tls.spawn_watcher(reload.clone(), close.clone());
     }
     if let config::FrontendAuth::Policy(policy) = &config.frontend_auth {
-        policy.spawn_watcher(reload.clone(), shutdown.clone());
+        policy.spawn_watcher(reload.clone(), close.clone());
     }
 
+    let status = Arc::new(status::Status {
+        registry: registry.clone(),
+        metrics: metrics.clone(),
+        server_id: config.server_id.clone(),
+        public_url: config.public_url.clone(),
+        started: std::time::SystemTime::now(),
+    });
+    let draining = shutdown.clone();
     let admin = proxy_common::admin::Admin {
-        ready: Arc::new(|| Ok(())),
+        checks: vec![(
+            "listeners",
+            Arc::new(move || match draining.is_cancelled() {
+                true => Err("draining for shutdown: not accepting connections".into()),
+                false => Ok("agent, frontend and admin listeners serving".into()),
+            }),
+        )],
         metrics: Arc::new(prometheus),
+        routes: Some(status.routes()),
     };
-    tracker.spawn(proxy_common::admin::serve(
+    // The admin listener answers through the drain, so probes see it fail readiness.
+    background.spawn(proxy_common::admin::serve(
         listeners.admin,
         admin,
-        shutdown.clone(),
+        close.clone(),
     ));
 
     let frontend = Arc::new(frontend::Frontend {
@@ -145,21 +172,24 @@ pub async fn run(
         agent_wait: config.agent_wait,
         cluster_suffix: config.cluster_suffix.clone(),
     });
-    tracker.spawn(frontend::serve(
+    background.spawn(frontend::serve(
         listeners.frontend,
         frontend,
         shutdown.clone(),
-        tracker.clone(),
+        close.clone(),
+        connections.clone(),
     ));
 
     tracing::info!(server.id = %config.server_id, "proxy-server started");
-    let service = tunnel::TunnelService::new(registry, config.server_id.clone(), shutdown.clone());
+    let service = tunnel::TunnelService::new(registry, config.server_id.clone(), close.clone());
     let incoming = listener::incoming(
         listeners.agent,
         config.agent_tls.clone(),
         config.limits.handshake_timeout,
         shutdown.clone(),
     );
+    // On `shutdown` the gRPC server stops accepting and sends GOAWAY; streams already open (the
+    // control streams, data streams of open connections) continue until `close`.
     let grpc = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(config.keepalive_interval))
         .http2_keepalive_timeout(Some(config.keepalive_timeout))
@@ -172,16 +202,33 @@ pub async fn run(
                 .max_encoding_message_size(MAX_MESSAGE),
         )
         .serve_with_incoming_shutdown(incoming, shutdown.clone().cancelled_owned());
+    let grpc = tokio::spawn(grpc);
 
-    let result = grpc.await;
-    shutdown.cancel();
-    tracker.close();
-    if tokio::time::timeout(SHUTDOWN_GRACE, tracker.wait())
+    shutdown.cancelled().await;
+    connections.close();
+    let open = connections.len();
+    tracing::info!(open, grace = ?config.shutdown_grace, "draining");
+    if tokio::time::timeout(config.shutdown_grace, connections.wait())
         .await
         .is_err()
     {
-        tracing::warn!("open connections did not finish within the shutdown grace period");
+        tracing::warn!(
+            open = connections.len(),
+            "grace period over; closing the remaining connections"
+        );
     }
+    close.cancel();
+    let _ = tokio::time::timeout(SHUTDOWN_GRACE, connections.wait()).await;
+    let result = match tokio::time::timeout(SHUTDOWN_GRACE, grpc).await {
+        Ok(Ok(res)) => res.map_err(ServerError::from),
+        Ok(Err(join)) => Err(ServerError::Task(join.to_string())),
+        Err(_) => {
+            tracing::warn!("agent connections did not close in time");
+            Ok(())
+        }
+    };
+    background.close();
+    let _ = tokio::time::timeout(SHUTDOWN_GRACE, background.wait()).await;
     tracing::info!("proxy-server stopped");
-    Ok(result?)
+    result
 }

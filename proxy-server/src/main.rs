@@ -1,15 +1,22 @@
-//! `proxy-server`: parse flags, start tracing, bind, run until SIGTERM/SIGINT.
+//! `proxy-server`: parse flags, start tracing, bind, run until SIGTERM/SIGINT (then drain);
+//! or `proxy-server kubeconfig` to write the connected clusters' kubeconfig.
 #![forbid(unsafe_code)]
 
 use anyhow::Context;
 use clap::Parser;
+use proxy_server::config::Command;
 use tokio_util::sync::CancellationToken;
 
 fn main() -> anyhow::Result<()> {
     let args = proxy_server::Args::parse();
     proxy_common::telemetry::init(args.log_format);
+    let runtime = tokio::runtime::Runtime::new()?;
+    if let Some(Command::Kubeconfig { admin_url, out }) = &args.command {
+        runtime.block_on(proxy_server::kubeconfig::write(admin_url, out.as_deref()))?;
+        return Ok(());
+    }
     let config = proxy_server::Config::from_args(&args).context("invalid configuration")?;
-    tokio::runtime::Runtime::new()?.block_on(async {
+    runtime.block_on(async {
         let listeners = proxy_server::Listeners::bind(&config).await?;
         let shutdown = CancellationToken::new();
         proxy_common::shutdown::spawn_signal_handler(shutdown.clone())?;

@@ -8,7 +8,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 use dashmap::DashMap;
@@ -40,6 +40,10 @@ pub struct AgentInfo {
     pub addr: SocketAddr,
     /// When it registered.
     pub connected_at: SystemTime,
+    /// The member API server's CA bundle (PEM), as the agent reported it, if valid.
+    pub upstream_ca: Option<String>,
+    /// The TLS name of the member API server, as the agent reported it, if valid.
+    pub upstream_server_name: Option<String>,
 }
 
 /// A connected agent: where to send dial requests, and the token that closes everything it
@@ -50,6 +54,7 @@ pub struct AgentHandle {
     pub info: AgentInfo,
     control: mpsc::Sender<Result<ServerMessage, Status>>,
     closed: CancellationToken,
+    draining: AtomicBool,
 }
 
 /// The agent's control stream is gone.
@@ -68,7 +73,18 @@ impl AgentHandle {
             info,
             control,
             closed,
+            draining: AtomicBool::new(false),
         }
+    }
+
+    /// Marks the agent as shutting down: new dials go to its cluster's other agents.
+    pub fn set_draining(&self) {
+        self.draining.store(true, Ordering::Release);
+    }
+
+    /// Whether the agent said it is shutting down.
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
     }
 
     /// Cancelled when the agent leaves the registry (or the server shuts down).
@@ -138,6 +154,34 @@ pub struct Registry {
     changed: Notify,
     limits: Limits,
     metrics: Arc<Metrics>,
+    dial_stats: DashMap<String, DialStats>,
+}
+
+/// Recent dials of one cluster, for the status page.
+#[derive(Debug, Clone, Default)]
+pub struct DialStats {
+    /// Latencies (CONNECT to 200) of the most recent successful dials, newest last.
+    pub recent_ms: std::collections::VecDeque<f64>,
+    /// Dials that failed (502/504) since the cluster registered.
+    pub failures: u64,
+    /// The latest failure: when, and why.
+    pub last_failure: Option<(SystemTime, String)>,
+}
+
+/// Dial latencies kept per cluster for the status page.
+pub const RECENT_DIALS: usize = 64;
+
+/// What the status page shows of one cluster.
+#[derive(Debug, Clone)]
+pub struct ClusterSnapshot {
+    /// Cluster name.
+    pub name: String,
+    /// Its agents, and whether each is draining.
+    pub agents: Vec<(AgentInfo, bool)>,
+    /// Open tunneled connections.
+    pub open_connections: usize,
+    /// Recent dials.
+    pub dials: DialStats,
 }
 
 /// A limit that refused a CONNECT (the client gets `503` with this reason).
@@ -173,6 +217,27 @@ impl Registry {
             changed: Notify::new(),
             limits,
             metrics,
+            dial_stats: DashMap::new(),
+        }
+    }
+
+    /// Records a dial's result for the status page (registered clusters only).
+    pub fn record_dial(&self, cluster: &str, result: Result<Duration, &str>) {
+        if !self.is_registered(cluster) {
+            return;
+        }
+        let mut stats = self.dial_stats.entry(cluster.to_owned()).or_default();
+        match result {
+            Ok(latency) => {
+                if stats.recent_ms.len() == RECENT_DIALS {
+                    stats.recent_ms.pop_front();
+                }
+                stats.recent_ms.push_back(latency.as_secs_f64() * 1e3);
+            }
+            Err(reason) => {
+                stats.failures += 1;
+                stats.last_failure = Some((SystemTime::now(), reason.to_owned()));
+            }
         }
     }
 
@@ -239,13 +304,43 @@ impl Registry {
     }
 
     /// An agent of `cluster`, spreading successive calls across the cluster's agents.
+    /// Draining agents are passed over while the cluster has others.
     pub fn pick(&self, cluster: &str) -> Option<Arc<AgentHandle>> {
         let agents = self.clusters.get(cluster)?;
         if agents.is_empty() {
             return None;
         }
-        let i = self.round_robin.fetch_add(1, Ordering::Relaxed) % agents.len();
-        Some(agents[i].clone())
+        let start = self.round_robin.fetch_add(1, Ordering::Relaxed);
+        let n = agents.len();
+        (0..n)
+            .map(|k| &agents[(start + k) % n])
+            .find(|a| !a.is_draining())
+            .or_else(|| agents.get(start % n))
+            .cloned()
+    }
+
+    /// Every cluster with its agents and open connections, sorted by name.
+    pub fn snapshot(&self) -> Vec<ClusterSnapshot> {
+        let mut out: Vec<ClusterSnapshot> = self
+            .clusters
+            .iter()
+            .map(|entry| ClusterSnapshot {
+                name: entry.key().clone(),
+                agents: entry
+                    .value()
+                    .iter()
+                    .map(|a| (a.info.clone(), a.is_draining()))
+                    .collect(),
+                open_connections: self.open.get(entry.key()).map_or(0, |n| *n),
+                dials: self
+                    .dial_stats
+                    .get(entry.key())
+                    .map(|d| d.clone())
+                    .unwrap_or_default(),
+            })
+            .collect();
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        out
     }
 
     /// An agent of `cluster`; if the cluster's last agent left within [`RECONNECT_WINDOW`],
@@ -351,8 +446,13 @@ impl Registry {
         };
         if emptied {
             // Re-checked under the map's lock: an agent may have registered in between.
-            self.clusters
-                .remove_if(cluster, |_, agents| agents.is_empty());
+            if self
+                .clusters
+                .remove_if(cluster, |_, agents| agents.is_empty())
+                .is_some()
+            {
+                self.dial_stats.remove(cluster);
+            }
             self.departed
                 .retain(|_, left| left.elapsed() < RECONNECT_WINDOW);
             self.departed.insert(cluster.clone(), Instant::now());

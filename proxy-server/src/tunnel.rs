@@ -96,6 +96,28 @@ pub fn registration(first: Option<AgentMessage>, cn: &str) -> Result<Register, S
     Ok(reg)
 }
 
+/// The API-server CA and TLS name an agent reported, kept only if they are valid: a broken CA
+/// costs the cluster its generated kubeconfig, not its registration.
+fn kubeconfig_facts(reg: &Register) -> (Option<String>, Option<String>) {
+    let ca = if reg.upstream_ca.is_empty() {
+        None
+    } else {
+        let parsed = std::str::from_utf8(&reg.upstream_ca).ok().filter(|pem| {
+            use rustls::pki_types::CertificateDer;
+            use rustls::pki_types::pem::PemObject;
+            let certs: Vec<_> = CertificateDer::pem_slice_iter(pem.as_bytes()).collect();
+            !certs.is_empty() && certs.iter().all(Result::is_ok)
+        });
+        if parsed.is_none() {
+            tracing::warn!(cluster = %reg.cluster, agent.id = %reg.agent_id, "agent reported an API-server CA that is not PEM certificates; no kubeconfig for it");
+        }
+        parsed.map(str::to_owned)
+    };
+    let name = Some(reg.upstream_server_name.clone())
+        .filter(|n| !n.is_empty() && n.len() <= 253 && proxy_common::tls::server_name(n).is_ok());
+    (ca, name)
+}
+
 type DataResponse = Pin<Box<dyn Stream<Item = Result<Chunk, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -128,6 +150,7 @@ impl Tunnel for TunnelService {
         };
         tx.try_send(Ok(registered))
             .map_err(|_| Status::internal("control queue full at registration"))?;
+        let (upstream_ca, upstream_server_name) = kubeconfig_facts(&reg);
         let info = AgentInfo {
             cluster: reg.cluster,
             agent_id: reg.agent_id,
@@ -135,6 +158,8 @@ impl Tunnel for TunnelService {
             conn_id: conn.id,
             addr: conn.addr,
             connected_at: SystemTime::now(),
+            upstream_ca,
+            upstream_server_name,
         };
         let closed = self.shutdown.child_token();
         let registration = self
@@ -200,6 +225,12 @@ async fn serve_control(
                 ) {
                     tracing::debug!(cluster = %info.cluster, %err, "dial failure for no pending dial");
                 }
+            }
+            Ok(Some(AgentMessage {
+                msg: Some(agent_message::Msg::Drain(_)),
+            })) => {
+                registration.agent().set_draining();
+                tracing::info!(cluster = %info.cluster, agent.id = %info.agent_id, "agent draining: new connections go to other agents of the cluster");
             }
             Ok(Some(_)) => break "protocol violation: unexpected control message".to_owned(),
             Ok(None) => break "control stream closed by agent".to_owned(),
