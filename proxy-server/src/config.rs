@@ -223,8 +223,8 @@ pub struct Config {
     pub limits: Limits,
     /// See [`Args::cluster_suffix`].
     pub cluster_suffix: Option<String>,
-    /// The proxy URL written into kubeconfigs.
-    pub public_url: String,
+    /// The proxy URL written into kubeconfigs; `None`: derived from the bound frontend address.
+    pub public_url: Option<String>,
     /// See [`Args::shutdown_grace`].
     pub shutdown_grace: Duration,
     /// This server's id.
@@ -331,22 +331,16 @@ impl Config {
             Some(s) => Some(s.to_ascii_lowercase()),
         };
         let public_url = match &args.public_url {
-            Some(url) if url.starts_with("http://") || url.starts_with("https://") => url.clone(),
+            Some(url) if url.starts_with("http://") || url.starts_with("https://") => {
+                Some(url.clone())
+            }
             Some(url) => {
                 return Err(invalid(
                     "public-url",
                     format!("{url:?} must start with http:// or https://"),
                 ));
             }
-            None => format!(
-                "{}://{}",
-                if frontend_tls.is_some() {
-                    "https"
-                } else {
-                    "http"
-                },
-                args.frontend_addr
-            ),
+            None => None,
         };
         if args.max_head_bytes < 256 {
             return Err(invalid("max-head-bytes", "must be at least 256"));

@@ -19,7 +19,7 @@ use crate::auth::{AuthError, Credentials};
 use crate::config::{FrontendAuth, Limits};
 use crate::connect::{self, ConnectRequest, RequestError};
 use crate::metrics::{ClusterLabel, Metrics, Outcome};
-use crate::registry::{AgentGone, DialOutcome, Registry, TunnelStream};
+use crate::registry::{AgentGone, ConnectionSlot, DialOutcome, Registry, TunnelStream};
 
 /// What the frontend needs from the rest of the server.
 #[derive(Debug)]
@@ -220,17 +220,9 @@ impl Frontend {
         };
         tracing::Span::current().record("identity", identity.as_str());
 
-        let slot = match self.registry.open_connection(&cluster) {
-            Ok(slot) => slot,
-            Err(limit) => {
-                let r = Refusal::new(503, Outcome::Limited, limit.to_string());
-                return self.refuse(client, &label, r).await;
-            }
-        };
-        let (agent_id, agent_closed, stream) = match self.dial(&cluster).await {
+        let (slot, agent_id, agent_closed, stream) = match self.dial(&cluster).await {
             Ok(t) => t,
             Err(refusal) => {
-                drop(slot);
                 if matches!(refusal.outcome, Outcome::DialFailed | Outcome::DialTimeout) {
                     self.registry.record_dial(&cluster, Err(&refusal.reason));
                 }
@@ -371,11 +363,13 @@ impl Frontend {
         }
     }
 
-    /// Finds an agent for `cluster` and has it dial its upstream.
+    /// Finds an agent for `cluster`, takes a connection slot, and has the agent dial its
+    /// upstream. The slot is taken only once the cluster is known to be registered, so metric
+    /// labels never carry a name a client made up.
     async fn dial(
         &self,
         cluster: &str,
-    ) -> Result<(String, CancellationToken, Box<TunnelStream>), Refusal> {
+    ) -> Result<(ConnectionSlot, String, CancellationToken, Box<TunnelStream>), Refusal> {
         let Some(agent) = self.registry.wait_for_agent(cluster, self.agent_wait).await else {
             return Err(Refusal::new(
                 503,
@@ -383,6 +377,10 @@ impl Frontend {
                 format!("no agent connected for cluster {cluster:?}"),
             ));
         };
+        let slot = self
+            .registry
+            .open_connection(cluster)
+            .map_err(|limit| Refusal::new(503, Outcome::Limited, limit.to_string()))?;
         let mut pending = self
             .registry
             .begin_dial(&agent)
@@ -394,7 +392,7 @@ impl Frontend {
         let agent_id = &agent.info.agent_id;
         match tokio::time::timeout(self.dial_timeout, dial).await {
             Ok(Ok(DialOutcome::Connected(stream))) => {
-                Ok((agent_id.clone(), agent.closed().clone(), stream))
+                Ok((slot, agent_id.clone(), agent.closed().clone(), stream))
             }
             Ok(Ok(DialOutcome::Failed(reason))) => Err(Refusal::new(
                 502,

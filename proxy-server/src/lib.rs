@@ -107,6 +107,23 @@ impl Listeners {
     }
 }
 
+/// The proxy URL for kubeconfigs: `--public-url`, or the bound frontend address.
+fn public_url(config: &Config, frontend: &TcpListener) -> String {
+    if let Some(url) = &config.public_url {
+        return url.clone();
+    }
+    let scheme = if config.frontend_tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    let addr = frontend.local_addr().unwrap_or(config.frontend_addr);
+    if addr.ip().is_unspecified() {
+        tracing::warn!(%addr, "frontend listens on all addresses: set --public-url so generated kubeconfigs name a reachable proxy");
+    }
+    format!("{scheme}://{addr}")
+}
+
 /// Runs the server until `shutdown` is cancelled, then drains: the listeners stop accepting
 /// (new CONNECTs and agents are refused), `/readyz` fails, open tunneled connections continue
 /// until they end or `--shutdown-grace` runs out, then everything still open is closed.
@@ -140,7 +157,7 @@ pub async fn run(
         registry: registry.clone(),
         metrics: metrics.clone(),
         server_id: config.server_id.clone(),
-        public_url: config.public_url.clone(),
+        public_url: public_url(&config, &listeners.frontend),
         started: std::time::SystemTime::now(),
     });
     let draining = shutdown.clone();

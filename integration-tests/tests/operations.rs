@@ -1,0 +1,643 @@
+//! What operators rely on: metrics that move as bytes flow, readiness that follows agents, the
+//! status page, generated kubeconfigs, JSON logs, and graceful drain of server and agents.
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use integration_tests::data::Pattern;
+use integration_tests::procs::{admin_get, metric};
+use integration_tests::upstream::{BannerServer, BulkServer, SourceServer};
+use integration_tests::{AgentProc, Bed, ConnectReply, FakeApiServer, ServerProc, connect};
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+
+const MIB: u64 = 1 << 20;
+
+async fn eventually<F, Fut>(what: &str, limit: Duration, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + limit;
+    while !f().await {
+        assert!(Instant::now() < deadline, "{what}: not within {limit:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_move_while_bytes_flow_and_settle_after() {
+    let bed = Bed::new(&["alpha"]);
+    let source = SourceServer::start().await.unwrap();
+    let server = ServerProc::start(&bed.pki, None, &[]).await.unwrap();
+    let agent = AgentProc::start_ready(&bed.pki, &[server.agent_addr], "alpha", source.addr)
+        .await
+        .unwrap();
+    let (s, a) = (server.admin_addr, agent.admin_addr);
+    assert_eq!(
+        metric(s, r#"proxy_server_agents{cluster="alpha"}"#).await,
+        1.0
+    );
+    assert_eq!(metric(a, "proxy_agent_servers_connected").await, 1.0);
+
+    // A long-lived stream: bytes are visible before it ends.
+    let mut tunnel = connect(server.frontend_addr, "alpha:443")
+        .await
+        .unwrap()
+        .tunnel()
+        .unwrap();
+    let mut buf = vec![0u8; 8 * MIB as usize];
+    tunnel.read_exact(&mut buf).await.unwrap();
+    tunnel.write_all(b"0123456789").await.unwrap();
+    let from = r#"proxy_server_bytes_total{cluster="alpha",direction="from_cluster"}"#;
+    assert!(
+        metric(s, from).await >= (8 * MIB) as f64,
+        "server bytes not counted while flowing"
+    );
+    assert!(
+        metric(a, r#"proxy_agent_bytes_total{direction="from_upstream"}"#).await
+            >= (8 * MIB) as f64
+    );
+    eventually(
+        "bytes to cluster counted",
+        Duration::from_secs(5),
+        || async {
+            metric(
+                s,
+                r#"proxy_server_bytes_total{cluster="alpha",direction="to_cluster"}"#,
+            )
+            .await
+                == 10.0
+        },
+    )
+    .await;
+    assert_eq!(
+        metric(s, r#"proxy_server_connections_active{cluster="alpha"}"#).await,
+        1.0
+    );
+    assert_eq!(metric(a, "proxy_agent_connections_active").await, 1.0);
+    assert_eq!(
+        metric(
+            s,
+            r#"proxy_server_connections_total{cluster="alpha",result="ok"}"#
+        )
+        .await,
+        1.0
+    );
+    assert_eq!(
+        metric(
+            s,
+            r#"proxy_server_dial_duration_seconds_count{cluster="alpha"}"#
+        )
+        .await,
+        1.0
+    );
+    assert_eq!(
+        metric(a, "proxy_agent_upstream_dial_duration_seconds_count").await,
+        1.0
+    );
+
+    drop(tunnel);
+    eventually(
+        "connections_active back to 0",
+        Duration::from_secs(5),
+        || async {
+            metric(s, r#"proxy_server_connections_active{cluster="alpha"}"#).await == 0.0
+                && metric(a, "proxy_agent_connections_active").await == 0.0
+        },
+    )
+    .await;
+    // An unknown cluster is counted without creating a label for it.
+    let _ = connect(server.frontend_addr, "nosuch:443").await.unwrap();
+    assert_eq!(
+        metric(
+            s,
+            r#"proxy_server_connections_total{cluster="",result="no_agent"}"#
+        )
+        .await,
+        1.0
+    );
+    let (_, body) = admin_get(s, "/metrics").await.unwrap();
+    assert!(
+        !body.contains("nosuch"),
+        "client-chosen name became a label"
+    );
+    // A failed upstream dial is counted by reason on the agent.
+    drop(agent);
+    let closed = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let agent = AgentProc::start_ready(&bed.pki, &[server.agent_addr], "alpha", closed)
+        .await
+        .unwrap();
+    let _ = connect(server.frontend_addr, "alpha:443").await.unwrap();
+    assert_eq!(
+        metric(
+            agent.admin_addr,
+            r#"proxy_agent_upstream_dial_failures_total{reason="refused"}"#
+        )
+        .await,
+        1.0
+    );
+    assert_eq!(
+        metric(
+            s,
+            r#"proxy_server_connections_total{cluster="alpha",result="dial_failed"}"#
+        )
+        .await,
+        1.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_follows_agents_and_servers() {
+    let bed = Bed::new(&["alpha"]);
+    let up = BannerServer::start("alpha-upstream").await.unwrap();
+    let server = ServerProc::start(&bed.pki, None, &[]).await.unwrap();
+    let (status, body) = admin_get(server.admin_addr, "/readyz?verbose")
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+    assert!(
+        body.contains("[+]listeners ok") && body.contains("readyz check passed"),
+        "{body}"
+    );
+    let (status, body) = admin_get(server.admin_addr, "/healthz?verbose")
+        .await
+        .unwrap();
+    assert!(status == 200 && body.contains("[+]ping ok"), "{body}");
+
+    let agent = AgentProc::start_ready(&bed.pki, &[server.agent_addr], "alpha", up.addr)
+        .await
+        .unwrap();
+    let agent_addr = server.agent_addr;
+    server.proc.kill().await;
+    eventually(
+        "agent not ready once its only server is gone",
+        Duration::from_secs(5),
+        || async { admin_get(agent.admin_addr, "/readyz").await.unwrap().0 == 503 },
+    )
+    .await;
+    let (_, body) = admin_get(agent.admin_addr, "/readyz?verbose")
+        .await
+        .unwrap();
+    assert!(
+        body.contains("[-]registered failed") && body.contains("readyz check failed"),
+        "{body}"
+    );
+    let _server = ServerProc::start(&bed.pki, Some(agent_addr), &[])
+        .await
+        .unwrap();
+    agent.wait_registered(Duration::from_secs(5)).await.unwrap();
+    let (_, body) = admin_get(agent.admin_addr, "/readyz?verbose")
+        .await
+        .unwrap();
+    assert!(
+        body.contains("[+]registered ok: registered with 1 server(s)"),
+        "{body}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_page_and_json_list_what_is_connected() {
+    let bed = Bed::new(&["alpha", "beta"]);
+    let up = BannerServer::start("x").await.unwrap();
+    let server = ServerProc::start(&bed.pki, None, &["--server-id", "status-test"])
+        .await
+        .unwrap();
+    let _a1 = AgentProc::start(
+        &bed.pki,
+        &[server.agent_addr],
+        "alpha",
+        up.addr,
+        &["--agent-id", "alpha-<one>"],
+    )
+    .await
+    .unwrap();
+    let _a2 = AgentProc::start(
+        &bed.pki,
+        &[server.agent_addr],
+        "alpha",
+        up.addr,
+        &["--agent-id", "alpha-two"],
+    )
+    .await
+    .unwrap();
+    let _b = AgentProc::start(
+        &bed.pki,
+        &[server.agent_addr],
+        "beta",
+        up.addr,
+        &["--agent-id", "beta-one"],
+    )
+    .await
+    .unwrap();
+    eventually(
+        "three agents registered",
+        Duration::from_secs(10),
+        || async {
+            metric(server.admin_addr, r#"proxy_server_agents{cluster="alpha"}"#).await == 2.0
+                && metric(server.admin_addr, r#"proxy_server_agents{cluster="beta"}"#).await == 1.0
+        },
+    )
+    .await;
+    let open = connect(server.frontend_addr, "alpha:443")
+        .await
+        .unwrap()
+        .tunnel()
+        .unwrap();
+
+    let (status, json) = admin_get(server.admin_addr, "/api/v1/clusters")
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+    let doc: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(doc["server_id"], "status-test");
+    let clusters = doc["clusters"].as_array().unwrap();
+    assert_eq!(clusters.len(), 2);
+    assert_eq!(clusters[0]["name"], "alpha");
+    assert_eq!(clusters[0]["agents"].as_array().unwrap().len(), 2);
+    assert_eq!(clusters[0]["connections_active"], 1);
+    assert_eq!(clusters[0]["recent_dials"], 1);
+    assert!(clusters[0]["dial_ms_p50"].as_f64().unwrap() > 0.0);
+    assert_eq!(clusters[1]["agents"][0]["id"], "beta-one");
+    assert_eq!(clusters[1]["agents"][0]["draining"], false);
+
+    let (status, html) = admin_get(server.admin_addr, "/").await.unwrap();
+    assert_eq!(status, 200);
+    assert!(
+        html.contains("http-equiv=\"refresh\""),
+        "page does not refresh itself"
+    );
+    for needle in [
+        "status-test",
+        "<b>alpha</b>",
+        "<b>beta</b>",
+        "alpha-two",
+        "beta-one",
+        "median",
+    ] {
+        assert!(
+            html.contains(needle),
+            "{needle} missing from the status page"
+        );
+    }
+    assert!(
+        html.contains("alpha-&lt;one&gt;") && !html.contains("alpha-<one>"),
+        "agent id not escaped"
+    );
+    drop(open);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn generated_kubeconfigs_work_with_kubectl_and_verify_the_member() {
+    let bed = Bed::new(&["alpha", "beta"]);
+    let server = ServerProc::start(&bed.pki, None, &[]).await.unwrap();
+    let mut agents = Vec::new();
+    for cluster in ["alpha", "beta"] {
+        let api = FakeApiServer::start(&bed.pki, cluster).await.unwrap();
+        let ca = bed.pki.apiserver_ca(cluster).display().to_string();
+        let agent = AgentProc::start(
+            &bed.pki,
+            &[server.agent_addr],
+            cluster,
+            api.addr,
+            &["--upstream-ca", &ca],
+        )
+        .await
+        .unwrap();
+        agent
+            .wait_registered(Duration::from_secs(10))
+            .await
+            .unwrap();
+        agents.push(agent);
+    }
+    // One cluster, from the admin API.
+    let (status, yaml) = admin_get(server.admin_addr, "/api/v1/clusters/alpha/kubeconfig")
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{yaml}");
+    assert!(
+        yaml.contains("tls-server-name: kubernetes.default.svc")
+            && yaml.contains(&format!("proxy-url: \"http://{}\"", server.frontend_addr)),
+        "{yaml}"
+    );
+    assert!(!yaml.contains("insecure-skip-tls-verify"));
+    let path = bed.dir.path().join("generated-alpha");
+    std::fs::write(&path, &yaml).unwrap();
+    let kubectl = |args: &[&str]| {
+        Command::new("kubectl")
+            .arg("--kubeconfig")
+            .arg(&path)
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    // The operator fills in the user.
+    let set = kubectl(&[
+        "config",
+        "set-credentials",
+        "alpha",
+        "--token=operator-token",
+    ]);
+    assert!(
+        set.status.success(),
+        "{}",
+        String::from_utf8_lossy(&set.stderr)
+    );
+    let out = kubectl(&["--request-timeout", "10s", "get", "--raw", "/version"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("+alpha"));
+
+    // Every cluster, with `proxy-server kubeconfig`.
+    let all = bed.dir.path().join("generated-all");
+    let out = Command::new(integration_tests::procs::bin("proxy-server"))
+        .args([
+            "kubeconfig",
+            "--admin-url",
+            &format!("http://{}", server.admin_addr),
+            "--out",
+        ])
+        .arg(&all)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let view = Command::new("kubectl")
+        .arg("--kubeconfig")
+        .arg(&all)
+        .args(["config", "view", "-o", "jsonpath={.contexts[*].name}"])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&view.stdout), "alpha beta");
+    let out = Command::new("kubectl")
+        .arg("--kubeconfig")
+        .arg(&all)
+        .args([
+            "--context",
+            "beta",
+            "--token",
+            "t",
+            "--request-timeout",
+            "10s",
+            "get",
+            "namespaces",
+            "-o",
+            "name",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("namespace/beta-only"));
+
+    // A cluster without a reported CA, or none at all, is a clear 404.
+    let (status, body) = admin_get(server.admin_addr, "/api/v1/clusters/gamma/kubeconfig")
+        .await
+        .unwrap();
+    assert!(
+        status == 404 && body.contains("no agent connected for cluster \"gamma\""),
+        "{body}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_logs_carry_one_access_line_per_connection() {
+    let bed = Bed::new(&["alpha"]);
+    let up = BannerServer::start("alpha-upstream").await.unwrap();
+    let server = ServerProc::start(&bed.pki, None, &["--log-format", "json"])
+        .await
+        .unwrap();
+    let _agent = AgentProc::start_ready(&bed.pki, &[server.agent_addr], "alpha", up.addr)
+        .await
+        .unwrap();
+    let mut tunnel = connect(server.frontend_addr, "alpha:443")
+        .await
+        .unwrap()
+        .tunnel()
+        .unwrap();
+    tunnel.write_all(b"ping\n").await.unwrap();
+    let mut r = BufReader::new(tunnel);
+    let mut line = String::new();
+    r.read_line(&mut line).await.unwrap();
+    r.read_line(&mut line).await.unwrap();
+    drop(r);
+    eventually("access line logged", Duration::from_secs(5), || {
+        let logged = server.proc.logs().contains("tunneled connection closed");
+        async move { logged }
+    })
+    .await;
+    let line = server
+        .proc
+        .logs()
+        .lines()
+        .find(|l| l.contains("tunneled connection closed"))
+        .unwrap()
+        .to_owned();
+    let v: serde_json::Value =
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"));
+    let span = &v["span"];
+    assert_eq!(span["cluster"], "alpha", "{v}");
+    assert_eq!(span["identity"], "anonymous", "{v}");
+    assert!(
+        span["client.addr"]
+            .as_str()
+            .unwrap()
+            .starts_with("127.0.0.1:"),
+        "{v}"
+    );
+    assert_eq!(v["bytes_to_cluster"], 5, "{v}");
+    assert_eq!(v["bytes_from_cluster"], 20, "{v}");
+    assert!(
+        v["agent.id"].is_string() && v["duration_ms"].is_u64() && v["outcome"].is_string(),
+        "{v}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_lets_open_transfers_finish_and_refuses_new_connects() {
+    const LEN: u64 = 64 * MIB;
+    let bed = Bed::new(&["alpha"]);
+    let bulk = BulkServer::start(LEN).await.unwrap();
+    let mut server = ServerProc::start(&bed.pki, None, &[]).await.unwrap();
+    let _agent = AgentProc::start_ready(&bed.pki, &[server.agent_addr], "alpha", bulk.addr)
+        .await
+        .unwrap();
+    let tunnel = connect(server.frontend_addr, "alpha:443")
+        .await
+        .unwrap()
+        .tunnel()
+        .unwrap();
+    let (mut rd, mut wr) = tunnel.into_split();
+    let mut got = vec![0u8; MIB as usize];
+    rd.read_exact(&mut got).await.unwrap();
+
+    server.proc.signal("TERM");
+    let signalled = Instant::now();
+    // New CONNECTs are refused while the transfer goes on, and readiness fails.
+    eventually(
+        "frontend stops accepting",
+        Duration::from_secs(5),
+        || async {
+            tokio::net::TcpStream::connect(server.frontend_addr)
+                .await
+                .is_err()
+        },
+    )
+    .await;
+    let (status, body) = admin_get(server.admin_addr, "/readyz?verbose")
+        .await
+        .unwrap();
+    assert!(status == 503 && body.contains("draining"), "{body}");
+
+    let writer = tokio::spawn(async move {
+        let mut p = Pattern::new(LEN);
+        while let Some(b) = p.next_block() {
+            wr.write_all(&b).await.unwrap();
+        }
+        wr.shutdown().await.unwrap();
+        wr
+    });
+    let mut hash = Sha256::new();
+    hash.update(&got);
+    let mut rest = Vec::new();
+    rd.read_to_end(&mut rest).await.unwrap();
+    let _wr = writer.await.unwrap();
+    assert_eq!(
+        rest.len() as u64 + MIB,
+        LEN + 32,
+        "transfer cut short by the drain"
+    );
+    hash.update(&rest[..rest.len() - 32]);
+    assert_eq!(<[u8; 32]>::from(hash.finalize()), Pattern::digest(LEN));
+    assert_eq!(&rest[rest.len() - 32..], &Pattern::digest(LEN));
+
+    // Once the last connection ended the server exits, well before the 30 s grace.
+    let status = server.proc.wait(Duration::from_secs(10)).await.unwrap();
+    assert!(status.success(), "exit status {status}");
+    assert!(signalled.elapsed() < Duration::from_secs(15));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_still_open_when_the_grace_ends_are_closed_and_the_server_exits() {
+    let bed = Bed::new(&["alpha"]);
+    let source = SourceServer::start().await.unwrap();
+    let mut server = ServerProc::start(&bed.pki, None, &["--shutdown-grace", "1s"])
+        .await
+        .unwrap();
+    let _agent = AgentProc::start_ready(&bed.pki, &[server.agent_addr], "alpha", source.addr)
+        .await
+        .unwrap();
+    let mut tunnel = connect(server.frontend_addr, "alpha:443")
+        .await
+        .unwrap()
+        .tunnel()
+        .unwrap();
+    let mut buf = vec![0u8; 64 * 1024];
+    tunnel.read_exact(&mut buf).await.unwrap();
+    let started = Instant::now();
+    server.proc.signal("TERM");
+    let status = server.proc.wait(Duration::from_secs(10)).await.unwrap();
+    let took = started.elapsed();
+    assert!(status.success(), "exit status {status}");
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_secs(5),
+        "exited after {took:?}"
+    );
+    // The client's connection was closed.
+    let res = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match tunnel.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    assert!(res.is_ok(), "connection left open after the server exited");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_draining_agent_hands_new_connections_to_its_sibling_without_failures() {
+    let bed = Bed::new(&["alpha"]);
+    let one = BannerServer::start("one").await.unwrap();
+    let two = BannerServer::start("two").await.unwrap();
+    let server = ServerProc::start(&bed.pki, None, &[]).await.unwrap();
+    let mut first = AgentProc::start_ready(&bed.pki, &[server.agent_addr], "alpha", one.addr)
+        .await
+        .unwrap();
+    let _second = AgentProc::start_ready(&bed.pki, &[server.agent_addr], "alpha", two.addr)
+        .await
+        .unwrap();
+
+    // Find a connection carried by the first agent, and keep it open.
+    let mut held = None;
+    for _ in 0..20 {
+        let t = connect(server.frontend_addr, "alpha:443")
+            .await
+            .unwrap()
+            .tunnel()
+            .unwrap();
+        let mut r = BufReader::new(t);
+        let mut line = String::new();
+        r.read_line(&mut line).await.unwrap();
+        if line.trim() == "one" {
+            held = Some(r);
+            break;
+        }
+    }
+    let mut held = held.expect("no connection went to the first agent");
+
+    first.proc.signal("TERM");
+    eventually(
+        "server sees the agent draining",
+        Duration::from_secs(5),
+        || async {
+            let (_, json) = admin_get(server.admin_addr, "/api/v1/clusters")
+                .await
+                .unwrap();
+            json.contains("\"draining\":true")
+        },
+    )
+    .await;
+    // Every new CONNECT succeeds and goes to the second agent.
+    for i in 0..20 {
+        match connect(server.frontend_addr, "alpha:443").await.unwrap() {
+            ConnectReply::Tunnel(t) => {
+                let mut line = String::new();
+                BufReader::new(t).read_line(&mut line).await.unwrap();
+                assert_eq!(
+                    line.trim(),
+                    "two",
+                    "connection {i} went to the draining agent"
+                );
+            }
+            ConnectReply::Refused { status, body } => {
+                panic!("connection {i} failed during drain: {status} {body}")
+            }
+        }
+    }
+    // The held connection keeps working through the drain...
+    held.get_mut().write_all(b"still here\n").await.unwrap();
+    let mut line = String::new();
+    held.read_line(&mut line).await.unwrap();
+    assert_eq!(line.trim(), "still here");
+    let (status, _) = admin_get(first.admin_addr, "/readyz").await.unwrap();
+    assert_eq!(status, 503, "draining agent reports ready");
+    // ...and once it ends, the agent exits cleanly.
+    drop(held);
+    let status = first.proc.wait(Duration::from_secs(10)).await.unwrap();
+    assert!(status.success(), "agent exit status {status}");
+}
