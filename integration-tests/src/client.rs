@@ -255,3 +255,53 @@ pub fn base64(data: &[u8]) -> String {
     use base64::Engine as _;
     base64::engine::general_purpose::STANDARD.encode(data)
 }
+
+/// Sends `bytes` to `addr` and reads until the server closes (at most 10 s).
+pub async fn raw_exchange(addr: SocketAddr, bytes: &[u8]) -> String {
+    let mut s = TcpStream::connect(addr).await.expect("connect");
+    s.write_all(bytes).await.expect("write");
+    let mut out = String::new();
+    tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        s.read_to_string(&mut out),
+    )
+    .await
+    .expect("server did not close")
+    .expect("read");
+    out
+}
+
+/// CONNECTs to `cluster` and returns the first line its upstream sends (the banner of a
+/// [`crate::upstream::BannerServer`]).
+pub async fn banner_via(proxy: SocketAddr, cluster: &str) -> String {
+    let tunnel = connect(proxy, &format!("{cluster}:443"))
+        .await
+        .expect("connect")
+        .tunnel()
+        .expect("tunnel");
+    let mut line = String::new();
+    tokio::io::AsyncBufReadExt::read_line(&mut tokio::io::BufReader::new(tunnel), &mut line)
+        .await
+        .expect("banner");
+    line.trim().to_owned()
+}
+
+/// Reads until EOF or error; panics if that takes longer than `limit`. Returns how long it took.
+pub async fn read_until_closed<S: AsyncRead + Unpin>(
+    mut s: S,
+    limit: std::time::Duration,
+) -> std::time::Duration {
+    let started = std::time::Instant::now();
+    let mut buf = vec![0u8; 256 * 1024];
+    let res = tokio::time::timeout(limit, async {
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    assert!(res.is_ok(), "connection still open after {limit:?}");
+    started.elapsed()
+}

@@ -32,3 +32,38 @@ impl Bed {
         Self { dir, pki }
     }
 }
+
+/// Polls `check` every 20 ms until it holds; panics naming `what` after `limit`.
+pub async fn eventually<F, Fut>(what: &str, limit: std::time::Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = std::time::Instant::now() + limit;
+    while !check().await {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what}: not within {limit:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+/// A fake API server and an agent in front of it, per cluster, registered with `server`.
+pub async fn start_members(
+    bed: &Bed,
+    server: &ServerProc,
+    clusters: &[&str],
+) -> Vec<(FakeApiServer, AgentProc)> {
+    let mut out = Vec::new();
+    for cluster in clusters {
+        let api = FakeApiServer::start(&bed.pki, cluster)
+            .await
+            .expect("fake API server");
+        let agent = AgentProc::start_ready(&bed.pki, &[server.agent_addr], cluster, api.addr)
+            .await
+            .expect("agent");
+        out.push((api, agent));
+    }
+    out
+}

@@ -4,23 +4,20 @@
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use integration_tests::client::banner_via;
 use integration_tests::rogue;
 use integration_tests::upstream::BannerServer;
 use integration_tests::{AgentProc, Bed, ConnectReply, ServerProc, connect};
 use proxy_proto::{AgentMessage, Chunk, DIAL_ID_HEADER, DialFailed, agent_message, server_message};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Code;
 
 async fn alpha_still_served(server: &ServerProc) {
-    let tunnel = connect(server.frontend_addr, "alpha:443")
-        .await
-        .unwrap()
-        .tunnel()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(tunnel).read_line(&mut line).await.unwrap();
-    assert_eq!(line.trim(), "alpha-upstream");
+    assert_eq!(
+        banner_via(server.frontend_addr, "alpha").await,
+        "alpha-upstream"
+    );
 }
 
 async fn setup(extra: &[&str]) -> (Bed, ServerProc, AgentProc, BannerServer) {

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use integration_tests::apiserver::{WATCH_EVENTS, WATCH_INTERVAL};
 use integration_tests::client::write_kubeconfig;
-use integration_tests::{AgentProc, Bed, FakeApiServer, ServerProc};
+use integration_tests::{AgentProc, Bed, FakeApiServer, ServerProc, start_members};
 use tokio::io::{AsyncBufReadExt, BufReader};
 
 fn kubectl(kubeconfig: &std::path::Path, args: &[&str]) -> std::process::Output {
@@ -35,15 +35,8 @@ fn stdout_ok(out: &std::process::Output) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kubectl_reaches_members_through_proxy_url_and_streams_a_watch() {
     let bed = Bed::new(&["alpha", "beta"]);
-    let alpha_api = FakeApiServer::start(&bed.pki, "alpha").await.unwrap();
-    let beta_api = FakeApiServer::start(&bed.pki, "beta").await.unwrap();
     let server = ServerProc::start(&bed.pki, None, &[]).await.unwrap();
-    let _alpha = AgentProc::start_ready(&bed.pki, &[server.agent_addr], "alpha", alpha_api.addr)
-        .await
-        .unwrap();
-    let _beta = AgentProc::start_ready(&bed.pki, &[server.agent_addr], "beta", beta_api.addr)
-        .await
-        .unwrap();
+    let _members = start_members(&bed, &server, &["alpha", "beta"]).await;
     let proxy_url = format!("http://{}", server.frontend_addr);
     let alpha = write_kubeconfig(bed.dir.path(), &bed.pki, "alpha", &proxy_url).unwrap();
     let beta = write_kubeconfig(bed.dir.path(), &bed.pki, "beta", &proxy_url).unwrap();

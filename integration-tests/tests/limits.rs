@@ -8,27 +8,14 @@ use integration_tests::{AgentProc, Bed, ConnectReply, ServerProc, connect};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 
-async fn raw(addr: std::net::SocketAddr, bytes: &[u8]) -> String {
-    let mut s = TcpStream::connect(addr).await.unwrap();
-    s.write_all(bytes).await.unwrap();
-    let mut out = String::new();
-    tokio::time::timeout(Duration::from_secs(10), s.read_to_string(&mut out))
-        .await
-        .unwrap()
-        .unwrap();
-    out
-}
+use integration_tests::client::{banner_via, raw_exchange as raw};
 
 /// The server still tunnels to alpha.
 async fn still_serving(server: &ServerProc) {
-    let tunnel = connect(server.frontend_addr, "alpha:443")
-        .await
-        .unwrap()
-        .tunnel()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(tunnel).read_line(&mut line).await.unwrap();
-    assert_eq!(line.trim(), "alpha-upstream");
+    assert_eq!(
+        banner_via(server.frontend_addr, "alpha").await,
+        "alpha-upstream"
+    );
 }
 
 async fn setup(extra: &[&str]) -> (Bed, ServerProc, AgentProc) {

@@ -4,26 +4,17 @@
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use integration_tests::client::read_until_closed;
 use integration_tests::data::Pattern;
 use integration_tests::procs::{admin_get, metric};
 use integration_tests::upstream::{BannerServer, BulkServer, SourceServer};
-use integration_tests::{AgentProc, Bed, ConnectReply, FakeApiServer, ServerProc, connect};
+use integration_tests::{
+    AgentProc, Bed, ConnectReply, FakeApiServer, ServerProc, connect, eventually,
+};
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 
 const MIB: u64 = 1 << 20;
-
-async fn eventually<F, Fut>(what: &str, limit: Duration, mut f: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + limit;
-    while !f().await {
-        assert!(Instant::now() < deadline, "{what}: not within {limit:?}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_move_while_bytes_flow_and_settle_after() {
@@ -259,7 +250,12 @@ async fn status_page_and_json_list_what_is_connected() {
     assert_eq!(clusters.len(), 2);
     assert_eq!(clusters[0]["name"], "alpha");
     assert_eq!(clusters[0]["agents"].as_array().unwrap().len(), 2);
-    assert_eq!(clusters[0]["connections_active"], 1);
+    assert_eq!(
+        clusters[0]["connections_active"],
+        1,
+        "{json}\n{}",
+        server.proc.logs()
+    );
     assert_eq!(clusters[0]["recent_dials"], 1);
     assert!(clusters[0]["dial_ms_p50"].as_f64().unwrap() > 0.0);
     assert_eq!(clusters[1]["agents"][0]["id"], "beta-one");
@@ -557,16 +553,7 @@ async fn connections_still_open_when_the_grace_ends_are_closed_and_the_server_ex
         "exited after {took:?}"
     );
     // The client's connection was closed.
-    let res = tokio::time::timeout(Duration::from_secs(5), async {
-        loop {
-            match tunnel.read(&mut buf).await {
-                Ok(0) | Err(_) => return,
-                Ok(_) => {}
-            }
-        }
-    })
-    .await;
-    assert!(res.is_ok(), "connection left open after the server exited");
+    read_until_closed(tunnel, Duration::from_secs(5)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -10,22 +10,7 @@ use integration_tests::{
 };
 use tokio::io::AsyncReadExt;
 
-/// Reads until EOF or error; returns how long that took.
-async fn until_closed(mut s: tokio::net::TcpStream, limit: Duration) -> Duration {
-    let started = Instant::now();
-    let mut buf = vec![0u8; 256 * 1024];
-    let res = tokio::time::timeout(limit, async {
-        loop {
-            match s.read(&mut buf).await {
-                Ok(0) | Err(_) => return,
-                Ok(_) => {}
-            }
-        }
-    })
-    .await;
-    assert!(res.is_ok(), "connection still open after {limit:?}");
-    started.elapsed()
-}
+use integration_tests::client::read_until_closed as until_closed;
 
 async fn wait_closed(conn: &integration_tests::upstream::SourceConn, limit: Duration) -> Duration {
     let started = Instant::now();

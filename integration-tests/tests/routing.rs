@@ -2,11 +2,11 @@
 
 use std::time::{Duration, Instant};
 
+use integration_tests::client::{banner_via, raw_exchange};
 use integration_tests::upstream::BannerServer;
 use integration_tests::{
-    AgentProc, Bed, ConnectReply, FakeApiServer, ServerProc, connect, get_via_proxy,
+    AgentProc, Bed, ConnectReply, FakeApiServer, ServerProc, connect, get_via_proxy, start_members,
 };
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 
 fn refused(reply: ConnectReply) -> (u16, String) {
     match reply {
@@ -18,15 +18,8 @@ fn refused(reply: ConnectReply) -> (u16, String) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_cluster_reaches_its_own_api_server_and_never_the_other() {
     let bed = Bed::new(&["alpha", "beta"]);
-    let alpha_api = FakeApiServer::start(&bed.pki, "alpha").await.unwrap();
-    let beta_api = FakeApiServer::start(&bed.pki, "beta").await.unwrap();
     let server = ServerProc::start(&bed.pki, None, &[]).await.unwrap();
-    let _alpha = AgentProc::start_ready(&bed.pki, &[server.agent_addr], "alpha", alpha_api.addr)
-        .await
-        .unwrap();
-    let _beta = AgentProc::start_ready(&bed.pki, &[server.agent_addr], "beta", beta_api.addr)
-        .await
-        .unwrap();
+    let _members = start_members(&bed, &server, &["alpha", "beta"]).await;
 
     for _ in 0..3 {
         for (cluster, other) in [("alpha", "beta"), ("beta", "alpha")] {
@@ -146,18 +139,7 @@ async fn agent_cannot_register_a_cluster_other_than_its_certificate_cn() {
 async fn bad_requests_get_400_and_405() {
     let bed = Bed::new(&["alpha"]);
     let server = ServerProc::start(&bed.pki, None, &[]).await.unwrap();
-    let send = |raw: &'static [u8]| async move {
-        let mut s = tokio::net::TcpStream::connect(server.frontend_addr)
-            .await
-            .unwrap();
-        s.write_all(raw).await.unwrap();
-        let mut out = String::new();
-        tokio::time::timeout(Duration::from_secs(5), s.read_to_string(&mut out))
-            .await
-            .unwrap()
-            .unwrap();
-        out
-    };
+    let send = |raw: &'static [u8]| raw_exchange(server.frontend_addr, raw);
     let get = send(b"GET http://alpha/ HTTP/1.1\r\nHost: alpha\r\n\r\n").await;
     assert!(get.starts_with("HTTP/1.1 405 "), "{get}");
     assert!(get.contains("Allow: CONNECT"), "{get}");
@@ -232,14 +214,9 @@ async fn dials_are_spread_across_the_agents_of_a_cluster() {
         .unwrap();
     let mut seen = std::collections::BTreeMap::new();
     for _ in 0..10 {
-        let tunnel = connect(server.frontend_addr, "alpha:443")
-            .await
-            .unwrap()
-            .tunnel()
-            .unwrap();
-        let mut line = String::new();
-        BufReader::new(tunnel).read_line(&mut line).await.unwrap();
-        *seen.entry(line.trim().to_owned()).or_insert(0) += 1;
+        *seen
+            .entry(banner_via(server.frontend_addr, "alpha").await)
+            .or_insert(0) += 1;
     }
     assert_eq!(seen.len(), 2, "all dials went to one agent: {seen:?}");
     assert!(seen.values().all(|n| *n >= 3), "dials not spread: {seen:?}");
