@@ -110,8 +110,8 @@ pub const APISERVER_NAMES: &[&str] = &[
     "127.0.0.1",
 ];
 
-/// Frontend client identities a development PKI includes (certificates signed by the proxy CA,
-/// CN = name), for trying `--frontend-ca` and the auth policy.
+/// Frontend client identities a development PKI includes (certificates signed by the frontend
+/// client CA, CN = name), for trying `--frontend-ca` and the auth policy.
 pub const DEV_CLIENTS: &[&str] = &["kubefed", "ops", "stranger"];
 
 /// Paths of a PKI written by [`write_dev_pki`].
@@ -141,6 +141,10 @@ impl DevPki {
     /// Key of the agent for `cluster`.
     pub fn agent_key(&self, cluster: &str) -> PathBuf {
         self.dir.join(format!("agent-{cluster}.key"))
+    }
+    /// CA that signs the frontend clients' certificates (`--frontend-ca`).
+    pub fn frontend_ca(&self) -> PathBuf {
+        self.dir.join("frontend-ca.pem")
     }
     /// Frontend client certificate of `name` (CN = name).
     pub fn client_cert(&self, name: &str) -> PathBuf {
@@ -195,11 +199,15 @@ pub fn write_dev_pki(dir: &Path, clusters: &[&str]) -> anyhow::Result<DevPki> {
         "server",
         &proxy_ca.issue("proxy-server", SERVER_NAMES, Usage::Server)?,
     )?;
+    // Frontend clients get their own CA: were it the agents' CA, an agent certificate could
+    // authenticate as a client and a client certificate register as an agent.
+    let frontend_ca = Ca::new("proxy-dev-frontend-client-ca")?;
+    write(&pki.frontend_ca(), &frontend_ca.cert_pem())?;
     for name in DEV_CLIENTS {
         write_pair(
             dir,
             &format!("client-{name}"),
-            &proxy_ca.issue(name, &[], Usage::Client)?,
+            &frontend_ca.issue(name, &[], Usage::Client)?,
         )?;
     }
     for cluster in clusters {

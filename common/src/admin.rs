@@ -11,11 +11,14 @@ use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+
+/// Time an admin client has to send its request head.
+pub const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// A readiness check: `Ok(detail)` when ready, otherwise why not.
 pub type ReadyCheck = Arc<dyn Fn() -> Result<String, String> + Send + Sync>;
@@ -58,7 +61,11 @@ pub async fn serve(listener: TcpListener, ready: Admin, shutdown: CancellationTo
                 let ready = ready.clone();
                 async move { Ok::<_, Infallible>(route(&req, &ready)) }
             });
-            let conn = http1::Builder::new().serve_connection(TokioIo::new(stream), service);
+            // A client that never finishes its request head is dropped.
+            let conn = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT)
+                .serve_connection(TokioIo::new(stream), service);
             tokio::select! {
                 _ = conn => {}
                 () = shutdown.cancelled() => {}

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
-use tokio::sync::Notify;
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 /// How often watched files are checked. Polling metadata is cheap and, unlike inotify, sees the
@@ -103,15 +103,16 @@ impl<T: Send + Sync + 'static> Reloadable<T> {
         }
     }
 
-    /// Watches the files until `shutdown`, rebuilding when one changes or `trigger` fires.
-    pub fn spawn_watcher(&self, trigger: Arc<Notify>, shutdown: CancellationToken) {
+    /// Watches the files until `shutdown`, rebuilding when one changes or `trigger` changes.
+    pub fn spawn_watcher(&self, mut trigger: Trigger, shutdown: CancellationToken) {
         let this = self.clone();
         tokio::spawn(async move {
             let mut last = fingerprint(&this.files);
             loop {
+                // A watch channel remembers a signal that came while this loop was busy.
                 let forced = tokio::select! {
                     () = shutdown.cancelled() => return,
-                    () = trigger.notified() => true,
+                    changed = trigger.changed() => changed.is_ok(),
                     () = tokio::time::sleep(RELOAD_INTERVAL) => false,
                 };
                 let now = fingerprint(&this.files);
@@ -126,17 +127,19 @@ impl<T: Send + Sync + 'static> Reloadable<T> {
     }
 }
 
-/// A trigger fired on every SIGHUP, for [`Reloadable::spawn_watcher`].
-pub fn sighup_trigger() -> std::io::Result<Arc<Notify>> {
+/// Changes on every SIGHUP; clone one per watcher.
+pub type Trigger = watch::Receiver<u64>;
+
+/// A trigger that changes on every SIGHUP, for [`Reloadable::spawn_watcher`].
+pub fn sighup_trigger() -> std::io::Result<Trigger> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut hup = signal(SignalKind::hangup())?;
-    let trigger = Arc::new(Notify::new());
-    let notify = trigger.clone();
+    let (tx, rx) = watch::channel(0u64);
     tokio::spawn(async move {
         while hup.recv().await.is_some() {
             tracing::info!("SIGHUP: reloading certificates and policy");
-            notify.notify_waiters();
+            tx.send_modify(|n| *n += 1);
         }
     });
-    Ok(trigger)
+    Ok(rx)
 }

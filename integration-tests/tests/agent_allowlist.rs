@@ -131,8 +131,13 @@ async fn agent_refuses_destinations_it_was_not_given() {
     })
     .unwrap();
     let shutdown = CancellationToken::new();
-    let incoming =
-        proxy_server::listener::incoming(listener, tls, Duration::from_secs(5), shutdown.clone());
+    let incoming = proxy_server::listener::incoming(
+        listener,
+        tls,
+        Duration::from_secs(5),
+        shutdown.clone(),
+        shutdown.clone(),
+    );
     let service = FakeServer {
         dials,
         seen: seen_tx,

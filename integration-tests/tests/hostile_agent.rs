@@ -154,6 +154,17 @@ async fn out_of_order_control_messages_cost_only_that_registration() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    // A second control stream on the same connection while the first is registered.
+    let (_tx_first, mut first) = rogue::control(&mut rogue, vec![rogue::register("beta", "first")])
+        .await
+        .unwrap();
+    first.message().await.unwrap().unwrap();
+    let err = rogue::control(&mut rogue, vec![rogue::register("beta", "second")])
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::AlreadyExists, "{err:?}");
+    drop(first);
+    drop(_tx_first);
     // A dial failure for a dial it was never asked: ignored, nothing else happens.
     let (tx, mut control) = rogue::control(&mut rogue, vec![rogue::register("beta", "rogue2")])
         .await

@@ -628,3 +628,86 @@ async fn a_draining_agent_hands_new_connections_to_its_sibling_without_failures(
     let status = first.proc.wait(Duration::from_secs(10)).await.unwrap();
     assert!(status.success(), "agent exit status {status}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_signal_exits_at_once() {
+    let bed = Bed::new(&["alpha"]);
+    let source = SourceServer::start().await.unwrap();
+    let mut server = ServerProc::start(&bed.pki, None, &["--shutdown-grace", "60s"])
+        .await
+        .unwrap();
+    let mut agent = AgentProc::start_ready(&bed.pki, &[server.agent_addr], "alpha", source.addr)
+        .await
+        .unwrap();
+    // The agent first (its open connection keeps it draining), then, with a new agent and a
+    // new open connection, the server.
+    let _tunnel = open_stream(&server).await;
+    twice(&mut agent.proc).await;
+    let _agent2 = AgentProc::start_ready(&bed.pki, &[server.agent_addr], "alpha", source.addr)
+        .await
+        .unwrap();
+    let _tunnel2 = open_stream(&server).await;
+    twice(&mut server.proc).await;
+}
+
+async fn open_stream(server: &ServerProc) -> tokio::net::TcpStream {
+    let mut tunnel = connect(server.frontend_addr, "alpha:443")
+        .await
+        .unwrap()
+        .tunnel()
+        .unwrap();
+    let mut buf = vec![0u8; 64 * 1024];
+    tunnel.read_exact(&mut buf).await.unwrap();
+    tunnel
+}
+
+/// SIGTERM starts a drain that the open connection keeps going; a second SIGTERM exits at once.
+async fn twice(proc: &mut integration_tests::procs::Proc) {
+    proc.signal("TERM");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        proc.wait(Duration::from_millis(10)).await.is_err(),
+        "{} exited on the first signal",
+        proc.name
+    );
+    let started = Instant::now();
+    proc.signal("TERM");
+    let status = proc.wait(Duration::from_secs(5)).await.unwrap();
+    assert_eq!(
+        status.code(),
+        Some(130),
+        "{} exit status {status}",
+        proc.name
+    );
+    assert!(started.elapsed() < Duration::from_secs(2));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connect_accepted_before_sigterm_still_gets_its_tunnel() {
+    let bed = Bed::new(&["alpha"]);
+    let up = BannerServer::start("alpha-upstream").await.unwrap();
+    let mut server = ServerProc::start(&bed.pki, None, &[]).await.unwrap();
+    let agent = AgentProc::start_ready(&bed.pki, &[server.agent_addr], "alpha", up.addr)
+        .await
+        .unwrap();
+    // The dial is in flight (the agent is frozen) when the server is told to stop.
+    agent.proc.signal("STOP");
+    let frontend = server.frontend_addr;
+    let pending = tokio::spawn(connect(frontend, "alpha:443"));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    server.proc.signal("TERM");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    agent.proc.signal("CONT");
+    match pending.await.unwrap().unwrap() {
+        ConnectReply::Tunnel(t) => {
+            let mut line = String::new();
+            BufReader::new(t).read_line(&mut line).await.unwrap();
+            assert_eq!(line.trim(), "alpha-upstream");
+        }
+        ConnectReply::Refused { status, body } => {
+            panic!("in-flight CONNECT failed during drain: {status} {body}")
+        }
+    }
+    let status = server.proc.wait(Duration::from_secs(10)).await.unwrap();
+    assert!(status.success(), "exit status {status}");
+}

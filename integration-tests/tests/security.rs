@@ -59,7 +59,7 @@ async fn door_with(apis: bool) -> Door {
             "--frontend-tls-key",
             &s(&pki.server_key()),
             "--frontend-ca",
-            &s(&pki.proxy_ca()),
+            &s(&pki.frontend_ca()),
             "--frontend-auth-file",
             &s(&policy),
         ],

@@ -26,6 +26,9 @@ pub async fn serve_dial(
     cancel: CancellationToken,
 ) {
     let started = Instant::now();
+    // Counted from the moment the dial arrives, so a draining agent waits for dials still
+    // being set up, not only for connections already carrying bytes.
+    let _active = shared.active_connection();
     let upstream = match shared.config.destination(destination) {
         Ok(dest) => dest,
         Err(reason) => {
@@ -72,15 +75,11 @@ pub async fn serve_dial(
     let inbound = match opened {
         Ok(resp) => resp.into_inner(),
         Err(status) => {
-            tracing::warn!(
-                dial.id = dial_id,
-                reason = status.message(),
-                "server refused the data stream"
-            );
-            return;
+            // Reported so the CONNECT fails now with 502, not at its dial timeout.
+            let reason = format!("opening the tunnel stream failed: {}", status.message());
+            return report_failure(shared, &control, dial_id, "other", reason).await;
         }
     };
-    let _active = shared.active_connection();
     let (to_upstream, from_upstream) = shared.metrics.byte_counters();
     // The pump's "sent" is what it read from the upstream socket.
     let counts = ByteCounts::with_metrics(from_upstream, to_upstream);

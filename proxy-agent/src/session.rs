@@ -150,7 +150,14 @@ async fn session(
     control
         .try_send(register)
         .map_err(|_| SessionError::Protocol("control queue full".into()))?;
-    let mut inbound = match client.control(ReceiverStream::new(control_rx)).await {
+    // A server that accepts the stream but never answers must not hold this session forever.
+    let opened = tokio::time::timeout(
+        REGISTER_TIMEOUT,
+        client.control(ReceiverStream::new(control_rx)),
+    )
+    .await
+    .map_err(|_| SessionError::Protocol("no answer to the registration in time".into()))?;
+    let mut inbound = match opened {
         Ok(resp) => resp.into_inner(),
         Err(status)
             if matches!(

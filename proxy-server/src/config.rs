@@ -307,6 +307,18 @@ impl Config {
             _ => None,
         };
 
+        if let Some(frontend_ca) = &args.frontend_ca {
+            let agents = tls::load_certs(&required("agent-ca", &args.agent_ca)?)
+                .map_err(ConfigError::AgentTls)?;
+            let clients = tls::load_certs(frontend_ca).map_err(ConfigError::FrontendTls)?;
+            if clients.iter().any(|c| agents.contains(c)) {
+                return Err(invalid(
+                    "frontend-ca",
+                    "shares a CA with --agent-ca: agent certificates could then authenticate as frontend clients, \
+                     and client certificates register as agents. Use a separate CA for frontend clients",
+                ));
+            }
+        }
         let frontend_auth = match (policy, &args.frontend_ca) {
             (Some(policy), _) => FrontendAuth::Policy(policy),
             (None, Some(_)) => FrontendAuth::CertificateRequired,

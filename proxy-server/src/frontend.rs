@@ -387,7 +387,12 @@ impl Frontend {
             .map_err(|limit| Refusal::new(503, Outcome::Limited, limit.to_string()))?;
         let dial = async {
             agent.request_dial(pending.id()).await?;
-            pending.outcome().await
+            // An agent that leaves between being picked and the dial being recorded could never
+            // answer; its closing ends the wait at once.
+            tokio::select! {
+                outcome = pending.outcome() => outcome,
+                () = agent.closed().cancelled() => Err(AgentGone),
+            }
         };
         let agent_id = &agent.info.agent_id;
         match tokio::time::timeout(self.dial_timeout, dial).await {

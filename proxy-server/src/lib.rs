@@ -204,9 +204,11 @@ pub async fn run(
         config.agent_tls.clone(),
         config.limits.handshake_timeout,
         shutdown.clone(),
+        close.clone(),
     );
-    // On `shutdown` the gRPC server stops accepting and sends GOAWAY; streams already open (the
-    // control streams, data streams of open connections) continue until `close`.
+    // The gRPC server keeps serving its agent connections through the drain (new dials of
+    // CONNECTs accepted before the signal still need data streams); at `close` it sends GOAWAY
+    // and the control streams end.
     let grpc = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(config.keepalive_interval))
         .http2_keepalive_timeout(Some(config.keepalive_timeout))
@@ -218,7 +220,7 @@ pub async fn run(
                 .max_decoding_message_size(MAX_MESSAGE)
                 .max_encoding_message_size(MAX_MESSAGE),
         )
-        .serve_with_incoming_shutdown(incoming, shutdown.clone().cancelled_owned());
+        .serve_with_incoming_shutdown(incoming, close.clone().cancelled_owned());
     let grpc = tokio::spawn(grpc);
 
     shutdown.cancelled().await;

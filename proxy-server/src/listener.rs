@@ -86,11 +86,16 @@ impl AsyncWrite for AgentIo {
 /// Accepts agents on `listener` until `shutdown`; yields their verified TLS connections.
 /// The TLS configuration is read anew for every connection, so a reloaded certificate applies to
 /// the next agent that connects.
+///
+/// The stream itself stays open until `close`: tonic starts its graceful shutdown (GOAWAY to
+/// every agent) when the stream ends, and a GOAWAY during the drain would make agents fail the
+/// data streams of dials still in flight.
 pub fn incoming(
     listener: TcpListener,
     tls: Reloadable<rustls::ServerConfig>,
     handshake_timeout: Duration,
     shutdown: CancellationToken,
+    close: CancellationToken,
 ) -> ReceiverStream<io::Result<AgentIo>> {
     let (tx, rx) = mpsc::channel(ACCEPTED_QUEUE);
     let next_id = Arc::new(AtomicU64::new(1));
@@ -132,6 +137,10 @@ pub fn incoming(
                 let _ = tx.send(Ok(io)).await;
             });
         }
+        // New agents are refused from here on (the listener is closed).
+        drop(listener);
+        close.cancelled().await;
+        drop(tx);
     });
     ReceiverStream::new(rx)
 }

@@ -155,7 +155,13 @@ pub struct Registry {
     limits: Limits,
     metrics: Arc<Metrics>,
     dial_stats: DashMap<String, DialStats>,
+    registered_conns: DashMap<u64, ()>,
 }
+
+/// The connection already carries a registration.
+#[derive(Debug, thiserror::Error)]
+#[error("this connection already carries a registration")]
+pub struct AlreadyRegistered;
 
 /// Recent dials of one cluster, for the status page.
 #[derive(Debug, Clone, Default)]
@@ -218,6 +224,7 @@ impl Registry {
             limits,
             metrics,
             dial_stats: DashMap::new(),
+            registered_conns: DashMap::new(),
         }
     }
 
@@ -283,7 +290,18 @@ impl Registry {
     }
 
     /// Adds an agent. It stays registered until the returned guard is dropped.
-    pub fn register(self: &Arc<Self>, agent: AgentHandle) -> Registration {
+    /// One registration per TLS connection: dial answers are matched by connection, so a
+    /// second control stream on the same connection could otherwise answer the first's dials.
+    pub fn register(
+        self: &Arc<Self>,
+        agent: AgentHandle,
+    ) -> Result<Registration, AlreadyRegistered> {
+        match self.registered_conns.entry(agent.info.conn_id) {
+            dashmap::Entry::Occupied(_) => return Err(AlreadyRegistered),
+            dashmap::Entry::Vacant(slot) => {
+                slot.insert(());
+            }
+        }
         let agent = Arc::new(agent);
         self.metrics
             .agents
@@ -297,10 +315,10 @@ impl Registry {
             .push(agent.clone());
         self.departed.remove(&agent.info.cluster);
         self.changed.notify_waiters();
-        Registration {
+        Ok(Registration {
             registry: self.clone(),
             agent,
-        }
+        })
     }
 
     /// An agent of `cluster`, spreading successive calls across the cluster's agents.
@@ -430,6 +448,7 @@ impl Registry {
     }
 
     fn remove(&self, agent: &Arc<AgentHandle>) {
+        self.registered_conns.remove(&agent.info.conn_id);
         let cluster = &agent.info.cluster;
         self.metrics
             .agents

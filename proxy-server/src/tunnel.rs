@@ -53,6 +53,22 @@ fn agent_conn<T>(req: &Request<T>) -> Result<AgentConn, Status> {
         .ok_or_else(|| Status::internal("connection has no agent identity"))
 }
 
+/// Longest dial-failure reason passed on to clients, logs and the status page.
+pub const MAX_REASON: usize = 512;
+
+/// Cuts `text` to at most `max` bytes, on a character boundary.
+fn truncate(mut text: String, max: usize) -> String {
+    if text.len() > max {
+        let mut end = max;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+        text.push('…');
+    }
+    text
+}
+
 /// Longest agent id or version string accepted.
 pub const MAX_AGENT_FIELD: usize = 253;
 
@@ -164,7 +180,8 @@ impl Tunnel for TunnelService {
         let closed = self.shutdown.child_token();
         let registration = self
             .registry
-            .register(AgentHandle::new(info, tx, closed.clone()));
+            .register(AgentHandle::new(info, tx, closed.clone()))
+            .map_err(|err| Status::already_exists(err.to_string()))?;
         let agent = registration.agent().info.clone();
         tracing::info!(cluster = %agent.cluster, agent.id = %agent.agent_id, agent.addr = %agent.addr, agent.version = %agent.version, "agent registered");
         tokio::spawn(serve_control(
@@ -221,7 +238,7 @@ async fn serve_control(
                 if let Err(err) = registry.complete_dial(
                     failed.dial_id,
                     info.conn_id,
-                    DialOutcome::Failed(failed.reason),
+                    DialOutcome::Failed(truncate(failed.reason, MAX_REASON)),
                 ) {
                     tracing::debug!(cluster = %info.cluster, %err, "dial failure for no pending dial");
                 }

@@ -196,3 +196,29 @@ fn a_broken_auth_file_is_refused_at_start_without_echoing_secrets() {
     assert!(err.contains("auth.yaml") && err.contains("line 3"), "{err}");
     assert!(!err.contains("hunter2"), "secret echoed: {err}");
 }
+
+#[test]
+fn frontend_and_agent_certificates_must_come_from_different_cas() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = proxy_certs::write_dev_pki(dir.path(), &["alpha"]).unwrap();
+    let out = server(&[
+        "--agent-tls-cert",
+        pki.server_cert().to_str().unwrap(),
+        "--agent-tls-key",
+        pki.server_key().to_str().unwrap(),
+        "--agent-ca",
+        pki.proxy_ca().to_str().unwrap(),
+        "--frontend-tls-cert",
+        pki.server_cert().to_str().unwrap(),
+        "--frontend-tls-key",
+        pki.server_key().to_str().unwrap(),
+        "--frontend-ca",
+        pki.proxy_ca().to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(1), "shared CA accepted");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--frontend-ca: shares a CA with --agent-ca"),
+        "{err}"
+    );
+}
