@@ -91,6 +91,25 @@ pub enum PumpError {
     Cancelled,
 }
 
+/// A socket that can be torn down with a reset (TCP RST) instead of an orderly close.
+pub trait Abort {
+    /// Arranges for the next drop to reset the connection.
+    fn abort(&self);
+}
+
+impl Abort for tokio::net::TcpStream {
+    fn abort(&self) {
+        // Zero linger: close() sends RST at once and never blocks.
+        let _ = self.set_zero_linger();
+    }
+}
+
+impl<IO: Abort> Abort for tokio_rustls::server::TlsStream<IO> {
+    fn abort(&self) {
+        self.get_ref().0.abort();
+    }
+}
+
 /// Which end of the `Data` stream this is; decides the order of the close handshake.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {
@@ -124,19 +143,25 @@ pub async fn splice<S>(
     cancel: &CancellationToken,
 ) -> Result<(), PumpError>
 where
-    S: AsyncRead + AsyncWrite + Send,
+    S: AsyncRead + AsyncWrite + Abort + Send + Unpin,
 {
-    let (reader, writer) = tokio::io::split(socket);
+    let (mut reader, mut writer) = tokio::io::split(socket);
     let both = async {
         tokio::try_join!(
-            socket_to_tunnel(reader, prefix, &tx, counts),
-            tunnel_to_socket(&mut rx, writer, counts)
+            socket_to_tunnel(&mut reader, prefix, &tx, counts),
+            tunnel_to_socket(&mut rx, &mut writer, counts)
         )
     };
-    tokio::select! {
-        res = both => res?,
-        () = cancel.cancelled() => return Err(PumpError::Cancelled),
+    let outcome = tokio::select! {
+        res = both => res.map(|_| ()),
+        () = cancel.cancelled() => Err(PumpError::Cancelled),
     };
+    if let Err(err) = outcome {
+        // An aborted connection is reset, not closed: the local peer must not mistake a
+        // truncated stream for a complete one.
+        reader.unsplit(writer).abort();
+        return Err(err);
+    }
     let tx = match role {
         Role::Agent => {
             drop(tx);

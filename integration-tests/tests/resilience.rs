@@ -196,3 +196,36 @@ async fn an_agent_that_stops_answering_pings_is_dropped_with_its_connections() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_reset_reaches_the_client_as_a_reset_not_a_clean_close() {
+    let bed = Bed::new(&["alpha"]);
+    // An upstream that sends a little, then resets the connection.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            use tokio::io::AsyncWriteExt;
+            let _ = s.write_all(b"partial").await;
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let _ = s.set_zero_linger();
+            drop(s);
+        }
+    });
+    let server = ServerProc::start(&bed.pki, None, &[]).await.unwrap();
+    let _agent = AgentProc::start_ready(&bed.pki, &[server.agent_addr], "alpha", upstream)
+        .await
+        .unwrap();
+    let mut tunnel = connect(server.frontend_addr, "alpha:443")
+        .await
+        .unwrap()
+        .tunnel()
+        .unwrap();
+    let mut got = Vec::new();
+    let res = tokio::time::timeout(Duration::from_secs(5), tunnel.read_to_end(&mut got))
+        .await
+        .unwrap();
+    assert_eq!(got, b"partial");
+    let err = res.expect_err("a reset upstream looked like a complete response");
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset, "{err}");
+}

@@ -6,7 +6,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use proxy_common::pump::{self, ByteCounts, PumpError, Role};
+use proxy_common::pump::{self, Abort, ByteCounts, PumpError, Role};
 use proxy_common::reload::Reloadable;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -175,7 +175,7 @@ async fn refuse<S: AsyncWrite + Unpin>(mut client: S, refusal: &Refusal) {
 impl Frontend {
     async fn serve_client<S>(&self, mut client: S, cert_cn: Option<String>)
     where
-        S: AsyncRead + AsyncWrite + Unpin + Send,
+        S: AsyncRead + AsyncWrite + Abort + Unpin + Send,
     {
         let started = Instant::now();
         let limit = self.limits.handshake_timeout;
