@@ -235,13 +235,7 @@ impl Frontend {
             }
         };
         let connect_time = started.elapsed();
-        if let Err(err) = client
-            .write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
-            .await
-        {
-            tracing::info!(%err, "client left before the tunnel was established");
-            return;
-        }
+        // Recorded before the 200 goes out, so anyone the client tells sees it counted.
         self.metrics.count(&cluster, Outcome::Ok);
         self.registry.record_dial(&cluster, Ok(connect_time));
         self.metrics
@@ -250,6 +244,13 @@ impl Frontend {
                 cluster: cluster.clone(),
             })
             .observe(connect_time.as_secs_f64());
+        if let Err(err) = client
+            .write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
+            .await
+        {
+            tracing::info!(%err, "client left before the tunnel was established");
+            return;
+        }
         // The connection ends when the agent leaves or the server shuts down, whichever first.
         let conn_cancel = agent_closed.child_token();
         let (to_cluster, from_cluster) = self.metrics.byte_counters(&cluster);

@@ -1,0 +1,333 @@
+//! The contenders, each forwarding client connections to the same upstream: direct TCP, this
+//! project (CONNECT → proxy-server → mTLS gRPC → proxy-agent), rathole (plain TCP transport) and
+//! ssh -R (aes128-gcm).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+use tokio::process::{Child, Command};
+
+/// How a client reaches the upstream through a contender.
+#[derive(Debug, Clone)]
+pub enum Entry {
+    /// Plain TCP to this address (direct, or a port the tunnel exposes).
+    Tcp(SocketAddr),
+    /// TCP to the proxy, then `CONNECT <cluster>:443`.
+    Connect {
+        /// The proxy's CONNECT listener.
+        proxy: SocketAddr,
+        /// The cluster to name.
+        cluster: String,
+    },
+}
+
+impl Entry {
+    /// Opens one connection to the upstream.
+    pub async fn open(&self) -> anyhow::Result<TcpStream> {
+        match self {
+            Entry::Tcp(addr) => {
+                let s = TcpStream::connect(addr).await?;
+                s.set_nodelay(true)?;
+                Ok(s)
+            }
+            Entry::Connect { proxy, cluster } => {
+                let mut s = TcpStream::connect(proxy).await?;
+                s.set_nodelay(true)?;
+                s.write_all(
+                    format!("CONNECT {cluster}:443 HTTP/1.1\r\nHost: {cluster}:443\r\n\r\n")
+                        .as_bytes(),
+                )
+                .await?;
+                // "HTTP/1.1 200 Connection established\r\n\r\n" is 39 bytes; read exactly the head.
+                let mut head = Vec::with_capacity(64);
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    if s.read(&mut byte).await? == 0 {
+                        bail!("proxy closed during CONNECT");
+                    }
+                    head.push(byte[0]);
+                }
+                if !head.starts_with(b"HTTP/1.1 200") {
+                    bail!("CONNECT refused: {}", String::from_utf8_lossy(&head));
+                }
+                Ok(s)
+            }
+        }
+    }
+}
+
+/// A started contender; its processes are killed when it is dropped.
+pub struct Running {
+    /// Short name used in reports.
+    pub name: &'static str,
+    /// How clients reach the upstream.
+    pub entry: Entry,
+    /// Its processes, by role, for CPU and memory accounting.
+    pub pids: Vec<(&'static str, u32)>,
+    _children: Vec<Child>,
+    _dir: Option<tempfile::TempDir>,
+}
+
+/// The baseline: clients connect straight to the upstream.
+pub fn direct(upstream: SocketAddr) -> Running {
+    Running {
+        name: "direct",
+        entry: Entry::Tcp(upstream),
+        pids: Vec::new(),
+        _children: Vec::new(),
+        _dir: None,
+    }
+}
+
+fn spawn(cmd: &mut Command) -> anyhow::Result<Child> {
+    Ok(cmd.stdin(Stdio::null()).kill_on_drop(true).spawn()?)
+}
+
+async fn wait_until_open(entry: &Entry, what: &str) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Ok(mut s) = entry.open().await {
+            // A round trip proves the whole path, not just the entry port.
+            s.write_all(b"R").await?;
+            s.write_all(&[0u8; crate::upstream::REQUEST]).await?;
+            let mut resp = [0u8; crate::upstream::RESPONSE];
+            if tokio::time::timeout(Duration::from_secs(2), s.read_exact(&mut resp))
+                .await
+                .is_ok_and(|r| r.is_ok())
+            {
+                return Ok(());
+            }
+        }
+        if Instant::now() > deadline {
+            bail!("{what} did not come up");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// This project, from the binaries in `bin_dir`, with a PKI made for the run.
+pub async fn proxy(bin_dir: &Path, upstream: SocketAddr) -> anyhow::Result<Running> {
+    let dir = tempfile::tempdir()?;
+    let pki = proxy_certs::write_dev_pki(dir.path(), &["bench"])?;
+    let s = |p: PathBuf| p.display().to_string();
+    let mut server = spawn(
+        Command::new(bin_dir.join("proxy-server"))
+            .args([
+                "--agent-addr",
+                "127.0.0.1:0",
+                "--frontend-addr",
+                "127.0.0.1:0",
+                "--admin-addr",
+                "127.0.0.1:0",
+            ])
+            .args([
+                "--agent-tls-cert",
+                &s(pki.server_cert()),
+                "--agent-tls-key",
+                &s(pki.server_key()),
+            ])
+            .args(["--agent-ca", &s(pki.proxy_ca())])
+            .args([
+                "--max-connections",
+                "100000",
+                "--max-connections-per-cluster",
+                "100000",
+            ])
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null()),
+    )
+    .context("starting proxy-server (build with `cargo build --release`)")?;
+    let mut line = String::new();
+    BufReader::new(server.stdout.take().context("stdout")?)
+        .read_line(&mut line)
+        .await?;
+    let field = |key: &str| -> anyhow::Result<SocketAddr> {
+        line.split_whitespace()
+            .find_map(|kv| kv.strip_prefix(key))
+            .context("startup line")?
+            .parse()
+            .context("address")
+    };
+    let (agent_addr, frontend) = (field("agent=")?, field("frontend=")?);
+    let agent = spawn(
+        Command::new(bin_dir.join("proxy-agent"))
+            .args([
+                "--server",
+                &agent_addr.to_string(),
+                "--server-name",
+                "localhost",
+            ])
+            .args([
+                "--tls-cert",
+                &s(pki.agent_cert("bench")),
+                "--tls-key",
+                &s(pki.agent_key("bench")),
+            ])
+            .args([
+                "--server-ca",
+                &s(pki.proxy_ca()),
+                "--upstream",
+                &upstream.to_string(),
+            ])
+            .args(["--admin-addr", "127.0.0.1:0"])
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
+    )?;
+    let entry = Entry::Connect {
+        proxy: frontend,
+        cluster: "bench".into(),
+    };
+    wait_until_open(&entry, "proxy").await?;
+    Ok(Running {
+        name: "proxy",
+        entry,
+        pids: vec![
+            ("server", server.id().unwrap_or(0)),
+            ("agent", agent.id().unwrap_or(0)),
+        ],
+        _children: vec![server, agent],
+        _dir: Some(dir),
+    })
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// rathole with its plain TCP transport, if `rathole` is installed.
+pub async fn rathole(upstream: SocketAddr) -> anyhow::Result<Running> {
+    let dir = tempfile::tempdir()?;
+    let (control, exposed) = (free_port()?, free_port()?);
+    let server_cfg = dir.path().join("server.toml");
+    let client_cfg = dir.path().join("client.toml");
+    std::fs::write(
+        &server_cfg,
+        format!(
+            "[server]\nbind_addr = \"127.0.0.1:{control}\"\n[server.services.up]\ntoken = \"bench\"\nbind_addr = \"127.0.0.1:{exposed}\"\n"
+        ),
+    )?;
+    std::fs::write(
+        &client_cfg,
+        format!(
+            "[client]\nremote_addr = \"127.0.0.1:{control}\"\n[client.services.up]\ntoken = \"bench\"\nlocal_addr = \"{upstream}\"\n"
+        ),
+    )?;
+    let quiet = |c: &mut Command| {
+        c.env("RUST_LOG", "error")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+    };
+    let mut cmd = Command::new("rathole");
+    cmd.arg("--server").arg(&server_cfg);
+    quiet(&mut cmd);
+    let server = spawn(&mut cmd).context("rathole is not installed (bench/setup.sh)")?;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut cmd = Command::new("rathole");
+    cmd.arg("--client").arg(&client_cfg);
+    quiet(&mut cmd);
+    let client = spawn(&mut cmd)?;
+    let entry = Entry::Tcp(SocketAddr::from(([127, 0, 0, 1], exposed)));
+    wait_until_open(&entry, "rathole").await?;
+    Ok(Running {
+        name: "rathole",
+        entry,
+        pids: vec![
+            ("server", server.id().unwrap_or(0)),
+            ("client", client.id().unwrap_or(0)),
+        ],
+        _children: vec![server, client],
+        _dir: Some(dir),
+    })
+}
+
+/// `ssh -R` to a private sshd on loopback, cipher aes128-gcm@openssh.com, if OpenSSH is installed.
+pub async fn ssh(upstream: SocketAddr) -> anyhow::Result<Running> {
+    let sshd = ["/usr/sbin/sshd", "/usr/bin/sshd"]
+        .into_iter()
+        .find(|p| Path::new(p).exists())
+        .context("sshd is not installed (bench/setup.sh)")?;
+    let dir = tempfile::tempdir()?;
+    let d = dir.path();
+    for (key, args) in [("host", "-q"), ("client", "-q")] {
+        let status = std::process::Command::new("ssh-keygen")
+            .args([args, "-t", "ed25519", "-N", "", "-f"])
+            .arg(d.join(key))
+            .status()
+            .context("ssh-keygen")?;
+        anyhow::ensure!(status.success(), "ssh-keygen failed");
+    }
+    std::fs::copy(d.join("client.pub"), d.join("authorized_keys"))?;
+    let (sshd_port, exposed) = (free_port()?, free_port()?);
+    let user = std::env::var("USER").unwrap_or_else(|_| "root".into());
+    std::fs::write(
+        d.join("sshd_config"),
+        format!(
+            "Port {sshd_port}\nListenAddress 127.0.0.1\nHostKey {}\nAuthorizedKeysFile {}\nPidFile {}\n\
+             PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\n\
+             PermitRootLogin yes\nAllowTcpForwarding yes\nCiphers aes128-gcm@openssh.com\nLogLevel ERROR\n",
+            d.join("host").display(),
+            d.join("authorized_keys").display(),
+            d.join("sshd.pid").display(),
+        ),
+    )?;
+    std::fs::create_dir_all("/run/sshd").ok();
+    let server = spawn(
+        Command::new(sshd)
+            .args(["-D", "-e", "-f"])
+            .arg(d.join("sshd_config"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
+    )?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let client = spawn(
+        Command::new("ssh")
+            .args([
+                "-N",
+                "-T",
+                "-o",
+                "StrictHostKeyChecking=no",
+                "-o",
+                "UserKnownHostsFile=/dev/null",
+                "-o",
+                "LogLevel=ERROR",
+            ])
+            .args([
+                "-o",
+                "ExitOnForwardFailure=yes",
+                "-c",
+                "aes128-gcm@openssh.com",
+                "-i",
+            ])
+            .arg(d.join("client"))
+            .args([
+                "-p",
+                &sshd_port.to_string(),
+                "-R",
+                &format!("127.0.0.1:{exposed}:{upstream}"),
+            ])
+            .arg(format!("{user}@127.0.0.1"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
+    )?;
+    let entry = Entry::Tcp(SocketAddr::from(([127, 0, 0, 1], exposed)));
+    wait_until_open(&entry, "ssh -R").await?;
+    Ok(Running {
+        name: "ssh-R",
+        entry,
+        pids: vec![
+            ("sshd", server.id().unwrap_or(0)),
+            ("ssh", client.id().unwrap_or(0)),
+        ],
+        _children: vec![server, client],
+        _dir: Some(dir),
+    })
+}

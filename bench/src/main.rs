@@ -1,0 +1,236 @@
+//! `proxy-bench`: runs every scenario against every contender on loopback, interleaved
+//! (A B C D, A B C D, ...), and writes `results.json` and `results.md`.
+//! The full run is `bench/run.sh`; CI runs `--smoke` so the harness cannot rot.
+#![forbid(unsafe_code)]
+
+mod contenders;
+mod report;
+mod scenarios;
+mod sys;
+mod upstream;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+
+use contenders::Running;
+use report::{Outcome, ScenarioResult};
+use scenarios::Sample;
+
+/// Benchmarks this proxy against direct TCP, rathole and ssh -R.
+#[derive(Parser)]
+struct Args {
+    /// Tiny sizes and one round: checks that every scenario runs, measures nothing.
+    #[arg(long)]
+    smoke: bool,
+    /// Where proxy-server and proxy-agent are.
+    #[arg(long, default_value = "target/release")]
+    bin_dir: PathBuf,
+    /// Where results.json and results.md go.
+    #[arg(long, default_value = "bench/results")]
+    out: PathBuf,
+    /// Rounds per scenario (each round runs every contender once).
+    #[arg(long)]
+    rounds: Option<usize>,
+    /// Run only scenarios whose name contains this.
+    #[arg(long)]
+    only: Option<String>,
+}
+
+const GIB: u64 = 1 << 30;
+const MIB: u64 = 1 << 20;
+
+/// A measurement of one contender, boxed so scenarios can sit in one list.
+type Measure = Box<
+    dyn Fn(
+        &Running,
+    )
+        -> std::pin::Pin<Box<dyn std::future::Future<Output = anyhow::Result<Sample>> + '_>>,
+>;
+
+/// A scenario: its name, unit, whether higher is better, and the measurement.
+struct Scenario {
+    name: &'static str,
+    unit: &'static str,
+    higher_is_better: bool,
+    run: Measure,
+}
+
+fn scenarios(smoke: bool) -> Vec<Scenario> {
+    let size = |full: u64, tiny: u64| if smoke { tiny } else { full };
+    let secs = |full: u64| Duration::from_secs(if smoke { 1 } else { full });
+    let bulk_up = size(4 * GIB, 8 * MIB);
+    let bulk_down = bulk_up;
+    let parallel = size(512 * MIB, 2 * MIB);
+    let idle_small = if smoke { 20 } else { 1_000 };
+    let idle_large = if smoke { 40 } else { 10_000 };
+    let iso = size(256 * MIB, 8 * MIB);
+    let d_lat = secs(10);
+    let d_setup = secs(5);
+    vec![
+        Scenario {
+            name: "bulk, 1 connection, up",
+            unit: "Gbit/s",
+            higher_is_better: true,
+            run: Box::new(move |r| Box::pin(scenarios::bulk(r, 1, bulk_up, 0))),
+        },
+        Scenario {
+            name: "bulk, 1 connection, down",
+            unit: "Gbit/s",
+            higher_is_better: true,
+            run: Box::new(move |r| Box::pin(scenarios::bulk(r, 1, 0, bulk_down))),
+        },
+        Scenario {
+            name: "bulk, 8 connections, down",
+            unit: "Gbit/s",
+            higher_is_better: true,
+            run: Box::new(move |r| Box::pin(scenarios::bulk(r, 8, 0, parallel))),
+        },
+        Scenario {
+            name: "latency, 1 connection, 2000 req/s",
+            unit: "µs p50",
+            higher_is_better: false,
+            run: Box::new(move |r| Box::pin(scenarios::latency(r, 1, 2_000, d_lat))),
+        },
+        Scenario {
+            name: "latency, 64 connections, 10000 req/s",
+            unit: "µs p50",
+            higher_is_better: false,
+            run: Box::new(move |r| Box::pin(scenarios::latency(r, 64, 10_000, d_lat))),
+        },
+        Scenario {
+            name: "connection setup, concurrency 1",
+            unit: "conn/s",
+            higher_is_better: true,
+            run: Box::new(move |r| Box::pin(scenarios::setup(r, 1, d_setup))),
+        },
+        Scenario {
+            name: "connection setup, concurrency 16",
+            unit: "conn/s",
+            higher_is_better: true,
+            run: Box::new(move |r| Box::pin(scenarios::setup(r, 16, d_setup))),
+        },
+        Scenario {
+            name: "isolation beside a stalled connection",
+            unit: "% of alone",
+            higher_is_better: true,
+            run: Box::new(move |r| Box::pin(scenarios::isolation(r, iso))),
+        },
+        Scenario {
+            name: "idle, 1000 connections",
+            unit: "KiB/conn",
+            higher_is_better: false,
+            run: Box::new(move |r| Box::pin(scenarios::idle(r, idle_small))),
+        },
+        Scenario {
+            name: "idle, 10000 connections",
+            unit: "KiB/conn",
+            higher_is_better: false,
+            run: Box::new(move |r| Box::pin(scenarios::idle(r, idle_large))),
+        },
+    ]
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let rounds = args.rounds.unwrap_or(if args.smoke { 1 } else { 3 });
+    let upstream = upstream::start().await?;
+
+    let mut running: Vec<Running> = vec![contenders::direct(upstream)];
+    let mut missing: Vec<(String, String)> = Vec::new();
+    match contenders::proxy(&args.bin_dir, upstream).await {
+        Ok(r) => running.push(r),
+        Err(e) => missing.push(("proxy".into(), format!("{e:#}"))),
+    }
+    match contenders::rathole(upstream).await {
+        Ok(r) => running.push(r),
+        Err(e) => missing.push(("rathole".into(), format!("{e:#}"))),
+    }
+    match contenders::ssh(upstream).await {
+        Ok(r) => running.push(r),
+        Err(e) => missing.push(("ssh-R".into(), format!("{e:#}"))),
+    }
+    for (name, why) in &missing {
+        eprintln!("contender {name} missing: {why}");
+    }
+
+    let mut results = Vec::new();
+    for scenario in scenarios(args.smoke) {
+        if args
+            .only
+            .as_deref()
+            .is_some_and(|o| !scenario.name.contains(o))
+        {
+            continue;
+        }
+        eprintln!("== {}", scenario.name);
+        let mut samples: Vec<Vec<Outcome>> = running.iter().map(|_| Vec::new()).collect();
+        for round in 0..rounds {
+            for (i, contender) in running.iter().enumerate() {
+                let outcome = match (scenario.run)(contender).await {
+                    Ok(sample) => Outcome::Sample(sample),
+                    Err(e) => Outcome::Failed(format!("{e:#}")),
+                };
+                eprintln!("   round {round} {}: {outcome:?}", contender.name);
+                samples[i].push(outcome);
+            }
+        }
+        results.push(ScenarioResult {
+            name: scenario.name,
+            unit: scenario.unit,
+            higher_is_better: scenario.higher_is_better,
+            by_contender: running
+                .iter()
+                .map(|r| r.name.to_owned())
+                .zip(samples)
+                .collect(),
+        });
+    }
+    let not_implemented = vec![
+        "agent scale (1,000 and 5,000 agents)".to_owned(),
+        "WAN, 20 ms round trip through a delay relay".to_owned(),
+    ];
+    report::write(
+        &args.out,
+        args.smoke,
+        rounds,
+        &results,
+        &missing,
+        &not_implemented,
+    )?;
+    eprintln!("wrote {}/results.json and results.md", args.out.display());
+    if args.smoke {
+        // Smoke mode's job is to prove every scenario runs against the project itself.
+        let proxy_failures: Vec<_> = results
+            .iter()
+            .flat_map(|r| {
+                r.by_contender
+                    .iter()
+                    .filter(|(n, _)| n == "proxy")
+                    .map(move |(_, s)| (r.name, s))
+            })
+            .flat_map(|(name, s)| {
+                s.iter().filter_map(move |o| match o {
+                    Outcome::Failed(e) => Some(format!("{name}: {e}")),
+                    Outcome::Sample(_) => None,
+                })
+            })
+            .collect();
+        anyhow::ensure!(
+            missing.iter().all(|(n, _)| n != "proxy"),
+            "the proxy contender did not start"
+        );
+        anyhow::ensure!(
+            proxy_failures.is_empty(),
+            "scenarios failed: {proxy_failures:?}"
+        );
+        println!(
+            "bench smoke: {} scenarios ran against {} contenders",
+            results.len(),
+            running.len()
+        );
+    }
+    Ok(())
+}
