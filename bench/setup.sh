@@ -3,7 +3,10 @@
 # A contender that cannot be installed is reported as missing by proxy-bench, never dropped.
 set -uo pipefail
 if ! command -v rathole >/dev/null 2>&1; then
-  cargo install rathole --locked || echo "setup: rathole could not be installed" >&2
+  # Not --locked: rathole 0.5.0's lock file pins a `time` release that no longer builds on
+  # current Rust. Plain TCP transport only (no TLS/noise features, no OpenSSL needed).
+  cargo install rathole --no-default-features --features server,client \
+    || echo "setup: rathole could not be installed" >&2
 fi
 if ! [ -x /usr/sbin/sshd ]; then
   (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssh-server openssh-client) \

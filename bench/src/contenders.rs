@@ -73,15 +73,27 @@ pub struct Running {
     _dir: Option<tempfile::TempDir>,
 }
 
-/// The baseline: clients connect straight to the upstream.
-pub fn direct(upstream: SocketAddr) -> Running {
-    Running {
-        name: "direct",
-        entry: Entry::Tcp(upstream),
+/// In front of `addr`, a relay adding `wan` latency each way (if any).
+async fn via_wan(addr: SocketAddr, wan: Option<Duration>) -> anyhow::Result<SocketAddr> {
+    match wan {
+        Some(one_way) => crate::relay::start(addr, one_way).await,
+        None => Ok(addr),
+    }
+}
+
+/// The baseline: clients connect straight to the upstream (through the WAN relay, if any).
+pub async fn direct(upstream: SocketAddr, wan: Option<Duration>) -> anyhow::Result<Running> {
+    Ok(Running {
+        name: if wan.is_some() {
+            "direct+wan"
+        } else {
+            "direct"
+        },
+        entry: Entry::Tcp(via_wan(upstream, wan).await?),
         pids: Vec::new(),
         _children: Vec::new(),
         _dir: None,
-    }
+    })
 }
 
 fn spawn(cmd: &mut Command) -> anyhow::Result<Child> {
@@ -110,8 +122,13 @@ async fn wait_until_open(entry: &Entry, what: &str) -> anyhow::Result<()> {
     }
 }
 
-/// This project, from the binaries in `bin_dir`, with a PKI made for the run.
-pub async fn proxy(bin_dir: &Path, upstream: SocketAddr) -> anyhow::Result<Running> {
+/// This project, from the binaries in `bin_dir`, with a PKI made for the run. With `wan`, the
+/// agent reaches the server through the delay relay.
+pub async fn proxy(
+    bin_dir: &Path,
+    upstream: SocketAddr,
+    wan: Option<Duration>,
+) -> anyhow::Result<Running> {
     let dir = tempfile::tempdir()?;
     let pki = proxy_certs::write_dev_pki(dir.path(), &["bench"])?;
     let s = |p: PathBuf| p.display().to_string();
@@ -154,7 +171,7 @@ pub async fn proxy(bin_dir: &Path, upstream: SocketAddr) -> anyhow::Result<Runni
             .parse()
             .context("address")
     };
-    let (agent_addr, frontend) = (field("agent=")?, field("frontend=")?);
+    let (agent_addr, frontend) = (via_wan(field("agent=")?, wan).await?, field("frontend=")?);
     let agent = spawn(
         Command::new(bin_dir.join("proxy-agent"))
             .args([
@@ -186,7 +203,7 @@ pub async fn proxy(bin_dir: &Path, upstream: SocketAddr) -> anyhow::Result<Runni
     };
     wait_until_open(&entry, "proxy").await?;
     Ok(Running {
-        name: "proxy",
+        name: if wan.is_some() { "proxy+wan" } else { "proxy" },
         entry,
         pids: vec![
             ("server", server.id().unwrap_or(0)),
@@ -203,10 +220,12 @@ fn free_port() -> anyhow::Result<u16> {
         .port())
 }
 
-/// rathole with its plain TCP transport, if `rathole` is installed.
-pub async fn rathole(upstream: SocketAddr) -> anyhow::Result<Running> {
+/// rathole with its plain TCP transport, if `rathole` is installed. With `wan`, its client
+/// reaches its server through the delay relay.
+pub async fn rathole(upstream: SocketAddr, wan: Option<Duration>) -> anyhow::Result<Running> {
     let dir = tempfile::tempdir()?;
     let (control, exposed) = (free_port()?, free_port()?);
+    let remote = via_wan(SocketAddr::from(([127, 0, 0, 1], control)), wan).await?;
     let server_cfg = dir.path().join("server.toml");
     let client_cfg = dir.path().join("client.toml");
     std::fs::write(
@@ -218,7 +237,7 @@ pub async fn rathole(upstream: SocketAddr) -> anyhow::Result<Running> {
     std::fs::write(
         &client_cfg,
         format!(
-            "[client]\nremote_addr = \"127.0.0.1:{control}\"\n[client.services.up]\ntoken = \"bench\"\nlocal_addr = \"{upstream}\"\n"
+            "[client]\nremote_addr = \"{remote}\"\n[client.services.up]\ntoken = \"bench\"\nlocal_addr = \"{upstream}\"\n"
         ),
     )?;
     let quiet = |c: &mut Command| {
@@ -238,7 +257,11 @@ pub async fn rathole(upstream: SocketAddr) -> anyhow::Result<Running> {
     let entry = Entry::Tcp(SocketAddr::from(([127, 0, 0, 1], exposed)));
     wait_until_open(&entry, "rathole").await?;
     Ok(Running {
-        name: "rathole",
+        name: if wan.is_some() {
+            "rathole+wan"
+        } else {
+            "rathole"
+        },
         entry,
         pids: vec![
             ("server", server.id().unwrap_or(0)),
@@ -249,8 +272,9 @@ pub async fn rathole(upstream: SocketAddr) -> anyhow::Result<Running> {
     })
 }
 
-/// `ssh -R` to a private sshd on loopback, cipher aes128-gcm@openssh.com, if OpenSSH is installed.
-pub async fn ssh(upstream: SocketAddr) -> anyhow::Result<Running> {
+/// `ssh -R` to a private sshd on loopback, cipher aes128-gcm@openssh.com, if OpenSSH is
+/// installed. With `wan`, ssh reaches sshd through the delay relay.
+pub async fn ssh(upstream: SocketAddr, wan: Option<Duration>) -> anyhow::Result<Running> {
     let sshd = ["/usr/sbin/sshd", "/usr/bin/sshd"]
         .into_iter()
         .find(|p| Path::new(p).exists())
@@ -288,6 +312,7 @@ pub async fn ssh(upstream: SocketAddr) -> anyhow::Result<Running> {
             .stderr(Stdio::null()),
     )?;
     tokio::time::sleep(Duration::from_millis(300)).await;
+    let sshd_addr = via_wan(SocketAddr::from(([127, 0, 0, 1], sshd_port)), wan).await?;
     let client = spawn(
         Command::new("ssh")
             .args([
@@ -310,7 +335,7 @@ pub async fn ssh(upstream: SocketAddr) -> anyhow::Result<Running> {
             .arg(d.join("client"))
             .args([
                 "-p",
-                &sshd_port.to_string(),
+                &sshd_addr.port().to_string(),
                 "-R",
                 &format!("127.0.0.1:{exposed}:{upstream}"),
             ])
@@ -321,7 +346,7 @@ pub async fn ssh(upstream: SocketAddr) -> anyhow::Result<Running> {
     let entry = Entry::Tcp(SocketAddr::from(([127, 0, 0, 1], exposed)));
     wait_until_open(&entry, "ssh -R").await?;
     Ok(Running {
-        name: "ssh-R",
+        name: if wan.is_some() { "ssh-R+wan" } else { "ssh-R" },
         entry,
         pids: vec![
             ("sshd", server.id().unwrap_or(0)),

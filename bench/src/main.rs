@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 
 mod contenders;
+mod relay;
 mod report;
 mod scenarios;
 mod sys;
@@ -36,6 +37,25 @@ struct Args {
     /// Run only scenarios whose name contains this.
     #[arg(long)]
     only: Option<String>,
+    /// Internal: serve the upstream and print its address (the harness runs it as a child
+    /// process, so its sockets do not count against the client's descriptor limit).
+    #[arg(long, hide = true)]
+    upstream_only: bool,
+}
+
+/// Starts the upstream in a child process; returns its address and the child.
+async fn spawn_upstream() -> anyhow::Result<(std::net::SocketAddr, tokio::process::Child)> {
+    use tokio::io::AsyncBufReadExt;
+    let mut child = tokio::process::Command::new(std::env::current_exe()?)
+        .arg("--upstream-only")
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()?;
+    let mut line = String::new();
+    tokio::io::BufReader::new(child.stdout.take().expect("stdout"))
+        .read_line(&mut line)
+        .await?;
+    Ok((line.trim().parse()?, child))
 }
 
 const GIB: u64 = 1 << 30;
@@ -132,30 +152,97 @@ fn scenarios(smoke: bool) -> Vec<Scenario> {
     ]
 }
 
+/// Latency the WAN relay adds in each direction (20 ms round trip).
+const WAN_ONE_WAY: Duration = Duration::from_millis(10);
+
+fn wan_scenarios(smoke: bool) -> Vec<Scenario> {
+    let bytes = if smoke { 4 * MIB } else { GIB };
+    let secs = Duration::from_secs(if smoke { 1 } else { 5 });
+    vec![
+        Scenario {
+            name: "WAN 20 ms RTT: bulk, 1 connection, down",
+            unit: "Gbit/s",
+            higher_is_better: true,
+            run: Box::new(move |r| Box::pin(scenarios::bulk(r, 1, 0, bytes))),
+        },
+        Scenario {
+            name: "WAN 20 ms RTT: connection setup, concurrency 1",
+            unit: "conn/s",
+            higher_is_better: true,
+            run: Box::new(move |r| Box::pin(scenarios::setup(r, 1, secs))),
+        },
+    ]
+}
+
+/// Starts every contender (with the WAN relay if `wan`); the ones that cannot start are added
+/// to `missing` with the reason.
+async fn start_all(
+    args: &Args,
+    upstream: std::net::SocketAddr,
+    wan: Option<Duration>,
+    missing: &mut Vec<(String, String)>,
+) -> anyhow::Result<Vec<Running>> {
+    let suffix = if wan.is_some() { "+wan" } else { "" };
+    let mut running = vec![contenders::direct(upstream, wan).await?];
+    let started = [
+        (
+            "proxy",
+            contenders::proxy(&args.bin_dir, upstream, wan).await,
+        ),
+        ("rathole", contenders::rathole(upstream, wan).await),
+        ("ssh-R", contenders::ssh(upstream, wan).await),
+    ];
+    for (name, result) in started {
+        match result {
+            Ok(r) => running.push(r),
+            Err(e) => {
+                eprintln!("contender {name}{suffix} missing: {e:#}");
+                missing.push((format!("{name}{suffix}"), format!("{e:#}")));
+            }
+        }
+    }
+    Ok(running)
+}
+
+/// Runs `scenario` `rounds` times over every contender, interleaved.
+async fn run_scenario(scenario: &Scenario, running: &[Running], rounds: usize) -> ScenarioResult {
+    eprintln!("== {}", scenario.name);
+    let mut samples: Vec<Vec<Outcome>> = running.iter().map(|_| Vec::new()).collect();
+    for round in 0..rounds {
+        for (i, contender) in running.iter().enumerate() {
+            let outcome = match (scenario.run)(contender).await {
+                Ok(sample) => Outcome::Sample(sample),
+                Err(e) => Outcome::Failed(format!("{e:#}")),
+            };
+            eprintln!("   round {round} {}: {outcome:?}", contender.name);
+            samples[i].push(outcome);
+        }
+    }
+    ScenarioResult {
+        name: scenario.name,
+        unit: scenario.unit,
+        higher_is_better: scenario.higher_is_better,
+        by_contender: running
+            .iter()
+            .map(|r| r.name.to_owned())
+            .zip(samples)
+            .collect(),
+    }
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let rounds = args.rounds.unwrap_or(if args.smoke { 1 } else { 3 });
-    let upstream = upstream::start().await?;
+    if args.upstream_only {
+        println!("{}", upstream::start().await?);
+        std::future::pending::<()>().await;
+    }
+    let (upstream, _upstream_process) = spawn_upstream().await?;
 
-    let mut running: Vec<Running> = vec![contenders::direct(upstream)];
     let mut missing: Vec<(String, String)> = Vec::new();
-    match contenders::proxy(&args.bin_dir, upstream).await {
-        Ok(r) => running.push(r),
-        Err(e) => missing.push(("proxy".into(), format!("{e:#}"))),
-    }
-    match contenders::rathole(upstream).await {
-        Ok(r) => running.push(r),
-        Err(e) => missing.push(("rathole".into(), format!("{e:#}"))),
-    }
-    match contenders::ssh(upstream).await {
-        Ok(r) => running.push(r),
-        Err(e) => missing.push(("ssh-R".into(), format!("{e:#}"))),
-    }
-    for (name, why) in &missing {
-        eprintln!("contender {name} missing: {why}");
-    }
-
+    let running = start_all(&args, upstream, None, &mut missing).await?;
+    let contender_count = running.len();
     let mut results = Vec::new();
     for scenario in scenarios(args.smoke) {
         if args
@@ -165,33 +252,22 @@ async fn main() -> anyhow::Result<()> {
         {
             continue;
         }
-        eprintln!("== {}", scenario.name);
-        let mut samples: Vec<Vec<Outcome>> = running.iter().map(|_| Vec::new()).collect();
-        for round in 0..rounds {
-            for (i, contender) in running.iter().enumerate() {
-                let outcome = match (scenario.run)(contender).await {
-                    Ok(sample) => Outcome::Sample(sample),
-                    Err(e) => Outcome::Failed(format!("{e:#}")),
-                };
-                eprintln!("   round {round} {}: {outcome:?}", contender.name);
-                samples[i].push(outcome);
-            }
-        }
-        results.push(ScenarioResult {
-            name: scenario.name,
-            unit: scenario.unit,
-            higher_is_better: scenario.higher_is_better,
-            by_contender: running
-                .iter()
-                .map(|r| r.name.to_owned())
-                .zip(samples)
-                .collect(),
-        });
+        results.push(run_scenario(&scenario, &running, rounds).await);
     }
-    let not_implemented = vec![
-        "agent scale (1,000 and 5,000 agents)".to_owned(),
-        "WAN, 20 ms round trip through a delay relay".to_owned(),
-    ];
+    drop(running);
+    // WAN: the same contenders with 10 ms added each way between their two halves (for direct,
+    // between client and upstream).
+    if args
+        .only
+        .as_deref()
+        .is_none_or(|o| "WAN".contains(o) || o.contains("WAN"))
+    {
+        let wan = start_all(&args, upstream, Some(WAN_ONE_WAY), &mut missing).await?;
+        for scenario in wan_scenarios(args.smoke) {
+            results.push(run_scenario(&scenario, &wan, rounds).await);
+        }
+    }
+    let not_implemented = vec!["agent scale (1,000 and 5,000 agents)".to_owned()];
     report::write(
         &args.out,
         args.smoke,
@@ -229,7 +305,7 @@ async fn main() -> anyhow::Result<()> {
         println!(
             "bench smoke: {} scenarios ran against {} contenders",
             results.len(),
-            running.len()
+            contender_count
         );
     }
     Ok(())

@@ -20,10 +20,16 @@ pub async fn start() -> anyhow::Result<SocketAddr> {
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     tokio::spawn(async move {
-        while let Ok((sock, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let _ = serve(sock).await;
-            });
+        loop {
+            match listener.accept().await {
+                Ok((sock, _)) => {
+                    tokio::spawn(async move {
+                        let _ = serve(sock).await;
+                    });
+                }
+                // Out of descriptors: keep the listener, try again shortly.
+                Err(_) => tokio::time::sleep(std::time::Duration::from_millis(10)).await,
+            }
         }
     });
     Ok(addr)

@@ -24,6 +24,9 @@ use tonic::Streaming;
 /// while the previous chunk is encoded.
 pub const CHUNK_QUEUE: usize = 4;
 
+/// Smallest read: what an idle connection holds while it waits for bytes.
+pub const MIN_READ: usize = 2 * 1024;
+
 /// Bytes moved by one tunneled connection, updated as they flow so that metrics and logs see a
 /// long-lived stream before it ends.
 #[derive(Debug, Default)]
@@ -190,18 +193,26 @@ async fn socket_to_tunnel<R: AsyncRead>(
         counts.add_sent(prefix.len());
         send(tx, data_chunk(prefix)).await?;
     }
-    let mut buf = BytesMut::with_capacity(MAX_CHUNK);
+    // The read size adapts: an idle or chatty connection (a watch, small API calls) holds a
+    // small buffer while it waits, a bulk transfer grows to full chunks after a few reads.
+    let mut want = MIN_READ;
+    let mut buf = BytesMut::new();
     loop {
         // Wait for room before reading: the socket is read only as fast as the tunnel drains.
         let permit = tx.reserve().await.map_err(|_| PumpError::TunnelClosed)?;
-        if buf.capacity() < MAX_CHUNK / 4 {
+        if buf.capacity() < want {
             // Reuses the allocation once earlier chunks have been sent and dropped.
-            buf.reserve(MAX_CHUNK);
+            buf.reserve(want);
         }
         let n = reader
-            .read_buf(&mut (&mut buf).limit(MAX_CHUNK))
+            .read_buf(&mut (&mut buf).limit(want))
             .await
             .map_err(PumpError::LocalRead)?;
+        want = if n == want {
+            (want * 2).min(MAX_CHUNK)
+        } else {
+            (want / 2).max(MIN_READ)
+        };
         if n == 0 {
             permit.send(Chunk {
                 data: Bytes::new(),
