@@ -276,11 +276,23 @@ pub async fn idle(run: &Running, n: usize) -> anyhow::Result<Sample> {
             .collect()
     };
     let before = memory(&run.pids);
+    // Opened 32 at a time: some contenders set up connections slowly (ssh -R ~30/s serially).
     let mut held = Vec::with_capacity(n);
-    for _ in 0..n {
-        let mut s = rr_conn(&run.entry).await?;
-        round_trip(&mut s).await?;
-        held.push(s);
+    while held.len() < n {
+        let batch = (n - held.len()).min(32);
+        let opening: Vec<_> = (0..batch)
+            .map(|_| {
+                let entry = run.entry.clone();
+                tokio::spawn(async move {
+                    let mut s = rr_conn(&entry).await?;
+                    round_trip(&mut s).await?;
+                    Ok::<_, anyhow::Error>(s)
+                })
+            })
+            .collect();
+        for t in opening {
+            held.push(t.await??);
+        }
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
     let after = memory(&run.pids);
