@@ -152,6 +152,9 @@ fn scenarios(smoke: bool) -> Vec<Scenario> {
     ]
 }
 
+/// Longest one contender may take for one run of one scenario.
+const SCENARIO_TIMEOUT: Duration = Duration::from_secs(180);
+
 /// Latency the WAN relay adds in each direction (20 ms round trip).
 const WAN_ONE_WAY: Duration = Duration::from_millis(10);
 
@@ -210,10 +213,13 @@ async fn run_scenario(scenario: &Scenario, running: &[Running], rounds: usize) -
     let mut samples: Vec<Vec<Outcome>> = running.iter().map(|_| Vec::new()).collect();
     for round in 0..rounds {
         for (i, contender) in running.iter().enumerate() {
-            let outcome = match (scenario.run)(contender).await {
-                Ok(sample) => Outcome::Sample(sample),
-                Err(e) => Outcome::Failed(format!("{e:#}")),
-            };
+            // A contender that hangs is reported as failed, not waited for.
+            let outcome =
+                match tokio::time::timeout(SCENARIO_TIMEOUT, (scenario.run)(contender)).await {
+                    Ok(Ok(sample)) => Outcome::Sample(sample),
+                    Ok(Err(e)) => Outcome::Failed(format!("{e:#}")),
+                    Err(_) => Outcome::Failed(format!("no result within {SCENARIO_TIMEOUT:?}")),
+                };
             eprintln!("   round {round} {}: {outcome:?}", contender.name);
             samples[i].push(outcome);
         }
