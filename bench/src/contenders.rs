@@ -122,33 +122,42 @@ async fn wait_until_open(entry: &Entry, what: &str) -> anyhow::Result<()> {
     }
 }
 
-/// This project, from the binaries in `bin_dir`, with a PKI made for the run. With `wan`, the
-/// agent reaches the server through the delay relay.
-pub async fn proxy(
+/// The proxy server's agent-side PKI files.
+pub struct ServerFiles {
+    /// CA that signs agent certificates.
+    pub ca: PathBuf,
+    /// Server certificate for the agent listener.
+    pub cert: PathBuf,
+    /// Its key.
+    pub key: PathBuf,
+}
+
+/// Where a started proxy-server listens.
+#[derive(Debug, Clone, Copy)]
+pub struct ServerAddrs {
+    /// Agent (gRPC) listener.
+    pub agent: SocketAddr,
+    /// CONNECT listener.
+    pub frontend: SocketAddr,
+    /// Admin (metrics) listener.
+    pub admin: SocketAddr,
+}
+
+/// Starts `bin_dir/proxy-server` on `[agent, frontend, admin]` addresses (port 0: any) with
+/// connection limits out of the way; returns once it printed where it listens.
+pub async fn start_server(
     bin_dir: &Path,
-    upstream: SocketAddr,
-    wan: Option<Duration>,
-) -> anyhow::Result<Running> {
-    let dir = tempfile::tempdir()?;
-    let pki = proxy_certs::write_dev_pki(dir.path(), &["bench"])?;
-    let s = |p: PathBuf| p.display().to_string();
+    files: &ServerFiles,
+    [agent, frontend, admin]: [&str; 3],
+) -> anyhow::Result<(Child, ServerAddrs)> {
+    let s = |p: &PathBuf| p.display().to_string();
     let mut server = spawn(
         Command::new(bin_dir.join("proxy-server"))
-            .args([
-                "--agent-addr",
-                "127.0.0.1:0",
-                "--frontend-addr",
-                "127.0.0.1:0",
-                "--admin-addr",
-                "127.0.0.1:0",
-            ])
-            .args([
-                "--agent-tls-cert",
-                &s(pki.server_cert()),
-                "--agent-tls-key",
-                &s(pki.server_key()),
-            ])
-            .args(["--agent-ca", &s(pki.proxy_ca())])
+            .args(["--agent-addr", agent, "--frontend-addr", frontend])
+            .args(["--admin-addr", admin])
+            .args(["--agent-tls-cert", &s(&files.cert)])
+            .args(["--agent-tls-key", &s(&files.key)])
+            .args(["--agent-ca", &s(&files.ca)])
             .args([
                 "--max-connections",
                 "100000",
@@ -167,11 +176,39 @@ pub async fn proxy(
     let field = |key: &str| -> anyhow::Result<SocketAddr> {
         line.split_whitespace()
             .find_map(|kv| kv.strip_prefix(key))
-            .context("startup line")?
+            .with_context(|| format!("proxy-server startup line {line:?}"))?
             .parse()
             .context("address")
     };
-    let (agent_addr, frontend) = (via_wan(field("agent=")?, wan).await?, field("frontend=")?);
+    let addrs = ServerAddrs {
+        agent: field("agent=")?,
+        frontend: field("frontend=")?,
+        admin: field("admin=")?,
+    };
+    Ok((server, addrs))
+}
+
+/// This project, from the binaries in `bin_dir`, with a PKI made for the run. With `wan`, the
+/// agent reaches the server through the delay relay.
+pub async fn proxy(
+    bin_dir: &Path,
+    upstream: SocketAddr,
+    wan: Option<Duration>,
+) -> anyhow::Result<Running> {
+    let dir = tempfile::tempdir()?;
+    let pki = proxy_certs::write_dev_pki(dir.path(), &["bench"])?;
+    let s = |p: PathBuf| p.display().to_string();
+    let (server, addrs) = start_server(
+        bin_dir,
+        &ServerFiles {
+            ca: pki.proxy_ca(),
+            cert: pki.server_cert(),
+            key: pki.server_key(),
+        },
+        ["127.0.0.1:0"; 3],
+    )
+    .await?;
+    let (agent_addr, frontend) = (via_wan(addrs.agent, wan).await?, addrs.frontend);
     let agent = spawn(
         Command::new(bin_dir.join("proxy-agent"))
             .args([
@@ -214,7 +251,7 @@ pub async fn proxy(
     })
 }
 
-fn free_port() -> anyhow::Result<u16> {
+pub fn free_port() -> anyhow::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port())

@@ -3,10 +3,12 @@
 //! The full run is `bench/run.sh`; CI runs `--smoke` so the harness cannot rot.
 #![forbid(unsafe_code)]
 
+mod agents;
 mod contenders;
 mod relay;
 mod report;
 mod scenarios;
+mod swarm;
 mod sys;
 mod upstream;
 
@@ -41,6 +43,18 @@ struct Args {
     /// process, so its sockets do not count against the client's descriptor limit).
     #[arg(long, hide = true)]
     upstream_only: bool,
+    /// Internal: run the agent swarm with the identities in this folder.
+    #[arg(long, hide = true)]
+    agent_swarm: Option<PathBuf>,
+    /// Internal: agents in the swarm.
+    #[arg(long, hide = true, default_value_t = 0)]
+    swarm_count: usize,
+    /// Internal: the server the swarm connects to.
+    #[arg(long, hide = true, default_value = "")]
+    swarm_server: String,
+    /// Internal: the upstream the swarm's agents dial.
+    #[arg(long, hide = true, default_value = "")]
+    swarm_upstream: String,
 }
 
 /// Starts the upstream in a child process; returns its address and the child.
@@ -152,6 +166,18 @@ fn scenarios(smoke: bool) -> Vec<Scenario> {
     ]
 }
 
+/// Agent-scale scenarios: (name, agents).
+fn agent_scenarios(smoke: bool) -> [(&'static str, usize); 2] {
+    if smoke {
+        [("agents, 1000 agents", 10), ("agents, 5000 agents", 20)]
+    } else {
+        [
+            ("agents, 1000 agents", 1_000),
+            ("agents, 5000 agents", 5_000),
+        ]
+    }
+}
+
 /// Longest one contender may take for one run of one scenario.
 const SCENARIO_TIMEOUT: Duration = Duration::from_secs(180);
 
@@ -244,6 +270,15 @@ async fn main() -> anyhow::Result<()> {
         println!("{}", upstream::start().await?);
         std::future::pending::<()>().await;
     }
+    if let Some(dir) = &args.agent_swarm {
+        return swarm::run(
+            dir,
+            args.swarm_count,
+            &args.swarm_server,
+            &args.swarm_upstream,
+        )
+        .await;
+    }
     let (upstream, _upstream_process) = spawn_upstream().await?;
 
     let mut missing: Vec<(String, String)> = Vec::new();
@@ -273,7 +308,36 @@ async fn main() -> anyhow::Result<()> {
             results.push(run_scenario(&scenario, &wan, rounds).await);
         }
     }
-    let not_implemented = vec!["agent scale (1,000 and 5,000 agents)".to_owned()];
+    // Agent scale has one contender: the peers have no per-cluster routing to compare.
+    for (name, agents) in agent_scenarios(args.smoke) {
+        if args.only.as_deref().is_some_and(|o| !name.contains(o)) {
+            continue;
+        }
+        eprintln!("== {name}");
+        let (idle, connects) = if args.smoke {
+            (Duration::from_secs(1), 5)
+        } else {
+            (Duration::from_secs(10), 200)
+        };
+        let mut outcomes = Vec::new();
+        for round in 0..rounds {
+            let run = agents::agent_scale(&args.bin_dir, upstream, agents, idle, connects);
+            let outcome = match tokio::time::timeout(SCENARIO_TIMEOUT, run).await {
+                Ok(Ok(sample)) => Outcome::Sample(sample),
+                Ok(Err(e)) => Outcome::Failed(format!("{e:#}")),
+                Err(_) => Outcome::Failed(format!("no result within {SCENARIO_TIMEOUT:?}")),
+            };
+            eprintln!("   round {round} proxy: {outcome:?}");
+            outcomes.push(outcome);
+        }
+        results.push(ScenarioResult {
+            name,
+            unit: "server KiB/agent",
+            higher_is_better: false,
+            by_contender: vec![("proxy".to_owned(), outcomes)],
+        });
+    }
+    let not_implemented = Vec::new();
     report::write(
         &args.out,
         args.smoke,

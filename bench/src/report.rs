@@ -149,17 +149,25 @@ pub fn write(
         env["rathole"].as_str().unwrap_or(""),
         env["ssh"].as_str().unwrap_or("")
     );
-    let names: Vec<String> = results
-        .first()
-        .map(|r| r.by_contender.iter().map(|(n, _)| n.clone()).collect())
-        .unwrap_or_default();
+    // One column per contender, in order of first appearance; WAN rows ("proxy+wan") go in the
+    // same column as their contender, agent scale (only the proxy) leaves the others empty.
+    let column = |n: &str| n.trim_end_matches("+wan").to_owned();
+    let mut names: Vec<String> = Vec::new();
+    for (n, _) in results.iter().flat_map(|r| &r.by_contender) {
+        if !names.contains(&column(n)) {
+            names.push(column(n));
+        }
+    }
     let _ = writeln!(md, "| scenario | {} |", names.join(" | "));
     let _ = writeln!(md, "|---|{}", "---|".repeat(names.len()));
     for r in results {
-        let cells: Vec<String> = r
-            .by_contender
+        let cells: Vec<String> = names
             .iter()
-            .map(|(_, outcomes)| {
+            .map(|name| r.by_contender.iter().find(|(n, _)| column(n) == *name))
+            .map(|found| {
+                let Some((_, outcomes)) = found else {
+                    return "–".to_owned();
+                };
                 let values: Vec<f64> = outcomes
                     .iter()
                     .filter_map(|o| match o {
@@ -192,6 +200,8 @@ pub fn write(
                                     || k.contains("gbit")
                                     || k.starts_with("tunnel_cpu")
                                     || k.starts_with("ttfb")
+                                    || k.ends_with("_s")
+                                    || k.ends_with("cpu_pct")
                                 {
                                     let _ = write!(cell, "; {k} {v:.1}");
                                 }

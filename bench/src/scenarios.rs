@@ -91,13 +91,13 @@ pub async fn bulk(run: &Running, conns: usize, up: u64, down: u64) -> anyhow::Re
     })
 }
 
-async fn rr_conn(entry: &Entry) -> anyhow::Result<TcpStream> {
+pub(crate) async fn rr_conn(entry: &Entry) -> anyhow::Result<TcpStream> {
     let mut s = entry.open().await?;
     s.write_all(b"R").await?;
     Ok(s)
 }
 
-async fn round_trip(s: &mut TcpStream) -> anyhow::Result<()> {
+pub(crate) async fn round_trip(s: &mut TcpStream) -> anyhow::Result<()> {
     s.write_all(&[7u8; REQUEST]).await?;
     let mut resp = [0u8; RESPONSE];
     s.read_exact(&mut resp).await?;

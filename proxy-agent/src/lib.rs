@@ -52,7 +52,9 @@ impl Drop for CountGuard<'_> {
 }
 
 impl Shared {
-    fn new(config: Config, metrics: metrics::Metrics) -> Self {
+    /// State for one agent identity. Public so a benchmark can run thousands of agents, each
+    /// with its own certificate, from one process (`proxy-bench`'s agent-scale scenario).
+    pub fn new(config: Config, metrics: metrics::Metrics) -> Self {
         Self {
             config,
             metrics,

@@ -1,0 +1,170 @@
+//! Agent scale: one proxy-server with thousands of agents (real TLS connections, each its own
+//! cluster and certificate, run by the swarm child process). Measures the server's memory per
+//! agent, its idle CPU from keepalives, CONNECT time to random clusters, and how long all agents
+//! take to re-register after the server is killed and started again on the same ports.
+
+use std::path::Path;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use hdrhistogram::Histogram;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+
+use crate::contenders::{Entry, ServerFiles, free_port, start_server};
+use crate::scenarios::{Sample, round_trip, rr_conn};
+use crate::swarm;
+use crate::sys;
+
+/// Longest wait for all agents to register.
+const REGISTER_WITHIN: Duration = Duration::from_secs(120);
+
+/// Agents the server's admin endpoint reports as connected (sum of `proxy_server_agents`).
+async fn agents_connected(admin: std::net::SocketAddr) -> anyhow::Result<u64> {
+    let mut s = TcpStream::connect(admin).await?;
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n")
+        .await?;
+    let mut body = String::new();
+    s.read_to_string(&mut body).await?;
+    Ok(body
+        .lines()
+        .filter(|l| l.starts_with("proxy_server_agents{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64)
+}
+
+/// Polls until `n` agents are connected; returns how long that took.
+async fn wait_for_agents(admin: std::net::SocketAddr, n: u64) -> anyhow::Result<Duration> {
+    let started = Instant::now();
+    let mut last = 0;
+    while started.elapsed() < REGISTER_WITHIN {
+        // The server may still be starting after a restart.
+        last = agents_connected(admin).await.unwrap_or(0);
+        if last >= n {
+            return Ok(started.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    bail!("only {last} of {n} agents registered within {REGISTER_WITHIN:?}")
+}
+
+/// Writes the CA, the server identity and `n` agent identities into `dir`.
+fn write_pki(dir: &Path, n: usize) -> anyhow::Result<ServerFiles> {
+    use proxy_certs::{Ca, SERVER_NAMES, Usage};
+    let ca = Ca::new("proxy-bench agent CA")?;
+    let files = ServerFiles {
+        ca: dir.join("proxy-ca.pem"),
+        cert: dir.join("server.pem"),
+        key: dir.join("server-key.pem"),
+    };
+    std::fs::write(&files.ca, ca.cert_pem())?;
+    let server = ca.issue("proxy-server", SERVER_NAMES, Usage::Server)?;
+    std::fs::write(&files.cert, &server.cert_pem)?;
+    std::fs::write(&files.key, &server.key_pem)?;
+    for i in 0..n {
+        let issued = ca.issue(&swarm::cluster(i), &[], Usage::Client)?;
+        let (cert, key) = swarm::identity(dir, i);
+        std::fs::write(cert, &issued.cert_pem)?;
+        std::fs::write(key, &issued.key_pem)?;
+    }
+    Ok(files)
+}
+
+/// One run with `n` agents; `idle` is how long idle CPU is sampled, `connects` how many CONNECTs
+/// go to random clusters. Value: server memory per agent in KiB.
+pub async fn agent_scale(
+    bin_dir: &Path,
+    upstream: std::net::SocketAddr,
+    n: usize,
+    idle: Duration,
+    connects: usize,
+) -> anyhow::Result<Sample> {
+    let dir = tempfile::tempdir()?;
+    let files = write_pki(dir.path(), n)?;
+    // Fixed ports so the restarted server is where the agents look for it.
+    let ports = [free_port()?, free_port()?, free_port()?].map(|p| format!("127.0.0.1:{p}"));
+    let ports = [ports[0].as_str(), ports[1].as_str(), ports[2].as_str()];
+    let (mut server, addrs) = start_server(bin_dir, &files, ports).await?;
+    // Settle, then the baseline of an empty server.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (rss_empty, _) = sys::process_memory(server.id().context("server pid")?);
+
+    let mut swarm = tokio::process::Command::new(std::env::current_exe()?)
+        .args(["--agent-swarm".as_ref(), dir.path().as_os_str()])
+        .args(["--swarm-count", &n.to_string()])
+        .args(["--swarm-server", &addrs.agent.to_string()])
+        .args(["--swarm-upstream", &upstream.to_string()])
+        .env("RUST_LOG", "error")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()?;
+    let mut line = String::new();
+    BufReader::new(swarm.stdout.take().context("swarm stdout")?)
+        .read_line(&mut line)
+        .await?;
+    anyhow::ensure!(line.starts_with("swarm started"), "swarm: {line:?}");
+    let first_registration = wait_for_agents(addrs.admin, n as u64).await?;
+
+    // Let allocations settle (registration bursts leave freed buffers), then measure.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let server_pid = server.id().context("server pid")?;
+    let swarm_pid = swarm.id().context("swarm pid")?;
+    let (rss_full, _) = sys::process_memory(server_pid);
+    let per_agent_kib = rss_full.saturating_sub(rss_empty) as f64 / n as f64;
+
+    // Idle: only keepalives flow.
+    let (server_cpu, swarm_cpu) = (sys::process_cpu(server_pid), sys::process_cpu(swarm_pid));
+    tokio::time::sleep(idle).await;
+    let secs = idle.as_secs_f64();
+    let server_idle = (sys::process_cpu(server_pid) - server_cpu).as_secs_f64() / secs;
+    let swarm_idle = (sys::process_cpu(swarm_pid) - swarm_cpu).as_secs_f64() / secs;
+
+    // A CONNECT to a random cluster among thousands, and one request through it.
+    let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    for _ in 0..connects {
+        // xorshift: spread over the clusters without a dependency.
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let entry = Entry::Connect {
+            proxy: addrs.frontend,
+            cluster: swarm::cluster((x % n as u64) as usize),
+        };
+        let t = Instant::now();
+        let mut s = rr_conn(&entry).await?;
+        round_trip(&mut s).await?;
+        hist.record((t.elapsed().as_micros() as u64).clamp(1, 60_000_000))?;
+    }
+
+    // Restart: kill the server (a crash, no drain) and start a new one on the same ports.
+    server.kill().await?;
+    let (_server, addrs) = start_server(bin_dir, &files, ports).await?;
+    let reregistration = wait_for_agents(addrs.admin, n as u64).await?;
+    let _ = swarm.kill().await;
+
+    Ok(Sample {
+        value: per_agent_kib,
+        extra: vec![
+            ("agents".into(), n as f64),
+            (
+                "first_registration_s".into(),
+                first_registration.as_secs_f64(),
+            ),
+            ("reregistration_s".into(), reregistration.as_secs_f64()),
+            ("server_idle_cpu_pct".into(), server_idle * 100.0),
+            ("agents_idle_cpu_pct".into(), swarm_idle * 100.0),
+            (
+                "connect_random_p50_us".into(),
+                hist.value_at_quantile(0.5) as f64,
+            ),
+            (
+                "connect_random_p99_us".into(),
+                hist.value_at_quantile(0.99) as f64,
+            ),
+        ],
+        cpu_s_per_gb: None,
+    })
+}
