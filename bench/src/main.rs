@@ -36,6 +36,10 @@ struct Args {
     /// Rounds per scenario (each round runs every contender once).
     #[arg(long)]
     rounds: Option<usize>,
+    /// Run only these contenders (comma-separated: direct, proxy, rathole, ssh-R), e.g. to
+    /// profile one of them. The default is all.
+    #[arg(long, value_delimiter = ',')]
+    contenders: Vec<String>,
     /// Run only scenarios whose name contains this.
     #[arg(long)]
     only: Option<String>,
@@ -212,16 +216,21 @@ async fn start_all(
     missing: &mut Vec<(String, String)>,
 ) -> anyhow::Result<Vec<Running>> {
     let suffix = if wan.is_some() { "+wan" } else { "" };
-    let mut running = vec![contenders::direct(upstream, wan).await?];
-    let started = [
-        (
-            "proxy",
-            contenders::proxy(&args.bin_dir, upstream, wan).await,
-        ),
-        ("rathole", contenders::rathole(upstream, wan).await),
-        ("ssh-R", contenders::ssh(upstream, wan).await),
-    ];
-    for (name, result) in started {
+    let wanted =
+        |name: &str| args.contenders.is_empty() || args.contenders.iter().any(|c| c == name);
+    let mut running = Vec::new();
+    if wanted("direct") {
+        running.push(contenders::direct(upstream, wan).await?);
+    }
+    for name in ["proxy", "rathole", "ssh-R"]
+        .into_iter()
+        .filter(|n| wanted(n))
+    {
+        let result = match name {
+            "proxy" => contenders::proxy(&args.bin_dir, upstream, wan).await,
+            "rathole" => contenders::rathole(upstream, wan).await,
+            _ => contenders::ssh(upstream, wan).await,
+        };
         match result {
             Ok(r) => running.push(r),
             Err(e) => {

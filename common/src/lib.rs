@@ -4,6 +4,7 @@
 
 pub mod admin;
 pub mod pump;
+pub mod readahead;
 pub mod reload;
 pub mod shutdown;
 pub mod telemetry;

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hyper_util::rt::TokioIo;
+use proxy_common::readahead::ReadAhead;
 use proxy_proto::tunnel_client::TunnelClient;
 use proxy_proto::{AgentMessage, Drain, MAX_MESSAGE, Register, agent_message, server_message};
 use tokio::net::TcpStream;
@@ -98,7 +99,7 @@ async fn connect(server: &ServerTarget, shared: &Shared) -> Result<Channel, Sess
         async move {
             let tcp = TcpStream::connect(&addr).await?;
             tcp.set_nodelay(true)?;
-            let tls = tls.connect(name, tcp).await?;
+            let tls = tls.connect(name, ReadAhead::new(tcp)).await?;
             Ok::<_, io::Error>(TokioIo::new(tls))
         }
     });

@@ -152,7 +152,8 @@ async fn handle(frontend: &Frontend, tcp: TcpStream) {
         return frontend.serve_client(tcp, None).await;
     };
     let acceptor = TlsAcceptor::from(tls.current());
-    match tokio::time::timeout(frontend.limits.handshake_timeout, acceptor.accept(tcp)).await {
+    let accept = acceptor.accept(proxy_common::readahead::ReadAhead::new(tcp));
+    match tokio::time::timeout(frontend.limits.handshake_timeout, accept).await {
         Ok(Ok(stream)) => {
             let cn = stream
                 .get_ref()

@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use proxy_common::readahead::ReadAhead;
 use proxy_common::reload::Reloadable;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
@@ -36,7 +37,7 @@ pub struct AgentConn {
 
 /// A TLS connection from an agent.
 pub struct AgentIo {
-    inner: TlsStream<TcpStream>,
+    inner: TlsStream<ReadAhead<TcpStream>>,
     conn: AgentConn,
 }
 
@@ -152,7 +153,7 @@ async fn handshake(
     id: u64,
 ) -> io::Result<AgentIo> {
     tcp.set_nodelay(true)?;
-    let tls = acceptor.accept(tcp).await?;
+    let tls = acceptor.accept(ReadAhead::new(tcp)).await?;
     let cn = tls
         .get_ref()
         .1
