@@ -23,10 +23,10 @@ use crate::backoff::Backoff;
 use crate::config::ServerTarget;
 
 /// HTTP/2 receive window of each stream (one tunneled connection) on the agent side.
-pub const STREAM_WINDOW: u32 = 2 * 1024 * 1024;
+pub const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
 /// HTTP/2 receive window of the whole connection: many stream windows, so stalled connections
 /// do not starve the others.
-pub const CONNECTION_WINDOW: u32 = 128 * 1024 * 1024;
+pub const CONNECTION_WINDOW: u32 = 256 * 1024 * 1024;
 /// Time allowed for TCP + TLS + HTTP/2 setup to a server.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Time the server has to answer a registration.

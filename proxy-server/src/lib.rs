@@ -30,13 +30,16 @@ use tokio_util::task::TaskTracker;
 pub use config::{Args, Config, ConfigError};
 
 /// HTTP/2 receive window of each stream (one tunneled connection): the most a stalled client
-/// lets pile up per connection, and large enough for full speed on fast links.
-pub const STREAM_WINDOW: u32 = 2 * 1024 * 1024;
+/// lets pile up per connection. One window per round trip is a stream's top speed, so 4 MiB is
+/// 1.6 Gbit/s at 20 ms between agent and server. Fixed, not hyper's adaptive window: that one
+/// also shrinks the connection window to the stream window, so one stalled client would stop
+/// every other connection of the agent.
+pub const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
 
 /// HTTP/2 receive window of a whole agent connection. Bytes buffered for a stalled stream hold
 /// part of it, so it is many stream windows wide: dozens of stalled clients still leave the
 /// agent's other connections running.
-pub const CONNECTION_WINDOW: u32 = 128 * 1024 * 1024;
+pub const CONNECTION_WINDOW: u32 = 256 * 1024 * 1024;
 
 /// Most concurrent streams (tunneled connections plus the control stream) one agent
 /// connection may open. hyper's default of 200 would cap a cluster's connections.
