@@ -12,13 +12,13 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::Request;
-use tonic::transport::Channel;
 
 use crate::Shared;
+use crate::channel::H2Channel;
 
 /// Handles dial `dial_id` for `destination` (empty: the upstream) from the server of `control`.
 pub async fn serve_dial(
-    mut client: TunnelClient<Channel>,
+    mut client: TunnelClient<H2Channel>,
     control: mpsc::Sender<AgentMessage>,
     dial_id: u64,
     destination: &str,

@@ -4,6 +4,7 @@
 #![warn(missing_docs)]
 
 pub mod backoff;
+pub mod channel;
 pub mod config;
 pub mod dial;
 pub mod metrics;

@@ -1,11 +1,9 @@
 //! One tunnel to one proxy server: connect with mTLS, register on the control stream, serve dial
 //! requests; on any loss, reconnect with backoff.
 
-use std::io;
 use std::sync::Arc;
 use std::time::Duration;
 
-use hyper_util::rt::TokioIo;
 use proxy_common::readahead::ReadAhead;
 use proxy_proto::tunnel_client::TunnelClient;
 use proxy_proto::{AgentMessage, Drain, MAX_MESSAGE, Register, agent_message, server_message};
@@ -16,10 +14,10 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic::Code;
-use tonic::transport::{Channel, Endpoint};
 
 use crate::Shared;
 use crate::backoff::Backoff;
+use crate::channel::{H2Channel, Settings};
 use crate::config::ServerTarget;
 
 /// HTTP/2 receive window of each stream (one tunneled connection) on the agent side.
@@ -89,32 +87,36 @@ pub async fn maintain(server: ServerTarget, shared: Arc<Shared>, life: Lifecycle
     }
 }
 
-async fn connect(server: &ServerTarget, shared: &Shared) -> Result<Channel, SessionError> {
+async fn connect(
+    server: &ServerTarget,
+    shared: &Shared,
+    close: CancellationToken,
+) -> Result<H2Channel, SessionError> {
     // Read per connection attempt: a rotated certificate is used from the next reconnect on.
     let tls = TlsConnector::from(shared.config.tls.current());
-    let addr = server.addr.clone();
-    let name = server.tls_name.clone();
-    let connector = tower::service_fn(move |_| {
-        let (tls, addr, name) = (tls.clone(), addr.clone(), name.clone());
-        async move {
-            let tcp = TcpStream::connect(&addr).await?;
-            tcp.set_nodelay(true)?;
-            let tls = tls.connect(name, ReadAhead::new(tcp)).await?;
-            Ok::<_, io::Error>(TokioIo::new(tls))
-        }
-    });
-    let endpoint = Endpoint::from_shared(format!("http://{}", server.addr))
-        .map_err(|e| SessionError::Connect(e.to_string()))?
-        .connect_timeout(CONNECT_TIMEOUT)
-        .http2_keep_alive_interval(shared.config.keepalive_interval)
-        .keep_alive_timeout(shared.config.keepalive_timeout)
-        .keep_alive_while_idle(true)
-        .initial_stream_window_size(STREAM_WINDOW)
-        .initial_connection_window_size(CONNECTION_WINDOW);
-    endpoint
-        .connect_with_connector(connector)
+    let settings = Settings {
+        stream_window: STREAM_WINDOW,
+        connection_window: CONNECTION_WINDOW,
+        keepalive_interval: shared.config.keepalive_interval,
+        keepalive_timeout: shared.config.keepalive_timeout,
+    };
+    let setup = async {
+        let tcp = TcpStream::connect(&server.addr)
+            .await
+            .map_err(|e| SessionError::Connect(format!("tcp: {e}")))?;
+        tcp.set_nodelay(true)
+            .map_err(|e| SessionError::Connect(e.to_string()))?;
+        let tls = tls
+            .connect(server.tls_name.clone(), ReadAhead::new(tcp))
+            .await
+            .map_err(|e| SessionError::Connect(format!("tls: {}", error_chain(&e))))?;
+        H2Channel::handshake(tls, settings, close)
+            .await
+            .map_err(|e| SessionError::Connect(format!("http/2: {}", error_chain(&e))))
+    };
+    tokio::time::timeout(CONNECT_TIMEOUT, setup)
         .await
-        .map_err(|e| SessionError::Connect(error_chain(&e)))
+        .map_err(|_| SessionError::Connect(format!("timed out after {CONNECT_TIMEOUT:?}")))?
 }
 
 fn error_chain(err: &dyn std::error::Error) -> String {
@@ -134,8 +136,13 @@ async fn session(
     shared: &Arc<Shared>,
     life: &Lifecycle,
 ) -> Result<(), SessionError> {
-    let channel = connect(server, shared).await?;
-    let mut client = TunnelClient::new(channel)
+    // Closes the HTTP/2 connection when this session is over, whichever way it ends.
+    let connection = life.close.child_token();
+    let _close_connection = connection.clone().drop_guard();
+    let channel = connect(server, shared, connection).await?;
+    // The authority is only a label in the request URI: the connection is already made.
+    let origin = http::Uri::from_static("https://proxy-server");
+    let mut client = TunnelClient::with_origin(channel, origin)
         .max_decoding_message_size(MAX_MESSAGE)
         .max_encoding_message_size(MAX_MESSAGE);
     let (control, control_rx) = mpsc::channel(CONTROL_QUEUE);
