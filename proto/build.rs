@@ -9,6 +9,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // Data chunks become `bytes::Bytes`: decoding slices the received buffer instead of
         // copying into a Vec.
         .bytes(".proxy.tunnel.v1.Chunk.data")
+        // tonic's default codec starts every stream with two 8 KiB buffers; ours start small.
+        .codec_path("crate::codec::LeanCodec")
         .compile_fds(descriptors)?;
     Ok(())
 }

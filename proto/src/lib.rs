@@ -2,6 +2,8 @@
 #![forbid(unsafe_code)]
 #![allow(missing_docs, clippy::doc_markdown)]
 
+pub mod codec;
+
 tonic::include_proto!("proxy.tunnel.v1");
 
 /// Request metadata key carrying the dial id on a `Data` stream.

@@ -2,12 +2,6 @@
 //! or `proxy-server kubeconfig` to write the connected clusters' kubeconfig.
 #![forbid(unsafe_code)]
 
-// mimalloc instead of glibc malloc: tunneled bytes travel in 2–64 KiB buffers allocated and
-// freed on different threads, and glibc returned those pages to the kernel and faulted them
-// back in at a high rate (about a tenth of the server's CPU in a bulk profile).
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 use anyhow::Context;
 use clap::Parser;
 use proxy_server::config::Command;
