@@ -15,12 +15,13 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::Streaming;
 use tonic::transport::{Channel, Endpoint};
 
-/// An mTLS gRPC client to `server` with the agent certificate of `cert_cluster`.
-pub async fn client(
+/// A raw mTLS connection to `server` with the agent certificate of `cert_cluster`, for tests that
+/// speak HTTP/2 frames by hand.
+pub async fn tls_connect(
     pki: &DevPki,
     cert_cluster: &str,
     server: SocketAddr,
-) -> anyhow::Result<TunnelClient<Channel>> {
+) -> anyhow::Result<tokio_rustls::client::TlsStream<TcpStream>> {
     let identity = proxy_common::tls::CertKeyPaths {
         cert: pki.agent_cert(cert_cluster),
         key: pki.agent_key(cert_cluster),
@@ -29,12 +30,25 @@ pub async fn client(
         &identity,
         &pki.proxy_ca(),
     )?);
+    let tcp = TcpStream::connect(server).await?;
+    let name = rustls::pki_types::ServerName::try_from("localhost")?;
+    Ok(TlsConnector::from(tls).connect(name, tcp).await?)
+}
+
+/// An mTLS gRPC client to `server` with the agent certificate of `cert_cluster`.
+pub async fn client(
+    pki: &DevPki,
+    cert_cluster: &str,
+    server: SocketAddr,
+) -> anyhow::Result<TunnelClient<Channel>> {
+    let (pki, cluster) = (pki.clone(), cert_cluster.to_owned());
     let connector = tower::service_fn(move |_| {
-        let tls = TlsConnector::from(tls.clone());
+        let (pki, cluster) = (pki.clone(), cluster.clone());
         async move {
-            let tcp = TcpStream::connect(server).await?;
-            let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
-            Ok::<_, std::io::Error>(TokioIo::new(tls.connect(name, tcp).await?))
+            let tls = tls_connect(&pki, &cluster, server)
+                .await
+                .map_err(std::io::Error::other)?;
+            Ok::<_, std::io::Error>(TokioIo::new(tls))
         }
     });
     let channel = Endpoint::from_shared(format!("http://{server}"))?

@@ -286,3 +286,50 @@ async fn a_flood_of_unfinished_tls_handshakes_does_not_stop_agents_registering()
     }
     assert_eq!(closed, 300, "some handshakes were never timed out");
 }
+
+/// HTTP/2 frame type GOAWAY and error code FRAME_SIZE_ERROR (RFC 9113).
+const GOAWAY: u8 = 0x7;
+const FRAME_SIZE_ERROR: u32 = 0x6;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frame_over_the_frame_size_limit_is_refused_and_registers_nothing() {
+    let (bed, server, _alpha, _up) = setup(&[]).await;
+    let mut tls = rogue::tls_connect(&bed.pki, "beta", server.agent_addr)
+        .await
+        .unwrap();
+    // Client preface, an empty SETTINGS frame, then a DATA frame header announcing one byte more
+    // than the largest frame the server accepts, followed by that many bytes.
+    let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    out.extend_from_slice(&[0, 0, 0, 0x4, 0, 0, 0, 0, 0]);
+    let len = proxy_proto::MAX_FRAME + 1;
+    out.extend_from_slice(&len.to_be_bytes()[1..]);
+    out.extend_from_slice(&[0x0, 0x0, 0, 0, 0, 1]);
+    out.extend_from_slice(&vec![0u8; len as usize]);
+    // The server may close before reading it all; what it answers is what counts.
+    let _ = tls.write_all(&out).await;
+    let mut got = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), tls.read_to_end(&mut got))
+        .await
+        .expect("server kept the connection open after an oversized frame");
+    // Walk the server's frames and find its GOAWAY.
+    let mut rest = &got[..];
+    let mut goaway = None;
+    while rest.len() >= 9 {
+        let flen = u32::from_be_bytes([0, rest[0], rest[1], rest[2]]) as usize;
+        if rest.len() < 9 + flen {
+            break;
+        }
+        if rest[3] == GOAWAY && flen >= 8 {
+            let p = &rest[9..];
+            goaway = Some(u32::from_be_bytes([p[4], p[5], p[6], p[7]]));
+        }
+        rest = &rest[9 + flen..];
+    }
+    assert_eq!(goaway, Some(FRAME_SIZE_ERROR), "frames received: {got:?}");
+    // Nothing of it stays behind: beta never registered, alpha still serves.
+    match connect(server.frontend_addr, "beta:443").await.unwrap() {
+        ConnectReply::Refused { status, .. } => assert_eq!(status, 503),
+        ConnectReply::Tunnel(_) => panic!("beta must not be reachable"),
+    }
+    alpha_still_served(&server).await;
+}

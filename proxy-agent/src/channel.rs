@@ -18,10 +18,6 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_util::sync::CancellationToken;
 use tonic::body::Body;
 
-/// Largest HTTP/2 frame the server may send: a 64 KiB chunk with its gRPC and protobuf framing
-/// fits one frame.
-pub const MAX_FRAME: u32 = 80 * 1024;
-
 /// HTTP/2 settings of the agent's side of a tunnel.
 #[derive(Debug, Clone, Copy)]
 pub struct Settings {
@@ -56,7 +52,7 @@ impl H2Channel {
             .timer(TokioTimer::new())
             .initial_stream_window_size(settings.stream_window)
             .initial_connection_window_size(settings.connection_window)
-            .max_frame_size(MAX_FRAME)
+            .max_frame_size(proxy_proto::MAX_FRAME)
             .keep_alive_interval(settings.keepalive_interval)
             .keep_alive_timeout(settings.keepalive_timeout)
             .keep_alive_while_idle(true)

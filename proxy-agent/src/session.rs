@@ -20,11 +20,6 @@ use crate::backoff::Backoff;
 use crate::channel::{H2Channel, Settings};
 use crate::config::ServerTarget;
 
-/// HTTP/2 receive window of each stream (one tunneled connection) on the agent side.
-pub const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
-/// HTTP/2 receive window of the whole connection: many stream windows, so stalled connections
-/// do not starve the others.
-pub const CONNECTION_WINDOW: u32 = 256 * 1024 * 1024;
 /// Time allowed for TCP + TLS + HTTP/2 setup to a server.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Time the server has to answer a registration.
@@ -95,8 +90,8 @@ async fn connect(
     // Read per connection attempt: a rotated certificate is used from the next reconnect on.
     let tls = TlsConnector::from(shared.config.tls.current());
     let settings = Settings {
-        stream_window: STREAM_WINDOW,
-        connection_window: CONNECTION_WINDOW,
+        stream_window: proxy_proto::STREAM_WINDOW,
+        connection_window: proxy_proto::CONNECTION_WINDOW,
         keepalive_interval: shared.config.keepalive_interval,
         keepalive_timeout: shared.config.keepalive_timeout,
     };

@@ -29,25 +29,9 @@ use tokio_util::task::TaskTracker;
 
 pub use config::{Args, Config, ConfigError};
 
-/// HTTP/2 receive window of each stream (one tunneled connection): the most a stalled client
-/// lets pile up per connection. One window per round trip is a stream's top speed, so 4 MiB is
-/// 1.6 Gbit/s at 20 ms between agent and server. Fixed, not hyper's adaptive window: that one
-/// also shrinks the connection window to the stream window, so one stalled client would stop
-/// every other connection of the agent.
-pub const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
-
-/// HTTP/2 receive window of a whole agent connection. Bytes buffered for a stalled stream hold
-/// part of it, so it is many stream windows wide: dozens of stalled clients still leave the
-/// agent's other connections running.
-pub const CONNECTION_WINDOW: u32 = 256 * 1024 * 1024;
-
 /// Most concurrent streams (tunneled connections plus the control stream) one agent
 /// connection may open. hyper's default of 200 would cap a cluster's connections.
 pub const MAX_STREAMS_PER_AGENT: u32 = 16 * 1024;
-
-/// Largest HTTP/2 frame an agent may send: one 64 KiB chunk plus its gRPC and protobuf framing
-/// fits one frame, so a chunk costs one frame header and one vectored write instead of five.
-pub const MAX_FRAME: u32 = 80 * 1024;
 
 /// How long tasks may take to finish once everything was told to close.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
@@ -219,10 +203,10 @@ pub async fn run(
     let grpc = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(config.keepalive_interval))
         .http2_keepalive_timeout(Some(config.keepalive_timeout))
-        .initial_stream_window_size(STREAM_WINDOW)
-        .initial_connection_window_size(CONNECTION_WINDOW)
+        .initial_stream_window_size(proxy_proto::STREAM_WINDOW)
+        .initial_connection_window_size(proxy_proto::CONNECTION_WINDOW)
         .max_concurrent_streams(MAX_STREAMS_PER_AGENT)
-        .max_frame_size(Some(MAX_FRAME))
+        .max_frame_size(Some(proxy_proto::MAX_FRAME))
         .add_service(
             TunnelServer::new(service)
                 .max_decoding_message_size(MAX_MESSAGE)
