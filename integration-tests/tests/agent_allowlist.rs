@@ -45,6 +45,7 @@ impl Tunnel for FakeServer {
         let mut out = vec![ServerMessage {
             msg: Some(server_message::Msg::Registered(Registered {
                 server_id: "fake".into(),
+                server_count: 1,
             })),
         }];
         out.extend(self.dials.iter().map(|d| ServerMessage {

@@ -186,7 +186,7 @@ async fn readiness_follows_agents_and_servers() {
         .await
         .unwrap();
     assert!(
-        body.contains("[+]registered ok: registered with 1 server(s)"),
+        body.contains("[+]registered ok: connected to 1 of 1 servers"),
         "{body}"
     );
 }

@@ -80,7 +80,18 @@ async fn each_cluster_reaches_its_own_api_server_and_never_the_other() {
 #[tokio::test]
 async fn unknown_cluster_is_503_naming_it_within_100ms() {
     let bed = Bed::new(&["alpha"]);
-    let server = ServerProc::start(&bed.pki, None, &[]).await.unwrap();
+    // Once the warm-up is over (during it, CONNECTs wait for agents that may still be arriving:
+    // see high_availability.rs), a cluster never seen is answered at once.
+    let server = ServerProc::start(&bed.pki, None, &["--warmup", "300ms"])
+        .await
+        .unwrap();
+    integration_tests::eventually("warm-up over", Duration::from_secs(5), || async {
+        let (_, body) = integration_tests::procs::admin_get(server.admin_addr, "/api/v1/clusters")
+            .await
+            .unwrap();
+        body.contains("\"warming_up\":false")
+    })
+    .await;
     let started = Instant::now();
     let (status, body) = refused(connect(server.frontend_addr, "gamma:443").await.unwrap());
     let elapsed = started.elapsed();

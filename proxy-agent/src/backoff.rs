@@ -14,26 +14,37 @@ pub const MAX: Duration = Duration::from_secs(10);
 #[derive(Debug)]
 pub struct Backoff {
     next: Duration,
+    initial: Duration,
+    max: Duration,
 }
 
 impl Default for Backoff {
     fn default() -> Self {
-        Self { next: INITIAL }
+        Self::new(INITIAL, MAX)
     }
 }
 
 impl Backoff {
+    /// Doubling delays from `initial` to `max`.
+    pub fn new(initial: Duration, max: Duration) -> Self {
+        Self {
+            next: initial,
+            initial,
+            max,
+        }
+    }
+
     /// The delay before the next attempt.
     pub fn next_delay(&mut self) -> Duration {
         let ceiling = self.next;
-        self.next = (self.next * 2).min(MAX);
+        self.next = (self.next * 2).min(self.max);
         let low = ceiling / 2;
         rand::rng().random_range(low..=ceiling)
     }
 
     /// Back to the shortest delay (after a connection that worked).
     pub fn reset(&mut self) {
-        self.next = INITIAL;
+        self.next = self.initial;
     }
 }
 

@@ -87,6 +87,11 @@ pub struct Args {
     /// A server that does not answer a ping within this time is reconnected.
     #[arg(long, env = "PROXY_AGENT_KEEPALIVE_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub keepalive_timeout: Duration,
+    /// Once the agent holds a tunnel to every server replica, how often it still dials each
+    /// --server address to look for a replica it does not know (replaced, or added without its
+    /// count changing). Jittered; until all replicas are held it dials every few seconds.
+    #[arg(long, env = "PROXY_AGENT_SERVER_PROBE_INTERVAL", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub server_probe_interval: Duration,
     /// Log format.
     #[arg(long, env = "PROXY_AGENT_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -112,6 +117,9 @@ pub enum ConfigError {
 
 /// Where Kubernetes mounts the API server's CA into every pod.
 pub const IN_CLUSTER_CA: &str = "/var/run/secrets/kubernetes.io/serviceaccount/ca.crt";
+
+/// Shortest --server-probe-interval: each probe is a TLS handshake on some server replica.
+pub const MIN_PROBE_INTERVAL: Duration = Duration::from_millis(500);
 
 /// Largest CA bundle reported to servers.
 pub const MAX_UPSTREAM_CA: usize = 64 * 1024;
@@ -154,6 +162,8 @@ pub struct Config {
     pub keepalive_interval: Duration,
     /// See [`Args::keepalive_timeout`].
     pub keepalive_timeout: Duration,
+    /// See [`Args::server_probe_interval`].
+    pub server_probe_interval: Duration,
 }
 
 fn invalid(flag: &'static str, value: &str, reason: impl Into<String>) -> ConfigError {
@@ -294,6 +304,15 @@ impl Config {
             dial_timeout: args.dial_timeout,
             keepalive_interval: args.keepalive_interval,
             keepalive_timeout: args.keepalive_timeout,
+            server_probe_interval: if args.server_probe_interval < MIN_PROBE_INTERVAL {
+                return Err(invalid(
+                    "server-probe-interval",
+                    &humantime::format_duration(args.server_probe_interval).to_string(),
+                    format!("must be at least {MIN_PROBE_INTERVAL:?}"),
+                ));
+            } else {
+                args.server_probe_interval
+            },
         })
     }
 }

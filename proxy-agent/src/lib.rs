@@ -7,11 +7,11 @@ pub mod backoff;
 pub mod channel;
 pub mod config;
 pub mod dial;
+pub mod fleet;
 pub mod metrics;
 pub mod session;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use tokio::net::TcpListener;
@@ -33,21 +33,18 @@ pub struct Shared {
     pub config: Config,
     /// The metrics.
     pub metrics: metrics::Metrics,
-    registered: AtomicUsize,
+    /// The servers held, and how many there are.
+    pub fleet: Arc<fleet::Fleet>,
 }
 
-/// Counts one registered session or open connection while alive.
+/// Counts one open connection while alive.
 #[derive(Debug)]
-pub struct CountGuard<'a> {
-    count: Option<&'a AtomicUsize>,
+pub struct CountGuard {
     gauge: prometheus_client::metrics::gauge::Gauge,
 }
 
-impl Drop for CountGuard<'_> {
+impl Drop for CountGuard {
     fn drop(&mut self) {
-        if let Some(count) = self.count {
-            count.fetch_sub(1, Ordering::Relaxed);
-        }
         self.gauge.dec();
     }
 }
@@ -56,35 +53,28 @@ impl Shared {
     /// State for one agent identity. Public so a benchmark can run thousands of agents, each
     /// with its own certificate, from one process (`proxy-bench`'s agent-scale scenario).
     pub fn new(config: Config, metrics: metrics::Metrics) -> Self {
+        let fleet = Arc::new(fleet::Fleet::new(
+            metrics.servers_connected.clone(),
+            metrics.known_server_count.clone(),
+        ));
         Self {
             config,
             metrics,
-            registered: AtomicUsize::new(0),
-        }
-    }
-
-    /// Marks one more server as registered until the guard drops.
-    pub fn registered(&self) -> CountGuard<'_> {
-        self.registered.fetch_add(1, Ordering::Relaxed);
-        self.metrics.servers_connected.inc();
-        CountGuard {
-            count: Some(&self.registered),
-            gauge: self.metrics.servers_connected.clone(),
+            fleet,
         }
     }
 
     /// Marks one more tunneled connection as active until the guard drops.
-    pub fn active_connection(&self) -> CountGuard<'_> {
+    pub fn active_connection(&self) -> CountGuard {
         self.metrics.connections_active.inc();
         CountGuard {
-            count: None,
             gauge: self.metrics.connections_active.clone(),
         }
     }
 
     /// Servers this agent is registered with.
     pub fn registered_count(&self) -> usize {
-        self.registered.load(Ordering::Relaxed)
+        self.fleet.held()
     }
 }
 
@@ -111,9 +101,12 @@ pub async fn run(config: Config, admin: TcpListener, shutdown: CancellationToken
         checks: vec![
             (
                 "registered",
-                Arc::new(move || match registered.registered_count() {
-                    0 => Err("not registered with any proxy server".into()),
-                    n => Ok(format!("registered with {n} server(s)")),
+                Arc::new(move || {
+                    let (held, target) = (registered.fleet.held(), registered.fleet.target());
+                    match held {
+                        0 => Err(format!("not registered with any proxy server (the fleet has {target})")),
+                        _ => Ok(format!("connected to {held} of {target} servers")),
+                    }
                 }),
             ),
             (

@@ -26,6 +26,8 @@ pub struct DirectionLabel {
 pub struct Metrics {
     /// Servers the agent is registered with.
     pub servers_connected: Gauge,
+    /// Servers the fleet has, as the servers report it: the agent holds a tunnel to each.
+    pub known_server_count: Gauge,
     /// Open tunneled connections.
     pub connections_active: Gauge,
     /// Time to connect to the upstream.
@@ -41,6 +43,7 @@ impl Metrics {
     pub fn new(registry: &mut Registry) -> Self {
         let m = Self {
             servers_connected: Gauge::default(),
+            known_server_count: Gauge::default(),
             connections_active: Gauge::default(),
             upstream_dial_duration: Histogram::new(exponential_buckets(0.0001, 2.0, 18)),
             upstream_dial_failures: Family::default(),
@@ -50,6 +53,11 @@ impl Metrics {
             "proxy_agent_servers_connected",
             "Servers this agent is registered with",
             m.servers_connected.clone(),
+        );
+        registry.register(
+            "proxy_agent_known_server_count",
+            "Server replicas in the fleet, as the servers report it (the agent aims to hold a tunnel to each)",
+            m.known_server_count.clone(),
         );
         registry.register(
             "proxy_agent_connections_active",

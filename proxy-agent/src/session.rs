@@ -2,6 +2,7 @@
 //! requests; on any loss, reconnect with backoff.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use proxy_common::readahead::ReadAhead;
@@ -54,32 +55,94 @@ pub struct Lifecycle {
     pub close: CancellationToken,
 }
 
-/// Keeps a tunnel to `server` until the agent drains.
+/// Before holding every server replica: first delay after a connection that landed on a server
+/// already held. The load balancer decides where the next one lands; a few tries a second find
+/// a missing replica within seconds, and [`SEARCH_MAX`] keeps a large fleet's search cheap.
+pub const SEARCH_INITIAL: Duration = Duration::from_millis(500);
+/// Largest delay between those tries.
+pub const SEARCH_MAX: Duration = Duration::from_secs(2);
+
+/// Keeps tunnels to the servers behind `server` until the agent drains: at least one, and as
+/// many distinct servers as the fleet has (see [`crate::fleet`]). Each tunnel runs in its own
+/// task; this loop only decides when to dial again.
 pub async fn maintain(server: ServerTarget, shared: Arc<Shared>, life: Lifecycle) {
-    let mut backoff = Backoff::default();
-    let shutdown = &life.drain;
-    while !shutdown.is_cancelled() {
-        match session(&server, &shared, &life).await {
-            Ok(()) => {
-                backoff.reset();
-                if shutdown.is_cancelled() {
-                    break;
+    // Errors (unreachable, TLS, refused): 100 ms growing to 10 s, back to 100 ms after any
+    // registration, so a tunnel that worked and then failed is replaced at once.
+    let mut failures = Backoff::default();
+    // Landings on servers already held, while some are still missing.
+    let mut search = Backoff::new(SEARCH_INITIAL, SEARCH_MAX);
+    let tunnels = TaskTracker::new();
+    let here = Arc::new(AtomicUsize::new(0));
+    let fleet = shared.fleet.clone();
+    // After a landing on a held server while nothing is missing, wait for the probe interval
+    // even if this address holds nothing itself (it leads only to servers held through others).
+    let mut probe_next = false;
+    loop {
+        let changed = fleet.changed();
+        tokio::pin!(changed);
+        changed.as_mut().enable();
+        let wanted = fleet.wanted() || here.load(Ordering::Acquire) == 0;
+        if probe_next || !wanted {
+            let probe = jittered(shared.config.server_probe_interval);
+            tokio::select! {
+                () = life.drain.cancelled() => break,
+                // A tunnel ended or the fleet grew: look again.
+                () = &mut changed, if !probe_next => continue,
+                () = tokio::time::sleep(probe) => {}
+            }
+        }
+        probe_next = false;
+        if life.drain.is_cancelled() {
+            break;
+        }
+        let delay = match establish(&server, &shared, &life).await {
+            Ok(Established::Tunnel(tunnel)) => {
+                failures.reset();
+                search.reset();
+                let Some(held) = fleet.try_hold(&tunnel.server_id, tunnel.server_count) else {
+                    // Another --server address reached the same server at the same moment.
+                    tracing::debug!(server = %server.addr, server.id = %tunnel.server_id, "second tunnel to a held server; closing it");
+                    continue;
+                };
+                here.fetch_add(1, Ordering::AcqRel);
+                let (shared, life, here) = (shared.clone(), life.clone(), here.clone());
+                tunnels.spawn(async move {
+                    tunnel.serve(held, &shared, &life).await;
+                    here.fetch_sub(1, Ordering::AcqRel);
+                });
+                continue;
+            }
+            Ok(Established::AlreadyHeld { server_id }) => {
+                failures.reset();
+                tracing::debug!(server = %server.addr, server.id = %server_id, held = fleet.held(), of = fleet.target(), "landed on a server already held");
+                if !fleet.wanted() {
+                    probe_next = true;
+                    continue;
                 }
-                tracing::info!(server = %server.addr, "server closed the tunnel; reconnecting");
+                search.next_delay()
             }
             Err(SessionError::Refused(reason)) => {
                 tracing::error!(server = %server.addr, cluster = %shared.config.cluster, %reason, "server refused this agent's registration");
+                failures.next_delay()
             }
             Err(err) => {
-                tracing::warn!(server = %server.addr, %err, "tunnel to server lost");
+                tracing::warn!(server = %server.addr, %err, "cannot reach server");
+                failures.next_delay()
             }
-        }
-        let delay = backoff.next_delay();
+        };
         tokio::select! {
-            () = shutdown.cancelled() => break,
+            () = life.drain.cancelled() => break,
             () = tokio::time::sleep(delay) => {}
         }
     }
+    // Draining: open tunnels keep serving their connections until `close`.
+    tunnels.close();
+    tunnels.wait().await;
+}
+
+/// `interval` scaled by a random factor in [0.5, 1], so agents started together spread out.
+fn jittered(interval: Duration) -> Duration {
+    interval.mul_f64(rand::random_range(0.5..=1.0))
 }
 
 async fn connect(
@@ -125,15 +188,38 @@ fn error_chain(err: &dyn std::error::Error) -> String {
     text
 }
 
-/// One connection's life: `Ok` if it registered and later ended.
-async fn session(
+/// A new connection's registration, answered.
+enum Established {
+    /// Registered: a new tunnel.
+    Tunnel(Tunnel),
+    /// The connection landed on a server this agent already holds.
+    AlreadyHeld {
+        /// That server's id.
+        server_id: String,
+    },
+}
+
+/// A registered tunnel to one server, ready to serve dial requests.
+struct Tunnel {
+    addr: String,
+    server_id: String,
+    server_count: u32,
+    client: TunnelClient<H2Channel>,
+    control: mpsc::Sender<AgentMessage>,
+    inbound: tonic::Streaming<proxy_proto::ServerMessage>,
+    // Closes the HTTP/2 connection when the tunnel is dropped, whichever way it ends.
+    _close_connection: tokio_util::sync::DropGuard,
+}
+
+/// Connects to `server` and registers, naming the servers already held so that a landing on
+/// one of them is declined before anything is registered.
+async fn establish(
     server: &ServerTarget,
     shared: &Arc<Shared>,
     life: &Lifecycle,
-) -> Result<(), SessionError> {
-    // Closes the HTTP/2 connection when this session is over, whichever way it ends.
+) -> Result<Established, SessionError> {
     let connection = life.close.child_token();
-    let _close_connection = connection.clone().drop_guard();
+    let close_connection = connection.clone().drop_guard();
     let channel = connect(server, shared, connection).await?;
     // The authority is only a label in the request URI: the connection is already made.
     let origin = http::Uri::from_static("https://proxy-server");
@@ -148,6 +234,7 @@ async fn session(
             version: env!("CARGO_PKG_VERSION").to_owned(),
             upstream_ca: shared.config.upstream_ca_pem(),
             upstream_server_name: shared.config.upstream_server_name.clone(),
+            held_server_ids: shared.fleet.held_ids(),
         })),
     };
     control
@@ -176,65 +263,106 @@ async fn session(
         .await
         .map_err(|_| SessionError::Protocol("no registration answer in time".into()))?
         .map_err(|s| SessionError::Stream(s.to_string()))?;
-    let server_id = match first.and_then(|m| m.msg) {
-        Some(server_message::Msg::Registered(r)) => r.server_id,
-        _ => {
-            return Err(SessionError::Protocol(
-                "expected a registration answer".into(),
-            ));
+    match first.and_then(|m| m.msg) {
+        Some(server_message::Msg::Registered(r)) => Ok(Established::Tunnel(Tunnel {
+            addr: server.addr.clone(),
+            server_id: r.server_id,
+            server_count: r.server_count,
+            client,
+            control,
+            inbound,
+            _close_connection: close_connection,
+        })),
+        Some(server_message::Msg::AlreadyHeld(r)) => {
+            Ok(Established::AlreadyHeld {
+                server_id: r.server_id,
+            })
         }
-    };
-    let _registered = shared.registered();
-    tracing::info!(server = %server.addr, server.id = %server_id, cluster = %shared.config.cluster, "registered with server");
+        _ => Err(SessionError::Protocol(
+            "expected a registration answer".into(),
+        )),
+    }
+}
 
-    // Every tunneled connection of this session is a child of this token: losing the server
-    // closes them all.
-    let session_token = life.close.child_token();
-    let _close_all = session_token.clone().drop_guard();
-    let tracker = TaskTracker::new();
-    let mut draining = false;
-    let result = loop {
-        let msg = tokio::select! {
-            () = life.drain.cancelled(), if !draining => {
-                draining = true;
-                let drain = AgentMessage { msg: Some(agent_message::Msg::Drain(Drain {})) };
-                // Best effort: if the queue is full the server learns when the stream ends.
-                let _ = control.try_send(drain);
-                tracing::info!(server = %server.addr, "draining: told the server to send new connections elsewhere");
-                continue;
+impl Tunnel {
+    /// Serves dial requests until the server or the agent ends the tunnel; `held` lets the
+    /// server go when it does.
+    async fn serve(self, held: crate::fleet::Held, shared: &Arc<Shared>, life: &Lifecycle) {
+        let Self {
+            addr,
+            server_id,
+            client,
+            control,
+            mut inbound,
+            _close_connection,
+            ..
+        } = self;
+        tracing::info!(server = %addr, server.id = %server_id, cluster = %shared.config.cluster, held = shared.fleet.held(), of = shared.fleet.target(), "registered with server");
+        // Every tunneled connection of this tunnel is a child of this token: losing the server
+        // closes them all.
+        let session_token = life.close.child_token();
+        let _close_all = session_token.clone().drop_guard();
+        let tracker = TaskTracker::new();
+        let mut draining = false;
+        let result = loop {
+            let msg = tokio::select! {
+                () = life.drain.cancelled(), if !draining => {
+                    draining = true;
+                    let drain = AgentMessage { msg: Some(agent_message::Msg::Drain(Drain {})) };
+                    // Best effort: if the queue is full the server learns when the stream ends.
+                    let _ = control.try_send(drain);
+                    tracing::info!(server = %addr, server.id = %server_id, "draining: told the server to send new connections elsewhere");
+                    continue;
+                }
+                () = life.close.cancelled() => break Ok(()),
+                msg = inbound.message() => msg,
+            };
+            match msg {
+                Ok(Some(m)) => match m.msg {
+                    Some(server_message::Msg::Dial(dial)) => {
+                        let (client, control, shared) =
+                            (client.clone(), control.clone(), shared.clone());
+                        let cancel = session_token.child_token();
+                        tracker.spawn(async move {
+                            let dest = dial.destination;
+                            crate::dial::serve_dial(
+                                client,
+                                control,
+                                dial.dial_id,
+                                &dest,
+                                &shared,
+                                cancel,
+                            )
+                            .await;
+                        });
+                    }
+                    Some(server_message::Msg::Fleet(fleet)) => {
+                        tracing::info!(server = %addr, server.id = %server_id, count = fleet.server_count, "server count changed");
+                        held.set_count(fleet.server_count);
+                    }
+                    Some(
+                        server_message::Msg::Registered(_) | server_message::Msg::AlreadyHeld(_),
+                    )
+                    | None => {
+                        break Err(SessionError::Protocol("unexpected control message".into()));
+                    }
+                },
+                Ok(None) => break Ok(()),
+                Err(status) => break Err(SessionError::Stream(status.message().to_owned())),
             }
-            () = life.close.cancelled() => break Ok(()),
-            msg = inbound.message() => msg,
         };
-        match msg {
-            Ok(Some(m)) => match m.msg {
-                Some(server_message::Msg::Dial(dial)) => {
-                    let (client, control, shared) =
-                        (client.clone(), control.clone(), shared.clone());
-                    let cancel = session_token.child_token();
-                    tracker.spawn(async move {
-                        let dest = dial.destination;
-                        crate::dial::serve_dial(
-                            client,
-                            control,
-                            dial.dial_id,
-                            &dest,
-                            &shared,
-                            cancel,
-                        )
-                        .await;
-                    });
-                }
-                Some(server_message::Msg::Registered(_)) | None => {
-                    break Err(SessionError::Protocol("unexpected control message".into()));
-                }
-            },
-            Ok(None) => break Ok(()),
-            Err(status) => break Err(SessionError::Stream(status.message().to_owned())),
+        session_token.cancel();
+        tracker.close();
+        tracker.wait().await;
+        drop(held);
+        match result {
+            Ok(()) if life.drain.is_cancelled() => {}
+            Ok(()) => {
+                tracing::info!(server = %addr, server.id = %server_id, "server closed the tunnel; reconnecting")
+            }
+            Err(err) => {
+                tracing::warn!(server = %addr, server.id = %server_id, %err, "tunnel to server lost")
+            }
         }
-    };
-    session_token.cancel();
-    tracker.close();
-    tracker.wait().await;
-    result
+    }
 }

@@ -121,9 +121,31 @@ pub struct Args {
     /// (e.g. `.clusters.local` lets `alpha.clusters.local:443` reach cluster `alpha`).
     #[arg(long, env = "PROXY_SERVER_CLUSTER_SUFFIX")]
     pub cluster_suffix: Option<String>,
-    /// This server's id, sent to agents (default: host name and a random suffix).
+    /// This server's id, sent to agents (default: host name and a random suffix). Must differ
+    /// between replicas: agents tell replicas apart by it.
     #[arg(long, env = "PROXY_SERVER_SERVER_ID")]
     pub server_id: Option<String>,
+    /// How many server replicas serve this fleet. Agents reach the replicas through one
+    /// load-balanced address and keep dialing it until they hold a tunnel to this many distinct
+    /// servers, so any replica can serve any cluster.
+    #[arg(
+        long,
+        env = "PROXY_SERVER_SERVER_COUNT",
+        default_value_t = 1,
+        conflicts_with = "server_count_dns"
+    )]
+    pub server_count: u32,
+    /// Count the replicas instead as the distinct addresses of this DNS name, re-read every few
+    /// seconds: a Kubernetes headless Service with `publishNotReadyAddresses: true` selecting
+    /// the server pods, so scaling the Deployment needs no flag change.
+    #[arg(long, env = "PROXY_SERVER_SERVER_COUNT_DNS")]
+    pub server_count_dns: Option<String>,
+    /// After start, how long agents are given to find this replica. Meanwhile a CONNECT for a
+    /// cluster whose agent has not arrived yet waits up to --agent-wait instead of failing, and
+    /// with more than one replica /readyz reports not ready, so client load balancers keep
+    /// sending CONNECTs to the replicas the agents already hold.
+    #[arg(long, env = "PROXY_SERVER_WARMUP", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub warmup: Duration,
     /// Log format.
     #[arg(long, env = "PROXY_SERVER_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -229,6 +251,10 @@ pub struct Config {
     pub shutdown_grace: Duration,
     /// This server's id.
     pub server_id: String,
+    /// Where the replica count comes from.
+    pub server_count: crate::fleet::CountSource,
+    /// See [`Args::warmup`].
+    pub warmup: Duration,
 }
 
 fn invalid(flag: &'static str, reason: impl Into<String>) -> ConfigError {
@@ -354,6 +380,19 @@ impl Config {
             }
             None => None,
         };
+        let server_count = match &args.server_count_dns {
+            Some(name) if name.is_empty() || name.contains(':') => {
+                return Err(invalid(
+                    "server-count-dns",
+                    format!("{name:?} must be a DNS name (no port)"),
+                ));
+            }
+            Some(name) => crate::fleet::CountSource::Dns(name.clone()),
+            None => crate::fleet::CountSource::Fixed(at_least_one(
+                "server-count",
+                args.server_count as usize,
+            )? as u32),
+        };
         if args.max_head_bytes < 256 {
             return Err(invalid("max-head-bytes", "must be at least 256"));
         }
@@ -381,6 +420,8 @@ impl Config {
             cluster_suffix,
             public_url,
             shutdown_grace: args.shutdown_grace,
+            server_count,
+            warmup: args.warmup,
             server_id: args
                 .server_id
                 .clone()

@@ -38,6 +38,8 @@ pub struct Frontend {
     pub dial_timeout: Duration,
     /// See `--agent-wait`.
     pub agent_wait: Duration,
+    /// The fleet, for its warm-up window (see `--warmup`).
+    pub fleet: Arc<crate::fleet::Fleet>,
     /// See `--cluster-suffix`.
     pub cluster_suffix: Option<String>,
 }
@@ -372,7 +374,9 @@ impl Frontend {
         &self,
         cluster: &str,
     ) -> Result<(ConnectionSlot, String, CancellationToken, Box<TunnelStream>), Refusal> {
-        let Some(agent) = self.registry.wait_for_agent(cluster, self.agent_wait).await else {
+        let arriving = self.fleet.warmup_left().is_some();
+        let wait = self.registry.wait_for_agent(cluster, self.agent_wait, arriving);
+        let Some(agent) = wait.await else {
             return Err(Refusal::new(
                 503,
                 Outcome::NoAgent,

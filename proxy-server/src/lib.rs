@@ -9,6 +9,7 @@
 pub mod auth;
 pub mod config;
 pub mod connect;
+pub mod fleet;
 pub mod frontend;
 pub mod kubeconfig;
 pub mod listener;
@@ -115,6 +116,40 @@ fn public_url(config: &Config, frontend: &TcpListener) -> String {
     format!("{scheme}://{addr}")
 }
 
+/// Readiness during the warm-up: with other replicas to serve clients, this one stays out of the
+/// client load balancer's rotation until agents have had time to find it. A lone replica is
+/// ready at once (CONNECTs it gets meanwhile wait for their agent, see `--warmup`).
+fn warmup_check(fleet: &fleet::Fleet) -> Result<String, String> {
+    match fleet.warmup_left() {
+        Some(left) if fleet.count() > 1 => Err(format!(
+            "warming up: agents are still finding this replica ({:.0} s left, {} replica(s))",
+            left.as_secs_f64().ceil(),
+            fleet.count()
+        )),
+        _ => Ok(format!(
+            "server {} of a fleet of {}",
+            fleet.server_id,
+            fleet.count()
+        )),
+    }
+}
+
+/// Keeps `proxy_server_server_count` equal to the fleet's count.
+fn spawn_count_gauge(fleet: &fleet::Fleet, metrics: &Arc<metrics::Metrics>, close: CancellationToken) {
+    let mut count = fleet.subscribe();
+    let metrics = metrics.clone();
+    metrics.server_count.set(i64::from(*count.borrow_and_update()));
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                () = close.cancelled() => return,
+                changed = count.changed() => if changed.is_err() { return },
+            }
+            metrics.server_count.set(i64::from(*count.borrow_and_update()));
+        }
+    });
+}
+
 /// Runs the server until `shutdown` is cancelled, then drains: the listeners stop accepting
 /// (new CONNECTs and agents are refused), `/readyz` fails, open tunneled connections continue
 /// until they end or `--shutdown-grace` runs out, then everything still open is closed.
@@ -144,22 +179,34 @@ pub async fn run(
         policy.spawn_watcher(reload.clone(), close.clone());
     }
 
+    let fleet = Arc::new(fleet::Fleet::new(
+        config.server_id.clone(),
+        config.server_count.clone(),
+        config.warmup,
+    ));
+    fleet.start(close.clone()).await;
+    spawn_count_gauge(&fleet, &metrics, close.clone());
+
     let status = Arc::new(status::Status {
         registry: registry.clone(),
         metrics: metrics.clone(),
-        server_id: config.server_id.clone(),
+        fleet: fleet.clone(),
         public_url: public_url(&config, &listeners.frontend),
         started: std::time::SystemTime::now(),
     });
     let draining = shutdown.clone();
+    let warming = fleet.clone();
     let admin = proxy_common::admin::Admin {
-        checks: vec![(
-            "listeners",
-            Arc::new(move || match draining.is_cancelled() {
-                true => Err("draining for shutdown: not accepting connections".into()),
-                false => Ok("agent, frontend and admin listeners serving".into()),
-            }),
-        )],
+        checks: vec![
+            (
+                "listeners",
+                Arc::new(move || match draining.is_cancelled() {
+                    true => Err("draining for shutdown: not accepting connections".into()),
+                    false => Ok("agent, frontend and admin listeners serving".into()),
+                }),
+            ),
+            ("warmup", Arc::new(move || warmup_check(&warming))),
+        ],
         metrics: Arc::new(prometheus),
         routes: Some(status.routes()),
     };
@@ -178,6 +225,7 @@ pub async fn run(
         limits: config.limits,
         dial_timeout: config.dial_timeout,
         agent_wait: config.agent_wait,
+        fleet: fleet.clone(),
         cluster_suffix: config.cluster_suffix.clone(),
     });
     background.spawn(frontend::serve(
@@ -189,7 +237,7 @@ pub async fn run(
     ));
 
     tracing::info!(server.id = %config.server_id, "proxy-server started");
-    let service = tunnel::TunnelService::new(registry, config.server_id.clone(), close.clone());
+    let service = tunnel::TunnelService::new(registry, fleet, close.clone());
     let incoming = listener::incoming(
         listeners.agent,
         config.agent_tls.clone(),

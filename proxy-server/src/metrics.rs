@@ -85,6 +85,8 @@ pub struct Metrics {
     pub bytes: Family<BytesLabels, Counter>,
     /// CONNECTs waiting for an agent's answer.
     pub pending_dials: Gauge,
+    /// Server replicas the fleet has, as this server tells agents.
+    pub server_count: Gauge,
 }
 
 fn dial_histogram() -> Histogram {
@@ -130,7 +132,14 @@ impl Metrics {
             "CONNECTs waiting for an agent's answer",
             pending_dials.clone(),
         );
+        let server_count = Gauge::default();
+        registry.register(
+            "proxy_server_server_count",
+            "Server replicas in the fleet, as told to agents (--server-count or its DNS name)",
+            server_count.clone(),
+        );
         Self {
+            server_count,
             pending_dials,
             agents,
             connections_active,

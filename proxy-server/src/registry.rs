@@ -92,6 +92,19 @@ impl AgentHandle {
         &self.closed
     }
 
+    /// Tells the agent the fleet now has `count` servers. Best effort: an agent whose control
+    /// queue is full learns the count from its next registration.
+    pub fn send_fleet(&self, count: u32) {
+        let msg = ServerMessage {
+            msg: Some(server_message::Msg::Fleet(proxy_proto::Fleet {
+                server_count: count,
+            })),
+        };
+        if self.control.try_send(Ok(msg)).is_err() {
+            tracing::debug!(cluster = %self.info.cluster, agent.id = %self.info.agent_id, "control queue full: fleet update not sent");
+        }
+    }
+
     /// Asks the agent to dial its upstream. Waits while the agent's control queue is full.
     pub async fn request_dial(&self, dial_id: u64) -> Result<(), AgentGone> {
         let msg = ServerMessage {
@@ -361,9 +374,15 @@ impl Registry {
         out
     }
 
-    /// An agent of `cluster`; if the cluster's last agent left within [`RECONNECT_WINDOW`],
-    /// waits up to `wait` for one to come back. Clusters not seen recently fail at once.
-    pub async fn wait_for_agent(&self, cluster: &str, wait: Duration) -> Option<Arc<AgentHandle>> {
+    /// An agent of `cluster`; if the cluster's last agent left within [`RECONNECT_WINDOW`], or
+    /// `arriving` (this server is warming up: agents are still finding it), waits up to `wait`
+    /// for one to come. Other clusters not seen recently fail at once.
+    pub async fn wait_for_agent(
+        &self,
+        cluster: &str,
+        wait: Duration,
+        arriving: bool,
+    ) -> Option<Arc<AgentHandle>> {
         let deadline = tokio::time::Instant::now() + wait;
         loop {
             // Register interest before looking, so a registration between the look and the
@@ -374,7 +393,7 @@ impl Registry {
             if let Some(agent) = self.pick(cluster) {
                 return Some(agent);
             }
-            if !self.recently_departed(cluster) {
+            if !arriving && !self.recently_departed(cluster) {
                 return None;
             }
             if tokio::time::timeout_at(deadline, changed).await.is_err() {

@@ -26,8 +26,8 @@ pub struct Status {
     pub registry: Arc<Registry>,
     /// Byte counters.
     pub metrics: Arc<Metrics>,
-    /// This server's id.
-    pub server_id: String,
+    /// This server's id, the fleet's size and warm-up.
+    pub fleet: Arc<crate::fleet::Fleet>,
     /// The proxy URL written into kubeconfigs.
     pub public_url: String,
     /// When the server started.
@@ -134,7 +134,9 @@ impl Status {
             })
             .collect();
         json!({
-            "server_id": self.server_id,
+            "server_id": self.fleet.server_id,
+            "server_count": self.fleet.count(),
+            "warming_up": self.fleet.warmup_left().is_some(),
             "started": unix(self.started),
             "clusters": clusters,
         })
@@ -196,11 +198,16 @@ impl Status {
             "<!doctype html><html><head><meta charset=\"utf-8\"><meta http-equiv=\"refresh\" content=\"{REFRESH_SECONDS}\">\
 <title>proxy-server {id}</title><style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}\
 td,th{{border:1px solid #ccc;padding:.4em .6em;vertical-align:top;text-align:left}}ul{{margin:0;padding-left:1.2em}}</style></head>\
-<body><h1>proxy-server <code>{id}</code></h1><p>Up since {up}. {n} cluster(s), {agents} agent(s). Refreshes every {REFRESH_SECONDS} s. \
+<body><h1>proxy-server <code>{id}</code></h1><p>Up since {up}. One of {count} server replica(s){warm}. {n} cluster(s), {agents} agent(s). Refreshes every {REFRESH_SECONDS} s. \
 Same data: <a href=\"/api/v1/clusters\">JSON</a>; all kubeconfigs: <a href=\"/api/v1/kubeconfig\">kubeconfig</a>; <a href=\"/metrics\">metrics</a>.</p>\
 <table><tr><th>cluster</th><th>agents</th><th>open connections</th><th>bytes to / from cluster</th><th>dial latency (CONNECT to 200)</th><th>dial failures</th><th>kubeconfig</th></tr>{rows}</table></body></html>\n",
-            id = esc(&self.server_id),
+            id = esc(&self.fleet.server_id),
             up = ago(self.started),
+            count = self.fleet.count(),
+            warm = match self.fleet.warmup_left() {
+                Some(left) => format!(", warming up ({} s left: agents are still arriving)", left.as_secs_f64().ceil()),
+                None => String::new(),
+            },
             n = snapshot.len(),
         )
     }

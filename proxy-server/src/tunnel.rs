@@ -17,6 +17,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::fleet::Fleet;
 use crate::listener::AgentConn;
 use crate::registry::{AgentHandle, AgentInfo, DialOutcome, Registration, Registry, TunnelStream};
 
@@ -31,16 +32,17 @@ pub const CONTROL_QUEUE: usize = 256;
 #[derive(Debug, Clone)]
 pub struct TunnelService {
     registry: Arc<Registry>,
-    server_id: String,
+    fleet: Arc<Fleet>,
     shutdown: CancellationToken,
 }
 
 impl TunnelService {
-    /// A service registering agents into `registry`; `shutdown` closes every agent.
-    pub fn new(registry: Arc<Registry>, server_id: String, shutdown: CancellationToken) -> Self {
+    /// A service registering agents into `registry` on behalf of this server of `fleet`;
+    /// `shutdown` closes every agent.
+    pub fn new(registry: Arc<Registry>, fleet: Arc<Fleet>, shutdown: CancellationToken) -> Self {
         Self {
             registry,
-            server_id,
+            fleet,
             shutdown,
         }
     }
@@ -69,8 +71,11 @@ fn truncate(mut text: String, max: usize) -> String {
     text
 }
 
-/// Longest agent id or version string accepted.
+/// Longest agent id, version or server id string accepted.
 pub const MAX_AGENT_FIELD: usize = 253;
+
+/// Most server ids an agent may list as already held: far more replicas than a fleet has.
+pub const MAX_HELD_SERVERS: usize = 64;
 
 /// Validates the first message of a control stream from a connection whose certificate CN is
 /// `cn`: it must be a registration for exactly that cluster, with sane fields. Pure, so the fuzz
@@ -107,6 +112,13 @@ pub fn registration(first: Option<AgentMessage>, cn: &str) -> Result<Register, S
     if reg.version.len() > MAX_AGENT_FIELD || reg.version.chars().any(char::is_control) {
         return Err(Status::invalid_argument(format!(
             "version must be at most {MAX_AGENT_FIELD} bytes without control characters"
+        )));
+    }
+    if reg.held_server_ids.len() > MAX_HELD_SERVERS
+        || reg.held_server_ids.iter().any(|id| id.len() > MAX_AGENT_FIELD)
+    {
+        return Err(Status::invalid_argument(format!(
+            "at most {MAX_HELD_SERVERS} held server ids of at most {MAX_AGENT_FIELD} bytes each"
         )));
     }
     Ok(reg)
@@ -159,10 +171,23 @@ impl Tunnel for TunnelService {
         };
 
         let (tx, rx) = mpsc::channel(CONTROL_QUEUE);
+        let answer = Registered {
+            server_id: self.fleet.server_id.clone(),
+            server_count: self.fleet.count(),
+        };
+        if reg.held_server_ids.contains(&self.fleet.server_id) {
+            // The load balancer sent an agent to a replica it already holds: nothing to do but
+            // say so. Not registered, so no churn in the registry, metrics or logs.
+            tracing::debug!(cluster = %reg.cluster, agent.id = %reg.agent_id, agent.addr = %conn.addr, "agent already holds this server; declined politely");
+            let declined = ServerMessage {
+                msg: Some(server_message::Msg::AlreadyHeld(answer)),
+            };
+            tx.try_send(Ok(declined))
+                .map_err(|_| Status::internal("control queue full"))?;
+            return Ok(Response::new(ReceiverStream::new(rx)));
+        }
         let registered = ServerMessage {
-            msg: Some(server_message::Msg::Registered(Registered {
-                server_id: self.server_id.clone(),
-            })),
+            msg: Some(server_message::Msg::Registered(answer)),
         };
         tx.try_send(Ok(registered))
             .map_err(|_| Status::internal("control queue full at registration"))?;
@@ -188,6 +213,7 @@ impl Tunnel for TunnelService {
             inbound,
             registration,
             self.registry.clone(),
+            self.fleet.subscribe(),
             closed,
         ));
         Ok(Response::new(ReceiverStream::new(rx)))
@@ -223,12 +249,20 @@ async fn serve_control(
     mut inbound: Streaming<AgentMessage>,
     registration: Registration,
     registry: Arc<Registry>,
+    mut fleet: tokio::sync::watch::Receiver<u32>,
     closed: CancellationToken,
 ) {
     let info = registration.agent().info.clone();
+    // The count sent with the registration is the one seen now.
+    fleet.borrow_and_update();
     let reason = loop {
         let msg = tokio::select! {
             () = closed.cancelled() => break "server shutting down".to_owned(),
+            Ok(()) = fleet.changed() => {
+                let count = *fleet.borrow_and_update();
+                registration.agent().send_fleet(count);
+                continue;
+            }
             msg = inbound.message() => msg,
         };
         match msg {
