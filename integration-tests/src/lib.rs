@@ -5,6 +5,7 @@
 pub mod apiserver;
 pub mod client;
 pub mod data;
+pub mod fleet;
 pub mod procs;
 pub mod rogue;
 pub mod upstream;

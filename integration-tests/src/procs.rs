@@ -139,7 +139,23 @@ impl ServerProc {
         agent_addr: Option<SocketAddr>,
         extra: &[&str],
     ) -> anyhow::Result<Self> {
-        let agent = agent_addr.map_or("127.0.0.1:0".to_owned(), |a| a.to_string());
+        let agent = agent_addr.map(|a| a.to_string());
+        let mut args: Vec<&str> = Vec::new();
+        if let Some(agent) = &agent {
+            args.extend(["--agent-addr", agent]);
+        }
+        args.extend_from_slice(extra);
+        Self::start_wrapped(pki, &args, |bin, args| (bin.to_owned(), args.to_vec())).await
+    }
+
+    /// Like [`ServerProc::start`], but `wrap` turns the binary and its arguments into the
+    /// command actually run (e.g. under `unshare`); it must `exec` the server in the end.
+    pub async fn start_wrapped(
+        pki: &DevPki,
+        extra: &[&str],
+        wrap: impl FnOnce(&Path, &[String]) -> (PathBuf, Vec<String>),
+    ) -> anyhow::Result<Self> {
+        let agent = "127.0.0.1:0".to_owned();
         let defaults: [(&str, String); 6] = [
             ("--agent-addr", agent),
             ("--frontend-addr", "127.0.0.1:0".into()),
@@ -157,14 +173,16 @@ impl ServerProc {
         }
         args.extend(extra.iter().map(|s| (*s).to_owned()));
         let log = unique_log(&pki.dir, "server");
-        let (proc, line) = Proc::spawn("proxy-server", &bin("proxy-server"), &args, log).await?;
+        let (program, args) = wrap(&bin("proxy-server"), &args);
+        let (proc, line) = Proc::spawn("proxy-server", &program, &args, log).await?;
         let server = Self {
             agent_addr: field(&line, "agent")?,
             frontend_addr: field(&line, "frontend")?,
             admin_addr: field(&line, "admin")?,
             proc,
         };
-        wait_ready(server.admin_addr, Duration::from_secs(10)).await?;
+        // Alive, not necessarily ready: a replica of a fleet is not ready during its warm-up.
+        wait_ok(server.admin_addr, "/healthz", Duration::from_secs(10)).await?;
         Ok(server)
     }
 }
@@ -282,12 +300,17 @@ pub async fn metric(addr: SocketAddr, sample: &str) -> f64 {
 
 /// Polls `/readyz` until it answers 200 or `timeout` passes.
 pub async fn wait_ready(addr: SocketAddr, timeout: Duration) -> anyhow::Result<()> {
+    wait_ok(addr, "/readyz", timeout).await
+}
+
+/// Polls `path` on an admin listener until it answers 200 or `timeout` passes.
+pub async fn wait_ok(addr: SocketAddr, path: &str, timeout: Duration) -> anyhow::Result<()> {
     let deadline = Instant::now() + timeout;
     loop {
-        match admin_get(addr, "/readyz").await {
+        match admin_get(addr, path).await {
             Ok((200, _)) => return Ok(()),
             other if Instant::now() >= deadline => {
-                bail!("{addr}/readyz not ready after {timeout:?}: {other:?}")
+                bail!("{addr}{path} not 200 after {timeout:?}: {other:?}")
             }
             _ => tokio::time::sleep(Duration::from_millis(20)).await,
         }

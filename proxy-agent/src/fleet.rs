@@ -37,7 +37,9 @@ impl Fleet {
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, u32>> {
         // A panic while holding this lock cannot leave the map inconsistent: every section is
         // a single insert, update or remove.
-        self.held.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.held
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Ids of the servers held now, for the registration (so a duplicate is declined).

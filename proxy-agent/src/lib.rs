@@ -104,7 +104,9 @@ pub async fn run(config: Config, admin: TcpListener, shutdown: CancellationToken
                 Arc::new(move || {
                     let (held, target) = (registered.fleet.held(), registered.fleet.target());
                     match held {
-                        0 => Err(format!("not registered with any proxy server (the fleet has {target})")),
+                        0 => Err(format!(
+                            "not registered with any proxy server (the fleet has {target})"
+                        )),
                         _ => Ok(format!("connected to {held} of {target} servers")),
                     }
                 }),

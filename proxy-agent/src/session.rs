@@ -77,6 +77,10 @@ pub async fn maintain(server: ServerTarget, shared: Arc<Shared>, life: Lifecycle
     // After a landing on a held server while nothing is missing, wait for the probe interval
     // even if this address holds nothing itself (it leads only to servers held through others).
     let mut probe_next = false;
+    // Landings on held servers in a row. A search dials up to `target` times back to back
+    // before it backs off: under round robin that covers every replica even while other agents'
+    // dials interleave, and under random balancing it cuts the odds of a miss per round.
+    let mut burst = 0;
     loop {
         let changed = fleet.changed();
         tokio::pin!(changed);
@@ -99,6 +103,7 @@ pub async fn maintain(server: ServerTarget, shared: Arc<Shared>, life: Lifecycle
             Ok(Established::Tunnel(tunnel)) => {
                 failures.reset();
                 search.reset();
+                burst = 0;
                 let Some(held) = fleet.try_hold(&tunnel.server_id, tunnel.server_count) else {
                     // Another --server address reached the same server at the same moment.
                     tracing::debug!(server = %server.addr, server.id = %tunnel.server_id, "second tunnel to a held server; closing it");
@@ -117,8 +122,14 @@ pub async fn maintain(server: ServerTarget, shared: Arc<Shared>, life: Lifecycle
                 tracing::debug!(server = %server.addr, server.id = %server_id, held = fleet.held(), of = fleet.target(), "landed on a server already held");
                 if !fleet.wanted() {
                     probe_next = true;
+                    burst = 0;
                     continue;
                 }
+                burst += 1;
+                if burst < fleet.target() {
+                    continue;
+                }
+                burst = 0;
                 search.next_delay()
             }
             Err(SessionError::Refused(reason)) => {
@@ -191,7 +202,7 @@ fn error_chain(err: &dyn std::error::Error) -> String {
 /// A new connection's registration, answered.
 enum Established {
     /// Registered: a new tunnel.
-    Tunnel(Tunnel),
+    Tunnel(Box<Tunnel>),
     /// The connection landed on a server this agent already holds.
     AlreadyHeld {
         /// That server's id.
@@ -264,7 +275,7 @@ async fn establish(
         .map_err(|_| SessionError::Protocol("no registration answer in time".into()))?
         .map_err(|s| SessionError::Stream(s.to_string()))?;
     match first.and_then(|m| m.msg) {
-        Some(server_message::Msg::Registered(r)) => Ok(Established::Tunnel(Tunnel {
+        Some(server_message::Msg::Registered(r)) => Ok(Established::Tunnel(Box::new(Tunnel {
             addr: server.addr.clone(),
             server_id: r.server_id,
             server_count: r.server_count,
@@ -272,12 +283,10 @@ async fn establish(
             control,
             inbound,
             _close_connection: close_connection,
-        })),
-        Some(server_message::Msg::AlreadyHeld(r)) => {
-            Ok(Established::AlreadyHeld {
-                server_id: r.server_id,
-            })
-        }
+        }))),
+        Some(server_message::Msg::AlreadyHeld(r)) => Ok(Established::AlreadyHeld {
+            server_id: r.server_id,
+        }),
         _ => Err(SessionError::Protocol(
             "expected a registration answer".into(),
         )),

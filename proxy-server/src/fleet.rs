@@ -94,7 +94,10 @@ impl Fleet {
 
     async fn refresh(&self, name: &str) {
         match count_addresses(name).await {
-            Ok(0) => tracing::warn!(dns = name, "server-count DNS name has no addresses; keeping the last count"),
+            Ok(0) => tracing::warn!(
+                dns = name,
+                "server-count DNS name has no addresses; keeping the last count"
+            ),
             Ok(n) => {
                 let n = u32::try_from(n).unwrap_or(u32::MAX);
                 let old = self.count.send_replace(n);

@@ -375,7 +375,9 @@ impl Frontend {
         cluster: &str,
     ) -> Result<(ConnectionSlot, String, CancellationToken, Box<TunnelStream>), Refusal> {
         let arriving = self.fleet.warmup_left().is_some();
-        let wait = self.registry.wait_for_agent(cluster, self.agent_wait, arriving);
+        let wait = self
+            .registry
+            .wait_for_agent(cluster, self.agent_wait, arriving);
         let Some(agent) = wait.await else {
             return Err(Refusal::new(
                 503,

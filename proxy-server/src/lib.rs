@@ -135,17 +135,25 @@ fn warmup_check(fleet: &fleet::Fleet) -> Result<String, String> {
 }
 
 /// Keeps `proxy_server_server_count` equal to the fleet's count.
-fn spawn_count_gauge(fleet: &fleet::Fleet, metrics: &Arc<metrics::Metrics>, close: CancellationToken) {
+fn spawn_count_gauge(
+    fleet: &fleet::Fleet,
+    metrics: &Arc<metrics::Metrics>,
+    close: CancellationToken,
+) {
     let mut count = fleet.subscribe();
     let metrics = metrics.clone();
-    metrics.server_count.set(i64::from(*count.borrow_and_update()));
+    metrics
+        .server_count
+        .set(i64::from(*count.borrow_and_update()));
     tokio::spawn(async move {
         loop {
             tokio::select! {
                 () = close.cancelled() => return,
                 changed = count.changed() => if changed.is_err() { return },
             }
-            metrics.server_count.set(i64::from(*count.borrow_and_update()));
+            metrics
+                .server_count
+                .set(i64::from(*count.borrow_and_update()));
         }
     });
 }

@@ -205,7 +205,10 @@ Same data: <a href=\"/api/v1/clusters\">JSON</a>; all kubeconfigs: <a href=\"/ap
             up = ago(self.started),
             count = self.fleet.count(),
             warm = match self.fleet.warmup_left() {
-                Some(left) => format!(", warming up ({} s left: agents are still arriving)", left.as_secs_f64().ceil()),
+                Some(left) => format!(
+                    ", warming up ({} s left: agents are still arriving)",
+                    left.as_secs_f64().ceil()
+                ),
                 None => String::new(),
             },
             n = snapshot.len(),

@@ -115,7 +115,10 @@ pub fn registration(first: Option<AgentMessage>, cn: &str) -> Result<Register, S
         )));
     }
     if reg.held_server_ids.len() > MAX_HELD_SERVERS
-        || reg.held_server_ids.iter().any(|id| id.len() > MAX_AGENT_FIELD)
+        || reg
+            .held_server_ids
+            .iter()
+            .any(|id| id.len() > MAX_AGENT_FIELD)
     {
         return Err(Status::invalid_argument(format!(
             "at most {MAX_HELD_SERVERS} held server ids of at most {MAX_AGENT_FIELD} bytes each"
