@@ -12,6 +12,11 @@ use tokio::process::{Child, Command};
 
 use crate::procs::{ServerProc, admin_get};
 
+/// Longest a replica takes to see a changed `--server-count-dns` name: its refresh interval
+/// plus slack for a loaded machine.
+pub const DNS_REFRESH_BOUND: Duration =
+    Duration::from_secs(proxy_server::fleet::DNS_REFRESH.as_secs() + 3);
+
 /// A free TCP port on 127.0.0.1 (bound, read and released: the caller binds it next).
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
