@@ -121,3 +121,37 @@ fn manifests_use_only_flags_and_variables_the_binaries_have() {
         }
     }
 }
+
+#[test]
+fn manifests_keep_every_replica_reachable_by_every_agent() {
+    let deployment = read("deploy/server/deployment.yaml");
+    let services = read("deploy/server/services.yaml");
+    // The count follows the Deployment: a headless Service over the server pods, counting
+    // not-ready ones (a warming-up replica is not ready because its agents are arriving).
+    let dns = deployment
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("- --server-count-dns="))
+        .expect("deploy/server counts its replicas from DNS");
+    let service = dns.split('.').next().unwrap();
+    let headless = services
+        .split("\n---\n")
+        .find(|doc| doc.contains(&format!("name: {service}\n")))
+        .unwrap_or_else(|| panic!("no Service {service} in services.yaml"));
+    assert!(
+        headless.contains("clusterIP: None") && headless.contains("publishNotReadyAddresses: true"),
+        "{headless}"
+    );
+    assert!(dns.contains(".multicluster-proxy.svc"), "{dns}");
+    // Agents must reach a replica during its warm-up, when it is not ready.
+    let agents = services
+        .split("\n---\n")
+        .find(|doc| doc.contains("name: proxy-server-agents\n"))
+        .expect("agents' Service");
+    assert!(agents.contains("publishNotReadyAddresses: true"), "{agents}");
+    // Unique ids per pod, and at most one replica away at a time.
+    assert!(deployment.contains("fieldPath: metadata.name"));
+    assert!(deployment.contains("maxUnavailable: 0"));
+    let pdb = read("deploy/server/pdb.yaml");
+    assert!(pdb.contains("kind: PodDisruptionBudget") && pdb.contains("maxUnavailable: 1"));
+    assert!(read("deploy/server/kustomization.yaml").contains("- pdb.yaml"));
+}
