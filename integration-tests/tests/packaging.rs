@@ -147,7 +147,10 @@ fn manifests_keep_every_replica_reachable_by_every_agent() {
         .split("\n---\n")
         .find(|doc| doc.contains("name: proxy-server-agents\n"))
         .expect("agents' Service");
-    assert!(agents.contains("publishNotReadyAddresses: true"), "{agents}");
+    assert!(
+        agents.contains("publishNotReadyAddresses: true"),
+        "{agents}"
+    );
     // Unique ids per pod, and at most one replica away at a time.
     assert!(deployment.contains("fieldPath: metadata.name"));
     assert!(deployment.contains("maxUnavailable: 0"));

@@ -31,6 +31,7 @@ fn help_lists_every_flag_with_its_environment_variable() {
         "dial-timeout",
         "keepalive-interval",
         "keepalive-timeout",
+        "server-probe-interval",
         "log-format",
     ] {
         assert!(
@@ -81,6 +82,13 @@ fn bad_flags_are_refused_clearly() {
     let (code, err) = run(base("localhost:8091", &["--upstream", "kubernetes"]));
     assert_eq!(code, Some(1));
     assert!(err.contains("--upstream"), "{err}");
+    // Each probe is a TLS handshake on some server: a fleet of agents must not hammer it.
+    let (code, err) = run(base("localhost:8091", &["--server-probe-interval", "10ms"]));
+    assert_eq!(code, Some(1));
+    assert!(
+        err.contains("--server-probe-interval \"10ms\": must be at least 500ms"),
+        "{err}"
+    );
 }
 
 #[test]

@@ -29,6 +29,9 @@ fn help_lists_every_flag_with_its_environment_variable() {
         "keepalive-timeout",
         "cluster-suffix",
         "server-id",
+        "server-count",
+        "server-count-dns",
+        "warmup",
         "log-format",
     ] {
         assert!(
@@ -221,4 +224,37 @@ fn frontend_and_agent_certificates_must_come_from_different_cas() {
         err.contains("--frontend-ca: shares a CA with --agent-ca"),
         "{err}"
     );
+}
+
+#[test]
+fn replica_count_flags_are_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = proxy_certs::write_dev_pki(dir.path(), &["alpha"]).unwrap();
+    let (cert, key, ca) = (pki.server_cert(), pki.server_key(), pki.proxy_ca());
+    let with = |extra: &[&str]| {
+        let mut args = vec![
+            "--agent-tls-cert",
+            cert.to_str().unwrap(),
+            "--agent-tls-key",
+            key.to_str().unwrap(),
+            "--agent-ca",
+            ca.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        let out = server(&args);
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, err) = with(&["--server-count", "0"]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("--server-count: must be at least 1"), "{err}");
+    // A fixed count and a DNS count cannot both apply.
+    let (code, err) = with(&["--server-count", "3", "--server-count-dns", "replicas.svc"]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("cannot be used with"), "{err}");
+    let (code, err) = with(&["--server-count-dns", "replicas.svc:8091"]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("must be a DNS name (no port)"), "{err}");
 }
