@@ -3,6 +3,7 @@
 //! agent, its idle CPU from keepalives, CONNECT time to random clusters, and how long all agents
 //! take to re-register after the server is killed and started again on the same ports.
 
+use std::net::SocketAddr;
 use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -11,6 +12,7 @@ use anyhow::{Context, bail};
 use hdrhistogram::Histogram;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
+use tokio::process::Child;
 
 use crate::contenders::{Entry, ServerFiles, free_port, start_server};
 use crate::scenarios::{Sample, round_trip, rr_conn};
@@ -21,7 +23,7 @@ use crate::sys;
 const REGISTER_WITHIN: Duration = Duration::from_secs(120);
 
 /// Agents the server's admin endpoint reports as connected (sum of `proxy_server_agents`).
-async fn agents_connected(admin: std::net::SocketAddr) -> anyhow::Result<u64> {
+async fn agents_connected(admin: SocketAddr) -> anyhow::Result<u64> {
     let mut s = TcpStream::connect(admin).await?;
     s.write_all(b"GET /metrics HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n")
         .await?;
@@ -34,23 +36,27 @@ async fn agents_connected(admin: std::net::SocketAddr) -> anyhow::Result<u64> {
         .sum::<f64>() as u64)
 }
 
-/// Polls until `n` agents are connected; returns how long that took.
-async fn wait_for_agents(admin: std::net::SocketAddr, n: u64) -> anyhow::Result<Duration> {
+/// Polls until every server in `admins` reports exactly `n` agents connected; returns how long
+/// that took.
+pub async fn wait_for_agents(admins: &[SocketAddr], n: u64) -> anyhow::Result<Duration> {
     let started = Instant::now();
-    let mut last = 0;
+    let mut last = Vec::new();
     while started.elapsed() < REGISTER_WITHIN {
-        // The server may still be starting after a restart.
-        last = agents_connected(admin).await.unwrap_or(0);
-        if last >= n {
+        last.clear();
+        for admin in admins {
+            // A server may still be starting after a restart.
+            last.push(agents_connected(*admin).await.unwrap_or(0));
+        }
+        if last.iter().all(|&c| c == n) {
             return Ok(started.elapsed());
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    bail!("only {last} of {n} agents registered within {REGISTER_WITHIN:?}")
+    bail!("agents registered per server {last:?}, not {n} each, within {REGISTER_WITHIN:?}")
 }
 
 /// Writes the CA, the server identity and `n` agent identities into `dir`.
-fn write_pki(dir: &Path, n: usize) -> anyhow::Result<ServerFiles> {
+pub fn write_pki(dir: &Path, n: usize) -> anyhow::Result<ServerFiles> {
     use proxy_certs::{Ca, SERVER_NAMES, Usage};
     let ca = Ca::new("proxy-bench agent CA")?;
     let files = ServerFiles {
@@ -71,29 +77,24 @@ fn write_pki(dir: &Path, n: usize) -> anyhow::Result<ServerFiles> {
     Ok(files)
 }
 
-/// One run with `n` agents; `idle` is how long idle CPU is sampled, `connects` how many CONNECTs
-/// go to random clusters. Value: server memory per agent in KiB.
-pub async fn agent_scale(
-    bin_dir: &Path,
-    upstream: std::net::SocketAddr,
-    n: usize,
-    idle: Duration,
-    connects: usize,
-) -> anyhow::Result<Sample> {
-    let dir = tempfile::tempdir()?;
-    let files = write_pki(dir.path(), n)?;
-    // Fixed ports so the restarted server is where the agents look for it.
-    let ports = [free_port()?, free_port()?, free_port()?].map(|p| format!("127.0.0.1:{p}"));
-    let ports = [ports[0].as_str(), ports[1].as_str(), ports[2].as_str()];
-    let (mut server, addrs) = start_server(bin_dir, &files, ports).await?;
-    // Settle, then the baseline of an empty server.
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let (rss_empty, _) = sys::process_memory(server.id().context("server pid")?);
+/// Fixed loopback addresses (agent, frontend, admin) for a server, so a restarted one is where
+/// the agents and the harness look for it.
+pub fn fixed_addrs() -> anyhow::Result<[String; 3]> {
+    Ok([free_port()?, free_port()?, free_port()?].map(|p| format!("127.0.0.1:{p}")))
+}
 
+/// Starts the swarm child process: `n` agents (identities in `dir`, see [`write_pki`]) dialing
+/// `server`; returns once they are all started.
+pub async fn spawn_swarm(
+    dir: &Path,
+    n: usize,
+    server: SocketAddr,
+    upstream: SocketAddr,
+) -> anyhow::Result<Child> {
     let mut swarm = tokio::process::Command::new(std::env::current_exe()?)
-        .args(["--agent-swarm".as_ref(), dir.path().as_os_str()])
+        .args(["--agent-swarm".as_ref(), dir.as_os_str()])
         .args(["--swarm-count", &n.to_string()])
-        .args(["--swarm-server", &addrs.agent.to_string()])
+        .args(["--swarm-server", &server.to_string()])
         .args(["--swarm-upstream", &upstream.to_string()])
         .env("RUST_LOG", "error")
         .stdin(Stdio::null())
@@ -105,7 +106,30 @@ pub async fn agent_scale(
         .read_line(&mut line)
         .await?;
     anyhow::ensure!(line.starts_with("swarm started"), "swarm: {line:?}");
-    let first_registration = wait_for_agents(addrs.admin, n as u64).await?;
+    Ok(swarm)
+}
+
+/// One run with `n` agents; `idle` is how long idle CPU is sampled, `connects` how many CONNECTs
+/// go to random clusters. Value: server memory per agent in KiB.
+pub async fn agent_scale(
+    bin_dir: &Path,
+    upstream: SocketAddr,
+    n: usize,
+    idle: Duration,
+    connects: usize,
+) -> anyhow::Result<Sample> {
+    let dir = tempfile::tempdir()?;
+    let files = write_pki(dir.path(), n)?;
+    // Fixed ports so the restarted server is where the agents look for it.
+    let ports = fixed_addrs()?;
+    let ports = [ports[0].as_str(), ports[1].as_str(), ports[2].as_str()];
+    let (mut server, addrs) = start_server(bin_dir, &files, ports, &[]).await?;
+    // Settle, then the baseline of an empty server.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (rss_empty, _) = sys::process_memory(server.id().context("server pid")?);
+
+    let mut swarm = spawn_swarm(dir.path(), n, addrs.agent, upstream).await?;
+    let first_registration = wait_for_agents(&[addrs.admin], n as u64).await?;
 
     // Let allocations settle (registration bursts leave freed buffers), then measure.
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -141,8 +165,8 @@ pub async fn agent_scale(
 
     // Restart: kill the server (a crash, no drain) and start a new one on the same ports.
     server.kill().await?;
-    let (_server, addrs) = start_server(bin_dir, &files, ports).await?;
-    let reregistration = wait_for_agents(addrs.admin, n as u64).await?;
+    let (_server, addrs) = start_server(bin_dir, &files, ports, &[]).await?;
+    let reregistration = wait_for_agents(&[addrs.admin], n as u64).await?;
     let _ = swarm.kill().await;
 
     Ok(Sample {

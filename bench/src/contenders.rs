@@ -144,11 +144,12 @@ pub struct ServerAddrs {
 }
 
 /// Starts `bin_dir/proxy-server` on `[agent, frontend, admin]` addresses (port 0: any) with
-/// connection limits out of the way; returns once it printed where it listens.
+/// connection limits out of the way and `extra` flags; returns once it printed where it listens.
 pub async fn start_server(
     bin_dir: &Path,
     files: &ServerFiles,
     [agent, frontend, admin]: [&str; 3],
+    extra: &[&str],
 ) -> anyhow::Result<(Child, ServerAddrs)> {
     let s = |p: &PathBuf| p.display().to_string();
     let mut server = spawn(
@@ -164,6 +165,7 @@ pub async fn start_server(
                 "--max-connections-per-cluster",
                 "100000",
             ])
+            .args(extra)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())
             .stderr(Stdio::null()),
@@ -206,6 +208,7 @@ pub async fn proxy(
             key: pki.server_key(),
         },
         ["127.0.0.1:0"; 3],
+        &[],
     )
     .await?;
     let (agent_addr, frontend) = (via_wan(addrs.agent, wan).await?, addrs.frontend);

@@ -4,8 +4,10 @@
 #![forbid(unsafe_code)]
 
 mod agents;
+mod balancer;
 mod contenders;
 mod relay;
+mod replicas;
 mod report;
 mod scenarios;
 mod swarm;
@@ -170,16 +172,18 @@ fn scenarios(smoke: bool) -> Vec<Scenario> {
     ]
 }
 
-/// Agent-scale scenarios: (name, agents).
-fn agent_scenarios(smoke: bool) -> [(&'static str, usize); 2] {
-    if smoke {
-        [("agents, 1000 agents", 10), ("agents, 5000 agents", 20)]
-    } else {
-        [
-            ("agents, 1000 agents", 1_000),
-            ("agents, 5000 agents", 5_000),
-        ]
-    }
+/// Agent-scale scenarios: (name, agents, server replicas).
+fn agent_scenarios(smoke: bool) -> [(&'static str, usize, usize); 3] {
+    let n = |full: usize, tiny: usize| if smoke { tiny } else { full };
+    [
+        ("agents, 1000 agents", n(1_000, 10), 1),
+        ("agents, 5000 agents", n(5_000, 20), 1),
+        (
+            "agents, 1000 agents, 3 replicas",
+            n(1_000, 10),
+            replicas::REPLICAS,
+        ),
+    ]
 }
 
 /// Longest one contender may take for one run of one scenario.
@@ -341,7 +345,7 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     // Agent scale has one contender: the peers have no per-cluster routing to compare.
-    for (name, agents) in agent_scenarios(args.smoke) {
+    for (name, agents, servers) in agent_scenarios(args.smoke) {
         if args.only.as_deref().is_some_and(|o| !name.contains(o)) {
             continue;
         }
@@ -353,7 +357,12 @@ async fn main() -> anyhow::Result<()> {
         };
         let mut outcomes = Vec::new();
         for round in 0..rounds {
-            let run = agents::agent_scale(&args.bin_dir, upstream, agents, idle, connects);
+            let run = async {
+                match servers {
+                    1 => agents::agent_scale(&args.bin_dir, upstream, agents, idle, connects).await,
+                    _ => replicas::agent_scale(&args.bin_dir, upstream, agents).await,
+                }
+            };
             let outcome = match tokio::time::timeout(SCENARIO_TIMEOUT, run).await {
                 Ok(Ok(sample)) => Outcome::Sample(sample),
                 Ok(Err(e)) => Outcome::Failed(format!("{e:#}")),
@@ -364,7 +373,11 @@ async fn main() -> anyhow::Result<()> {
         }
         results.push(ScenarioResult {
             name,
-            unit: "server KiB/agent",
+            unit: if servers == 1 {
+                "server KiB/agent"
+            } else {
+                "server KiB/agent/replica"
+            },
             higher_is_better: false,
             by_contender: vec![("proxy".to_owned(), outcomes)],
         });

@@ -197,6 +197,7 @@ pub fn write(
                             for (k, v) in &s.extra {
                                 if k.contains("p99")
                                     || k.contains("kib_per_conn")
+                                    || k.contains("kib_per_agent")
                                     || k.contains("gbit")
                                     || k.starts_with("tunnel_cpu")
                                     || k.starts_with("ttfb")

@@ -3,6 +3,7 @@
 #![warn(missing_docs)]
 
 pub mod admin;
+pub mod flow;
 pub mod pump;
 pub mod readahead;
 pub mod reload;
@@ -39,4 +40,44 @@ pub fn is_valid_cluster_name(name: &str) -> bool {
         && bytes
             .iter()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-' || *b == b'.')
+}
+
+/// Parses a byte size for a flag: a number of bytes, or a number with `KiB`, `MiB` or `GiB`
+/// (`512MiB`). For clap's `value_parser`.
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: u64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a size (e.g. 536870912, 512MiB, 1GiB)"))?;
+    let unit: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        other => return Err(format!("unknown unit {other:?} (use B, KiB, MiB or GiB)")),
+    };
+    number
+        .checked_mul(unit)
+        .ok_or_else(|| format!("{text:?} is too large"))
+}
+
+#[cfg(test)]
+mod size_tests {
+    #[test]
+    fn sizes() {
+        assert_eq!(super::parse_size("4096"), Ok(4096));
+        assert_eq!(super::parse_size("512MiB"), Ok(512 << 20));
+        assert_eq!(super::parse_size("1 GiB"), Ok(1 << 30));
+        assert!(
+            super::parse_size("1GB")
+                .unwrap_err()
+                .contains("unknown unit")
+        );
+        assert!(super::parse_size("lots").is_err());
+        assert!(super::parse_size("99999999999999GiB").is_err());
+    }
 }

@@ -4,10 +4,13 @@
 //! Both directions run concurrently and finish independently, so a half-close travels: socket EOF
 //! becomes a `fin` chunk, a received `fin` becomes a write shutdown on the socket. A failure in
 //! either direction ends the whole connection: the caller drops the sender without a `fin`, which
-//! the other side reads as an abort. Reads happen only when the bounded sender has room, so a slow
-//! reader on one end throttles the writer on the other through this stream's own HTTP/2 window.
+//! the other side reads as an abort. Reads happen only when the peer has granted credit and the
+//! bounded sender has room, so a slow reader on one end throttles the writer on the other through
+//! this connection's own window ([`crate::flow`]), never through its neighbours'.
 
 use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -18,6 +21,8 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tonic::Streaming;
+
+use crate::flow::{Budget, Overrun, RecvWindow, SendCredit};
 
 /// Chunks queued towards the tunnel per connection, beyond what HTTP/2 buffers. Small on purpose:
 /// the stream's flow-control window is the real buffer; this only keeps the socket reader busy
@@ -92,6 +97,12 @@ pub enum PumpError {
     /// The connection was cancelled (agent gone, shutdown).
     #[error("cancelled")]
     Cancelled,
+    /// The other end sent more than its credit.
+    #[error("flow control violated by the other end of the tunnel")]
+    Overrun(#[from] Overrun),
+    /// The other end sent data after its `fin`.
+    #[error("the other end of the tunnel sent data after its end of stream")]
+    DataAfterFin,
 }
 
 /// A socket that can be torn down with a reset (TCP RST) instead of an orderly close.
@@ -136,6 +147,7 @@ pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 /// stream dropped early is reset, and a reset discards frames still queued, which would lose
 /// the connection's last bytes. On failure both halves are dropped at once, which the other
 /// side sees as an abort.
+#[allow(clippy::too_many_arguments)]
 pub async fn splice<S>(
     socket: S,
     prefix: Bytes,
@@ -143,16 +155,35 @@ pub async fn splice<S>(
     mut rx: Streaming<Chunk>,
     role: Role,
     counts: &ByteCounts,
+    budget: &Arc<Budget>,
     cancel: &CancellationToken,
 ) -> Result<(), PumpError>
 where
     S: AsyncRead + AsyncWrite + Abort + Send + Unpin,
 {
     let (mut reader, mut writer) = tokio::io::split(socket);
+    // What the peer lets us send, and what we let it send.
+    let credit = SendCredit::default();
+    let mut window = RecvWindow::new(budget.clone());
+    let sending_done = CancellationToken::new();
     let both = async {
         tokio::try_join!(
-            socket_to_tunnel(&mut reader, prefix, &tx, counts),
-            tunnel_to_socket(&mut rx, &mut writer, counts)
+            async {
+                let res = socket_to_tunnel(&mut reader, prefix, &tx, counts, &credit).await;
+                sending_done.cancel();
+                res
+            },
+            tunnel_to_socket(
+                &mut rx,
+                &mut writer,
+                counts,
+                Grants {
+                    tx: &tx,
+                    credit: &credit,
+                    window: &mut window,
+                    sending_done: &sending_done,
+                }
+            )
         )
     };
     let outcome = tokio::select! {
@@ -172,8 +203,12 @@ where
         }
         Role::Server => Some(tx),
     };
-    // Both directions are done; the only thing left to read is the end of the stream.
-    let _ = tokio::time::timeout(CLOSE_TIMEOUT, rx.message()).await;
+    // Both directions are done; the only thing left to read is the end of the stream (and
+    // credit the peer may still send, which no one needs any more).
+    let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
+        while let Ok(Some(_)) = rx.message().await {}
+    })
+    .await;
     drop(tx);
     Ok(())
 }
@@ -187,10 +222,15 @@ async fn socket_to_tunnel<R: AsyncRead>(
     prefix: Bytes,
     tx: &mpsc::Sender<Chunk>,
     counts: &ByteCounts,
+    credit: &SendCredit,
 ) -> Result<(), PumpError> {
     tokio::pin!(reader);
+    // Bytes sent into the tunnel, against the peer's credit.
+    let mut sent: u64 = 0;
     if !prefix.is_empty() {
+        // At most a CONNECT head's size: always within the initial credit.
         counts.add_sent(prefix.len());
+        sent += prefix.len() as u64;
         send(tx, data_chunk(prefix)).await?;
     }
     // The read size adapts: an idle or chatty connection (a watch, small API calls) holds a
@@ -198,60 +238,133 @@ async fn socket_to_tunnel<R: AsyncRead>(
     let mut want = MIN_READ;
     let mut buf = BytesMut::new();
     loop {
-        // Wait for room before reading: the socket is read only as fast as the tunnel drains.
+        // Wait for credit and room before reading: the socket is read only as fast as the peer
+        // takes the bytes.
+        let allowed = credit.available(sent).await;
         let permit = tx.reserve().await.map_err(|_| PumpError::TunnelClosed)?;
-        if buf.capacity() < want {
+        let now = want.min(usize::try_from(allowed).unwrap_or(usize::MAX));
+        if buf.capacity() < now {
             // Reuses the allocation once earlier chunks have been sent and dropped.
-            buf.reserve(want);
+            buf.reserve(now);
         }
         let n = reader
-            .read_buf(&mut (&mut buf).limit(want))
+            .read_buf(&mut (&mut buf).limit(now))
             .await
             .map_err(PumpError::LocalRead)?;
-        want = if n == want {
+        want = if n == now {
             (want * 2).min(MAX_CHUNK)
         } else {
             (want / 2).max(MIN_READ)
         };
         if n == 0 {
             permit.send(Chunk {
-                data: Bytes::new(),
                 fin: true,
+                ..Chunk::default()
             });
             return Ok(());
         }
         counts.add_sent(n);
+        sent += n as u64;
         permit.send(data_chunk(buf.split().freeze()));
     }
+}
+
+/// What the receiving half needs to grant credit and to pass on the credit it receives.
+struct Grants<'a> {
+    tx: &'a mpsc::Sender<Chunk>,
+    credit: &'a SendCredit,
+    window: &'a mut RecvWindow,
+    sending_done: &'a CancellationToken,
 }
 
 async fn tunnel_to_socket<W: AsyncWrite>(
     rx: &mut Streaming<Chunk>,
     writer: W,
     counts: &ByteCounts,
+    grants: Grants<'_>,
 ) -> Result<(), PumpError> {
     tokio::pin!(writer);
     loop {
-        match rx.message().await {
-            Ok(Some(chunk)) => {
-                if !chunk.data.is_empty() {
-                    writer
-                        .write_all(&chunk.data)
-                        .await
-                        .map_err(PumpError::LocalWrite)?;
-                    counts.add_received(chunk.data.len());
-                }
-                if chunk.fin {
-                    writer.shutdown().await.map_err(PumpError::LocalWrite)?;
-                    return Ok(());
-                }
-            }
+        let chunk = match rx.message().await {
+            Ok(Some(chunk)) => chunk,
             Ok(None) => return Err(PumpError::PeerAborted),
+            Err(status) => return Err(PumpError::Stream(status)),
+        };
+        if chunk.credit > 0 {
+            grants.credit.grant(chunk.credit);
+        }
+        if !chunk.data.is_empty() {
+            let n = chunk.data.len() as u64;
+            grants.window.on_data(n)?;
+            if write_all(writer.as_mut(), &chunk.data)
+                .await
+                .map_err(PumpError::LocalWrite)?
+            {
+                grants.window.on_write_waited();
+            }
+            counts.add_received(chunk.data.len());
+            if let Some(limit) = grants.window.on_consumed(n) {
+                // After our own fin the peer still needs credit if it has not finished.
+                send(grants.tx, credit_chunk(limit)).await?;
+            }
+        }
+        if chunk.fin {
+            writer.shutdown().await.map_err(PumpError::LocalWrite)?;
+            break;
+        }
+    }
+    // The peer will send no more bytes, but our sending half may still be waiting for its
+    // credit: keep reading until it is done or the peer ends the stream.
+    loop {
+        let msg = tokio::select! {
+            biased;
+            () = grants.sending_done.cancelled() => return Ok(()),
+            msg = rx.message() => msg,
+        };
+        match msg {
+            Ok(Some(chunk)) if chunk.data.is_empty() && !chunk.fin => {
+                grants.credit.grant(chunk.credit);
+            }
+            Ok(Some(_)) => return Err(PumpError::DataAfterFin),
+            // The peer ends its stream only once it has our fin too.
+            Ok(None) => return Ok(()),
             Err(status) => return Err(PumpError::Stream(status)),
         }
     }
 }
 
+/// Writes all of `data`; `Ok(true)` if the socket made us wait (its reader is slower than we
+/// are), the signal that shrinks this connection's window.
+async fn write_all<W: AsyncWrite>(mut writer: Pin<&mut W>, data: &[u8]) -> io::Result<bool> {
+    let mut waited = false;
+    let mut written = 0;
+    while written < data.len() {
+        let n = std::future::poll_fn(|cx| {
+            let res = writer.as_mut().poll_write(cx, &data[written..]);
+            if res.is_pending() {
+                waited = true;
+            }
+            res
+        })
+        .await?;
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        written += n;
+    }
+    Ok(waited)
+}
+
+fn credit_chunk(limit: u64) -> Chunk {
+    Chunk {
+        credit: limit,
+        ..Chunk::default()
+    }
+}
+
 fn data_chunk(data: Bytes) -> Chunk {
-    Chunk { data, fin: false }
+    Chunk {
+        data,
+        ..Chunk::default()
+    }
 }

@@ -207,11 +207,11 @@ async fn an_oversized_data_message_loses_only_its_own_connection() {
     let chunks = vec![
         Chunk {
             data: Bytes::from_static(b"hello"),
-            fin: false,
+            ..Chunk::default()
         },
         Chunk {
             data: Bytes::from(vec![7u8; 1 << 20]),
-            fin: false,
+            ..Chunk::default()
         },
     ];
     let resp = rogue

@@ -16,17 +16,17 @@ pub const MAX_CHUNK: usize = 64 * 1024;
 /// gRPC message size limit on both ends: a chunk plus framing, or a control message.
 pub const MAX_MESSAGE: usize = 256 * 1024;
 
-/// HTTP/2 receive window of each stream (one tunneled connection), on both ends: the most a
-/// stalled peer lets pile up per connection. One window per round trip is a stream's top speed,
-/// so 4 MiB is 1.6 Gbit/s at 20 ms between agent and server. Fixed, not hyper's adaptive window:
-/// that one also shrinks the connection window to the stream window, so one stalled client would
-/// stop every other connection of the agent.
-pub const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
+/// HTTP/2 receive window of each stream, on both ends: only a safety cap. Each tunneled
+/// connection's real window is the credit its receiver grants in `Chunk.credit` (at most
+/// `proxy_common::flow::MAX_WINDOW`, 64 MiB of payload); this leaves room for the gRPC framing
+/// and the credit messages on top, so h2 never stops a stream before our credit does.
+pub const STREAM_WINDOW: u32 = 80 * 1024 * 1024;
 
-/// HTTP/2 receive window of a whole agent connection, on both ends. Bytes buffered for a stalled
-/// stream hold part of it, so it is many stream windows wide: dozens of stalled clients still
-/// leave the agent's other connections running.
-pub const CONNECTION_WINDOW: u32 = 256 * 1024 * 1024;
+/// HTTP/2 receive window of a whole agent connection, on both ends: again only a cap, large
+/// enough that the connections' own windows bind first (thousands of stalled connections at
+/// their minimum window plus the growth budget), and what a misbehaving peer can make the other
+/// side buffer at most.
+pub const CONNECTION_WINDOW: u32 = 1024 * 1024 * 1024;
 
 /// Largest HTTP/2 frame either end accepts: a `MAX_CHUNK` chunk plus its gRPC and protobuf
 /// framing fits one frame, so a chunk costs one frame header and one vectored write through TLS

@@ -92,6 +92,11 @@ pub struct Args {
     /// count changing). Jittered; until all replicas are held it dials every few seconds.
     #[arg(long, env = "PROXY_AGENT_SERVER_PROBE_INTERVAL", default_value = "30s", value_parser = humantime::parse_duration)]
     pub server_probe_interval: Duration,
+    /// Per server connection, how much tunneled connections' windows may grow above their
+    /// 128 KiB minimum in total (bytes, or with KiB/MiB/GiB): bounds what upstreams that stop
+    /// reading can pin (connections x 128 KiB + this).
+    #[arg(long, env = "PROXY_AGENT_WINDOW_BUDGET", default_value = "512MiB", value_parser = proxy_common::parse_size)]
+    pub window_budget: u64,
     /// Log format.
     #[arg(long, env = "PROXY_AGENT_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -164,6 +169,8 @@ pub struct Config {
     pub keepalive_timeout: Duration,
     /// See [`Args::server_probe_interval`].
     pub server_probe_interval: Duration,
+    /// See [`Args::window_budget`].
+    pub window_budget: u64,
 }
 
 fn invalid(flag: &'static str, value: &str, reason: impl Into<String>) -> ConfigError {
@@ -304,6 +311,7 @@ impl Config {
             dial_timeout: args.dial_timeout,
             keepalive_interval: args.keepalive_interval,
             keepalive_timeout: args.keepalive_timeout,
+            window_budget: args.window_budget,
             server_probe_interval: if args.server_probe_interval < MIN_PROBE_INTERVAL {
                 return Err(invalid(
                     "server-probe-interval",

@@ -23,6 +23,7 @@ pub async fn serve_dial(
     dial_id: u64,
     destination: &str,
     shared: &Shared,
+    budget: &std::sync::Arc<proxy_common::flow::Budget>,
     cancel: CancellationToken,
 ) {
     let started = Instant::now();
@@ -90,6 +91,7 @@ pub async fn serve_dial(
         inbound,
         Role::Agent,
         &counts,
+        budget,
         &cancel,
     )
     .await;

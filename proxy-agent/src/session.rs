@@ -312,6 +312,8 @@ impl Tunnel {
         let session_token = life.close.child_token();
         let _close_all = session_token.clone().drop_guard();
         let tracker = TaskTracker::new();
+        // Window growth of this connection's tunneled connections (see proxy_common::flow).
+        let budget = proxy_common::flow::Budget::new(shared.config.window_budget);
         let mut draining = false;
         let result = loop {
             let msg = tokio::select! {
@@ -329,8 +331,12 @@ impl Tunnel {
             match msg {
                 Ok(Some(m)) => match m.msg {
                     Some(server_message::Msg::Dial(dial)) => {
-                        let (client, control, shared) =
-                            (client.clone(), control.clone(), shared.clone());
+                        let (client, control, shared, budget) = (
+                            client.clone(),
+                            control.clone(),
+                            shared.clone(),
+                            budget.clone(),
+                        );
                         let cancel = session_token.child_token();
                         tracker.spawn(async move {
                             let dest = dial.destination;
@@ -340,6 +346,7 @@ impl Tunnel {
                                 dial.dial_id,
                                 &dest,
                                 &shared,
+                                &budget,
                                 cancel,
                             )
                             .await;

@@ -19,7 +19,9 @@ use crate::auth::{AuthError, Credentials};
 use crate::config::{FrontendAuth, Limits};
 use crate::connect::{self, ConnectRequest, RequestError};
 use crate::metrics::{ClusterLabel, Metrics, Outcome};
-use crate::registry::{AgentGone, ConnectionSlot, DialOutcome, Registry, TunnelStream};
+use crate::registry::{
+    AgentGone, AgentHandle, ConnectionSlot, DialOutcome, Registry, TunnelStream,
+};
 
 /// What the frontend needs from the rest of the server.
 #[derive(Debug)]
@@ -42,6 +44,14 @@ pub struct Frontend {
     pub fleet: Arc<crate::fleet::Fleet>,
     /// See `--cluster-suffix`.
     pub cluster_suffix: Option<String>,
+}
+
+/// A dial the agent answered: the connection's slot under the limits, the agent carrying it,
+/// and its data stream.
+struct Dialed {
+    slot: ConnectionSlot,
+    agent: Arc<AgentHandle>,
+    stream: Box<TunnelStream>,
 }
 
 /// A CONNECT that did not become a tunnel: the status and one human-readable line.
@@ -223,8 +233,12 @@ impl Frontend {
         };
         tracing::Span::current().record("identity", identity.as_str());
 
-        let (slot, agent_id, agent_closed, stream) = match self.dial(&cluster).await {
-            Ok(t) => t,
+        let Dialed {
+            slot,
+            agent,
+            stream,
+        } = match self.dial(&cluster).await {
+            Ok(dialed) => dialed,
             Err(refusal) => {
                 if matches!(refusal.outcome, Outcome::DialFailed | Outcome::DialTimeout) {
                     self.registry.record_dial(&cluster, Err(&refusal.reason));
@@ -255,7 +269,7 @@ impl Frontend {
             return;
         }
         // The connection ends when the agent leaves or the server shuts down, whichever first.
-        let conn_cancel = agent_closed.child_token();
+        let conn_cancel = agent.closed().child_token();
         let (to_cluster, from_cluster) = self.metrics.byte_counters(&cluster);
         let counts = ByteCounts::with_metrics(to_cluster, from_cluster);
         let result = pump::splice(
@@ -265,6 +279,7 @@ impl Frontend {
             stream.inbound,
             Role::Server,
             &counts,
+            agent.budget(),
             &conn_cancel,
         )
         .await;
@@ -276,7 +291,7 @@ impl Frontend {
             Err(err) => err.to_string(),
         };
         tracing::info!(
-            agent.id = %agent_id,
+            agent.id = %agent.info.agent_id,
             bytes_to_cluster = to_cluster,
             bytes_from_cluster = from_cluster,
             connect_ms = connect_time.as_millis() as u64,
@@ -370,10 +385,7 @@ impl Frontend {
     /// Finds an agent for `cluster`, takes a connection slot, and has the agent dial its
     /// upstream. The slot is taken only once the cluster is known to be registered, so metric
     /// labels never carry a name a client made up.
-    async fn dial(
-        &self,
-        cluster: &str,
-    ) -> Result<(ConnectionSlot, String, CancellationToken, Box<TunnelStream>), Refusal> {
+    async fn dial(&self, cluster: &str) -> Result<Dialed, Refusal> {
         let arriving = self.fleet.warmup_left().is_some();
         let wait = self
             .registry
@@ -404,9 +416,11 @@ impl Frontend {
         };
         let agent_id = &agent.info.agent_id;
         match tokio::time::timeout(self.dial_timeout, dial).await {
-            Ok(Ok(DialOutcome::Connected(stream))) => {
-                Ok((slot, agent_id.clone(), agent.closed().clone(), stream))
-            }
+            Ok(Ok(DialOutcome::Connected(stream))) => Ok(Dialed {
+                slot,
+                agent: agent.clone(),
+                stream,
+            }),
             Ok(Ok(DialOutcome::Failed(reason))) => Err(Refusal::new(
                 502,
                 Outcome::DialFailed,

@@ -245,7 +245,7 @@ pub async fn run(
     ));
 
     tracing::info!(server.id = %config.server_id, "proxy-server started");
-    let service = tunnel::TunnelService::new(registry, fleet, close.clone());
+    let service = tunnel::TunnelService::new(registry, fleet, config.window_budget, close.clone());
     let incoming = listener::incoming(
         listeners.agent,
         config.agent_tls.clone(),

@@ -55,6 +55,7 @@ pub struct AgentHandle {
     control: mpsc::Sender<Result<ServerMessage, Status>>,
     closed: CancellationToken,
     draining: AtomicBool,
+    budget: Arc<proxy_common::flow::Budget>,
 }
 
 /// The agent's control stream is gone.
@@ -64,17 +65,25 @@ pub struct AgentGone;
 
 impl AgentHandle {
     /// A handle sending dial requests on `control`; `closed` is cancelled when the agent leaves.
+    /// The connections it carries grow their windows out of `budget`.
     pub fn new(
         info: AgentInfo,
         control: mpsc::Sender<Result<ServerMessage, Status>>,
         closed: CancellationToken,
+        budget: Arc<proxy_common::flow::Budget>,
     ) -> Self {
         Self {
             info,
             control,
             closed,
             draining: AtomicBool::new(false),
+            budget,
         }
+    }
+
+    /// The flow-control budget of this agent's connection.
+    pub fn budget(&self) -> &Arc<proxy_common::flow::Budget> {
+        &self.budget
     }
 
     /// Marks the agent as shutting down: new dials go to its cluster's other agents.

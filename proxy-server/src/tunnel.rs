@@ -33,16 +33,24 @@ pub const CONTROL_QUEUE: usize = 256;
 pub struct TunnelService {
     registry: Arc<Registry>,
     fleet: Arc<Fleet>,
+    window_budget: u64,
     shutdown: CancellationToken,
 }
 
 impl TunnelService {
-    /// A service registering agents into `registry` on behalf of this server of `fleet`;
-    /// `shutdown` closes every agent.
-    pub fn new(registry: Arc<Registry>, fleet: Arc<Fleet>, shutdown: CancellationToken) -> Self {
+    /// A service registering agents into `registry` on behalf of this server of `fleet`, each
+    /// agent connection with a flow-control budget of `window_budget` bytes; `shutdown` closes
+    /// every agent.
+    pub fn new(
+        registry: Arc<Registry>,
+        fleet: Arc<Fleet>,
+        window_budget: u64,
+        shutdown: CancellationToken,
+    ) -> Self {
         Self {
             registry,
             fleet,
+            window_budget,
             shutdown,
         }
     }
@@ -208,7 +216,12 @@ impl Tunnel for TunnelService {
         let closed = self.shutdown.child_token();
         let registration = self
             .registry
-            .register(AgentHandle::new(info, tx, closed.clone()))
+            .register(AgentHandle::new(
+                info,
+                tx,
+                closed.clone(),
+                proxy_common::flow::Budget::new(self.window_budget),
+            ))
             .map_err(|err| Status::already_exists(err.to_string()))?;
         let agent = registration.agent().info.clone();
         tracing::info!(cluster = %agent.cluster, agent.id = %agent.agent_id, agent.addr = %agent.addr, agent.version = %agent.version, "agent registered");
