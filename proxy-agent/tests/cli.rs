@@ -32,6 +32,7 @@ fn help_lists_every_flag_with_its_environment_variable() {
         "keepalive-interval",
         "keepalive-timeout",
         "server-probe-interval",
+        "window-budget",
         "log-format",
     ] {
         assert!(

@@ -32,6 +32,7 @@ fn help_lists_every_flag_with_its_environment_variable() {
         "server-count",
         "server-count-dns",
         "warmup",
+        "window-budget",
         "log-format",
     ] {
         assert!(
