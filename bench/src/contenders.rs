@@ -8,58 +8,10 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+
+pub use crate::entry::Entry;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::net::TcpStream;
 use tokio::process::{Child, Command};
-
-/// How a client reaches the upstream through a contender.
-#[derive(Debug, Clone)]
-pub enum Entry {
-    /// Plain TCP to this address (direct, or a port the tunnel exposes).
-    Tcp(SocketAddr),
-    /// TCP to the proxy, then `CONNECT <cluster>:443`.
-    Connect {
-        /// The proxy's CONNECT listener.
-        proxy: SocketAddr,
-        /// The cluster to name.
-        cluster: String,
-    },
-}
-
-impl Entry {
-    /// Opens one connection to the upstream.
-    pub async fn open(&self) -> anyhow::Result<TcpStream> {
-        match self {
-            Entry::Tcp(addr) => {
-                let s = TcpStream::connect(addr).await?;
-                s.set_nodelay(true)?;
-                Ok(s)
-            }
-            Entry::Connect { proxy, cluster } => {
-                let mut s = TcpStream::connect(proxy).await?;
-                s.set_nodelay(true)?;
-                s.write_all(
-                    format!("CONNECT {cluster}:443 HTTP/1.1\r\nHost: {cluster}:443\r\n\r\n")
-                        .as_bytes(),
-                )
-                .await?;
-                // "HTTP/1.1 200 Connection established\r\n\r\n" is 39 bytes; read exactly the head.
-                let mut head = Vec::with_capacity(64);
-                let mut byte = [0u8; 1];
-                while !head.ends_with(b"\r\n\r\n") {
-                    if s.read(&mut byte).await? == 0 {
-                        bail!("proxy closed during CONNECT");
-                    }
-                    head.push(byte[0]);
-                }
-                if !head.starts_with(b"HTTP/1.1 200") {
-                    bail!("CONNECT refused: {}", String::from_utf8_lossy(&head));
-                }
-                Ok(s)
-            }
-        }
-    }
-}
 
 /// A started contender; its processes are killed when it is dropped.
 pub struct Running {
@@ -69,6 +21,8 @@ pub struct Running {
     pub entry: Entry,
     /// Its processes, by role, for CPU and memory accounting.
     pub pids: Vec<(&'static str, u32)>,
+    /// The upstream itself (for its counters), not through the contender.
+    pub upstream: SocketAddr,
     _children: Vec<Child>,
     _dir: Option<tempfile::TempDir>,
 }
@@ -91,6 +45,7 @@ pub async fn direct(upstream: SocketAddr, wan: Option<Duration>) -> anyhow::Resu
         },
         entry: Entry::Tcp(via_wan(upstream, wan).await?),
         pids: Vec::new(),
+        upstream,
         _children: Vec::new(),
         _dir: None,
     })
@@ -249,6 +204,7 @@ pub async fn proxy(
             ("server", server.id().unwrap_or(0)),
             ("agent", agent.id().unwrap_or(0)),
         ],
+        upstream,
         _children: vec![server, agent],
         _dir: Some(dir),
     })
@@ -307,6 +263,7 @@ pub async fn rathole(upstream: SocketAddr, wan: Option<Duration>) -> anyhow::Res
             ("server", server.id().unwrap_or(0)),
             ("client", client.id().unwrap_or(0)),
         ],
+        upstream,
         _children: vec![server, client],
         _dir: Some(dir),
     })
@@ -392,6 +349,7 @@ pub async fn ssh(upstream: SocketAddr, wan: Option<Duration>) -> anyhow::Result<
             ("sshd", server.id().unwrap_or(0)),
             ("ssh", client.id().unwrap_or(0)),
         ],
+        upstream,
         _children: vec![server, client],
         _dir: Some(dir),
     })

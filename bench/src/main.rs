@@ -5,7 +5,10 @@
 
 mod agents;
 mod balancer;
+mod catalog;
 mod contenders;
+mod entry;
+mod flow;
 mod relay;
 mod replicas;
 mod report;
@@ -19,9 +22,9 @@ use std::time::Duration;
 
 use clap::Parser;
 
+use catalog::Scenario;
 use contenders::Running;
 use report::{Outcome, ScenarioResult};
-use scenarios::Sample;
 
 /// Benchmarks this proxy against direct TCP, rathole and ssh -R.
 #[derive(Parser)]
@@ -78,138 +81,8 @@ async fn spawn_upstream() -> anyhow::Result<(std::net::SocketAddr, tokio::proces
     Ok((line.trim().parse()?, child))
 }
 
-const GIB: u64 = 1 << 30;
-const MIB: u64 = 1 << 20;
-
-/// A measurement of one contender, boxed so scenarios can sit in one list.
-type Measure = Box<
-    dyn Fn(
-        &Running,
-    )
-        -> std::pin::Pin<Box<dyn std::future::Future<Output = anyhow::Result<Sample>> + '_>>,
->;
-
-/// A scenario: its name, unit, whether higher is better, and the measurement.
-struct Scenario {
-    name: &'static str,
-    unit: &'static str,
-    higher_is_better: bool,
-    run: Measure,
-}
-
-fn scenarios(smoke: bool) -> Vec<Scenario> {
-    let size = |full: u64, tiny: u64| if smoke { tiny } else { full };
-    let secs = |full: u64| Duration::from_secs(if smoke { 1 } else { full });
-    let bulk_up = size(4 * GIB, 8 * MIB);
-    let bulk_down = bulk_up;
-    let parallel = size(512 * MIB, 2 * MIB);
-    let idle_small = if smoke { 20 } else { 1_000 };
-    let idle_large = if smoke { 40 } else { 10_000 };
-    let iso = size(256 * MIB, 8 * MIB);
-    let d_lat = secs(10);
-    let d_setup = secs(5);
-    vec![
-        Scenario {
-            name: "bulk, 1 connection, up",
-            unit: "Gbit/s",
-            higher_is_better: true,
-            run: Box::new(move |r| Box::pin(scenarios::bulk(r, 1, bulk_up, 0))),
-        },
-        Scenario {
-            name: "bulk, 1 connection, down",
-            unit: "Gbit/s",
-            higher_is_better: true,
-            run: Box::new(move |r| Box::pin(scenarios::bulk(r, 1, 0, bulk_down))),
-        },
-        Scenario {
-            name: "bulk, 8 connections, down",
-            unit: "Gbit/s",
-            higher_is_better: true,
-            run: Box::new(move |r| Box::pin(scenarios::bulk(r, 8, 0, parallel))),
-        },
-        Scenario {
-            name: "latency, 1 connection, 2000 req/s",
-            unit: "µs p50",
-            higher_is_better: false,
-            run: Box::new(move |r| Box::pin(scenarios::latency(r, 1, 2_000, d_lat))),
-        },
-        Scenario {
-            name: "latency, 64 connections, 10000 req/s",
-            unit: "µs p50",
-            higher_is_better: false,
-            run: Box::new(move |r| Box::pin(scenarios::latency(r, 64, 10_000, d_lat))),
-        },
-        Scenario {
-            name: "connection setup, concurrency 1",
-            unit: "conn/s",
-            higher_is_better: true,
-            run: Box::new(move |r| Box::pin(scenarios::setup(r, 1, d_setup))),
-        },
-        Scenario {
-            name: "connection setup, concurrency 16",
-            unit: "conn/s",
-            higher_is_better: true,
-            run: Box::new(move |r| Box::pin(scenarios::setup(r, 16, d_setup))),
-        },
-        Scenario {
-            name: "isolation beside a stalled connection",
-            unit: "% of alone",
-            higher_is_better: true,
-            run: Box::new(move |r| Box::pin(scenarios::isolation(r, iso))),
-        },
-        Scenario {
-            name: "idle, 1000 connections",
-            unit: "KiB/conn",
-            higher_is_better: false,
-            run: Box::new(move |r| Box::pin(scenarios::idle(r, idle_small))),
-        },
-        Scenario {
-            name: "idle, 10000 connections",
-            unit: "KiB/conn",
-            higher_is_better: false,
-            run: Box::new(move |r| Box::pin(scenarios::idle(r, idle_large))),
-        },
-    ]
-}
-
-/// Agent-scale scenarios: (name, agents, server replicas).
-fn agent_scenarios(smoke: bool) -> [(&'static str, usize, usize); 3] {
-    let n = |full: usize, tiny: usize| if smoke { tiny } else { full };
-    [
-        ("agents, 1000 agents", n(1_000, 10), 1),
-        ("agents, 5000 agents", n(5_000, 20), 1),
-        (
-            "agents, 1000 agents, 3 replicas",
-            n(1_000, 10),
-            replicas::REPLICAS,
-        ),
-    ]
-}
-
 /// Longest one contender may take for one run of one scenario.
 const SCENARIO_TIMEOUT: Duration = Duration::from_secs(180);
-
-/// Latency the WAN relay adds in each direction (20 ms round trip).
-const WAN_ONE_WAY: Duration = Duration::from_millis(10);
-
-fn wan_scenarios(smoke: bool) -> Vec<Scenario> {
-    let bytes = if smoke { 4 * MIB } else { GIB };
-    let secs = Duration::from_secs(if smoke { 1 } else { 5 });
-    vec![
-        Scenario {
-            name: "WAN 20 ms RTT: bulk, 1 connection, down",
-            unit: "Gbit/s",
-            higher_is_better: true,
-            run: Box::new(move |r| Box::pin(scenarios::bulk(r, 1, 0, bytes))),
-        },
-        Scenario {
-            name: "WAN 20 ms RTT: connection setup, concurrency 1",
-            unit: "conn/s",
-            higher_is_better: true,
-            run: Box::new(move |r| Box::pin(scenarios::setup(r, 1, secs))),
-        },
-    ]
-}
 
 /// Starts every contender (with the WAN relay if `wan`); the ones that cannot start are added
 /// to `missing` with the reason.
@@ -298,7 +171,7 @@ async fn main() -> anyhow::Result<()> {
     let running = start_all(&args, upstream, None, &mut missing).await?;
     let contender_count = running.len();
     let mut results = Vec::new();
-    for scenario in scenarios(args.smoke) {
+    for scenario in catalog::loopback(args.smoke) {
         if args
             .only
             .as_deref()
@@ -306,10 +179,7 @@ async fn main() -> anyhow::Result<()> {
         {
             continue;
         }
-        if scenario.name.starts_with("idle") {
-            // Memory per idle connection only means something in processes that have not
-            // already grown (and kept) their heaps in earlier scenarios: fresh contenders for
-            // every round.
+        if scenario.fresh {
             let mut merged: Option<ScenarioResult> = None;
             for _ in 0..rounds {
                 let fresh = start_all(&args, upstream, None, &mut missing).await?;
@@ -332,20 +202,23 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     drop(running);
-    // WAN: the same contenders with 10 ms added each way between their two halves (for direct,
-    // between client and upstream).
-    if args
-        .only
-        .as_deref()
-        .is_none_or(|o| "WAN".contains(o) || o.contains("WAN"))
-    {
-        let wan = start_all(&args, upstream, Some(WAN_ONE_WAY), &mut missing).await?;
-        for scenario in wan_scenarios(args.smoke) {
-            results.push(run_scenario(&scenario, &wan, rounds).await);
+    // WAN: the same contenders with latency added each way between their two halves (for
+    // direct, between client and upstream), by the userspace relay (no netem here).
+    for (one_way, group) in catalog::wan(args.smoke) {
+        let group: Vec<Scenario> = group
+            .into_iter()
+            .filter(|s| args.only.as_deref().is_none_or(|o| s.name.contains(o)))
+            .collect();
+        if group.is_empty() {
+            continue;
+        }
+        let wan = start_all(&args, upstream, Some(one_way), &mut missing).await?;
+        for scenario in &group {
+            results.push(run_scenario(scenario, &wan, rounds).await);
         }
     }
     // Agent scale has one contender: the peers have no per-cluster routing to compare.
-    for (name, agents, servers) in agent_scenarios(args.smoke) {
+    for (name, agents, servers) in catalog::agents(args.smoke) {
         if args.only.as_deref().is_some_and(|o| !name.contains(o)) {
             continue;
         }

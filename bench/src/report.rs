@@ -203,6 +203,11 @@ pub fn write(
                                     || k.starts_with("ttfb")
                                     || k.ends_with("_s")
                                     || k.ends_with("cpu_pct")
+                                    || k.contains("pct_of")
+                                    || k.contains("pending_mean")
+                                    || k.ends_with("_rss_kib")
+                                    || k.starts_with("connect_")
+                                    || k.starts_with("kernel_tcp")
                                 {
                                     let _ = write!(cell, "; {k} {v:.1}");
                                 }

@@ -208,7 +208,7 @@ pub async fn setup(
     })
 }
 
-async fn read_n(s: &mut TcpStream, n: u64) -> anyhow::Result<()> {
+pub(crate) async fn read_n(s: &mut TcpStream, n: u64) -> anyhow::Result<()> {
     let mut buf = vec![0u8; 256 * 1024];
     let mut got = 0;
     while got < n {

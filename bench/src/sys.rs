@@ -84,3 +84,28 @@ pub fn family(pid: u32) -> Vec<u32> {
     }
     out
 }
+
+/// Kernel TCP memory of the whole machine, KiB: (in use, pressure threshold), from
+/// /proc/net/sockstat and tcp_mem (both in pages).
+pub fn tcp_memory() -> (u64, u64) {
+    let page = 4;
+    let used = std::fs::read_to_string("/proc/net/sockstat")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("TCP:"))
+        .and_then(|l| {
+            l.split_whitespace()
+                .skip_while(|f| *f != "mem")
+                .nth(1)?
+                .parse()
+                .ok()
+        })
+        .unwrap_or(0u64);
+    let pressure = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_mem")
+        .unwrap_or_default()
+        .split_whitespace()
+        .nth(1)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(u64::MAX / page);
+    (used * page, pressure * page)
+}

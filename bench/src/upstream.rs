@@ -1,12 +1,17 @@
 //! The one upstream every contender forwards to. The first byte of a connection picks its job:
 //! `B` bulk (then two u64: bytes to read, bytes to write), `R` request/response (fixed-size
 //! requests answered with fixed-size responses until EOF), `S` source (writes until the client
-//! goes away).
+//! goes away), `T` tracked source (then a u64 tag: a source whose bytes written are counted under
+//! that tag), `Q` query (then a u64 tag: answers four u64, the tag's live tracked connections and
+//! the sum, minimum and maximum of their bytes written, then closes).
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
 /// Bytes of one request in `R` mode.
 pub const REQUEST: usize = 100;
@@ -14,6 +19,46 @@ pub const REQUEST: usize = 100;
 pub const RESPONSE: usize = 200;
 /// Size of the writes in `B` and `S` modes.
 const BLOCK: usize = 64 * 1024;
+/// Send buffer of a tracked source (SO_SNDBUF; the kernel doubles it and stops autotuning):
+/// its client stalls, and a thousand 4 MiB autotuned buffers would reach the machine's TCP
+/// memory limit, measuring the kernel instead of the tunnel.
+const TRACKED_SEND_BUFFER: u32 = 64 * 1024;
+
+/// Bytes written by each live tracked source, by tag, then by connection number.
+type Tracked = Mutex<HashMap<u64, HashMap<u64, Arc<AtomicU64>>>>;
+
+static TRACKED: std::sync::LazyLock<Tracked> = std::sync::LazyLock::new(Default::default);
+static NEXT_CONN: AtomicU64 = AtomicU64::new(0);
+
+/// Removes a tracked source from [`TRACKED`] when its connection ends.
+struct Registered(u64, u64);
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        let mut tracked = TRACKED.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(conns) = tracked.get_mut(&self.0) {
+            conns.remove(&self.1);
+            if conns.is_empty() {
+                tracked.remove(&self.0);
+            }
+        }
+    }
+}
+
+/// (live connections, sum, min, max of bytes written) of the tracked sources tagged `tag`.
+fn tracked_stats(tag: u64) -> [u64; 4] {
+    let tracked = TRACKED.lock().unwrap_or_else(|e| e.into_inner());
+    let written: Vec<u64> = tracked
+        .get(&tag)
+        .map(|c| c.values().map(|w| w.load(Ordering::Relaxed)).collect())
+        .unwrap_or_default();
+    [
+        written.len() as u64,
+        written.iter().sum(),
+        written.iter().copied().min().unwrap_or(0),
+        written.iter().copied().max().unwrap_or(0),
+    ]
+}
 
 /// Starts the upstream on 127.0.0.1; returns its address.
 pub async fn start() -> anyhow::Result<SocketAddr> {
@@ -88,6 +133,40 @@ async fn serve(mut sock: TcpStream) -> std::io::Result<()> {
             loop {
                 sock.write_all(&block).await?;
             }
+        }
+        b'T' => {
+            let tag = sock.read_u64_le().await?;
+            let std = sock.into_std()?;
+            // SO_SNDBUF belongs to the socket, not the descriptor: set through a duplicate.
+            TcpSocket::from_std_stream(std.try_clone()?)
+                .set_send_buffer_size(TRACKED_SEND_BUFFER)?;
+            let mut sock = TcpStream::from_std(std)?;
+            let written = Arc::new(AtomicU64::new(0));
+            let id = NEXT_CONN.fetch_add(1, Ordering::Relaxed);
+            TRACKED
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .entry(tag)
+                .or_default()
+                .insert(id, written.clone());
+            let _registered = Registered(tag, id);
+            let block = vec![0x44u8; BLOCK];
+            loop {
+                let n = sock.write(&block).await?;
+                if n == 0 {
+                    return Ok(());
+                }
+                written.fetch_add(n as u64, Ordering::Relaxed);
+            }
+        }
+        b'Q' => {
+            let tag = sock.read_u64_le().await?;
+            let mut answer = Vec::with_capacity(32);
+            for v in tracked_stats(tag) {
+                answer.extend_from_slice(&v.to_le_bytes());
+            }
+            sock.write_all(&answer).await?;
+            sock.shutdown().await
         }
         _ => Ok(()),
     }

@@ -10,11 +10,13 @@
 //!
 //! The rule, per direction of one tunneled connection (see [`RecvWindow`]):
 //! - the window starts at [`MIN_WINDOW`];
-//! - it doubles (up to [`MAX_WINDOW`]) when the sender used up its credit while every write to
-//!   the local socket went through at once: the window, not the consumer, was the limit, which
-//!   is a window below bandwidth × round trip (TCP autotuning's signal, without a clock);
-//! - it halves (down to [`MIN_WINDOW`]) when a write to the local socket had to wait: the
-//!   consumer is the limit, and a stalled consumer should pin little;
+//! - it doubles (up to [`MAX_WINDOW`]) when the sender says it used up its credit and waited
+//!   (`Chunk.blocked`, like QUIC's STREAM_DATA_BLOCKED) while every write to the local socket
+//!   went through at once: the window, not the consumer, was the limit, which is a window below
+//!   bandwidth × round trip (TCP autotuning's signal, without a clock);
+//! - it halves (down to [`MIN_WINDOW`]) when writes to the local socket waited [`SLOW_READER`]
+//!   or more since the last grant: the consumer is the limit, and a stalled consumer should pin
+//!   little;
 //! - every byte above [`MIN_WINDOW`] is drawn from the agent connection's [`Budget`]. What
 //!   stalled connections can pin is therefore at most `connections × MIN_WINDOW + budget` per
 //!   agent connection and side; when the budget is spent, windows stop growing (logged), and the
@@ -22,6 +24,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
 
 use tokio::sync::Notify;
 
@@ -31,6 +34,10 @@ pub const MIN_WINDOW: u64 = 128 * 1024;
 
 /// Largest window of one connection: 10 Gbit/s across a 50 ms round trip.
 pub const MAX_WINDOW: u64 = 64 * 1024 * 1024;
+
+/// Writes to the local socket that waited less than this in total since the last grant do not
+/// count as a slow reader: a busy scheduler makes any socket wait a little now and then.
+pub const SLOW_READER: Duration = Duration::from_millis(20);
 
 /// Default budget of window above [`MIN_WINDOW`] per agent connection and side.
 pub const DEFAULT_BUDGET: u64 = 512 * 1024 * 1024;
@@ -106,7 +113,8 @@ pub struct RecvWindow {
     limit: u64,
     received: u64,
     consumed: u64,
-    waited: bool,
+    waited: Duration,
+    starved: bool,
 }
 
 impl RecvWindow {
@@ -118,7 +126,8 @@ impl RecvWindow {
             limit: MIN_WINDOW,
             received: 0,
             consumed: 0,
-            waited: false,
+            waited: Duration::ZERO,
+            starved: false,
         }
     }
 
@@ -127,8 +136,10 @@ impl RecvWindow {
         self.window
     }
 
-    /// `n` bytes arrived; refused if the peer had no credit for them.
-    pub fn on_data(&mut self, n: u64) -> Result<(), Overrun> {
+    /// `n` bytes arrived, `blocked` if the peer had waited for credit before sending them;
+    /// refused if the peer had no credit for them.
+    pub fn on_data(&mut self, n: u64, blocked: bool) -> Result<(), Overrun> {
+        self.starved |= blocked;
         self.received += n;
         if self.received > self.limit {
             return Err(Overrun {
@@ -139,28 +150,32 @@ impl RecvWindow {
         Ok(())
     }
 
-    /// A write to the local socket had to wait: the consumer is slower than the tunnel.
-    pub fn on_write_waited(&mut self) {
-        self.waited = true;
+    /// A write to the local socket had to wait this long: the consumer may be slower than the
+    /// tunnel.
+    pub fn on_write_waited(&mut self, wait: Duration) {
+        self.waited += wait;
     }
 
     /// `n` bytes were written to the local socket. Returns the new credit to send, if any.
     pub fn on_consumed(&mut self, n: u64) -> Option<u64> {
         self.consumed += n;
-        // The peer has used all its credit and everything it sent is written out: it is
-        // waiting for us.
-        let starved = self.received == self.limit && self.consumed == self.received;
-        if starved && !self.waited {
+        let half_free = self.limit - self.consumed <= self.window / 2;
+        let slow_reader = self.waited >= SLOW_READER;
+        if self.starved && !slow_reader {
             self.resize(self.window.saturating_mul(2));
-        } else if self.waited && (starved || self.limit - self.consumed <= self.window / 2) {
+        } else if slow_reader && (self.starved || half_free) {
             self.resize(self.window / 2);
         }
         // Grant when half the window is free (batched, like h2's WINDOW_UPDATE threshold), or
-        // at once when the peer is waiting.
-        if starved || self.limit - self.consumed <= self.window / 2 {
-            self.waited = false;
-            self.limit = self.consumed + self.window;
-            return Some(self.limit);
+        // at once when the peer is waiting for it.
+        if self.starved || self.limit - self.consumed <= self.window / 2 {
+            self.waited = Duration::ZERO;
+            self.starved = false;
+            let limit = self.consumed + self.window;
+            if limit > self.limit {
+                self.limit = limit;
+                return Some(limit);
+            }
         }
         None
     }
@@ -209,14 +224,17 @@ impl SendCredit {
         }
     }
 
-    /// Waits until more than `sent` bytes may be sent; returns how many.
-    pub async fn available(&self, sent: u64) -> u64 {
+    /// Waits until more than `sent` bytes may be sent; returns how many, and whether it had to
+    /// wait (the peer is told: it is the signal that grows the window).
+    pub async fn available(&self, sent: u64) -> (u64, bool) {
+        let mut waited = false;
         loop {
             let notified = self.changed.notified();
             let limit = self.limit.load(Ordering::Acquire);
             if limit > sent {
-                return limit - sent;
+                return (limit - sent, waited);
             }
+            waited = true;
             notified.await;
         }
     }
@@ -226,12 +244,12 @@ impl SendCredit {
 mod tests {
     use super::*;
 
-    /// Drives a window as a fast consumer would: the peer sends its whole credit, we write it
-    /// all without waiting. Returns the window after `rounds` round trips.
+    /// Drives a window as a fast consumer across a long round trip would: the peer sends its
+    /// whole credit, then waits for more (and says so); we write it all without waiting.
     fn fast_rounds(w: &mut RecvWindow, rounds: usize) {
         for _ in 0..rounds {
             let credit = w.limit - w.received;
-            w.on_data(credit).unwrap();
+            w.on_data(credit, true).unwrap();
             w.on_consumed(credit);
         }
     }
@@ -263,8 +281,8 @@ mod tests {
         // The client stops reading: writes wait, the peer runs out of credit.
         for _ in 0..10 {
             let credit = w.limit - w.received;
-            w.on_data(credit).unwrap();
-            w.on_write_waited();
+            w.on_data(credit, true).unwrap();
+            w.on_write_waited(Duration::from_secs(1));
             w.on_consumed(credit);
         }
         assert_eq!(w.window(), MIN_WINDOW);
@@ -274,13 +292,13 @@ mod tests {
     #[test]
     fn credit_is_granted_at_half_window_and_overruns_are_refused() {
         let mut w = RecvWindow::new(Budget::new(DEFAULT_BUDGET));
-        w.on_data(1000).unwrap();
+        w.on_data(1000, false).unwrap();
         assert_eq!(w.on_consumed(1000), None, "batched");
         let half = MIN_WINDOW / 2;
-        w.on_data(half - 1000).unwrap();
+        w.on_data(half - 1000, false).unwrap();
         assert_eq!(w.on_consumed(half - 1000), Some(half + MIN_WINDOW));
-        assert_eq!(w.window(), MIN_WINDOW, "not starved: no growth");
-        let err = w.on_data(MIN_WINDOW + 1).unwrap_err();
+        assert_eq!(w.window(), MIN_WINDOW, "the sender never waited: no growth");
+        let err = w.on_data(MIN_WINDOW + 1, false).unwrap_err();
         assert_eq!(err.limit, half + MIN_WINDOW);
     }
 
@@ -303,21 +321,32 @@ mod tests {
         );
     }
 
+    #[test]
+    fn a_sender_that_keeps_up_never_grows_the_window() {
+        let mut w = RecvWindow::new(Budget::new(DEFAULT_BUDGET));
+        // Lots of traffic, but credit always arrives before the sender runs out.
+        for _ in 0..100 {
+            w.on_data(16 * 1024, false).unwrap();
+            w.on_consumed(16 * 1024);
+        }
+        assert_eq!(w.window(), MIN_WINDOW);
+    }
+
     #[tokio::test]
     async fn send_credit_wakes_the_sender() {
         let credit = Arc::new(SendCredit::default());
-        assert_eq!(credit.available(0).await, MIN_WINDOW);
+        assert_eq!(credit.available(0).await, (MIN_WINDOW, false));
         let waiter = {
             let credit = credit.clone();
             tokio::spawn(async move { credit.available(MIN_WINDOW).await })
         };
         tokio::task::yield_now().await;
         credit.grant(MIN_WINDOW + 10);
-        assert_eq!(waiter.await.unwrap(), 10);
+        assert_eq!(waiter.await.unwrap(), (10, true), "it waited");
         credit.grant(5);
         assert_eq!(
             credit.available(0).await,
-            MIN_WINDOW + 10,
+            (MIN_WINDOW + 10, false),
             "credit never shrinks"
         );
     }

@@ -237,10 +237,13 @@ async fn socket_to_tunnel<R: AsyncRead>(
     // small buffer while it waits, a bulk transfer grows to full chunks after a few reads.
     let mut want = MIN_READ;
     let mut buf = BytesMut::new();
+    // Waited for credit since the last chunk: told to the peer with the next one.
+    let mut blocked = false;
     loop {
         // Wait for credit and room before reading: the socket is read only as fast as the peer
         // takes the bytes.
-        let allowed = credit.available(sent).await;
+        let (allowed, waited) = credit.available(sent).await;
+        blocked |= waited;
         let permit = tx.reserve().await.map_err(|_| PumpError::TunnelClosed)?;
         let now = want.min(usize::try_from(allowed).unwrap_or(usize::MAX));
         if buf.capacity() < now {
@@ -259,13 +262,18 @@ async fn socket_to_tunnel<R: AsyncRead>(
         if n == 0 {
             permit.send(Chunk {
                 fin: true,
+                blocked,
                 ..Chunk::default()
             });
             return Ok(());
         }
         counts.add_sent(n);
         sent += n as u64;
-        permit.send(data_chunk(buf.split().freeze()));
+        permit.send(Chunk {
+            data: buf.split().freeze(),
+            blocked: std::mem::take(&mut blocked),
+            ..Chunk::default()
+        });
     }
 }
 
@@ -295,12 +303,12 @@ async fn tunnel_to_socket<W: AsyncWrite>(
         }
         if !chunk.data.is_empty() {
             let n = chunk.data.len() as u64;
-            grants.window.on_data(n)?;
-            if write_all(writer.as_mut(), &chunk.data)
+            grants.window.on_data(n, chunk.blocked)?;
+            if let Some(wait) = write_all(writer.as_mut(), &chunk.data)
                 .await
                 .map_err(PumpError::LocalWrite)?
             {
-                grants.window.on_write_waited();
+                grants.window.on_write_waited(wait);
             }
             counts.add_received(chunk.data.len());
             if let Some(limit) = grants.window.on_consumed(n) {
@@ -333,16 +341,19 @@ async fn tunnel_to_socket<W: AsyncWrite>(
     }
 }
 
-/// Writes all of `data`; `Ok(true)` if the socket made us wait (its reader is slower than we
+/// Writes all of `data`; `Some(time)` if the socket made us wait (its reader is slower than we
 /// are), the signal that shrinks this connection's window.
-async fn write_all<W: AsyncWrite>(mut writer: Pin<&mut W>, data: &[u8]) -> io::Result<bool> {
-    let mut waited = false;
+async fn write_all<W: AsyncWrite>(
+    mut writer: Pin<&mut W>,
+    data: &[u8],
+) -> io::Result<Option<Duration>> {
+    let mut first_wait = None;
     let mut written = 0;
     while written < data.len() {
         let n = std::future::poll_fn(|cx| {
             let res = writer.as_mut().poll_write(cx, &data[written..]);
-            if res.is_pending() {
-                waited = true;
+            if res.is_pending() && first_wait.is_none() {
+                first_wait = Some(std::time::Instant::now());
             }
             res
         })
@@ -352,7 +363,7 @@ async fn write_all<W: AsyncWrite>(mut writer: Pin<&mut W>, data: &[u8]) -> io::R
         }
         written += n;
     }
-    Ok(waited)
+    Ok(first_wait.map(|t| t.elapsed()))
 }
 
 fn credit_chunk(limit: u64) -> Chunk {

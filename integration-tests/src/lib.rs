@@ -7,6 +7,7 @@ pub mod client;
 pub mod data;
 pub mod fleet;
 pub mod procs;
+pub mod relay;
 pub mod rogue;
 pub mod upstream;
 

@@ -260,7 +260,10 @@ async fn hundreds_of_upstreams_that_stop_reading_leave_an_upload_at_full_speed()
             times.push(t.elapsed());
         }
         times.sort();
-        eprintln!("20 CONNECTs during the upload stall in {:?}", started.elapsed());
+        eprintln!(
+            "20 CONNECTs during the upload stall in {:?}",
+            started.elapsed()
+        );
         times
     };
     let with_stall = tokio::time::timeout(Duration::from_secs(60), upload(server.frontend_addr))
@@ -287,5 +290,78 @@ async fn hundreds_of_upstreams_that_stop_reading_leave_an_upload_at_full_speed()
     assert!(
         grown_mib < 200,
         "agent RSS grew {grown_mib} MiB for {STALLED} stalled uploads"
+    );
+}
+
+/// Downloads `n` bytes through a tunnel to `frontend`; returns the time from CONNECT.
+async fn download(frontend: SocketAddr, n: u64) -> Duration {
+    let started = Instant::now();
+    let mut s = tunnel(frontend).await;
+    read_n(&mut s, n).await;
+    started.elapsed()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connections_window_grows_to_fill_a_wan_link_and_the_budget_caps_it() {
+    const WAN_MOVE: u64 = 96 << 20;
+    let one_way = Duration::from_millis(10);
+    let bed = Bed::new(&["alpha"]);
+    let source = SourceServer::start().await.unwrap();
+
+    // Agent and server 20 ms apart (round trip), through the userspace delay relay.
+    let run = |flags: &'static [&'static str]| {
+        let pki = bed.pki.clone();
+        async move {
+            let server = ServerProc::start(&pki, None, flags).await.unwrap();
+            let relay = integration_tests::relay::start(server.agent_addr, one_way)
+                .await
+                .unwrap();
+            let agent = AgentProc::start(&pki, &[relay], "alpha", source.addr, flags)
+                .await
+                .unwrap();
+            agent
+                .wait_registered(Duration::from_secs(10))
+                .await
+                .unwrap();
+            let took = download(server.frontend_addr, WAN_MOVE).await;
+            (took, server, agent)
+        }
+    };
+    let (adaptive, _server, _agent) = run(&[]).await;
+    // The same bytes directly through the same relay: what the link carries.
+    let direct_relay = integration_tests::relay::start(source.addr, one_way)
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let mut direct = TcpStream::connect(direct_relay).await.unwrap();
+    read_n(&mut direct, WAN_MOVE).await;
+    let direct = started.elapsed();
+    // A budget of 256 KiB lets a window grow to 384 KiB at most.
+    let (capped, server, _agent) = run(&["--window-budget", "256KiB"]).await;
+    let gbit = |d: Duration| WAN_MOVE as f64 * 8.0 / d.as_secs_f64() / 1e9;
+    eprintln!(
+        "96 MiB across 20 ms: direct {direct:?} ({:.2} Gbit/s), proxy {adaptive:?} ({:.2} Gbit/s), \
+         proxy with a 256 KiB budget {capped:?} ({:.2} Gbit/s)",
+        gbit(direct),
+        gbit(adaptive),
+        gbit(capped)
+    );
+    // A fixed 128 KiB window moves 6.5 MB/s here (15 s for 96 MiB); the adaptive one must be
+    // far beyond that, and within reach of the link itself.
+    assert!(
+        adaptive < direct * 3 + Duration::from_secs(1),
+        "adaptive window: {adaptive:?} vs direct {direct:?}"
+    );
+    assert!(
+        capped > adaptive * 2,
+        "the budget did not cap the window: {capped:?} vs {adaptive:?}"
+    );
+    assert!(
+        server
+            .proc
+            .logs()
+            .contains("flow-control budget of this agent connection spent"),
+        "budget exhaustion not logged:\n{}",
+        server.proc.logs()
     );
 }
