@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use crate::contenders::Running;
 use crate::scenarios::Sample;
-use crate::{flow, replicas, scenarios};
+use crate::{fairness, replicas, scenarios, stall};
 
 const GIB: u64 = 1 << 30;
 const MIB: u64 = 1 << 20;
@@ -54,7 +54,7 @@ pub fn loopback(smoke: bool) -> Vec<Scenario> {
     let idle_small = count(1_000, 20);
     let idle_large = count(10_000, 40);
     let iso = size(256 * MIB, 8 * MIB);
-    let (stalled, stall_connects) = (count(1_000, 20), count(50, 5));
+    let (few, many, stall_connects) = (count(64, 8), count(1_000, 20), count(50, 5));
     let d_lat = secs(10);
     let d_setup = secs(5);
     vec![
@@ -106,11 +106,19 @@ pub fn loopback(smoke: bool) -> Vec<Scenario> {
             true,
             Box::new(move |r| Box::pin(scenarios::isolation(r, iso))),
         ),
+        // Few enough stalled connections for every contender's kernel buffers, then the
+        // issue's thousand (as many as the machine's TCP memory allows, see `stall`).
+        fresh(scenario(
+            "stalled readers: 256 MiB beside 64 stalled connections",
+            "Gbit/s",
+            true,
+            Box::new(move |r| Box::pin(stall::stalled_readers(r, few, iso, stall_connects))),
+        )),
         fresh(scenario(
             "stalled readers: 256 MiB beside 1000 stalled connections",
             "Gbit/s",
             true,
-            Box::new(move |r| Box::pin(flow::stalled_readers(r, stalled, iso, stall_connects))),
+            Box::new(move |r| Box::pin(stall::stalled_readers(r, many, iso, stall_connects))),
         )),
         fresh(scenario(
             "idle, 1000 connections",
@@ -160,7 +168,7 @@ pub fn wan(smoke: bool) -> Vec<(Duration, Vec<Scenario>)> {
                     "WAN 20 ms RTT: fairness, 8 connections, down",
                     "% worst deviation from mean",
                     false,
-                    Box::new(move |r| Box::pin(flow::fairness(r, 8, warmup, measure))),
+                    Box::new(move |r| Box::pin(fairness::fairness(r, 8, warmup, measure))),
                 ),
             ],
         ),

@@ -208,6 +208,8 @@ pub fn write(
                                     || k.ends_with("_rss_kib")
                                     || k.starts_with("connect_")
                                     || k.starts_with("kernel_tcp")
+                                    || k.ends_with("per_stalled")
+                                    || k == "stalled"
                                 {
                                     let _ = write!(cell, "; {k} {v:.1}");
                                 }

@@ -11,9 +11,13 @@
 //! The rule, per direction of one tunneled connection (see [`RecvWindow`]):
 //! - the window starts at [`MIN_WINDOW`];
 //! - it doubles (up to [`MAX_WINDOW`]) when the sender says it used up its credit and waited
-//!   (`Chunk.blocked`, like QUIC's STREAM_DATA_BLOCKED) while every write to the local socket
-//!   went through at once: the window, not the consumer, was the limit, which is a window below
-//!   bandwidth × round trip (TCP autotuning's signal, without a clock);
+//!   (`Chunk.blocked_at`, like QUIC's STREAM_DATA_BLOCKED) while every write to the local socket
+//!   went through at once, and the window is still below twice what the connection moves in
+//!   one round trip (Linux's receive-buffer autotuning rule): the window, not the consumer, was
+//!   the limit. The round trip is timed from the grant that released a waiting sender to its
+//!   next chunk (the smallest sample counts); what moves in one is measured between two such
+//!   waits. So windows stay a few hundred KiB on a LAN, where a connection that later stalls
+//!   should pin little, and grow to bandwidth × delay across a WAN;
 //! - it halves (down to [`MIN_WINDOW`]) when writes to the local socket waited [`SLOW_READER`]
 //!   or more since the last grant: the consumer is the limit, and a stalled consumer should pin
 //!   little;
@@ -26,11 +30,15 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
+use tokio::time::Instant;
+
 use tokio::sync::Notify;
 
-/// Window every connection starts with and never goes below: enough for a LAN round trip at
-/// several Gbit/s, little enough that thousands of stalled connections pin a bounded amount.
-pub const MIN_WINDOW: u64 = 128 * 1024;
+/// Window every connection starts with and never goes below: measured, a connection at this
+/// window alone moves as fast across loopback as one whose window grows, so connections that
+/// stall and spend the budget never slow a healthy one on a LAN; and little enough that
+/// thousands of stalled connections pin a bounded amount.
+pub const MIN_WINDOW: u64 = 256 * 1024;
 
 /// Largest window of one connection: 10 Gbit/s across a 50 ms round trip.
 pub const MAX_WINDOW: u64 = 64 * 1024 * 1024;
@@ -40,7 +48,7 @@ pub const MAX_WINDOW: u64 = 64 * 1024 * 1024;
 pub const SLOW_READER: Duration = Duration::from_millis(20);
 
 /// Default budget of window above [`MIN_WINDOW`] per agent connection and side.
-pub const DEFAULT_BUDGET: u64 = 512 * 1024 * 1024;
+pub const DEFAULT_BUDGET: u64 = 256 * 1024 * 1024;
 
 /// Window bytes above [`MIN_WINDOW`] that the connections of one agent connection may hold.
 #[derive(Debug)]
@@ -115,7 +123,18 @@ pub struct RecvWindow {
     consumed: u64,
     waited: Duration,
     starved: bool,
+    /// Recent grants (limit, when), to time the one that releases a waiting sender.
+    grants: std::collections::VecDeque<(u64, Instant)>,
+    /// Smallest round trip seen.
+    min_rtt: Option<Duration>,
+    /// When the sender last reported a wait, and what had been consumed then.
+    round_start: Option<(Instant, u64)>,
+    /// Bytes the connection moves in one round trip, measured between two waits.
+    per_rtt: Option<u64>,
 }
+
+/// Grants remembered for round-trip timing: more than are ever in flight at once.
+const GRANT_HISTORY: usize = 16;
 
 impl RecvWindow {
     /// A window of [`MIN_WINDOW`], growing out of `budget`. The peer knows the initial credit.
@@ -128,6 +147,10 @@ impl RecvWindow {
             consumed: 0,
             waited: Duration::ZERO,
             starved: false,
+            grants: std::collections::VecDeque::with_capacity(GRANT_HISTORY),
+            min_rtt: None,
+            round_start: None,
+            per_rtt: None,
         }
     }
 
@@ -136,10 +159,12 @@ impl RecvWindow {
         self.window
     }
 
-    /// `n` bytes arrived, `blocked` if the peer had waited for credit before sending them;
-    /// refused if the peer had no credit for them.
-    pub fn on_data(&mut self, n: u64, blocked: bool) -> Result<(), Overrun> {
-        self.starved |= blocked;
+    /// `n` bytes arrived; `blocked_at` nonzero if the peer had run out of credit at that offset
+    /// and waited before sending them. Refused if the peer had no credit for them.
+    pub fn on_data(&mut self, n: u64, blocked_at: u64) -> Result<(), Overrun> {
+        if blocked_at > 0 {
+            self.on_sender_waited(blocked_at);
+        }
         self.received += n;
         if self.received > self.limit {
             return Err(Overrun {
@@ -148,6 +173,22 @@ impl RecvWindow {
             });
         }
         Ok(())
+    }
+
+    fn on_sender_waited(&mut self, blocked_at: u64) {
+        self.starved = true;
+        let now = Instant::now();
+        // The first grant past where it stopped is the one that let it go on.
+        if let Some(&(_, at)) = self.grants.iter().find(|(limit, _)| *limit > blocked_at) {
+            let rtt = now.duration_since(at);
+            self.min_rtt = Some(self.min_rtt.map_or(rtt, |m| m.min(rtt)));
+        }
+        if let (Some((start, consumed)), Some(rtt)) = (self.round_start, self.min_rtt) {
+            let round = now.duration_since(start).max(rtt);
+            let moved = self.consumed - consumed;
+            self.per_rtt = Some((moved as f64 * rtt.as_secs_f64() / round.as_secs_f64()) as u64);
+        }
+        self.round_start = Some((now, self.consumed));
     }
 
     /// A write to the local socket had to wait this long: the consumer may be slower than the
@@ -161,7 +202,7 @@ impl RecvWindow {
         self.consumed += n;
         let half_free = self.limit - self.consumed <= self.window / 2;
         let slow_reader = self.waited >= SLOW_READER;
-        if self.starved && !slow_reader {
+        if self.starved && !slow_reader && self.window < self.needed() {
             self.resize(self.window.saturating_mul(2));
         } else if slow_reader && (self.starved || half_free) {
             self.resize(self.window / 2);
@@ -169,15 +210,25 @@ impl RecvWindow {
         // Grant when half the window is free (batched, like h2's WINDOW_UPDATE threshold), or
         // at once when the peer is waiting for it.
         if self.starved || self.limit - self.consumed <= self.window / 2 {
-            self.waited = Duration::ZERO;
-            self.starved = false;
             let limit = self.consumed + self.window;
             if limit > self.limit {
+                if self.grants.len() == GRANT_HISTORY {
+                    self.grants.pop_front();
+                }
+                self.grants.push_back((limit, Instant::now()));
+                self.waited = Duration::ZERO;
+                self.starved = false;
                 self.limit = limit;
                 return Some(limit);
             }
         }
         None
+    }
+
+    /// Twice what this connection moves in one round trip (unbounded until measured: the
+    /// first rounds are slow start).
+    fn needed(&self) -> u64 {
+        self.per_rtt.map_or(u64::MAX, |b| b.saturating_mul(2))
     }
 
     fn resize(&mut self, want: u64) {
@@ -244,25 +295,74 @@ impl SendCredit {
 mod tests {
     use super::*;
 
-    /// Drives a window as a fast consumer across a long round trip would: the peer sends its
-    /// whole credit, then waits for more (and says so); we write it all without waiting.
-    fn fast_rounds(w: &mut RecvWindow, rounds: usize) {
-        for _ in 0..rounds {
-            let credit = w.limit - w.received;
-            w.on_data(credit, true).unwrap();
-            w.on_consumed(credit);
+    /// A bulk transfer for `total` over a link of `rtt` and `capacity` bytes/s, simulated
+    /// event by event: the sender sends 64 KiB chunks while it has credit (flagging the first
+    /// after a wait), each arrives half a round trip later and is written out at once, and
+    /// each grant reaches the sender half a round trip after it is made.
+    async fn transfer(w: &mut RecvWindow, rtt: Duration, capacity: f64, total: Duration) {
+        use std::collections::VecDeque;
+        let one_way = rtt / 2;
+        let end = Instant::now() + total;
+        let (mut known, mut sent, mut blocked) = (w.limit, 0u64, false);
+        let mut link_free = Instant::now();
+        let mut data: VecDeque<(Instant, u64, u64)> = VecDeque::new();
+        let mut grants: VecDeque<(Instant, u64)> = VecDeque::new();
+        loop {
+            let now = Instant::now();
+            if now >= end {
+                return;
+            }
+            while let Some(&(_, limit)) = grants.front().filter(|(t, _)| *t <= now) {
+                known = known.max(limit);
+                grants.pop_front();
+            }
+            if sent < known && link_free <= now {
+                let n = (known - sent).min(64 * 1024);
+                link_free = now + Duration::from_secs_f64(n as f64 / capacity);
+                let at = if std::mem::take(&mut blocked) {
+                    sent
+                } else {
+                    0
+                };
+                data.push_back((link_free + one_way, n, at));
+                sent += n;
+                continue;
+            }
+            blocked |= sent >= known;
+            if let Some(&(_, n, b)) = data.front().filter(|(t, _, _)| *t <= now) {
+                data.pop_front();
+                w.on_data(n, b).unwrap();
+                if let Some(limit) = w.on_consumed(n) {
+                    grants.push_back((now + one_way, limit));
+                }
+                continue;
+            }
+            let next = [
+                data.front().map(|d| d.0),
+                grants.front().map(|g| g.0),
+                (sent < known).then_some(link_free),
+            ]
+            .into_iter()
+            .flatten()
+            .min()
+            .unwrap_or(end);
+            let step = next.saturating_duration_since(now);
+            tokio::time::advance(step.max(Duration::from_micros(1))).await;
         }
     }
 
-    #[test]
-    fn a_window_limited_connection_doubles_up_to_the_maximum() {
+    const WAN: Duration = Duration::from_millis(20);
+    const LAN: Duration = Duration::from_micros(200);
+    const TEN_GBIT: f64 = 1.25e9;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_window_limited_connection_doubles_up_to_the_maximum() {
         let budget = Budget::new(DEFAULT_BUDGET);
         let mut w = RecvWindow::new(budget.clone());
-        fast_rounds(&mut w, 1);
-        assert_eq!(w.window(), 2 * MIN_WINDOW);
-        fast_rounds(&mut w, 20);
-        assert_eq!(w.window(), MAX_WINDOW);
-        assert_eq!(budget.used(), MAX_WINDOW - MIN_WINDOW);
+        transfer(&mut w, WAN, TEN_GBIT, Duration::from_secs(2)).await;
+        // 10 Gbit/s x 20 ms = 25 MB in flight.
+        assert!(w.window() >= 32 << 20, "{}", w.window());
+        assert_eq!(budget.used(), w.window() - MIN_WINDOW);
         drop(w);
         assert_eq!(
             budget.used(),
@@ -271,17 +371,27 @@ mod tests {
         );
     }
 
-    #[test]
-    fn a_stalled_consumer_shrinks_and_never_grows() {
+    #[tokio::test(start_paused = true)]
+    async fn on_a_lan_the_window_stops_at_twice_bandwidth_times_delay() {
+        let mut w = RecvWindow::new(Budget::new(DEFAULT_BUDGET));
+        transfer(&mut w, LAN, TEN_GBIT, Duration::from_secs(1)).await;
+        // 10 Gbit/s x 200 us = 250 KB: a window of 1 MiB at most, not 64 MiB.
+        assert!(w.window() <= 8 * MIN_WINDOW, "{}", w.window());
+        assert!(w.window() >= 2 * MIN_WINDOW, "{}", w.window());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stalled_consumer_shrinks_and_never_grows() {
         let budget = Budget::new(DEFAULT_BUDGET);
         let mut w = RecvWindow::new(budget.clone());
-        fast_rounds(&mut w, 6);
-        let grown = w.window();
-        assert_eq!(grown, 64 * MIN_WINDOW);
-        // The client stops reading: writes wait, the peer runs out of credit.
+        // Slow start: a doubling every other round trip.
+        transfer(&mut w, WAN, TEN_GBIT, Duration::from_millis(150)).await;
+        assert!(w.window() >= 8 * MIN_WINDOW, "{}", w.window());
+        // The client reads slowly: writes wait, the peer runs out of credit.
         for _ in 0..10 {
             let credit = w.limit - w.received;
-            w.on_data(credit, true).unwrap();
+            tokio::time::advance(WAN).await;
+            w.on_data(credit, w.limit - credit).unwrap();
             w.on_write_waited(Duration::from_secs(1));
             w.on_consumed(credit);
         }
@@ -289,47 +399,48 @@ mod tests {
         assert_eq!(budget.used(), 0);
     }
 
-    #[test]
-    fn credit_is_granted_at_half_window_and_overruns_are_refused() {
+    #[tokio::test(start_paused = true)]
+    async fn credit_is_granted_at_half_window_and_overruns_are_refused() {
         let mut w = RecvWindow::new(Budget::new(DEFAULT_BUDGET));
-        w.on_data(1000, false).unwrap();
+        w.on_data(1000, 0).unwrap();
         assert_eq!(w.on_consumed(1000), None, "batched");
         let half = MIN_WINDOW / 2;
-        w.on_data(half - 1000, false).unwrap();
+        w.on_data(half - 1000, 0).unwrap();
         assert_eq!(w.on_consumed(half - 1000), Some(half + MIN_WINDOW));
         assert_eq!(w.window(), MIN_WINDOW, "the sender never waited: no growth");
-        let err = w.on_data(MIN_WINDOW + 1, false).unwrap_err();
+        let err = w.on_data(MIN_WINDOW + 1, 0).unwrap_err();
         assert_eq!(err.limit, half + MIN_WINDOW);
     }
 
-    #[test]
-    fn the_budget_caps_growth_across_connections() {
+    #[tokio::test(start_paused = true)]
+    async fn a_sender_that_keeps_up_never_grows_the_window() {
+        let mut w = RecvWindow::new(Budget::new(DEFAULT_BUDGET));
+        // Lots of traffic, but credit always arrives before the sender runs out.
+        for _ in 0..100 {
+            tokio::time::advance(Duration::from_micros(50)).await;
+            w.on_data(16 * 1024, 0).unwrap();
+            w.on_consumed(16 * 1024);
+        }
+        assert_eq!(w.window(), MIN_WINDOW);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_budget_caps_growth_across_connections() {
         let budget = Budget::new(4 * MIN_WINDOW);
         let mut a = RecvWindow::new(budget.clone());
         let mut b = RecvWindow::new(budget.clone());
-        fast_rounds(&mut a, 2);
-        assert_eq!(a.window(), 4 * MIN_WINDOW);
-        fast_rounds(&mut b, 5);
+        transfer(&mut a, WAN, TEN_GBIT, Duration::from_secs(1)).await;
+        assert_eq!(a.window(), 4 * MIN_WINDOW, "as far as the budget goes");
+        transfer(&mut b, WAN, TEN_GBIT, Duration::from_secs(1)).await;
         assert_eq!(b.window(), 2 * MIN_WINDOW, "only what the budget had left");
         assert_eq!(budget.used(), budget.limit());
         drop(a);
-        fast_rounds(&mut b, 2);
+        transfer(&mut b, WAN, TEN_GBIT, Duration::from_secs(1)).await;
         assert_eq!(
             b.window(),
             4 * MIN_WINDOW,
             "given back, then taken by the other"
         );
-    }
-
-    #[test]
-    fn a_sender_that_keeps_up_never_grows_the_window() {
-        let mut w = RecvWindow::new(Budget::new(DEFAULT_BUDGET));
-        // Lots of traffic, but credit always arrives before the sender runs out.
-        for _ in 0..100 {
-            w.on_data(16 * 1024, false).unwrap();
-            w.on_consumed(16 * 1024);
-        }
-        assert_eq!(w.window(), MIN_WINDOW);
     }
 
     #[tokio::test]

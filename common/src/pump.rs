@@ -237,13 +237,15 @@ async fn socket_to_tunnel<R: AsyncRead>(
     // small buffer while it waits, a bulk transfer grows to full chunks after a few reads.
     let mut want = MIN_READ;
     let mut buf = BytesMut::new();
-    // Waited for credit since the last chunk: told to the peer with the next one.
-    let mut blocked = false;
+    // Where we last ran out of credit, told to the peer with the next chunk.
+    let mut blocked_at = 0;
     loop {
         // Wait for credit and room before reading: the socket is read only as fast as the peer
         // takes the bytes.
         let (allowed, waited) = credit.available(sent).await;
-        blocked |= waited;
+        if waited {
+            blocked_at = sent;
+        }
         let permit = tx.reserve().await.map_err(|_| PumpError::TunnelClosed)?;
         let now = want.min(usize::try_from(allowed).unwrap_or(usize::MAX));
         if buf.capacity() < now {
@@ -262,7 +264,7 @@ async fn socket_to_tunnel<R: AsyncRead>(
         if n == 0 {
             permit.send(Chunk {
                 fin: true,
-                blocked,
+                blocked_at,
                 ..Chunk::default()
             });
             return Ok(());
@@ -271,7 +273,7 @@ async fn socket_to_tunnel<R: AsyncRead>(
         sent += n as u64;
         permit.send(Chunk {
             data: buf.split().freeze(),
-            blocked: std::mem::take(&mut blocked),
+            blocked_at: std::mem::take(&mut blocked_at),
             ..Chunk::default()
         });
     }
@@ -303,7 +305,7 @@ async fn tunnel_to_socket<W: AsyncWrite>(
         }
         if !chunk.data.is_empty() {
             let n = chunk.data.len() as u64;
-            grants.window.on_data(n, chunk.blocked)?;
+            grants.window.on_data(n, chunk.blocked_at)?;
             if let Some(wait) = write_all(writer.as_mut(), &chunk.data)
                 .await
                 .map_err(PumpError::LocalWrite)?

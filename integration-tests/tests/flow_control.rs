@@ -17,6 +17,14 @@ use tokio::net::{TcpListener, TcpStream};
 const STALLED: usize = 200;
 const MOVE: u64 = 256 << 20;
 
+/// A window budget the stalled connections can spend (the default is 256 MiB): what they pin is
+/// then at most 200 x 256 KiB + 64 MiB = 114 MiB, plus each connection's own buffers.
+const SMALL_BUDGET: [&str; 2] = ["--window-budget", "64MiB"];
+
+/// The documented bound for `STALLED` connections under [`SMALL_BUDGET`] (256 KiB floor each,
+/// plus the budget), plus 512 KiB per connection for its sockets, TLS and HTTP/2 state.
+const PINNED_BOUND_MIB: u64 = (STALLED as u64 * (256 + 512)) / 1024 + 64;
+
 fn rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .unwrap_or_default()
@@ -80,8 +88,21 @@ async fn fresh_connects(frontend: SocketAddr, n: usize) -> Vec<Duration> {
 async fn hundreds_of_stalled_readers_leave_the_agents_other_connections_at_full_speed() {
     let bed = Bed::new(&["alpha"]);
     let source = SourceServer::start().await.unwrap();
-    let server = ServerProc::start(&bed.pki, None, &[]).await.unwrap();
-    let agent = AgentProc::start_ready(&bed.pki, &[server.agent_addr], "alpha", source.addr)
+    // A budget the stalled connections spend: the healthy one must not need it.
+    let server = ServerProc::start(&bed.pki, None, &SMALL_BUDGET)
+        .await
+        .unwrap();
+    let agent = AgentProc::start(
+        &bed.pki,
+        &[server.agent_addr],
+        "alpha",
+        source.addr,
+        &SMALL_BUDGET,
+    )
+    .await
+    .unwrap();
+    agent
+        .wait_registered(Duration::from_secs(10))
         .await
         .unwrap();
 
@@ -138,12 +159,12 @@ async fn hundreds_of_stalled_readers_leave_the_agents_other_connections_at_full_
         "new CONNECTs waited during the stall: {connects:?}"
     );
     // What the stalled connections pin in the server is bounded by their windows: at their
-    // minimum, 128 KiB each, plus the growth budget; with the old fixed 4 MiB windows it was
+    // minimum, 256 KiB each, plus the growth budget; with the old fixed 4 MiB windows it was
     // 800 MiB here.
     let grown_mib = rss_stalled.saturating_sub(rss_before) / 1024;
     assert!(
-        grown_mib < 200,
-        "server RSS grew {grown_mib} MiB for {STALLED} stalled connections"
+        grown_mib < PINNED_BOUND_MIB,
+        "server RSS grew {grown_mib} MiB for {STALLED} stalled connections (bound {PINNED_BOUND_MIB})"
     );
     // Nothing drained the stalled ones meanwhile: they are really stalled, not slow.
     let still: u64 = conns[1..STALLED + 1]
@@ -206,8 +227,14 @@ async fn hundreds_of_upstreams_that_stop_reading_leave_an_upload_at_full_speed()
     let bed = Bed::new(&["alpha"]);
     // Connection 0 is the baseline, 1..=STALLED stall, the rest are read.
     let (sink, _) = stalling_sink(1..STALLED + 1).await;
-    let server = ServerProc::start(&bed.pki, None, &[]).await.unwrap();
-    let agent = AgentProc::start_ready(&bed.pki, &[server.agent_addr], "alpha", sink)
+    let server = ServerProc::start(&bed.pki, None, &SMALL_BUDGET)
+        .await
+        .unwrap();
+    let agent = AgentProc::start(&bed.pki, &[server.agent_addr], "alpha", sink, &SMALL_BUDGET)
+        .await
+        .unwrap();
+    agent
+        .wait_registered(Duration::from_secs(10))
         .await
         .unwrap();
     let upload = |frontend| async move {
@@ -288,8 +315,8 @@ async fn hundreds_of_upstreams_that_stop_reading_leave_an_upload_at_full_speed()
     );
     let grown_mib = rss_stalled.saturating_sub(rss_before) / 1024;
     assert!(
-        grown_mib < 200,
-        "agent RSS grew {grown_mib} MiB for {STALLED} stalled uploads"
+        grown_mib < PINNED_BOUND_MIB,
+        "agent RSS grew {grown_mib} MiB for {STALLED} stalled uploads (bound {PINNED_BOUND_MIB})"
     );
 }
 
@@ -336,7 +363,7 @@ async fn a_connections_window_grows_to_fill_a_wan_link_and_the_budget_caps_it() 
     let mut direct = TcpStream::connect(direct_relay).await.unwrap();
     read_n(&mut direct, WAN_MOVE).await;
     let direct = started.elapsed();
-    // A budget of 256 KiB lets a window grow to 384 KiB at most.
+    // A budget of 256 KiB lets a window grow to 512 KiB at most.
     let (capped, server, _agent) = run(&["--window-budget", "256KiB"]).await;
     let gbit = |d: Duration| WAN_MOVE as f64 * 8.0 / d.as_secs_f64() / 1e9;
     eprintln!(

@@ -93,9 +93,9 @@ pub struct Args {
     #[arg(long, env = "PROXY_AGENT_SERVER_PROBE_INTERVAL", default_value = "30s", value_parser = humantime::parse_duration)]
     pub server_probe_interval: Duration,
     /// Per server connection, how much tunneled connections' windows may grow above their
-    /// 128 KiB minimum in total (bytes, or with KiB/MiB/GiB): bounds what upstreams that stop
-    /// reading can pin (connections x 128 KiB + this).
-    #[arg(long, env = "PROXY_AGENT_WINDOW_BUDGET", default_value = "512MiB", value_parser = proxy_common::parse_size)]
+    /// 256 KiB minimum in total (bytes, or with KiB/MiB/GiB): bounds what upstreams that stop
+    /// reading can pin (connections x 256 KiB + this).
+    #[arg(long, env = "PROXY_AGENT_WINDOW_BUDGET", default_value = "256MiB", value_parser = proxy_common::parse_size)]
     pub window_budget: u64,
     /// Log format.
     #[arg(long, env = "PROXY_AGENT_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]

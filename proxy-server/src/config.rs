@@ -147,11 +147,11 @@ pub struct Args {
     #[arg(long, env = "PROXY_SERVER_WARMUP", default_value = "10s", value_parser = humantime::parse_duration)]
     pub warmup: Duration,
     /// Per agent connection, how much tunneled connections' windows may grow above their
-    /// 128 KiB minimum in total (bytes, or with KiB/MiB/GiB). Bounds what stalled clients pin:
-    /// connections x 128 KiB + this. A connection's window grows while it drains faster than
+    /// 256 KiB minimum in total (bytes, or with KiB/MiB/GiB). Bounds what stalled clients pin:
+    /// connections x 256 KiB + this. A connection's window grows while it drains faster than
     /// its window allows (up to 64 MiB, enough for 10 Gbit/s across 50 ms) and shrinks while its
     /// reader is slow.
-    #[arg(long, env = "PROXY_SERVER_WINDOW_BUDGET", default_value = "512MiB", value_parser = proxy_common::parse_size)]
+    #[arg(long, env = "PROXY_SERVER_WINDOW_BUDGET", default_value = "256MiB", value_parser = proxy_common::parse_size)]
     pub window_budget: u64,
     /// Log format.
     #[arg(long, env = "PROXY_SERVER_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
