@@ -38,6 +38,8 @@ pub struct Admin {
     pub metrics: Arc<Registry>,
     /// Further GET routes.
     pub routes: Option<Routes>,
+    /// TCP keepalive of admin connections.
+    pub keepalive: Option<crate::net::Keepalive>,
 }
 
 /// Serves the admin endpoints on `listener` until `shutdown` fires.
@@ -54,6 +56,7 @@ pub async fn serve(listener: TcpListener, ready: Admin, shutdown: CancellationTo
                 }
             },
         };
+        let _ = crate::net::configure(&stream, ready.keepalive);
         let ready = ready.clone();
         let shutdown = shutdown.clone();
         tracker.spawn(async move {

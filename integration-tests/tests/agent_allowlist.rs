@@ -136,6 +136,7 @@ async fn agent_refuses_destinations_it_was_not_given() {
         listener,
         tls,
         Duration::from_secs(5),
+        None,
         shutdown.clone(),
         shutdown.clone(),
     );

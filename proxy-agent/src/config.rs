@@ -97,6 +97,12 @@ pub struct Args {
     /// reading can pin (connections x 256 KiB + this).
     #[arg(long, env = "PROXY_AGENT_WINDOW_BUDGET", default_value = "256MiB", value_parser = proxy_common::parse_size)]
     pub window_budget: u64,
+    /// TCP keepalive on every connection accepted or dialed: IDLE,INTERVAL,PROBES, or off. A
+    /// peer that vanished without a FIN or RST (NAT timeout, a laptop asleep) is noticed after
+    /// IDLE + INTERVAL x PROBES, also while data is unacknowledged (TCP_USER_TIMEOUT), and what
+    /// it held is freed.
+    #[arg(long, env = "PROXY_AGENT_TCP_KEEPALIVE", default_value = "30s,10s,3", value_parser = proxy_common::net::KeepaliveFlag::parse)]
+    pub tcp_keepalive: proxy_common::net::KeepaliveFlag,
     /// Log format.
     #[arg(long, env = "PROXY_AGENT_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -171,6 +177,8 @@ pub struct Config {
     pub server_probe_interval: Duration,
     /// See [`Args::window_budget`].
     pub window_budget: u64,
+    /// See [`Args::tcp_keepalive`].
+    pub tcp_keepalive: Option<proxy_common::net::Keepalive>,
 }
 
 fn invalid(flag: &'static str, value: &str, reason: impl Into<String>) -> ConfigError {
@@ -312,6 +320,7 @@ impl Config {
             keepalive_interval: args.keepalive_interval,
             keepalive_timeout: args.keepalive_timeout,
             window_budget: args.window_budget,
+            tcp_keepalive: args.tcp_keepalive.0,
             server_probe_interval: if args.server_probe_interval < MIN_PROBE_INTERVAL {
                 return Err(invalid(
                     "server-probe-interval",

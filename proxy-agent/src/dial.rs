@@ -65,7 +65,9 @@ pub async fn serve_dial(
         .metrics
         .upstream_dial_duration
         .observe(started.elapsed().as_secs_f64());
-    let _ = socket.set_nodelay(true);
+    if let Err(err) = proxy_common::net::configure(&socket, shared.config.tcp_keepalive) {
+        tracing::debug!(%err, "cannot set socket options");
+    }
     let (tx, rx) = mpsc::channel(CHUNK_QUEUE);
     let mut req = Request::new(ReceiverStream::new(rx));
     req.metadata_mut().insert(DIAL_ID_HEADER, dial_id.into());

@@ -121,6 +121,7 @@ pub async fn run(config: Config, admin: TcpListener, shutdown: CancellationToken
         ],
         metrics: Arc::new(prometheus),
         routes: None,
+        keepalive: shared.config.tcp_keepalive,
     };
     tracker.spawn(proxy_common::admin::serve(
         admin,

@@ -174,7 +174,7 @@ async fn connect(
         let tcp = TcpStream::connect(&server.addr)
             .await
             .map_err(|e| SessionError::Connect(format!("tcp: {e}")))?;
-        tcp.set_nodelay(true)
+        proxy_common::net::configure(&tcp, shared.config.tcp_keepalive)
             .map_err(|e| SessionError::Connect(e.to_string()))?;
         let tls = tls
             .connect(server.tls_name.clone(), ReadAhead::new(tcp))

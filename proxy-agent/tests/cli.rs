@@ -33,6 +33,7 @@ fn help_lists_every_flag_with_its_environment_variable() {
         "keepalive-timeout",
         "server-probe-interval",
         "window-budget",
+        "tcp-keepalive",
         "log-format",
     ] {
         assert!(

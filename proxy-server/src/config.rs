@@ -153,6 +153,12 @@ pub struct Args {
     /// reader is slow.
     #[arg(long, env = "PROXY_SERVER_WINDOW_BUDGET", default_value = "256MiB", value_parser = proxy_common::parse_size)]
     pub window_budget: u64,
+    /// TCP keepalive on every connection accepted or dialed: IDLE,INTERVAL,PROBES, or off. A
+    /// peer that vanished without a FIN or RST (NAT timeout, a laptop asleep) is noticed after
+    /// IDLE + INTERVAL x PROBES, also while data is unacknowledged (TCP_USER_TIMEOUT), and what
+    /// it held is freed.
+    #[arg(long, env = "PROXY_SERVER_TCP_KEEPALIVE", default_value = "30s,10s,3", value_parser = proxy_common::net::KeepaliveFlag::parse)]
+    pub tcp_keepalive: proxy_common::net::KeepaliveFlag,
     /// Log format.
     #[arg(long, env = "PROXY_SERVER_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -264,6 +270,8 @@ pub struct Config {
     pub warmup: Duration,
     /// See [`Args::window_budget`].
     pub window_budget: u64,
+    /// See [`Args::tcp_keepalive`].
+    pub tcp_keepalive: Option<proxy_common::net::Keepalive>,
 }
 
 fn invalid(flag: &'static str, reason: impl Into<String>) -> ConfigError {
@@ -432,6 +440,7 @@ impl Config {
             server_count,
             warmup: args.warmup,
             window_budget: args.window_budget,
+            tcp_keepalive: args.tcp_keepalive.0,
             server_id: args
                 .server_id
                 .clone()

@@ -40,6 +40,8 @@ pub struct Frontend {
     pub dial_timeout: Duration,
     /// See `--agent-wait`.
     pub agent_wait: Duration,
+    /// See `--tcp-keepalive`.
+    pub keepalive: Option<proxy_common::net::Keepalive>,
     /// The fleet, for its warm-up window (see `--warmup`).
     pub fleet: Arc<crate::fleet::Fleet>,
     /// See `--cluster-suffix`.
@@ -159,7 +161,9 @@ pub async fn serve(
 
 /// TLS (when configured) in the connection's own task, under the handshake timeout.
 async fn handle(frontend: &Frontend, tcp: TcpStream) {
-    let _ = tcp.set_nodelay(true);
+    if let Err(err) = proxy_common::net::configure(&tcp, frontend.keepalive) {
+        tracing::debug!(%err, "cannot set socket options");
+    }
     let Some(tls) = &frontend.tls else {
         return frontend.serve_client(tcp, None).await;
     };

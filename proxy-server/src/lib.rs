@@ -217,6 +217,7 @@ pub async fn run(
         ],
         metrics: Arc::new(prometheus),
         routes: Some(status.routes()),
+        keepalive: config.tcp_keepalive,
     };
     // The admin listener answers through the drain, so probes see it fail readiness.
     background.spawn(proxy_common::admin::serve(
@@ -233,6 +234,7 @@ pub async fn run(
         limits: config.limits,
         dial_timeout: config.dial_timeout,
         agent_wait: config.agent_wait,
+        keepalive: config.tcp_keepalive,
         fleet: fleet.clone(),
         cluster_suffix: config.cluster_suffix.clone(),
     });
@@ -250,6 +252,7 @@ pub async fn run(
         listeners.agent,
         config.agent_tls.clone(),
         config.limits.handshake_timeout,
+        config.tcp_keepalive,
         shutdown.clone(),
         close.clone(),
     );

@@ -95,6 +95,7 @@ pub fn incoming(
     listener: TcpListener,
     tls: Reloadable<rustls::ServerConfig>,
     handshake_timeout: Duration,
+    keepalive: Option<proxy_common::net::Keepalive>,
     shutdown: CancellationToken,
     close: CancellationToken,
 ) -> ReceiverStream<io::Result<AgentIo>> {
@@ -119,8 +120,10 @@ pub fn incoming(
             let id = next_id.fetch_add(1, Ordering::Relaxed);
             let shutdown = shutdown.clone();
             tokio::spawn(async move {
-                let handshake =
-                    tokio::time::timeout(handshake_timeout, handshake(acceptor, tcp, addr, id));
+                let handshake = tokio::time::timeout(
+                    handshake_timeout,
+                    handshake(acceptor, tcp, addr, id, keepalive),
+                );
                 let io = tokio::select! {
                     () = shutdown.cancelled() => return,
                     res = handshake => match res {
@@ -151,8 +154,9 @@ async fn handshake(
     tcp: TcpStream,
     addr: SocketAddr,
     id: u64,
+    keepalive: Option<proxy_common::net::Keepalive>,
 ) -> io::Result<AgentIo> {
-    tcp.set_nodelay(true)?;
+    proxy_common::net::configure(&tcp, keepalive)?;
     let tls = acceptor.accept(ReadAhead::new(tcp)).await?;
     let cn = tls
         .get_ref()

@@ -33,6 +33,7 @@ fn help_lists_every_flag_with_its_environment_variable() {
         "server-count-dns",
         "warmup",
         "window-budget",
+        "tcp-keepalive",
         "log-format",
     ] {
         assert!(

@@ -1,0 +1,147 @@
+//! Options every TCP socket either binary accepts or dials gets, set in one place where the
+//! socket is made: no Nagle delay, and a bound on how long a vanished peer can hold it.
+
+use std::io;
+use std::time::Duration;
+
+use tokio::net::TcpStream;
+
+/// TCP keepalive: after `idle` without traffic, `probes` probes `interval` apart; a peer that
+/// answers none is gone and the socket fails. The same bound, as TCP_USER_TIMEOUT, ends a
+/// connection whose sent data stays unacknowledged that long (keepalive probes only go out on
+/// an idle connection; a client that vanished mid-download would otherwise hold its tunnel for
+/// the kernel's retransmission timeout, about 15 minutes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Keepalive {
+    /// Idle time before the first probe.
+    pub idle: Duration,
+    /// Time between probes.
+    pub interval: Duration,
+    /// Unanswered probes before the peer counts as gone.
+    pub probes: u32,
+}
+
+impl Keepalive {
+    /// The default: 30 s idle, then 3 probes 10 s apart, so a vanished peer is noticed within
+    /// a minute (tunnels it held are freed within 90 s, as promised in the README).
+    pub const DEFAULT: Self = Self {
+        idle: Duration::from_secs(30),
+        interval: Duration::from_secs(10),
+        probes: 3,
+    };
+
+    /// How long a vanished peer can hold a socket: idle + probes × interval.
+    pub fn bound(&self) -> Duration {
+        self.idle + self.interval * self.probes
+    }
+
+    /// Parses `IDLE,INTERVAL,PROBES` (e.g. `30s,10s,3`), or `off`. For clap's `value_parser`.
+    pub fn parse(text: &str) -> Result<Option<Self>, String> {
+        if text.trim() == "off" {
+            return Ok(None);
+        }
+        let parts: Vec<&str> = text.split(',').map(str::trim).collect();
+        let [idle, interval, probes] = parts[..] else {
+            return Err(format!(
+                "{text:?}: expected IDLE,INTERVAL,PROBES (e.g. 30s,10s,3) or off"
+            ));
+        };
+        let duration = |what: &str, v: &str| {
+            humantime::parse_duration(v)
+                .map_err(|e| format!("{what} {v:?}: {e}"))
+                .and_then(|d| {
+                    if d < Duration::from_secs(1) || d > Duration::from_secs(3600) {
+                        Err(format!("{what} {v:?} must be between 1s and 1h"))
+                    } else {
+                        Ok(d)
+                    }
+                })
+        };
+        let probes: u32 = probes
+            .parse()
+            .ok()
+            .filter(|p| (1..=20).contains(p))
+            .ok_or_else(|| format!("probes {probes:?} must be 1 to 20"))?;
+        Ok(Some(Self {
+            idle: duration("idle", idle)?,
+            interval: duration("interval", interval)?,
+            probes,
+        }))
+    }
+}
+
+/// The `--tcp-keepalive` flag: a setting, or `off` (a newtype, so clap does not read the
+/// `Option` as "flag may be absent").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeepaliveFlag(pub Option<Keepalive>);
+
+impl KeepaliveFlag {
+    /// For clap's `value_parser`: see [`Keepalive::parse`].
+    pub fn parse(text: &str) -> Result<Self, String> {
+        Keepalive::parse(text).map(Self)
+    }
+}
+
+/// Sets the socket options of a connection either binary accepted or dialed.
+pub fn configure(stream: &TcpStream, keepalive: Option<Keepalive>) -> io::Result<()> {
+    stream.set_nodelay(true)?;
+    if let Some(k) = keepalive {
+        let socket = socket2::SockRef::from(stream);
+        socket.set_tcp_keepalive(
+            &socket2::TcpKeepalive::new()
+                .with_time(k.idle)
+                .with_interval(k.interval)
+                .with_retries(k.probes),
+        )?;
+        socket.set_tcp_user_timeout(Some(k.bound()))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_and_bounds() {
+        assert_eq!(Keepalive::parse("30s,10s,3"), Ok(Some(Keepalive::DEFAULT)));
+        assert_eq!(Keepalive::parse("off"), Ok(None));
+        assert!(
+            Keepalive::parse("30s")
+                .unwrap_err()
+                .contains("IDLE,INTERVAL,PROBES")
+        );
+        assert!(
+            Keepalive::parse("0s,1s,3")
+                .unwrap_err()
+                .contains("between 1s and 1h")
+        );
+        assert!(Keepalive::parse("1s,1s,0").unwrap_err().contains("1 to 20"));
+        assert_eq!(Keepalive::DEFAULT.bound(), Duration::from_secs(60));
+    }
+
+    #[tokio::test]
+    async fn sets_the_options_on_a_real_socket() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let stream = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        configure(&stream, Some(Keepalive::DEFAULT)).unwrap();
+        let socket = socket2::SockRef::from(&stream);
+        assert!(socket.keepalive().unwrap());
+        assert_eq!(
+            socket.tcp_keepalive_time().unwrap(),
+            Duration::from_secs(30)
+        );
+        assert_eq!(
+            socket.tcp_keepalive_interval().unwrap(),
+            Duration::from_secs(10)
+        );
+        assert_eq!(socket.tcp_keepalive_retries().unwrap(), 3);
+        assert_eq!(
+            socket.tcp_user_timeout().unwrap(),
+            Some(Duration::from_secs(60))
+        );
+        assert!(stream.nodelay().unwrap());
+    }
+}

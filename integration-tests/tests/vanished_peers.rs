@@ -1,0 +1,166 @@
+//! Peers that vanish without a FIN or RST (a NAT entry expired, a laptop went to sleep, a cable
+//! was pulled): TCP keepalive and TCP_USER_TIMEOUT free what they held, idle or mid-transfer.
+//! The disappearance is made real with an iptables rule that drops every packet the client
+//! sends (its ACKs included), on loopback only; the rule is removed when the test ends.
+
+use std::net::SocketAddr;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use integration_tests::procs::metric;
+use integration_tests::upstream::{BannerServer, SourceServer};
+use integration_tests::{AgentProc, Bed, ServerProc, connect};
+use tokio::io::AsyncReadExt;
+
+/// Short keepalive so the test takes seconds: gone after 2 s + 2 x 1 s.
+const KEEPALIVE: [&str; 2] = ["--tcp-keepalive", "2s,1s,2"];
+
+/// Drops every packet from `from` to `to` (the client's packets) until dropped.
+struct Blackhole(Vec<String>);
+
+impl Blackhole {
+    fn new(from: SocketAddr, to: SocketAddr) -> Self {
+        let spec: Vec<String> = [
+            "INPUT",
+            "-p",
+            "tcp",
+            "-s",
+            &from.ip().to_string(),
+            "--sport",
+            &from.port().to_string(),
+            "-d",
+            &to.ip().to_string(),
+            "--dport",
+            &to.port().to_string(),
+            "-j",
+            "DROP",
+        ]
+        .iter()
+        .map(|s| (*s).to_owned())
+        .collect();
+        let status = Command::new("iptables")
+            .arg("-I")
+            .args(&spec)
+            .status()
+            .expect("iptables (Debian package `iptables`; .ci/run installs it)");
+        assert!(status.success(), "iptables -I failed (needs root)");
+        Self(spec)
+    }
+}
+
+impl Drop for Blackhole {
+    fn drop(&mut self) {
+        let _ = Command::new("iptables").arg("-D").args(&self.0).status();
+    }
+}
+
+async fn until_zero(what: &str, admin: SocketAddr, sample: &str, limit: Duration) -> Duration {
+    let started = Instant::now();
+    while metric(admin, sample).await != 0.0 {
+        assert!(
+            started.elapsed() < limit,
+            "{what}: {sample} not 0 after {limit:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    started.elapsed()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_tunnel_of_a_vanished_client_is_freed_on_both_sides() {
+    let bed = Bed::new(&["alpha"]);
+    let upstream = BannerServer::start("alpha").await.unwrap();
+    let server = ServerProc::start(&bed.pki, None, &KEEPALIVE).await.unwrap();
+    let agent = AgentProc::start(
+        &bed.pki,
+        &[server.agent_addr],
+        "alpha",
+        upstream.addr,
+        &KEEPALIVE,
+    )
+    .await
+    .unwrap();
+    agent
+        .wait_registered(Duration::from_secs(10))
+        .await
+        .unwrap();
+
+    let mut tunnel = connect(server.frontend_addr, "alpha:443")
+        .await
+        .unwrap()
+        .tunnel()
+        .unwrap();
+    let mut banner = [0u8; 6];
+    tunnel.read_exact(&mut banner).await.unwrap();
+    let active = "proxy_server_connections_active{cluster=\"alpha\"}";
+    assert_eq!(metric(server.admin_addr, active).await, 1.0);
+
+    // The client vanishes: from now on nothing it sends arrives, not even ACKs.
+    let _gone = Blackhole::new(tunnel.local_addr().unwrap(), server.frontend_addr);
+    let freed = until_zero("server", server.admin_addr, active, Duration::from_secs(20)).await;
+    let agent_freed = until_zero(
+        "agent",
+        agent.admin_addr,
+        "proxy_agent_connections_active",
+        Duration::from_secs(5),
+    )
+    .await;
+    eprintln!(
+        "idle tunnel of a vanished client freed after {freed:?} (agent {agent_freed:?} later)"
+    );
+    // 2 s idle + 2 probes 1 s apart, plus the probe timing slack.
+    assert!(freed <= Duration::from_secs(8), "{freed:?}");
+    drop(tunnel);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tunnel_whose_client_vanished_mid_download_is_freed() {
+    let bed = Bed::new(&["alpha"]);
+    let source = SourceServer::start().await.unwrap();
+    let server = ServerProc::start(&bed.pki, None, &KEEPALIVE).await.unwrap();
+    let agent = AgentProc::start(
+        &bed.pki,
+        &[server.agent_addr],
+        "alpha",
+        source.addr,
+        &KEEPALIVE,
+    )
+    .await
+    .unwrap();
+    agent
+        .wait_registered(Duration::from_secs(10))
+        .await
+        .unwrap();
+
+    let mut tunnel = connect(server.frontend_addr, "alpha:443")
+        .await
+        .unwrap()
+        .tunnel()
+        .unwrap();
+    let mut buf = vec![0u8; 1 << 20];
+    tunnel.read_exact(&mut buf).await.unwrap();
+    // Vanishes while the server is sending: its data is never acknowledged, so keepalive
+    // (which waits for an idle connection) never starts; TCP_USER_TIMEOUT ends it.
+    let _gone = Blackhole::new(tunnel.local_addr().unwrap(), server.frontend_addr);
+    let started = Instant::now();
+    let conn = source.conns()[0].clone();
+    while conn.closed_at.lock().unwrap().is_none() {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "the upstream connection of a vanished client is still open"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let freed = started.elapsed();
+    eprintln!("streaming tunnel of a vanished client freed after {freed:?}");
+    assert!(freed <= Duration::from_secs(8), "{freed:?}");
+    assert_eq!(
+        metric(
+            server.admin_addr,
+            "proxy_server_connections_active{cluster=\"alpha\"}"
+        )
+        .await,
+        0.0
+    );
+    drop(tunnel);
+}
