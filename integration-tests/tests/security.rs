@@ -273,9 +273,78 @@ async fn kubectl_with_a_token_in_proxy_url_works_and_without_it_is_refused() {
     );
     let err = String::from_utf8_lossy(&refused.stderr);
     assert!(
-        err.contains("407") || err.contains("Proxy Authentication Required"),
+        err.contains("proxy authentication required: send Proxy-Authorization"),
         "{err}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_shows_the_proxys_reason_for_every_refusal() {
+    // kubectl prints only the status line of a refused CONNECT ("Unable to connect to the
+    // server: <reason phrase>"), so the reason must be there, not only in the body.
+    let bed = Bed::new(&["alpha", "beta", "gamma"]);
+    let policy = write_policy(
+        bed.dir.path(),
+        "clients:\n  - name: kubefed\n    token: \"kubefed-token\"\n    clusters: [\"alpha\", \"gamma\"]\n",
+    );
+    // alpha's agent dials a port where nothing listens: its dials fail (502).
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead_upstream = closed.local_addr().unwrap();
+    drop(closed);
+    let server = ServerProc::start(
+        &bed.pki,
+        None,
+        &["--frontend-auth-file", &s(&policy), "--warmup", "0s"],
+    )
+    .await
+    .unwrap();
+    let _agent = AgentProc::start_ready(&bed.pki, &[server.agent_addr], "alpha", dead_upstream)
+        .await
+        .unwrap();
+    let kubectl = |cluster: &str, credentials: &str| {
+        let url = format!("http://{credentials}{}", server.frontend_addr);
+        let dir = bed
+            .dir
+            .path()
+            .join(format!("kc-{cluster}-{}", credentials.len()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let cfg = write_kubeconfig(&dir, &bed.pki, cluster, &url).unwrap();
+        let out = Command::new("kubectl")
+            .arg("--kubeconfig")
+            .arg(cfg)
+            .args(["--request-timeout", "10s", "get", "--raw", "/version"])
+            .env_remove("KUBECONFIG")
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "kubectl got through to {cluster}");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let token = "kubefed:kubefed-token@";
+    for (cluster, credentials, reason) in [
+        (
+            "alpha",
+            "",
+            "proxy authentication required: send Proxy-Authorization",
+        ),
+        ("alpha", "kubefed:wrong@", "invalid proxy credentials"),
+        (
+            "beta",
+            token,
+            "\"kubefed\" is not allowed to reach cluster \"beta\"",
+        ),
+        ("gamma", token, "no agent connected for cluster \"gamma\""),
+        (
+            "alpha",
+            token,
+            "of cluster \"alpha\" could not reach its upstream: dial 127.0.0.1:",
+        ),
+    ] {
+        let err = kubectl(cluster, credentials);
+        assert!(
+            err.contains(reason),
+            "{cluster}: expected {reason:?} in:\n{err}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -100,6 +100,31 @@ fn status_text(status: u16) -> &'static str {
     }
 }
 
+/// Longest reason phrase in a status line; the body carries the whole reason.
+pub const MAX_REASON_PHRASE: usize = 200;
+
+/// The reason as an HTTP reason phrase: clients such as kubectl (Go) and the Python client
+/// print the status line of a refused CONNECT, not its body, so the reason goes there too.
+/// Printable ASCII only (RFC 9112 allows little else and clients choke on more), bounded.
+fn reason_phrase(refusal: &Refusal) -> String {
+    let mut phrase: String = refusal
+        .reason
+        .chars()
+        .map(|c| {
+            if c == ' ' || c.is_ascii_graphic() {
+                c
+            } else {
+                '?'
+            }
+        })
+        .take(MAX_REASON_PHRASE)
+        .collect();
+    if phrase.trim().is_empty() {
+        phrase = status_text(refusal.status).to_owned();
+    }
+    phrase
+}
+
 fn error_response(refusal: &Refusal) -> Vec<u8> {
     let body = format!("{}\n", refusal.reason.replace(['\r', '\n'], " "));
     let extra = match refusal.status {
@@ -112,7 +137,7 @@ fn error_response(refusal: &Refusal) -> Vec<u8> {
     format!(
         "HTTP/1.1 {} {}\r\n{extra}Content-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         refusal.status,
-        status_text(refusal.status),
+        reason_phrase(refusal),
         body.len()
     )
     .into_bytes()
@@ -446,5 +471,45 @@ impl Frontend {
                 ),
             )),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_reason_is_the_reason_phrase_printable_and_bounded() {
+        let r = Refusal::new(
+            503,
+            Outcome::NoAgent,
+            "no agent connected for cluster \"gamma\"",
+        );
+        let text = String::from_utf8(error_response(&r)).unwrap();
+        assert!(
+            text.starts_with("HTTP/1.1 503 no agent connected for cluster \"gamma\"\r\n"),
+            "{text}"
+        );
+        assert!(text.ends_with("\r\n\r\nno agent connected for cluster \"gamma\"\n"));
+        // An agent's reason may hold anything: no CR, LF or non-ASCII reaches the status line.
+        let r = Refusal::new(
+            502,
+            Outcome::DialFailed,
+            format!("bad\r\nX-Injected: 1 \u{e9}{}", "x".repeat(500)),
+        );
+        let text = String::from_utf8(error_response(&r)).unwrap();
+        let status = text.split("\r\n").next().unwrap();
+        assert!(
+            status.starts_with("HTTP/1.1 502 bad??X-Injected: 1 ?x"),
+            "{status}"
+        );
+        assert_eq!(status.len(), "HTTP/1.1 502 ".len() + MAX_REASON_PHRASE);
+        assert!(!text.contains("\r\nX-Injected"));
+        let r = Refusal::new(400, Outcome::BadRequest, "");
+        assert!(
+            String::from_utf8(error_response(&r))
+                .unwrap()
+                .starts_with("HTTP/1.1 400 Bad Request\r\n")
+        );
     }
 }
