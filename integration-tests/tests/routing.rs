@@ -232,3 +232,30 @@ async fn dials_are_spread_across_the_agents_of_a_cluster() {
     assert_eq!(seen.len(), 2, "all dials went to one agent: {seen:?}");
     assert!(seen.values().all(|n| *n >= 3), "dials not spread: {seen:?}");
 }
+
+#[tokio::test]
+async fn a_connect_port_the_proxy_does_not_serve_is_refused_naming_it() {
+    // The agent always dials its API server; `CONNECT alpha:22` must not silently reach it.
+    let bed = Bed::new(&["alpha"]);
+    let server = ServerProc::start(&bed.pki, None, &[]).await.unwrap();
+    let upstream = BannerServer::start("alpha").await.unwrap();
+    let _agent = AgentProc::start_ready(&bed.pki, &[server.agent_addr], "alpha", upstream.addr)
+        .await
+        .unwrap();
+    let (status, body) = refused(connect(server.frontend_addr, "alpha:22").await.unwrap());
+    assert_eq!(status, 400);
+    assert!(
+        body.contains("port 22 is not served") && body.contains("CONNECT alpha:443"),
+        "{body}"
+    );
+    // The API server's usual ports are both served.
+    for port in [443, 6443] {
+        let reply = connect(server.frontend_addr, &format!("alpha:{port}"))
+            .await
+            .unwrap();
+        assert!(
+            matches!(reply, ConnectReply::Tunnel(_)),
+            "{port}: {reply:?}"
+        );
+    }
+}

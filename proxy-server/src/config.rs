@@ -117,6 +117,16 @@ pub struct Args {
     /// On SIGTERM, how long open tunneled connections may continue before they are closed.
     #[arg(long, env = "PROXY_SERVER_SHUTDOWN_GRACE", default_value = "30s", value_parser = humantime::parse_duration)]
     pub shutdown_grace: Duration,
+    /// CONNECT ports accepted. The port does not choose where the agent dials (always its
+    /// upstream, the API server), so a CONNECT to any other port is refused with 400 rather than
+    /// silently reaching the API server.
+    #[arg(
+        long,
+        env = "PROXY_SERVER_CONNECT_PORTS",
+        value_delimiter = ',',
+        default_value = "443,6443"
+    )]
+    pub connect_ports: Vec<u16>,
     /// Optional suffix stripped from the CONNECT host to get the cluster name
     /// (e.g. `.clusters.local` lets `alpha.clusters.local:443` reach cluster `alpha`).
     #[arg(long, env = "PROXY_SERVER_CLUSTER_SUFFIX")]
@@ -258,6 +268,8 @@ pub struct Config {
     pub limits: Limits,
     /// See [`Args::cluster_suffix`].
     pub cluster_suffix: Option<String>,
+    /// See [`Args::connect_ports`].
+    pub connect_ports: Vec<u16>,
     /// The proxy URL written into kubeconfigs; `None`: derived from the bound frontend address.
     pub public_url: Option<String>,
     /// See [`Args::shutdown_grace`].
@@ -435,6 +447,11 @@ impl Config {
                 max_pending_dials: at_least_one("max-pending-dials", args.max_pending_dials)?,
             },
             cluster_suffix,
+            connect_ports: if args.connect_ports.is_empty() || args.connect_ports.contains(&0) {
+                return Err(invalid("connect-ports", "list ports from 1 to 65535"));
+            } else {
+                args.connect_ports.clone()
+            },
             public_url,
             shutdown_grace: args.shutdown_grace,
             server_count,

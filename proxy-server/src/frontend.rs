@@ -46,6 +46,8 @@ pub struct Frontend {
     pub fleet: Arc<crate::fleet::Fleet>,
     /// See `--cluster-suffix`.
     pub cluster_suffix: Option<String>,
+    /// See `--connect-ports`.
+    pub connect_ports: Vec<u16>,
 }
 
 /// A dial the agent answered: the connection's slot under the limits, the agent carrying it,
@@ -246,6 +248,20 @@ impl Frontend {
                 400,
                 Outcome::BadRequest,
                 format!("{:?} is not a cluster name", req.host),
+            );
+            return self.refuse(client, "", r).await;
+        }
+        if !self.connect_ports.contains(&req.port) {
+            let served: Vec<String> = self.connect_ports.iter().map(u16::to_string).collect();
+            let r = Refusal::new(
+                400,
+                Outcome::BadRequest,
+                format!(
+                    "port {} is not served: a cluster is reached at its API server, CONNECT {cluster}:{} (ports served: {})",
+                    req.port,
+                    self.connect_ports[0],
+                    served.join(", ")
+                ),
             );
             return self.refuse(client, "", r).await;
         }

@@ -237,6 +237,7 @@ pub async fn run(
         keepalive: config.tcp_keepalive,
         fleet: fleet.clone(),
         cluster_suffix: config.cluster_suffix.clone(),
+        connect_ports: config.connect_ports.clone(),
     });
     background.spawn(frontend::serve(
         listeners.frontend,

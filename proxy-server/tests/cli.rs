@@ -28,6 +28,7 @@ fn help_lists_every_flag_with_its_environment_variable() {
         "keepalive-interval",
         "keepalive-timeout",
         "cluster-suffix",
+        "connect-ports",
         "server-id",
         "server-count",
         "server-count-dns",
