@@ -285,9 +285,16 @@ pub async fn admin_get(addr: SocketAddr, path: &str) -> anyhow::Result<(u16, Str
     Ok((status, body))
 }
 
-/// The value of one sample in an admin `/metrics` page (`name{labels}` exactly as printed),
-/// or 0 when absent.
+/// The value of one sample in an admin `/metrics` page (`name{labels}` exactly as printed).
+/// Panics if the page has no such series: a misspelt name must fail a test, not read as 0.
 pub async fn metric(addr: SocketAddr, sample: &str) -> f64 {
+    metric_opt(addr, sample)
+        .await
+        .unwrap_or_else(|| panic!("{addr}/metrics has no series {sample}"))
+}
+
+/// The value of one sample, or `None` when the page has no such series.
+pub async fn metric_opt(addr: SocketAddr, sample: &str) -> Option<f64> {
     let (_, body) = admin_get(addr, "/metrics").await.expect("metrics");
     body.lines()
         .find_map(|l| {
@@ -295,7 +302,6 @@ pub async fn metric(addr: SocketAddr, sample: &str) -> f64 {
                 .and_then(|rest| rest.strip_prefix(' '))
         })
         .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0.0)
 }
 
 /// Polls `/readyz` until it answers 200 or `timeout` passes.

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use integration_tests::client::read_until_closed;
 use integration_tests::data::Pattern;
-use integration_tests::procs::{admin_get, metric};
+use integration_tests::procs::{admin_get, metric, metric_opt};
 use integration_tests::upstream::{BannerServer, BulkServer, SourceServer};
 use integration_tests::{
     AgentProc, Bed, ConnectReply, FakeApiServer, ServerProc, connect, eventually,
@@ -229,8 +229,11 @@ async fn status_page_and_json_list_what_is_connected() {
         "three agents registered",
         Duration::from_secs(10),
         || async {
-            metric(server.admin_addr, r#"proxy_server_agents{cluster="alpha"}"#).await == 2.0
-                && metric(server.admin_addr, r#"proxy_server_agents{cluster="beta"}"#).await == 1.0
+            // The series appear as the agents register: absent until then.
+            metric_opt(server.admin_addr, r#"proxy_server_agents{cluster="alpha"}"#).await
+                == Some(2.0)
+                && metric_opt(server.admin_addr, r#"proxy_server_agents{cluster="beta"}"#).await
+                    == Some(1.0)
         },
     )
     .await;
