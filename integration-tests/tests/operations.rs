@@ -433,18 +433,36 @@ async fn json_logs_carry_one_access_line_per_connection() {
     r.read_line(&mut line).await.unwrap();
     r.read_line(&mut line).await.unwrap();
     drop(r);
-    eventually("access line logged", Duration::from_secs(5), || {
-        let logged = server.proc.logs().contains("tunneled connection closed");
-        async move { logged }
+    // A second connection, closed at once: its line comes after the first's, so once it is
+    // there the first connection has logged everything it ever will.
+    drop(
+        connect(server.frontend_addr, "alpha:443")
+            .await
+            .unwrap()
+            .tunnel()
+            .unwrap(),
+    );
+    let access_lines = || {
+        server
+            .proc
+            .logs()
+            .lines()
+            .filter(|l| l.contains("tunneled connection closed"))
+            .map(str::to_owned)
+            .collect::<Vec<_>>()
+    };
+    eventually("both access lines logged", Duration::from_secs(5), || {
+        let n = access_lines().len();
+        async move { n >= 2 }
     })
     .await;
-    let line = server
-        .proc
-        .logs()
-        .lines()
-        .find(|l| l.contains("tunneled connection closed"))
-        .unwrap()
-        .to_owned();
+    let lines = access_lines();
+    assert_eq!(lines.len(), 2, "one line per connection: {lines:#?}");
+    let line = lines
+        .iter()
+        .find(|l| l.contains("\"bytes_to_cluster\":5"))
+        .unwrap_or_else(|| panic!("no line for the first connection: {lines:#?}"))
+        .clone();
     let v: serde_json::Value =
         serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"));
     let span = &v["span"];
