@@ -51,7 +51,9 @@ pub async fn serve(listener: TcpListener, ready: Admin, shutdown: CancellationTo
             res = listener.accept() => match res {
                 Ok(conn) => conn,
                 Err(err) => {
+                    // Typically EMFILE: back off instead of spinning on the pending connection.
                     tracing::warn!(%err, "admin accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
                     continue;
                 }
             },

@@ -232,3 +232,59 @@ async fn pending_dials_are_bounded_and_leave_nothing_behind() {
     still_serving(&server).await;
     still_serving(&server).await;
 }
+
+/// CPU time (user + system) of a process so far, from /proc.
+fn cpu_time(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command name (which may hold spaces): utime and stime are 14 and 15.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<u64> = rest
+        .split_whitespace()
+        .skip(11)
+        .take(2)
+        .map(|v| v.parse().unwrap())
+        .collect();
+    // Clock ticks: 100 per second on Linux.
+    Duration::from_millis((f[0] + f[1]) * 10)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn out_of_descriptors_the_admin_listener_backs_off_instead_of_spinning() {
+    let bed = Bed::new(&["alpha"]);
+    // A server with 64 descriptors, filled up with idle admin connections: accept() then fails
+    // with EMFILE while a connection waits in the backlog.
+    let server = ServerProc::start_wrapped(&bed.pki, &[], |bin, args| {
+        let mut wrapped = vec!["--nofile=64:64".to_owned(), bin.display().to_string()];
+        wrapped.extend(args.iter().cloned());
+        (std::path::PathBuf::from("prlimit"), wrapped)
+    })
+    .await
+    .unwrap();
+    let mut held = Vec::new();
+    for _ in 0..80 {
+        if let Ok(Ok(s)) = tokio::time::timeout(
+            Duration::from_millis(500),
+            tokio::net::TcpStream::connect(server.admin_addr),
+        )
+        .await
+        {
+            held.push(s);
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let pid = server.proc.pid();
+    let before = cpu_time(pid);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let used = cpu_time(pid) - before;
+    eprintln!("out of descriptors, 2 s: {used:?} of CPU");
+    assert!(
+        server.proc.logs().contains("admin accept failed"),
+        "never ran out of descriptors:\n{}",
+        server.proc.logs()
+    );
+    assert!(
+        used < Duration::from_millis(500),
+        "spinning: {used:?} of CPU in 2 s"
+    );
+    drop(held);
+}

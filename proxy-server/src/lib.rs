@@ -70,6 +70,28 @@ pub enum ServerError {
     /// The gRPC server failed.
     #[error("agent listener failed: {0}")]
     Transport(#[from] tonic::transport::Error),
+    /// A listener stopped serving before shutdown: the process stops rather than run on
+    /// half deaf while `/readyz` says all is well.
+    #[error("the {which} listener stopped unexpectedly: {reason}")]
+    ListenerStopped {
+        /// Which listener.
+        which: &'static str,
+        /// Why, as far as known.
+        reason: String,
+    },
+}
+
+/// What a listener task that ended before shutdown says about itself.
+fn listener_stopped<E: std::fmt::Display>(
+    which: &'static str,
+    res: Result<Result<(), E>, tokio::task::JoinError>,
+) -> ServerError {
+    let reason = match res {
+        Ok(Ok(())) => "it ended".to_owned(),
+        Ok(Err(err)) => err.to_string(),
+        Err(join) => join.to_string(),
+    };
+    ServerError::ListenerStopped { which, reason }
 }
 
 impl Listeners {
@@ -203,14 +225,22 @@ pub async fn run(
         started: std::time::SystemTime::now(),
     });
     let draining = shutdown.clone();
+    // Cancelled when a listener stops before shutdown: readiness fails at once.
+    let listener_lost = CancellationToken::new();
+    let lost = listener_lost.clone();
     let warming = fleet.clone();
     let admin = proxy_common::admin::Admin {
         checks: vec![
             (
                 "listeners",
-                Arc::new(move || match draining.is_cancelled() {
-                    true => Err("draining for shutdown: not accepting connections".into()),
-                    false => Ok("agent, frontend and admin listeners serving".into()),
+                Arc::new(move || {
+                    if lost.is_cancelled() {
+                        Err("a listener stopped; shutting down".into())
+                    } else if draining.is_cancelled() {
+                        Err("draining for shutdown: not accepting connections".into())
+                    } else {
+                        Ok("agent, frontend and admin listeners serving".into())
+                    }
                 }),
             ),
             ("warmup", Arc::new(move || warmup_check(&warming))),
@@ -220,7 +250,7 @@ pub async fn run(
         keepalive: config.tcp_keepalive,
     };
     // The admin listener answers through the drain, so probes see it fail readiness.
-    background.spawn(proxy_common::admin::serve(
+    let mut admin_task = tokio::spawn(proxy_common::admin::serve(
         listeners.admin,
         admin,
         close.clone(),
@@ -239,7 +269,7 @@ pub async fn run(
         cluster_suffix: config.cluster_suffix.clone(),
         connect_ports: config.connect_ports.clone(),
     });
-    background.spawn(frontend::serve(
+    let mut frontend_task = tokio::spawn(frontend::serve(
         listeners.frontend,
         frontend,
         shutdown.clone(),
@@ -273,9 +303,35 @@ pub async fn run(
                 .max_encoding_message_size(MAX_MESSAGE),
         )
         .serve_with_incoming_shutdown(incoming, close.clone().cancelled_owned());
-    let grpc = tokio::spawn(grpc);
+    let mut grpc = tokio::spawn(grpc);
 
-    shutdown.cancelled().await;
+    // Run until shutdown, or until a listener stops serving on its own (an error, a panic):
+    // then readiness fails, everything drains as on SIGTERM, and `run` returns the error.
+    let (mut grpc, mut frontend_task, mut admin_task) = (
+        Some(&mut grpc),
+        Some(&mut frontend_task),
+        Some(&mut admin_task),
+    );
+    let failure = tokio::select! {
+        () = shutdown.cancelled() => None,
+        res = grpc.as_mut().expect("not yet polled") => {
+            grpc = None;
+            Some(listener_stopped("agent", res))
+        }
+        res = frontend_task.as_mut().expect("not yet polled") => {
+            frontend_task = None;
+            Some(listener_stopped::<std::convert::Infallible>("frontend", res.map(Ok)))
+        }
+        res = admin_task.as_mut().expect("not yet polled") => {
+            admin_task = None;
+            Some(listener_stopped::<std::convert::Infallible>("admin", res.map(Ok)))
+        }
+    };
+    if let Some(err) = &failure {
+        tracing::error!(%err, "shutting down");
+        listener_lost.cancel();
+        shutdown.cancel();
+    }
     connections.close();
     let open = connections.len();
     tracing::info!(open, grace = ?config.shutdown_grace, "draining");
@@ -290,16 +346,25 @@ pub async fn run(
     }
     close.cancel();
     let _ = tokio::time::timeout(SHUTDOWN_GRACE, connections.wait()).await;
-    let result = match tokio::time::timeout(SHUTDOWN_GRACE, grpc).await {
-        Ok(Ok(res)) => res.map_err(ServerError::from),
-        Ok(Err(join)) => Err(ServerError::Task(join.to_string())),
-        Err(_) => {
-            tracing::warn!("agent connections did not close in time");
-            Ok(())
-        }
+    let mut result = match grpc {
+        None => Ok(()),
+        Some(grpc) => match tokio::time::timeout(SHUTDOWN_GRACE, grpc).await {
+            Ok(Ok(res)) => res.map_err(ServerError::from),
+            Ok(Err(join)) => Err(ServerError::Task(join.to_string())),
+            Err(_) => {
+                tracing::warn!("agent connections did not close in time");
+                Ok(())
+            }
+        },
     };
+    for task in [frontend_task, admin_task].into_iter().flatten() {
+        let _ = tokio::time::timeout(SHUTDOWN_GRACE, task).await;
+    }
     background.close();
     let _ = tokio::time::timeout(SHUTDOWN_GRACE, background.wait()).await;
+    if let Some(err) = failure {
+        result = Err(err);
+    }
     tracing::info!("proxy-server stopped");
     result
 }
