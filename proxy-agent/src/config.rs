@@ -129,6 +129,22 @@ pub enum ConfigError {
 /// Where Kubernetes mounts the API server's CA into every pod.
 pub const IN_CLUSTER_CA: &str = "/var/run/secrets/kubernetes.io/serviceaccount/ca.crt";
 
+/// Longest duration any flag accepts: far beyond any sensible setting, and small enough that
+/// `Instant::now() + d` can never overflow (which panics).
+pub const MAX_DURATION: Duration = Duration::from_secs(7 * 24 * 3600);
+
+fn duration(flag: &'static str, d: Duration, zero_ok: bool) -> Result<Duration, ConfigError> {
+    let text = humantime::format_duration(d).to_string();
+    if d.is_zero() && !zero_ok {
+        return Err(invalid(flag, &text, "must be greater than zero"));
+    }
+    if d > MAX_DURATION {
+        let max = humantime::format_duration(MAX_DURATION);
+        return Err(invalid(flag, &text, format!("must be at most {max}")));
+    }
+    Ok(d)
+}
+
 /// Shortest --server-probe-interval: each probe is a TLS handshake on some server replica.
 pub const MIN_PROBE_INTERVAL: Duration = Duration::from_millis(500);
 
@@ -305,7 +321,7 @@ impl Config {
         Ok(Self {
             upstream_ca,
             upstream_server_name: args.upstream_server_name.clone(),
-            shutdown_grace: args.shutdown_grace,
+            shutdown_grace: duration("shutdown-grace", args.shutdown_grace, true)?,
             servers,
             tls,
             cluster,
@@ -316,16 +332,18 @@ impl Config {
             upstream: args.upstream.clone(),
             allow_destinations: args.allow_destinations.clone(),
             admin_addr: args.admin_addr,
-            dial_timeout: args.dial_timeout,
-            keepalive_interval: args.keepalive_interval,
-            keepalive_timeout: args.keepalive_timeout,
+            dial_timeout: duration("dial-timeout", args.dial_timeout, false)?,
+            keepalive_interval: duration("keepalive-interval", args.keepalive_interval, false)?,
+            keepalive_timeout: duration("keepalive-timeout", args.keepalive_timeout, false)?,
             window_budget: args.window_budget,
             tcp_keepalive: args.tcp_keepalive.0,
-            server_probe_interval: if args.server_probe_interval < MIN_PROBE_INTERVAL {
+            server_probe_interval: if args.server_probe_interval < MIN_PROBE_INTERVAL
+                || args.server_probe_interval > MAX_DURATION
+            {
                 return Err(invalid(
                     "server-probe-interval",
                     &humantime::format_duration(args.server_probe_interval).to_string(),
-                    format!("must be at least {MIN_PROBE_INTERVAL:?}"),
+                    format!("must be at least {MIN_PROBE_INTERVAL:?} and at most a week"),
                 ));
             } else {
                 args.server_probe_interval

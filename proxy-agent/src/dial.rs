@@ -33,7 +33,7 @@ pub async fn serve_dial(
     let upstream = match shared.config.destination(destination) {
         Ok(dest) => dest,
         Err(reason) => {
-            return report_failure(shared, &control, dial_id, "not_allowed", reason).await;
+            return report_failure(shared, &control, &cancel, dial_id, "not_allowed", reason).await;
         }
     };
     let dialed = tokio::select! {
@@ -51,14 +51,14 @@ pub async fn serve_dial(
                 _ => "other",
             };
             let reason = format!("dial {upstream}: {err}");
-            return report_failure(shared, &control, dial_id, kind, reason).await;
+            return report_failure(shared, &control, &cancel, dial_id, kind, reason).await;
         }
         Err(_) => {
             let reason = format!(
                 "dial {upstream}: timed out after {:?}",
                 shared.config.dial_timeout
             );
-            return report_failure(shared, &control, dial_id, "timeout", reason).await;
+            return report_failure(shared, &control, &cancel, dial_id, "timeout", reason).await;
         }
     };
     shared
@@ -80,7 +80,7 @@ pub async fn serve_dial(
         Err(status) => {
             // Reported so the CONNECT fails now with 502, not at its dial timeout.
             let reason = format!("opening the tunnel stream failed: {}", status.message());
-            return report_failure(shared, &control, dial_id, "other", reason).await;
+            return report_failure(shared, &control, &cancel, dial_id, "other", reason).await;
         }
     };
     let (to_upstream, from_upstream) = shared.metrics.byte_counters();
@@ -115,6 +115,7 @@ pub async fn serve_dial(
 async fn report_failure(
     shared: &Shared,
     control: &mpsc::Sender<AgentMessage>,
+    cancel: &CancellationToken,
     dial_id: u64,
     kind: &str,
     reason: String,
@@ -127,6 +128,10 @@ async fn report_failure(
             reason,
         })),
     };
-    // If the control stream is gone the server fails the dial itself.
-    let _ = control.send(msg).await;
+    // If the control stream is gone the server fails the dial itself; a full queue is waited
+    // on only while the tunnel lives.
+    tokio::select! {
+        _ = control.send(msg) => {}
+        () = cancel.cancelled() => {}
+    }
 }

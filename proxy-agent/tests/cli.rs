@@ -91,6 +91,16 @@ fn bad_flags_are_refused_clearly() {
         err.contains("--server-probe-interval \"10ms\": must be at least 500ms"),
         "{err}"
     );
+    // Durations that would overflow the clock (a panic deep inside) are refused up front.
+    let (code, err) = run(base(
+        "localhost:8091",
+        &["--dial-timeout", "100000000years"],
+    ));
+    assert_eq!(code, Some(1));
+    assert!(
+        err.contains("--dial-timeout") && err.contains("must be at most 7days"),
+        "{err}"
+    );
 }
 
 #[test]

@@ -293,9 +293,26 @@ fn invalid(flag: &'static str, reason: impl Into<String>) -> ConfigError {
     }
 }
 
+/// Longest duration any flag accepts: far beyond any sensible setting, and small enough that
+/// `Instant::now() + d` can never overflow (which panics).
+pub const MAX_DURATION: Duration = Duration::from_secs(7 * 24 * 3600);
+
 fn positive(flag: &'static str, d: Duration) -> Result<Duration, ConfigError> {
     if d.is_zero() {
         return Err(invalid(flag, "must be greater than zero"));
+    }
+    bounded(flag, d)
+}
+
+fn bounded(flag: &'static str, d: Duration) -> Result<Duration, ConfigError> {
+    if d > MAX_DURATION {
+        return Err(invalid(
+            flag,
+            format!(
+                "must be at most {}",
+                humantime::format_duration(MAX_DURATION)
+            ),
+        ));
     }
     Ok(d)
 }
@@ -433,7 +450,7 @@ impl Config {
             frontend_tls,
             frontend_auth,
             dial_timeout: positive("dial-timeout", args.dial_timeout)?,
-            agent_wait: args.agent_wait,
+            agent_wait: bounded("agent-wait", args.agent_wait)?,
             keepalive_interval: positive("keepalive-interval", args.keepalive_interval)?,
             keepalive_timeout: positive("keepalive-timeout", args.keepalive_timeout)?,
             limits: Limits {
@@ -453,9 +470,9 @@ impl Config {
                 args.connect_ports.clone()
             },
             public_url,
-            shutdown_grace: args.shutdown_grace,
+            shutdown_grace: bounded("shutdown-grace", args.shutdown_grace)?,
             server_count,
-            warmup: args.warmup,
+            warmup: bounded("warmup", args.warmup)?,
             window_budget: args.window_budget,
             tcp_keepalive: args.tcp_keepalive.0,
             server_id: args

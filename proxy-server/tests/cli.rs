@@ -130,6 +130,30 @@ fn zero_timeouts_are_refused() {
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("--dial-timeout: must be greater than zero")
     );
+    // Durations that would overflow the clock (a panic deep inside) are refused up front.
+    for flag in [
+        "--dial-timeout",
+        "--agent-wait",
+        "--warmup",
+        "--shutdown-grace",
+    ] {
+        let out = server(&[
+            "--agent-tls-cert",
+            pki.server_cert().to_str().unwrap(),
+            "--agent-tls-key",
+            pki.server_key().to_str().unwrap(),
+            "--agent-ca",
+            pki.proxy_ca().to_str().unwrap(),
+            flag,
+            "100000000years",
+        ]);
+        assert_eq!(out.status.code(), Some(1), "{flag}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains(&format!("{flag}: must be at most 7days")),
+            "{err}"
+        );
+    }
 }
 
 #[test]
