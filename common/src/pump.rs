@@ -336,8 +336,9 @@ async fn tunnel_to_socket<W: AsyncWrite>(
                 grants.credit.grant(chunk.credit);
             }
             Ok(Some(_)) => return Err(PumpError::DataAfterFin),
-            // The peer ends its stream only once it has our fin too.
-            Ok(None) => return Ok(()),
+            // Our sending half is not done (checked first, above), so the peer cannot have our
+            // fin: a stream that ends now was aborted, and no credit will ever come.
+            Ok(None) => return Err(PumpError::PeerAborted),
             Err(status) => return Err(PumpError::Stream(status)),
         }
     }

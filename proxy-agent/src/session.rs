@@ -106,15 +106,25 @@ pub async fn maintain(server: ServerTarget, shared: Arc<Shared>, life: Lifecycle
                 search.reset();
                 burst = 0;
                 let Some(held) = fleet.try_hold(&tunnel.server_id, tunnel.server_count) else {
-                    // Another --server address reached the same server at the same moment.
+                    // Another --server address reached the same server (at the same moment, or
+                    // an older server that does not decline held ids): close it and search on,
+                    // paced like any other landing on a held server.
                     tracing::debug!(server = %server.addr, server.id = %tunnel.server_id, "second tunnel to a held server; closing it");
+                    drop(tunnel);
+                    tokio::select! {
+                        () = life.drain.cancelled() => break,
+                        () = tokio::time::sleep(search.next_delay()) => {}
+                    }
                     continue;
                 };
                 here.fetch_add(1, Ordering::AcqRel);
                 let (shared, life, here) = (shared.clone(), life.clone(), here.clone());
                 tunnels.spawn(async move {
-                    tunnel.serve(held, &shared, &life).await;
+                    tunnel.serve(&held, &shared, &life).await;
+                    // Counted down before the server is let go: letting it go wakes this loop,
+                    // which must then see this address as holding one tunnel less.
                     here.fetch_sub(1, Ordering::AcqRel);
+                    drop(held);
                 });
                 continue;
             }
@@ -295,9 +305,9 @@ async fn establish(
 }
 
 impl Tunnel {
-    /// Serves dial requests until the server or the agent ends the tunnel; `held` lets the
-    /// server go when it does.
-    async fn serve(self, held: crate::fleet::Held, shared: &Arc<Shared>, life: &Lifecycle) {
+    /// Serves dial requests until the server or the agent ends the tunnel; `held` takes the
+    /// count changes the server sends.
+    async fn serve(self, held: &crate::fleet::Held, shared: &Arc<Shared>, life: &Lifecycle) {
         let Self {
             addr,
             server_id,
@@ -371,7 +381,6 @@ impl Tunnel {
         session_token.cancel();
         tracker.close();
         tracker.wait().await;
-        drop(held);
         match result {
             Ok(()) if life.drain.is_cancelled() => {}
             Ok(()) => {

@@ -313,6 +313,8 @@ pub async fn run(
         Some(&mut admin_task),
     );
     let failure = tokio::select! {
+        // First: on shutdown the frontend task ends by itself, which is no failure.
+        biased;
         () = shutdown.cancelled() => None,
         res = grpc.as_mut().expect("not yet polled") => {
             grpc = None;
@@ -327,6 +329,8 @@ pub async fn run(
             Some(listener_stopped::<std::convert::Infallible>("admin", res.map(Ok)))
         }
     };
+    // A listener that ended because shutdown began (it may win the race above) is no failure.
+    let failure = failure.filter(|_| !shutdown.is_cancelled());
     if let Some(err) = &failure {
         tracing::error!(%err, "shutting down");
         listener_lost.cancel();
