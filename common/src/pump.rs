@@ -12,6 +12,7 @@ use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::Poll;
 use std::time::Duration;
 
 use bytes::{BufMut, Bytes, BytesMut};
@@ -294,33 +295,57 @@ async fn tunnel_to_socket<W: AsyncWrite>(
     grants: Grants<'_>,
 ) -> Result<(), PumpError> {
     tokio::pin!(writer);
+    // The stream is read while a write to the socket is pending: it also carries the peer's
+    // credit for our sending half, which must not wait behind bytes our local reader has not
+    // taken yet (a client that uploads before it reads a response would stall, where plain TCP
+    // would not). What is read meanwhile waits here, bounded by the window we granted.
+    let mut queued: std::collections::VecDeque<Bytes> = std::collections::VecDeque::new();
+    // The chunk being written, and how much of it is out.
+    let mut current: Option<(Bytes, usize)> = None;
+    let mut waiting_since: Option<std::time::Instant> = None;
+    let mut fin = false;
     loop {
-        let chunk = match rx.message().await {
-            Ok(Some(chunk)) => chunk,
-            Ok(None) => return Err(PumpError::PeerAborted),
-            Err(status) => return Err(PumpError::Stream(status)),
-        };
-        if chunk.credit > 0 {
-            grants.credit.grant(chunk.credit);
+        if current.is_none() {
+            current = queued.pop_front().map(|data| (data, 0));
         }
-        if !chunk.data.is_empty() {
-            let n = chunk.data.len() as u64;
-            grants.window.on_data(n, chunk.blocked_at)?;
-            if let Some(wait) = write_all(writer.as_mut(), &chunk.data)
-                .await
-                .map_err(PumpError::LocalWrite)?
-            {
-                grants.window.on_write_waited(wait);
-            }
-            counts.add_received(chunk.data.len());
-            if let Some(limit) = grants.window.on_consumed(n) {
-                // After our own fin the peer still needs credit if it has not finished.
-                send(grants.tx, credit_chunk(limit)).await?;
-            }
-        }
-        if chunk.fin {
+        if current.is_none() && fin {
             writer.shutdown().await.map_err(PumpError::LocalWrite)?;
             break;
+        }
+        tokio::select! {
+            biased;
+            res = write_current(writer.as_mut(), &mut current, &mut waiting_since), if current.is_some() => {
+                let n = res.map_err(PumpError::LocalWrite)?;
+                if let Some(wait) = waiting_since.take() {
+                    grants.window.on_write_waited(wait.elapsed());
+                }
+                counts.add_received(n);
+                if let Some(limit) = grants.window.on_consumed(n as u64) {
+                    // After our own fin the peer still needs credit if it has not finished.
+                    send(grants.tx, credit_chunk(limit)).await?;
+                }
+            }
+            msg = rx.message(), if !fin => {
+                let chunk = match msg {
+                    Ok(Some(chunk)) => chunk,
+                    Ok(None) => return Err(PumpError::PeerAborted),
+                    Err(status) => return Err(PumpError::Stream(status)),
+                };
+                if chunk.credit > 0 {
+                    grants.credit.grant(chunk.credit);
+                }
+                if !chunk.data.is_empty() {
+                    grants.window.on_data(chunk.data.len() as u64, chunk.blocked_at)?;
+                    // Bytes that must wait behind a blocked write are copied out: as slices they
+                    // would keep the decoder's whole receive buffers alive meanwhile.
+                    let data = match current {
+                        Some(_) => Bytes::copy_from_slice(&chunk.data),
+                        None => chunk.data,
+                    };
+                    queued.push_back(data);
+                }
+                fin = chunk.fin;
+            }
         }
     }
     // The peer will send no more bytes, but our sending half may still be waiting for its
@@ -344,29 +369,35 @@ async fn tunnel_to_socket<W: AsyncWrite>(
     }
 }
 
-/// Writes all of `data`; `Some(time)` if the socket made us wait (its reader is slower than we
-/// are), the signal that shrinks this connection's window.
-async fn write_all<W: AsyncWrite>(
+/// Writes the rest of `current` to `writer`; resolves with its length once all of it is out
+/// (and clears `current`). Progress survives being dropped in a `select!`: it lives in
+/// `current`. Notes in `waiting_since` when the socket first made us wait (its reader is
+/// slower than we are: the signal that shrinks this connection's window).
+async fn write_current<W: AsyncWrite>(
     mut writer: Pin<&mut W>,
-    data: &[u8],
-) -> io::Result<Option<Duration>> {
-    let mut first_wait = None;
-    let mut written = 0;
-    while written < data.len() {
-        let n = std::future::poll_fn(|cx| {
-            let res = writer.as_mut().poll_write(cx, &data[written..]);
-            if res.is_pending() && first_wait.is_none() {
-                first_wait = Some(std::time::Instant::now());
+    current: &mut Option<(Bytes, usize)>,
+    waiting_since: &mut Option<std::time::Instant>,
+) -> io::Result<usize> {
+    std::future::poll_fn(|cx| {
+        let Some((data, written)) = current.as_mut() else {
+            return Poll::Ready(Ok(0));
+        };
+        while *written < data.len() {
+            match writer.as_mut().poll_write(cx, &data[*written..]) {
+                Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                Poll::Ready(Ok(n)) => *written += n,
+                Poll::Ready(Err(err)) => return Poll::Ready(Err(err)),
+                Poll::Pending => {
+                    waiting_since.get_or_insert_with(std::time::Instant::now);
+                    return Poll::Pending;
+                }
             }
-            res
-        })
-        .await?;
-        if n == 0 {
-            return Err(io::ErrorKind::WriteZero.into());
         }
-        written += n;
-    }
-    Ok(first_wait.map(|t| t.elapsed()))
+        let n = data.len();
+        *current = None;
+        Poll::Ready(Ok(n))
+    })
+    .await
 }
 
 fn credit_chunk(limit: u64) -> Chunk {

@@ -392,3 +392,66 @@ async fn a_connections_window_grows_to_fill_a_wan_link_and_the_budget_caps_it() 
         server.proc.logs()
     );
 }
+
+/// An upstream that reads everything it is sent (and counts it) while, at the same time,
+/// writing endlessly: like a server streaming a response while it still takes a request body.
+async fn reading_writer() -> (SocketAddr, Arc<AtomicU64>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let got = Arc::new(AtomicU64::new(0));
+    let total = got.clone();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = listener.accept().await {
+            let total = total.clone();
+            tokio::spawn(async move {
+                let (mut rd, mut wr) = s.into_split();
+                tokio::spawn(async move {
+                    let block = vec![0x33u8; 64 * 1024];
+                    while wr.write_all(&block).await.is_ok() {}
+                });
+                let mut buf = vec![0u8; 256 * 1024];
+                while let Ok(n) = rd.read(&mut buf).await {
+                    if n == 0 {
+                        break;
+                    }
+                    total.fetch_add(n as u64, Ordering::Relaxed);
+                }
+            });
+        }
+    });
+    (addr, got)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_goes_through_while_the_client_is_not_reading_the_response() {
+    // The client writes its whole request before it reads anything, and the upstream writes its
+    // response meanwhile. Over plain TCP the upload completes (the upstream keeps reading); the
+    // tunnel must not make it wait for the client to read, e.g. by queueing the upload's credit
+    // behind response bytes the client has not taken yet.
+    const UPLOAD: u64 = 64 << 20;
+    let bed = Bed::new(&["alpha"]);
+    let (upstream, received) = reading_writer().await;
+    let server = ServerProc::start(&bed.pki, None, &[]).await.unwrap();
+    let _agent = AgentProc::start_ready(&bed.pki, &[server.agent_addr], "alpha", upstream)
+        .await
+        .unwrap();
+    let mut s = tunnel(server.frontend_addr).await;
+    let block = vec![0x44u8; 256 * 1024];
+    let upload = async {
+        let mut sent = 0;
+        while sent < UPLOAD {
+            s.write_all(&block).await.unwrap();
+            sent += block.len() as u64;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(30), upload)
+        .await
+        .expect("the upload stalled behind a response the client had not read yet");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while received.load(Ordering::Relaxed) < UPLOAD {
+        assert!(Instant::now() < deadline, "upload did not arrive");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // And the response is all there for the client once it reads.
+    read_n(&mut s, 1 << 20).await;
+}
