@@ -30,7 +30,7 @@ pub struct Running {
 /// In front of `addr`, a relay adding `wan` latency each way (if any).
 async fn via_wan(addr: SocketAddr, wan: Option<Duration>) -> anyhow::Result<SocketAddr> {
     match wan {
-        Some(one_way) => crate::relay::start(addr, one_way).await,
+        Some(one_way) => integration_tests::relay::start(addr, one_way).await,
         None => Ok(addr),
     }
 }

@@ -9,7 +9,6 @@ mod catalog;
 mod contenders;
 mod entry;
 mod fairness;
-mod relay;
 mod replicas;
 mod report;
 mod scenarios;
