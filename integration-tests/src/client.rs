@@ -305,3 +305,17 @@ pub async fn read_until_closed<S: AsyncRead + Unpin>(
     assert!(res.is_ok(), "connection still open after {limit:?}");
     started.elapsed()
 }
+
+/// Reads exactly `n` bytes from `s` (panicking if it closes first); returns how long it took.
+pub async fn read_n<S: AsyncRead + Unpin>(s: &mut S, n: u64) -> std::time::Duration {
+    let started = std::time::Instant::now();
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut got = 0u64;
+    while got < n {
+        let want = buf.len().min((n - got) as usize);
+        let k = s.read(&mut buf[..want]).await.unwrap();
+        assert!(k > 0, "closed after {got} bytes");
+        got += k as u64;
+    }
+    started.elapsed()
+}

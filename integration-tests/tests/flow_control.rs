@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use integration_tests::client::read_n;
 use integration_tests::upstream::SourceServer;
 use integration_tests::{AgentProc, Bed, ServerProc, connect};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -40,19 +41,6 @@ async fn tunnel(frontend: SocketAddr) -> TcpStream {
         .unwrap()
         .tunnel()
         .unwrap()
-}
-
-async fn read_n(s: &mut TcpStream, n: u64) -> Duration {
-    let started = Instant::now();
-    let mut buf = vec![0u8; 256 * 1024];
-    let mut got = 0u64;
-    while got < n {
-        let want = buf.len().min((n - got) as usize);
-        let k = s.read(&mut buf[..want]).await.unwrap();
-        assert!(k > 0, "closed after {got} bytes");
-        got += k as u64;
-    }
-    started.elapsed()
 }
 
 /// Waits until `counter()` stops moving (sampled every 300 ms) and returns its value.

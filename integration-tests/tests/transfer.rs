@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
+use integration_tests::client::read_n;
 use integration_tests::data::Pattern;
 use integration_tests::upstream::{BulkServer, SourceServer};
 use integration_tests::{AgentProc, Bed, FakeApiServer, ServerProc, client, connect};
@@ -156,20 +157,6 @@ async fn two_hundred_concurrent_connections_through_one_agent_are_all_correct() 
             .unwrap();
         assert_eq!(digest, expected);
     }
-}
-
-/// Reads `n` bytes from `s`, returning how long it took.
-async fn read_n(s: &mut tokio::net::TcpStream, n: u64) -> Duration {
-    let started = Instant::now();
-    let mut buf = vec![0u8; 256 * 1024];
-    let mut got = 0u64;
-    while got < n {
-        let want = buf.len().min((n - got) as usize);
-        let k = s.read(&mut buf[..want]).await.unwrap();
-        assert!(k > 0, "closed after {got} bytes");
-        got += k as u64;
-    }
-    started.elapsed()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
