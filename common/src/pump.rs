@@ -30,6 +30,10 @@ use crate::flow::{Budget, Overrun, RecvWindow, SendCredit};
 /// while the previous chunk is encoded.
 pub const CHUNK_QUEUE: usize = 4;
 
+/// Chunks queued behind a blocked socket write before further ones are copied out of the
+/// decoder's buffers (see `tunnel_to_socket`).
+const PILE_UP: usize = 4;
+
 /// Smallest read: what an idle connection holds while it waits for bytes.
 pub const MIN_READ: usize = 2 * 1024;
 
@@ -336,11 +340,14 @@ async fn tunnel_to_socket<W: AsyncWrite>(
                 }
                 if !chunk.data.is_empty() {
                     grants.window.on_data(chunk.data.len() as u64, chunk.blocked_at)?;
-                    // Bytes that must wait behind a blocked write are copied out: as slices they
-                    // would keep the decoder's whole receive buffers alive meanwhile.
-                    let data = match current {
-                        Some(_) => Bytes::copy_from_slice(&chunk.data),
-                        None => chunk.data,
+                    // Bytes piling up behind a blocked write are copied out: as slices they
+                    // would keep the decoder's whole receive buffers alive while the reader is
+                    // stalled. A chunk or two behind a write that waits briefly (bulk traffic)
+                    // stays zero-copy.
+                    let data = if queued.len() >= PILE_UP {
+                        Bytes::copy_from_slice(&chunk.data)
+                    } else {
+                        chunk.data
                     };
                     queued.push_back(data);
                 }
