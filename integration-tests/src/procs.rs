@@ -246,6 +246,19 @@ impl AgentProc {
         Ok(agent)
     }
 
+    /// [`AgentProc::start`] with `extra` flags, then waits until it is registered.
+    pub async fn start_ready_with(
+        pki: &DevPki,
+        servers: &[SocketAddr],
+        cluster: &str,
+        upstream: SocketAddr,
+        extra: &[&str],
+    ) -> anyhow::Result<Self> {
+        let agent = Self::start(pki, servers, cluster, upstream, extra).await?;
+        agent.wait_registered(Duration::from_secs(10)).await?;
+        Ok(agent)
+    }
+
     /// Waits for `/readyz` to answer 200.
     pub async fn wait_registered(&self, timeout: Duration) -> anyhow::Result<()> {
         wait_ready(self.admin_addr, timeout)

@@ -80,7 +80,7 @@ async fn hundreds_of_stalled_readers_leave_the_agents_other_connections_at_full_
     let server = ServerProc::start(&bed.pki, None, &SMALL_BUDGET)
         .await
         .unwrap();
-    let agent = AgentProc::start(
+    let agent = AgentProc::start_ready_with(
         &bed.pki,
         &[server.agent_addr],
         "alpha",
@@ -89,10 +89,6 @@ async fn hundreds_of_stalled_readers_leave_the_agents_other_connections_at_full_
     )
     .await
     .unwrap();
-    agent
-        .wait_registered(Duration::from_secs(10))
-        .await
-        .unwrap();
 
     let mut alone = tunnel(server.frontend_addr).await;
     let baseline = read_n(&mut alone, MOVE).await;
@@ -218,13 +214,10 @@ async fn hundreds_of_upstreams_that_stop_reading_leave_an_upload_at_full_speed()
     let server = ServerProc::start(&bed.pki, None, &SMALL_BUDGET)
         .await
         .unwrap();
-    let agent = AgentProc::start(&bed.pki, &[server.agent_addr], "alpha", sink, &SMALL_BUDGET)
-        .await
-        .unwrap();
-    agent
-        .wait_registered(Duration::from_secs(10))
-        .await
-        .unwrap();
+    let agent =
+        AgentProc::start_ready_with(&bed.pki, &[server.agent_addr], "alpha", sink, &SMALL_BUDGET)
+            .await
+            .unwrap();
     let upload = |frontend| async move {
         let mut s = tunnel(frontend).await;
         let started = Instant::now();
@@ -331,11 +324,7 @@ async fn a_connections_window_grows_to_fill_a_wan_link_and_the_budget_caps_it() 
             let relay = integration_tests::relay::start(server.agent_addr, one_way)
                 .await
                 .unwrap();
-            let agent = AgentProc::start(&pki, &[relay], "alpha", source.addr, flags)
-                .await
-                .unwrap();
-            agent
-                .wait_registered(Duration::from_secs(10))
+            let agent = AgentProc::start_ready_with(&pki, &[relay], "alpha", source.addr, flags)
                 .await
                 .unwrap();
             let took = download(server.frontend_addr, WAN_MOVE).await;

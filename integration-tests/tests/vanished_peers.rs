@@ -71,7 +71,7 @@ async fn an_idle_tunnel_of_a_vanished_client_is_freed_on_both_sides() {
     let bed = Bed::new(&["alpha"]);
     let upstream = BannerServer::start("alpha").await.unwrap();
     let server = ServerProc::start(&bed.pki, None, &KEEPALIVE).await.unwrap();
-    let agent = AgentProc::start(
+    let agent = AgentProc::start_ready_with(
         &bed.pki,
         &[server.agent_addr],
         "alpha",
@@ -80,10 +80,6 @@ async fn an_idle_tunnel_of_a_vanished_client_is_freed_on_both_sides() {
     )
     .await
     .unwrap();
-    agent
-        .wait_registered(Duration::from_secs(10))
-        .await
-        .unwrap();
 
     let mut tunnel = connect(server.frontend_addr, "alpha:443")
         .await
@@ -118,7 +114,7 @@ async fn a_tunnel_whose_client_vanished_mid_download_is_freed() {
     let bed = Bed::new(&["alpha"]);
     let source = SourceServer::start().await.unwrap();
     let server = ServerProc::start(&bed.pki, None, &KEEPALIVE).await.unwrap();
-    let agent = AgentProc::start(
+    let _agent = AgentProc::start_ready_with(
         &bed.pki,
         &[server.agent_addr],
         "alpha",
@@ -127,10 +123,6 @@ async fn a_tunnel_whose_client_vanished_mid_download_is_freed() {
     )
     .await
     .unwrap();
-    agent
-        .wait_registered(Duration::from_secs(10))
-        .await
-        .unwrap();
 
     let mut tunnel = connect(server.frontend_addr, "alpha:443")
         .await
