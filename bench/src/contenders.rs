@@ -55,6 +55,25 @@ fn spawn(cmd: &mut Command) -> anyhow::Result<Child> {
     Ok(cmd.stdin(Stdio::null()).kill_on_drop(true).spawn()?)
 }
 
+/// This project's binaries log at `warn` into nothing, unless `BENCH_LOG` names a filter (e.g.
+/// `proxy_common::flow=debug` to watch windows while profiling): then each appends its log to
+/// `proxy-server.log` / `proxy-agent.log` in the working directory.
+fn ours(cmd: &mut Command, name: &str) -> anyhow::Result<()> {
+    match std::env::var("BENCH_LOG") {
+        Ok(filter) => {
+            let log = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(format!("{name}.log"))?;
+            cmd.env("RUST_LOG", filter).stderr(log);
+        }
+        Err(_) => {
+            cmd.env("RUST_LOG", "warn").stderr(Stdio::null());
+        }
+    }
+    Ok(())
+}
+
 async fn wait_until_open(entry: &Entry, what: &str) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
@@ -107,9 +126,10 @@ pub async fn start_server(
     extra: &[&str],
 ) -> anyhow::Result<(Child, ServerAddrs)> {
     let s = |p: &PathBuf| p.display().to_string();
+    let mut cmd = Command::new(bin_dir.join("proxy-server"));
+    ours(&mut cmd, "proxy-server")?;
     let mut server = spawn(
-        Command::new(bin_dir.join("proxy-server"))
-            .args(["--agent-addr", agent, "--frontend-addr", frontend])
+        cmd.args(["--agent-addr", agent, "--frontend-addr", frontend])
             .args(["--admin-addr", admin])
             .args(["--agent-tls-cert", &s(&files.cert)])
             .args(["--agent-tls-key", &s(&files.key)])
@@ -121,9 +141,7 @@ pub async fn start_server(
                 "100000",
             ])
             .args(extra)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null()),
+            .stdout(Stdio::piped()),
     )
     .context("starting proxy-server (build with `cargo build --release`)")?;
     let mut line = String::new();
@@ -167,30 +185,29 @@ pub async fn proxy(
     )
     .await?;
     let (agent_addr, frontend) = (via_wan(addrs.agent, wan).await?, addrs.frontend);
+    let mut cmd = Command::new(bin_dir.join("proxy-agent"));
+    ours(&mut cmd, "proxy-agent")?;
     let agent = spawn(
-        Command::new(bin_dir.join("proxy-agent"))
-            .args([
-                "--server",
-                &agent_addr.to_string(),
-                "--server-name",
-                "localhost",
-            ])
-            .args([
-                "--tls-cert",
-                &s(pki.agent_cert("bench")),
-                "--tls-key",
-                &s(pki.agent_key("bench")),
-            ])
-            .args([
-                "--server-ca",
-                &s(pki.proxy_ca()),
-                "--upstream",
-                &upstream.to_string(),
-            ])
-            .args(["--admin-addr", "127.0.0.1:0"])
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null()),
+        cmd.args([
+            "--server",
+            &agent_addr.to_string(),
+            "--server-name",
+            "localhost",
+        ])
+        .args([
+            "--tls-cert",
+            &s(pki.agent_cert("bench")),
+            "--tls-key",
+            &s(pki.agent_key("bench")),
+        ])
+        .args([
+            "--server-ca",
+            &s(pki.proxy_ca()),
+            "--upstream",
+            &upstream.to_string(),
+        ])
+        .args(["--admin-addr", "127.0.0.1:0"])
+        .stdout(Stdio::null()),
     )?;
     let entry = Entry::Connect {
         proxy: frontend,

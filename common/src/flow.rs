@@ -198,31 +198,34 @@ impl RecvWindow {
     }
 
     /// `n` bytes were written to the local socket. Returns the new credit to send, if any.
+    ///
+    /// The window is resized only where credit is due (half the window free, or the sender
+    /// waiting), once per such point: what the writes waited is judged per grant, so one slow
+    /// stretch halves the window once, not once per chunk written after it.
     pub fn on_consumed(&mut self, n: u64) -> Option<u64> {
         self.consumed += n;
-        let half_free = self.limit - self.consumed <= self.window / 2;
-        let slow_reader = self.waited >= SLOW_READER;
-        if self.starved && !slow_reader && self.window < self.needed() {
-            self.resize(self.window.saturating_mul(2));
-        } else if slow_reader && (self.starved || half_free) {
-            self.resize(self.window / 2);
-        }
         // Grant when half the window is free (batched, like h2's WINDOW_UPDATE threshold), or
         // at once when the peer is waiting for it.
-        if self.starved || self.limit - self.consumed <= self.window / 2 {
-            let limit = self.consumed + self.window;
-            if limit > self.limit {
-                if self.grants.len() == GRANT_HISTORY {
-                    self.grants.pop_front();
-                }
-                self.grants.push_back((limit, Instant::now()));
-                self.waited = Duration::ZERO;
-                self.starved = false;
-                self.limit = limit;
-                return Some(limit);
-            }
+        if !self.starved && self.limit - self.consumed > self.window / 2 {
+            return None;
         }
-        None
+        if self.waited >= SLOW_READER {
+            self.resize((self.window / 2).max(self.floor()));
+        } else if self.starved && self.window < self.needed() {
+            self.resize(self.window.saturating_mul(2));
+        }
+        self.waited = Duration::ZERO;
+        self.starved = false;
+        let limit = self.consumed + self.window;
+        if limit <= self.limit {
+            return None;
+        }
+        if self.grants.len() == GRANT_HISTORY {
+            self.grants.pop_front();
+        }
+        self.grants.push_back((limit, Instant::now()));
+        self.limit = limit;
+        Some(limit)
     }
 
     /// Four times what this connection moves in one round trip, measured between waits (which
@@ -232,6 +235,14 @@ impl RecvWindow {
     /// first rounds are slow start.
     fn needed(&self) -> u64 {
         self.per_rtt.map_or(u64::MAX, |b| b.saturating_mul(4))
+    }
+
+    /// How far a slow reader's window shrinks at most: twice what it moved per round trip when
+    /// last measured. A reader that is only a little slower than the tunnel (a busy client, a
+    /// short pause) keeps a window that still covers the path's delay; one that really slowed
+    /// down or stopped moved little in its last rounds and shrinks towards [`MIN_WINDOW`].
+    fn floor(&self) -> u64 {
+        self.per_rtt.map_or(MIN_WINDOW, |b| b.saturating_mul(2))
     }
 
     fn resize(&mut self, want: u64) {
@@ -244,6 +255,14 @@ impl RecvWindow {
             self.budget.give_back(self.window - want);
             self.window = want;
         }
+        tracing::debug!(
+            window = self.window,
+            per_rtt = self.per_rtt,
+            min_rtt_us = self.min_rtt.map(|r| r.as_micros() as u64),
+            consumed = self.consumed,
+            waited_us = self.waited.as_micros() as u64,
+            "window resized"
+        );
     }
 }
 
@@ -390,16 +409,45 @@ mod tests {
         // Slow start: a doubling every other round trip.
         transfer(&mut w, WAN, TEN_GBIT, Duration::from_millis(150)).await;
         assert!(w.window() >= 8 * MIN_WINDOW, "{}", w.window());
-        // The client reads slowly: writes wait, the peer runs out of credit.
+        // The client reads slowly: each window takes a second to write out, and the peer
+        // runs out of credit meanwhile.
         for _ in 0..10 {
             let credit = w.limit - w.received;
             tokio::time::advance(WAN).await;
             w.on_data(credit, w.limit - credit).unwrap();
+            tokio::time::advance(Duration::from_secs(1)).await;
             w.on_write_waited(Duration::from_secs(1));
             w.on_consumed(credit);
         }
         assert_eq!(w.window(), MIN_WINDOW);
         assert_eq!(budget.used(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn one_slow_stretch_halves_the_window_once_and_not_below_what_it_moves() {
+        let mut w = RecvWindow::new(Budget::new(DEFAULT_BUDGET));
+        transfer(&mut w, WAN, TEN_GBIT, Duration::from_secs(1)).await;
+        let grown = w.window();
+        assert!(grown >= 32 << 20, "{grown}");
+        // A busy client: its writes waited 30 ms in all, then it keeps up again. Every chunk
+        // written after that is a point where the window could be judged; it is judged once.
+        w.on_write_waited(Duration::from_millis(30));
+        for _ in 0..1000 {
+            let n = 64 * 1024;
+            w.on_data(n, 0).unwrap();
+            w.on_consumed(n);
+        }
+        assert_eq!(w.window(), grown / 2, "halved once, not once per chunk");
+        // Still slow: it shrinks again, but not below twice what it moved per round trip.
+        for _ in 0..10 {
+            w.on_write_waited(Duration::from_millis(30));
+            let n = w.limit - w.received;
+            w.on_data(n, 0).unwrap();
+            w.on_consumed(n);
+        }
+        let floor = 2 * w.per_rtt.unwrap();
+        assert_eq!(w.window(), floor.clamp(MIN_WINDOW, grown / 2));
+        assert!(w.window() > MIN_WINDOW, "{}", w.window());
     }
 
     #[tokio::test(start_paused = true)]
