@@ -3,6 +3,8 @@
 
 use std::time::Duration;
 
+use integration_tests::relay::Link;
+
 use crate::contenders::Running;
 use crate::scenarios::Sample;
 use crate::{fairness, replicas, scenarios, stall};
@@ -135,9 +137,11 @@ pub fn loopback(smoke: bool) -> Vec<Scenario> {
     ]
 }
 
-/// Scenarios across the WAN relay, by the latency it adds each way (half the round trip).
-pub fn wan(smoke: bool) -> Vec<(Duration, Vec<Scenario>)> {
+/// Scenarios across the WAN relay, by the path it emulates: latency each way (half the round
+/// trip), and a bottleneck rate where a scenario should measure windows rather than CPU.
+pub fn wan(smoke: bool) -> Vec<(Link, Vec<Scenario>)> {
     let bytes = if smoke { 4 * MIB } else { 2 * GIB };
+    let limited = if smoke { 4 * MIB } else { GIB };
     let secs = Duration::from_secs(if smoke { 1 } else { 5 });
     let (warmup, measure) = if smoke {
         (Duration::from_millis(200), Duration::from_secs(1))
@@ -154,7 +158,7 @@ pub fn wan(smoke: bool) -> Vec<(Duration, Vec<Scenario>)> {
     };
     vec![
         (
-            Duration::from_millis(10),
+            Link::delay(Duration::from_millis(10)),
             vec![
                 bulk("WAN 20 ms RTT: bulk, 1 connection, down", 0, bytes),
                 bulk("WAN 20 ms RTT: bulk, 1 connection, up", bytes, 0),
@@ -173,10 +177,28 @@ pub fn wan(smoke: bool) -> Vec<(Duration, Vec<Scenario>)> {
             ],
         ),
         (
-            Duration::from_millis(25),
+            Link::delay(Duration::from_millis(25)),
             vec![
                 bulk("WAN 50 ms RTT: bulk, 1 connection, down", 0, bytes),
                 bulk("WAN 50 ms RTT: bulk, 1 connection, up", bytes, 0),
+            ],
+        ),
+        // On these 2 cores the unlimited paths above are CPU-bound (the relay's copies included):
+        // a 2 Gbit/s bottleneck leaves CPU to spare, so what a connection reaches is set by its
+        // window: 12.5 MB are in flight at 50 ms.
+        (
+            Link::limited(Duration::from_millis(25), 2.0),
+            vec![
+                bulk(
+                    "WAN 50 ms RTT, 2 Gbit/s: bulk, 1 connection, down",
+                    0,
+                    limited,
+                ),
+                bulk(
+                    "WAN 50 ms RTT, 2 Gbit/s: bulk, 1 connection, up",
+                    limited,
+                    0,
+                ),
             ],
         ),
     ]

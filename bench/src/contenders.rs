@@ -8,6 +8,7 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use integration_tests::relay::Link;
 
 pub use crate::entry::Entry;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
@@ -27,16 +28,16 @@ pub struct Running {
     _dir: Option<tempfile::TempDir>,
 }
 
-/// In front of `addr`, a relay adding `wan` latency each way (if any).
-async fn via_wan(addr: SocketAddr, wan: Option<Duration>) -> anyhow::Result<SocketAddr> {
+/// In front of `addr`, a relay emulating the `wan` path (if any).
+async fn via_wan(addr: SocketAddr, wan: Option<Link>) -> anyhow::Result<SocketAddr> {
     match wan {
-        Some(one_way) => integration_tests::relay::start(addr, one_way).await,
+        Some(path) => integration_tests::relay::start_path(addr, path).await,
         None => Ok(addr),
     }
 }
 
 /// The baseline: clients connect straight to the upstream (through the WAN relay, if any).
-pub async fn direct(upstream: SocketAddr, wan: Option<Duration>) -> anyhow::Result<Running> {
+pub async fn direct(upstream: SocketAddr, wan: Option<Link>) -> anyhow::Result<Running> {
     Ok(Running {
         name: if wan.is_some() {
             "direct+wan"
@@ -168,7 +169,7 @@ pub async fn start_server(
 pub async fn proxy(
     bin_dir: &Path,
     upstream: SocketAddr,
-    wan: Option<Duration>,
+    wan: Option<Link>,
 ) -> anyhow::Result<Running> {
     let dir = tempfile::tempdir()?;
     let pki = proxy_certs::write_dev_pki(dir.path(), &["bench"])?;
@@ -235,7 +236,7 @@ pub fn free_port() -> anyhow::Result<u16> {
 
 /// rathole with its plain TCP transport, if `rathole` is installed. With `wan`, its client
 /// reaches its server through the delay relay.
-pub async fn rathole(upstream: SocketAddr, wan: Option<Duration>) -> anyhow::Result<Running> {
+pub async fn rathole(upstream: SocketAddr, wan: Option<Link>) -> anyhow::Result<Running> {
     let dir = tempfile::tempdir()?;
     let (control, exposed) = (free_port()?, free_port()?);
     let remote = via_wan(SocketAddr::from(([127, 0, 0, 1], control)), wan).await?;
@@ -288,7 +289,7 @@ pub async fn rathole(upstream: SocketAddr, wan: Option<Duration>) -> anyhow::Res
 
 /// `ssh -R` to a private sshd on loopback, cipher aes128-gcm@openssh.com, if OpenSSH is
 /// installed. With `wan`, ssh reaches sshd through the delay relay.
-pub async fn ssh(upstream: SocketAddr, wan: Option<Duration>) -> anyhow::Result<Running> {
+pub async fn ssh(upstream: SocketAddr, wan: Option<Link>) -> anyhow::Result<Running> {
     let sshd = ["/usr/sbin/sshd", "/usr/bin/sshd"]
         .into_iter()
         .find(|p| Path::new(p).exists())

@@ -89,7 +89,7 @@ const SCENARIO_TIMEOUT: Duration = Duration::from_secs(180);
 async fn start_all(
     args: &Args,
     upstream: std::net::SocketAddr,
-    wan: Option<Duration>,
+    wan: Option<integration_tests::relay::Link>,
     missing: &mut Vec<(String, String)>,
 ) -> anyhow::Result<Vec<Running>> {
     let suffix = if wan.is_some() { "+wan" } else { "" };
@@ -204,7 +204,7 @@ async fn main() -> anyhow::Result<()> {
     drop(running);
     // WAN: the same contenders with latency added each way between their two halves (for
     // direct, between client and upstream), by the userspace relay (no netem here).
-    for (one_way, group) in catalog::wan(args.smoke) {
+    for (path, group) in catalog::wan(args.smoke) {
         let group: Vec<Scenario> = group
             .into_iter()
             .filter(|s| args.only.as_deref().is_none_or(|o| s.name.contains(o)))
@@ -212,7 +212,7 @@ async fn main() -> anyhow::Result<()> {
         if group.is_empty() {
             continue;
         }
-        let wan = start_all(&args, upstream, Some(one_way), &mut missing).await?;
+        let wan = start_all(&args, upstream, Some(path), &mut missing).await?;
         for scenario in &group {
             results.push(run_scenario(scenario, &wan, rounds).await);
         }

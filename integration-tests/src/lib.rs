@@ -3,6 +3,7 @@
 #![forbid(unsafe_code)]
 
 pub mod apiserver;
+pub mod blackhole;
 pub mod client;
 pub mod data;
 pub mod fleet;

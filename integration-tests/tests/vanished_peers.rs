@@ -4,55 +4,17 @@
 //! sends (its ACKs included), on loopback only; the rule is removed when the test ends.
 
 use std::net::SocketAddr;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
+use integration_tests::blackhole::Blackhole;
 use integration_tests::procs::metric;
 use integration_tests::upstream::{BannerServer, SourceServer};
 use integration_tests::{AgentProc, Bed, ServerProc, connect};
-use tokio::io::AsyncReadExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
 
 /// Short keepalive so the test takes seconds: gone after 2 s + 2 x 1 s.
 const KEEPALIVE: [&str; 2] = ["--tcp-keepalive", "2s,1s,2"];
-
-/// Drops every packet from `from` to `to` (the client's packets) until dropped.
-struct Blackhole(Vec<String>);
-
-impl Blackhole {
-    fn new(from: SocketAddr, to: SocketAddr) -> Self {
-        let spec: Vec<String> = [
-            "INPUT",
-            "-p",
-            "tcp",
-            "-s",
-            &from.ip().to_string(),
-            "--sport",
-            &from.port().to_string(),
-            "-d",
-            &to.ip().to_string(),
-            "--dport",
-            &to.port().to_string(),
-            "-j",
-            "DROP",
-        ]
-        .iter()
-        .map(|s| (*s).to_owned())
-        .collect();
-        let status = Command::new("iptables")
-            .arg("-I")
-            .args(&spec)
-            .status()
-            .expect("iptables (Debian package `iptables`; .ci/run installs it)");
-        assert!(status.success(), "iptables -I failed (needs root)");
-        Self(spec)
-    }
-}
-
-impl Drop for Blackhole {
-    fn drop(&mut self) {
-        let _ = Command::new("iptables").arg("-D").args(&self.0).status();
-    }
-}
 
 async fn until_zero(what: &str, admin: SocketAddr, sample: &str, limit: Duration) -> Duration {
     let started = Instant::now();
@@ -92,7 +54,7 @@ async fn an_idle_tunnel_of_a_vanished_client_is_freed_on_both_sides() {
     assert_eq!(metric(server.admin_addr, active).await, 1.0);
 
     // The client vanishes: from now on nothing it sends arrives, not even ACKs.
-    let _gone = Blackhole::new(tunnel.local_addr().unwrap(), server.frontend_addr);
+    let _gone = Blackhole::between(tunnel.local_addr().unwrap(), server.frontend_addr);
     let freed = until_zero("server", server.admin_addr, active, Duration::from_secs(20)).await;
     let agent_freed = until_zero(
         "agent",
@@ -133,7 +95,7 @@ async fn a_tunnel_whose_client_vanished_mid_download_is_freed() {
     tunnel.read_exact(&mut buf).await.unwrap();
     // Vanishes while the server is sending: its data is never acknowledged, so keepalive
     // (which waits for an idle connection) never starts; TCP_USER_TIMEOUT ends it.
-    let _gone = Blackhole::new(tunnel.local_addr().unwrap(), server.frontend_addr);
+    let _gone = Blackhole::between(tunnel.local_addr().unwrap(), server.frontend_addr);
     let started = Instant::now();
     let conn = source.conns()[0].clone();
     while conn.closed_at.lock().unwrap().is_none() {
@@ -155,4 +117,79 @@ async fn a_tunnel_whose_client_vanished_mid_download_is_freed() {
         0.0
     );
     drop(tunnel);
+}
+
+/// A client that gives up while its dial is under way (here the upstream does not answer SYNs,
+/// so the agent's connect hangs) cancels the dial at the agent too: no upstream connection is
+/// made for a client that is gone, even once the upstream answers again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_leaves_during_its_dial_cancels_it_at_the_agent() {
+    let bed = Bed::new(&["alpha"]);
+    let upstream = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream_addr = upstream.local_addr().unwrap();
+    // Long dial timeouts, so only the cancellation can end the dial within the test.
+    let slow = ["--dial-timeout", "30s"];
+    let server = ServerProc::start(&bed.pki, None, &slow).await.unwrap();
+    let agent = AgentProc::start_ready_with(
+        &bed.pki,
+        &[server.agent_addr],
+        "alpha",
+        upstream_addr,
+        &slow,
+    )
+    .await
+    .unwrap();
+    let unreachable = Blackhole::to(upstream_addr);
+
+    let mut client = TcpStream::connect(server.frontend_addr).await.unwrap();
+    client
+        .write_all(b"CONNECT alpha:443 HTTP/1.1\r\nHost: alpha:443\r\n\r\n")
+        .await
+        .unwrap();
+    let active = "proxy_agent_connections_active";
+    let started = Instant::now();
+    while metric(agent.admin_addr, active).await != 1.0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "the dial never reached the agent"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        metric(server.admin_addr, "proxy_server_pending_dials").await,
+        1.0
+    );
+
+    drop(client);
+    let freed = until_zero("agent", agent.admin_addr, active, Duration::from_secs(3)).await;
+    eprintln!("dial cancelled at the agent {freed:?} after its client left");
+    assert_eq!(
+        metric(server.admin_addr, "proxy_server_pending_dials").await,
+        0.0
+    );
+    assert_eq!(
+        metric(server.admin_addr, "proxy_server_dials_cancelled_total").await,
+        1.0
+    );
+    assert_eq!(
+        metric(agent.admin_addr, "proxy_agent_dials_cancelled_total").await,
+        1.0
+    );
+    assert_eq!(
+        metric(
+            server.admin_addr,
+            r#"proxy_server_connections_total{cluster="alpha",result="client_left"}"#
+        )
+        .await,
+        1.0
+    );
+
+    // The upstream answers again: a dial still retrying its SYN (every 1, 2, 4 s) would now
+    // connect.
+    drop(unreachable);
+    let late = tokio::time::timeout(Duration::from_secs(4), upstream.accept()).await;
+    assert!(
+        late.is_err(),
+        "the agent connected to the upstream for a client that had left: {late:?}"
+    );
 }

@@ -34,6 +34,8 @@ pub struct Metrics {
     pub upstream_dial_duration: Histogram,
     /// Failed upstream dials by reason.
     pub upstream_dial_failures: Family<ReasonLabel, Counter>,
+    /// Dials the server cancelled because their client left before the dial was answered.
+    pub dials_cancelled: Counter,
     /// Bytes carried, counted as they flow.
     pub bytes: Family<DirectionLabel, Counter>,
 }
@@ -47,6 +49,7 @@ impl Metrics {
             connections_active: Gauge::default(),
             upstream_dial_duration: Histogram::new(exponential_buckets(0.0001, 2.0, 18)),
             upstream_dial_failures: Family::default(),
+            dials_cancelled: Counter::default(),
             bytes: Family::default(),
         };
         registry.register(
@@ -58,6 +61,11 @@ impl Metrics {
             "proxy_agent_known_server_count",
             "Server replicas in the fleet, as the servers report it (the agent aims to hold a tunnel to each)",
             m.known_server_count.clone(),
+        );
+        registry.register(
+            "proxy_agent_dials_cancelled",
+            "Dials the server cancelled because their client left before the dial was answered",
+            m.dials_cancelled.clone(),
         );
         registry.register(
             "proxy_agent_connections_active",

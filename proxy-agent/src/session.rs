@@ -326,6 +326,8 @@ impl Tunnel {
         // Window growth of this connection's tunneled connections (see proxy_common::flow).
         let budget = proxy_common::flow::Budget::new(shared.config.window_budget);
         let mut draining = false;
+        // Dials being served, so the server can cancel one whose client left.
+        let dials = Dials::default();
         let result = loop {
             let msg = tokio::select! {
                 () = life.drain.cancelled(), if !draining => {
@@ -349,7 +351,9 @@ impl Tunnel {
                             budget.clone(),
                         );
                         let cancel = session_token.child_token();
+                        let entry = dials.insert(dial.dial_id, cancel.clone());
                         tracker.spawn(async move {
+                            let _entry = entry;
                             let dest = dial.destination;
                             crate::dial::serve_dial(
                                 client,
@@ -362,6 +366,12 @@ impl Tunnel {
                             )
                             .await;
                         });
+                    }
+                    Some(server_message::Msg::CancelDial(c)) => {
+                        if dials.cancel(c.dial_id) {
+                            tracing::debug!(dial.id = c.dial_id, "dial cancelled: its client left");
+                            shared.metrics.dials_cancelled.inc();
+                        }
                     }
                     Some(server_message::Msg::Fleet(fleet)) => {
                         tracing::info!(server = %addr, server.id = %server_id, count = fleet.server_count, "server count changed");
@@ -390,5 +400,46 @@ impl Tunnel {
                 tracing::warn!(server = %addr, server.id = %server_id, %err, "tunnel to server lost")
             }
         }
+    }
+}
+
+/// The dials one tunnel is serving, by id, with the token that cancels each.
+#[derive(Debug, Default, Clone)]
+struct Dials(Arc<std::sync::Mutex<std::collections::HashMap<u64, CancellationToken>>>);
+
+impl Dials {
+    /// Records dial `id`; it is forgotten when the returned entry is dropped.
+    fn insert(&self, id: u64, cancel: CancellationToken) -> DialEntry {
+        self.lock().insert(id, cancel);
+        DialEntry {
+            dials: self.clone(),
+            id,
+        }
+    }
+
+    /// Cancels dial `id`; false if it is not being served (finished, or never seen).
+    fn cancel(&self, id: u64) -> bool {
+        let token = self.lock().remove(&id);
+        token.map(|t| t.cancel()).is_some()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<u64, CancellationToken>> {
+        // Never held across an await or a panic-prone call: poisoning cannot leave it torn.
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// A dial's place in [`Dials`], removed on drop.
+#[derive(Debug)]
+struct DialEntry {
+    dials: Dials,
+    id: u64,
+}
+
+impl Drop for DialEntry {
+    fn drop(&mut self) {
+        self.dials.lock().remove(&self.id);
     }
 }

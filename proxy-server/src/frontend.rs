@@ -6,9 +6,10 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use bytes::{BufMut, BytesMut};
 use proxy_common::pump::{self, Abort, ByteCounts, PumpError, Role};
 use proxy_common::reload::Reloadable;
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
@@ -211,6 +212,30 @@ async fn handle(frontend: &Frontend, tcp: TcpStream) {
     }
 }
 
+/// What a client may send after its CONNECT before the `200` (e.g. a TLS ClientHello sent
+/// without waiting) that is read and kept while its dial is under way; past it, the client is
+/// no longer watched for leaving.
+const EARLY_BYTES: usize = 64 * 1024;
+
+/// Reads what `client` sends during its dial into `early` (up to [`EARLY_BYTES`]) and returns
+/// when the client is gone: it closed (a client that half-closes before its `200` cannot use a
+/// tunnel; curl, kubectl and the Kubernetes clients never do), or its connection failed.
+async fn client_left<S: AsyncRead + Unpin>(
+    client: &mut S,
+    early: &mut BytesMut,
+) -> std::io::Result<()> {
+    loop {
+        let room = EARLY_BYTES.saturating_sub(early.len());
+        if room == 0 {
+            return std::future::pending().await;
+        }
+        // Cancel-safe: bytes are either in `early` or still in the socket.
+        if client.read_buf(&mut (&mut *early).limit(room)).await? == 0 {
+            return Ok(());
+        }
+    }
+}
+
 async fn refuse<S: AsyncWrite + Unpin>(mut client: S, refusal: &Refusal) {
     let _ = client.write_all(&error_response(refusal)).await;
     let _ = client.shutdown().await;
@@ -278,11 +303,27 @@ impl Frontend {
         };
         tracing::Span::current().record("identity", identity.as_str());
 
+        // The client is watched while its dial is under way: one that leaves cancels the dial
+        // (here, and at the agent), so no upstream connection is made for a client that is gone.
+        let mut early = BytesMut::from(&req.leftover[..]);
+        let dialed = tokio::select! {
+            dialed = self.dial(&cluster) => dialed,
+            left = client_left(&mut client, &mut early) => {
+                self.metrics.count(&label, Outcome::ClientLeft);
+                let how = left.map_or_else(|err| err.to_string(), |()| "closed".to_owned());
+                tracing::info!(
+                    outcome = Outcome::ClientLeft.label(),
+                    how,
+                    "client left while its dial was under way: dial cancelled"
+                );
+                return;
+            }
+        };
         let Dialed {
             slot,
             agent,
             stream,
-        } = match self.dial(&cluster).await {
+        } = match dialed {
             Ok(dialed) => dialed,
             Err(refusal) => {
                 if matches!(refusal.outcome, Outcome::DialFailed | Outcome::DialTimeout) {
@@ -297,7 +338,19 @@ impl Frontend {
             }
         };
         let connect_time = started.elapsed();
-        // Recorded before the 200 goes out, so anyone the client tells sees it counted.
+        if let Err(err) = client
+            .write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
+            .await
+        {
+            self.metrics.count(&cluster, Outcome::ClientLeft);
+            tracing::info!(
+                outcome = Outcome::ClientLeft.label(),
+                %err,
+                "client left before the tunnel was established"
+            );
+            return;
+        }
+        // Counted once the 200 is out: a tunnel the client never got is not an `ok`.
         self.metrics.count(&cluster, Outcome::Ok);
         self.registry.record_dial(&cluster, Ok(connect_time));
         self.metrics
@@ -306,20 +359,13 @@ impl Frontend {
                 cluster: cluster.clone(),
             })
             .observe(connect_time.as_secs_f64());
-        if let Err(err) = client
-            .write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
-            .await
-        {
-            tracing::info!(%err, "client left before the tunnel was established");
-            return;
-        }
         // The connection ends when the agent leaves or the server shuts down, whichever first.
         let conn_cancel = agent.closed().child_token();
         let (to_cluster, from_cluster) = self.metrics.byte_counters(&cluster);
         let counts = ByteCounts::with_metrics(to_cluster, from_cluster);
         let result = pump::splice(
             client,
-            req.leftover,
+            early.freeze(),
             stream.outbound,
             stream.inbound,
             Role::Server,

@@ -52,6 +52,8 @@ pub enum Outcome {
     Limited,
     /// Malformed, oversized, slow or non-CONNECT request.
     BadRequest,
+    /// The client closed or failed before its `200` (its dial was cancelled).
+    ClientLeft,
 }
 
 impl Outcome {
@@ -66,6 +68,7 @@ impl Outcome {
             Self::Forbidden => "forbidden",
             Self::Limited => "limited",
             Self::BadRequest => "bad_request",
+            Self::ClientLeft => "client_left",
         }
     }
 }
@@ -85,6 +88,9 @@ pub struct Metrics {
     pub bytes: Family<BytesLabels, Counter>,
     /// CONNECTs waiting for an agent's answer.
     pub pending_dials: Gauge,
+    /// Dials whose client left (or timed out) before the agent answered; the agent was told to
+    /// cancel them.
+    pub dials_cancelled: Counter,
     /// Server replicas the fleet has, as this server tells agents.
     pub server_count: Gauge,
 }
@@ -132,6 +138,13 @@ impl Metrics {
             "CONNECTs waiting for an agent's answer",
             pending_dials.clone(),
         );
+        let dials_cancelled = Counter::default();
+        registry.register(
+            "proxy_server_dials_cancelled",
+            "Dials whose client left or timed out before the agent answered; the agent was told \
+             to cancel them",
+            dials_cancelled.clone(),
+        );
         let server_count = Gauge::default();
         registry.register(
             "proxy_server_server_count",
@@ -141,6 +154,7 @@ impl Metrics {
         Self {
             server_count,
             pending_dials,
+            dials_cancelled,
             agents,
             connections_active,
             connections_total,

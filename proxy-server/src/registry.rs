@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 use dashmap::DashMap;
-use proxy_proto::{Chunk, DialRequest, ServerMessage, server_message};
+use proxy_proto::{Chunk, DialCancel, DialRequest, ServerMessage, server_message};
 use tokio::sync::{Notify, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tonic::{Status, Streaming};
@@ -439,6 +439,7 @@ impl Registry {
             registry: self.clone(),
             id,
             rx: Some(rx),
+            agent: agent.control.clone(),
         })
     }
 
@@ -558,12 +559,15 @@ impl Drop for ConnectionSlot {
     }
 }
 
-/// A dial waiting for its agent's answer; dropping it forgets the dial.
+/// A dial waiting for its agent's answer; dropping it before the answer forgets the dial and
+/// tells the agent to cancel it.
 #[derive(Debug)]
 pub struct DialGuard {
     registry: Arc<Registry>,
     id: u64,
     rx: Option<oneshot::Receiver<DialOutcome>>,
+    /// The control stream of the agent asked to dial.
+    agent: mpsc::Sender<Result<ServerMessage, Status>>,
 }
 
 impl DialGuard {
@@ -587,7 +591,19 @@ impl DialGuard {
 
 impl Drop for DialGuard {
     fn drop(&mut self) {
-        self.registry.pending.remove(&self.id);
+        let unanswered = self.registry.pending.remove(&self.id).is_some();
         self.registry.metrics.pending_dials.dec();
+        if unanswered {
+            // Best effort, never waiting in a destructor: with the control queue full the agent
+            // still finds out when it opens the data stream and the server refuses it.
+            let cancel = ServerMessage {
+                msg: Some(server_message::Msg::CancelDial(DialCancel {
+                    dial_id: self.id,
+                })),
+            };
+            if self.agent.try_send(Ok(cancel)).is_ok() {
+                self.registry.metrics.dials_cancelled.inc();
+            }
+        }
     }
 }
