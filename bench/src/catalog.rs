@@ -199,6 +199,15 @@ pub fn wan(smoke: bool) -> Vec<(Link, Vec<Scenario>)> {
                     limited,
                     0,
                 ),
+                // For the proxy the eight share one agent connection, so one 2 Gbit/s link:
+                // how they split it is flow control's doing. (Direct and rathole give every
+                // connection a relay, and so a link, of its own.)
+                scenario(
+                    "WAN 50 ms RTT, 2 Gbit/s: fairness, 8 connections, down",
+                    "% worst deviation from mean",
+                    false,
+                    Box::new(move |r| Box::pin(fairness::fairness(r, 8, warmup, measure))),
+                ),
             ],
         ),
     ]

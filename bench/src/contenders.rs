@@ -165,11 +165,13 @@ pub async fn start_server(
 }
 
 /// This project, from the binaries in `bin_dir`, with a PKI made for the run. With `wan`, the
-/// agent reaches the server through the delay relay.
+/// agent reaches the server through the delay relay. `baseline`: an older build to compare with
+/// (`--baseline-bin-dir`), reported as `baseline`.
 pub async fn proxy(
     bin_dir: &Path,
     upstream: SocketAddr,
     wan: Option<Link>,
+    baseline: bool,
 ) -> anyhow::Result<Running> {
     let dir = tempfile::tempdir()?;
     let pki = proxy_certs::write_dev_pki(dir.path(), &["bench"])?;
@@ -216,7 +218,12 @@ pub async fn proxy(
     };
     wait_until_open(&entry, "proxy").await?;
     Ok(Running {
-        name: if wan.is_some() { "proxy+wan" } else { "proxy" },
+        name: match (baseline, wan.is_some()) {
+            (false, false) => "proxy",
+            (false, true) => "proxy+wan",
+            (true, false) => "baseline",
+            (true, true) => "baseline+wan",
+        },
         entry,
         pids: vec![
             ("server", server.id().unwrap_or(0)),

@@ -41,10 +41,14 @@ struct Args {
     /// Rounds per scenario (each round runs every contender once).
     #[arg(long)]
     rounds: Option<usize>,
-    /// Run only these contenders (comma-separated: direct, proxy, rathole, ssh-R), e.g. to
+    /// Run only these contenders (comma-separated: direct, proxy, baseline, rathole, ssh-R), e.g. to
     /// profile one of them. The default is all.
     #[arg(long, value_delimiter = ',')]
     contenders: Vec<String>,
+    /// Also run the proxy built in this folder (e.g. from an older commit) as contender
+    /// `baseline`, interleaved with the others: before/after figures from one run.
+    #[arg(long)]
+    baseline_bin_dir: Option<PathBuf>,
     /// Run only scenarios whose name contains this.
     #[arg(long)]
     only: Option<String>,
@@ -99,12 +103,17 @@ async fn start_all(
     if wanted("direct") {
         running.push(contenders::direct(upstream, wan).await?);
     }
-    for name in ["proxy", "rathole", "ssh-R"]
+    let baseline = args.baseline_bin_dir.as_deref();
+    for name in ["proxy", "baseline", "rathole", "ssh-R"]
         .into_iter()
-        .filter(|n| wanted(n))
+        .filter(|n| wanted(n) && (*n != "baseline" || baseline.is_some()))
     {
         let result = match name {
-            "proxy" => contenders::proxy(&args.bin_dir, upstream, wan).await,
+            "proxy" => contenders::proxy(&args.bin_dir, upstream, wan, false).await,
+            "baseline" => {
+                let dir = baseline.expect("filtered above");
+                contenders::proxy(dir, upstream, wan, true).await
+            }
             "rathole" => contenders::rathole(upstream, wan).await,
             _ => contenders::ssh(upstream, wan).await,
         };

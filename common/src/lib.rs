@@ -4,6 +4,7 @@
 
 pub mod admin;
 pub mod flow;
+pub mod gate;
 pub mod net;
 pub mod pump;
 pub mod readahead;

@@ -98,6 +98,19 @@ pub fn configure(stream: &TcpStream, keepalive: Option<Keepalive>) -> io::Result
     Ok(())
 }
 
+/// Raises the soft limit on open files to the hard limit, and logs both: every tunneled
+/// connection holds two or three sockets, and distributions often start services with a soft
+/// limit of 1,024. Failing to raise it is logged, not fatal.
+pub fn raise_open_files_limit() {
+    match rlimit::getrlimit(rlimit::Resource::NOFILE) {
+        Ok((soft, hard)) => match rlimit::increase_nofile_limit(hard) {
+            Ok(now) => tracing::info!(before = soft, now, hard, "open-file limit"),
+            Err(err) => tracing::warn!(%err, soft, hard, "cannot raise the open-file limit"),
+        },
+        Err(err) => tracing::warn!(%err, "cannot read the open-file limit"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -137,6 +137,8 @@ async fn agent_refuses_destinations_it_was_not_given() {
         tls,
         Duration::from_secs(5),
         None,
+        proxy_common::gate::Gate::new(proxy_common::gate::DEFAULT_CAP),
+        || {},
         shutdown.clone(),
         shutdown.clone(),
     );

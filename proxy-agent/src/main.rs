@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 fn main() -> anyhow::Result<()> {
     let args = proxy_agent::Args::parse();
     proxy_common::telemetry::init(args.log_format);
+    proxy_common::net::raise_open_files_limit();
     let config = proxy_agent::Config::from_args(&args).context("invalid configuration")?;
     tokio::runtime::Runtime::new()?.block_on(async {
         let admin = tokio::net::TcpListener::bind(config.admin_addr)

@@ -90,10 +90,18 @@ pub struct Args {
     /// connection it carried.
     #[arg(long, env = "PROXY_SERVER_KEEPALIVE_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub keepalive_timeout: Duration,
-    /// Time a client or agent has to finish its TLS handshake, and a client to send its
-    /// complete CONNECT head (slower clients get 408).
+    /// Time a client or agent has from its connection being accepted to finish its TLS
+    /// handshake and, for a client, to send its complete CONNECT head (one deadline for both;
+    /// a client that is too slow gets 408).
     #[arg(long, env = "PROXY_SERVER_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub handshake_timeout: Duration,
+    /// Most connections of each listener (agents', clients') that may be in their TLS handshake
+    /// or, for clients, before their CONNECT head is read, at once. When full, a new
+    /// connection takes the place of the one that has waited longest once that one has waited
+    /// 1 s; until then the listener stops accepting. Bounds what a flood of idle connections
+    /// holds.
+    #[arg(long, env = "PROXY_SERVER_MAX_HANDSHAKES", default_value_t = proxy_common::gate::DEFAULT_CAP)]
+    pub max_handshakes: usize,
     /// Largest CONNECT request head (request line and headers) in bytes; larger gets 431.
     #[arg(long, env = "PROXY_SERVER_MAX_HEAD_BYTES", default_value_t = 16 * 1024)]
     pub max_head_bytes: usize,
@@ -233,6 +241,8 @@ pub struct Limits {
     pub handshake_timeout: Duration,
     /// See [`Args::max_head_bytes`].
     pub max_head_bytes: usize,
+    /// See [`Args::max_handshakes`].
+    pub max_handshakes: usize,
     /// See [`Args::max_connections`].
     pub max_connections: usize,
     /// See [`Args::max_connections_per_cluster`].
@@ -456,6 +466,7 @@ impl Config {
             limits: Limits {
                 handshake_timeout: positive("handshake-timeout", args.handshake_timeout)?,
                 max_head_bytes: args.max_head_bytes,
+                max_handshakes: at_least_one("max-handshakes", args.max_handshakes)?,
                 max_connections: at_least_one("max-connections", args.max_connections)?,
                 max_connections_per_cluster: at_least_one(
                     "max-connections-per-cluster",

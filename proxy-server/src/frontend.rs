@@ -49,6 +49,15 @@ pub struct Frontend {
     pub cluster_suffix: Option<String>,
     /// See `--connect-ports`.
     pub connect_ports: Vec<u16>,
+    /// Clients in their TLS handshake or before their head (see `--max-handshakes`).
+    pub gate: Arc<proxy_common::gate::Gate>,
+}
+
+/// A client's admission: its place in the gate until its head is read, and the one deadline
+/// for its TLS handshake and head.
+struct Admission {
+    ticket: proxy_common::gate::Ticket,
+    deadline: tokio::time::Instant,
 }
 
 /// A dial the agent answered: the connection's slot under the limits, the agent carrying it,
@@ -156,6 +165,12 @@ pub async fn serve(
     tracker: TaskTracker,
 ) {
     loop {
+        // A place in the gate first: while it is full of young handshakes, new clients wait
+        // in the kernel's backlog.
+        let ticket = tokio::select! {
+            () = shutdown.cancelled() => break,
+            ticket = frontend.gate.admit() => ticket,
+        };
         let (stream, addr) = tokio::select! {
             () = shutdown.cancelled() => break,
             res = listener.accept() => match res {
@@ -175,10 +190,14 @@ pub async fn serve(
             cluster = tracing::field::Empty,
             identity = tracing::field::Empty,
         );
+        let admission = Admission {
+            ticket,
+            deadline: tokio::time::Instant::now() + frontend.limits.handshake_timeout,
+        };
         tracker.spawn(
             async move {
                 tokio::select! {
-                    () = handle(&frontend, stream) => {}
+                    () = handle(&frontend, stream, admission) => {}
                     () = cancel.cancelled() => {}
                 }
             }
@@ -187,17 +206,24 @@ pub async fn serve(
     }
 }
 
-/// TLS (when configured) in the connection's own task, under the handshake timeout.
-async fn handle(frontend: &Frontend, tcp: TcpStream) {
+/// TLS (when configured) in the connection's own task, under the admission deadline; a client
+/// evicted from the gate is closed.
+async fn handle(frontend: &Frontend, tcp: TcpStream, admission: Admission) {
     if let Err(err) = proxy_common::net::configure(&tcp, frontend.keepalive) {
         tracing::debug!(%err, "cannot set socket options");
     }
     let Some(tls) = &frontend.tls else {
-        return frontend.serve_client(tcp, None).await;
+        return frontend.serve_client(tcp, None, admission).await;
     };
     let acceptor = TlsAcceptor::from(tls.current());
     let accept = acceptor.accept(proxy_common::readahead::ReadAhead::new(tcp));
-    match tokio::time::timeout(frontend.limits.handshake_timeout, accept).await {
+    let accepted = tokio::select! {
+        res = tokio::time::timeout_at(admission.deadline, accept) => res,
+        () = admission.ticket.evicted().cancelled() => {
+            return frontend.evicted();
+        }
+    };
+    match accepted {
         Ok(Ok(stream)) => {
             let cn = stream
                 .get_ref()
@@ -205,7 +231,7 @@ async fn handle(frontend: &Frontend, tcp: TcpStream) {
                 .peer_certificates()
                 .and_then(|c| c.first())
                 .and_then(proxy_common::tls::common_name);
-            frontend.serve_client(stream, cn).await;
+            frontend.serve_client(stream, cn, admission).await;
         }
         Ok(Err(err)) => tracing::info!(%err, "frontend TLS handshake failed"),
         Err(_) => tracing::info!("frontend TLS handshake timed out"),
@@ -242,17 +268,19 @@ async fn refuse<S: AsyncWrite + Unpin>(mut client: S, refusal: &Refusal) {
 }
 
 impl Frontend {
-    async fn serve_client<S>(&self, mut client: S, cert_cn: Option<String>)
+    async fn serve_client<S>(&self, mut client: S, cert_cn: Option<String>, admission: Admission)
     where
         S: AsyncRead + AsyncWrite + Abort + Unpin + Send,
     {
         let started = Instant::now();
         let limit = self.limits.handshake_timeout;
-        let head = tokio::time::timeout(
-            limit,
-            connect::read_request(&mut client, self.limits.max_head_bytes),
-        )
-        .await;
+        let read = connect::read_request(&mut client, self.limits.max_head_bytes);
+        let head = tokio::select! {
+            head = tokio::time::timeout_at(admission.deadline, read) => head,
+            () = admission.ticket.evicted().cancelled() => return self.evicted(),
+        };
+        // Past the gate: what follows is bounded by the connection limits.
+        drop(admission);
         let req = match head {
             Ok(Ok(req)) => req,
             Ok(Err(RequestError::Closed)) => return,
@@ -389,6 +417,14 @@ impl Frontend {
             duration_ms = started.elapsed().as_millis() as u64,
             %outcome,
             "tunneled connection closed"
+        );
+    }
+
+    /// A newer client took this one's place in the gate before it sent its head.
+    fn evicted(&self) {
+        self.metrics.handshake_limited("frontend");
+        tracing::debug!(
+            "closed before its request head: the handshake gate was full (see --max-handshakes)"
         );
     }
 

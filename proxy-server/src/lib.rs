@@ -268,6 +268,7 @@ pub async fn run(
         fleet: fleet.clone(),
         cluster_suffix: config.cluster_suffix.clone(),
         connect_ports: config.connect_ports.clone(),
+        gate: proxy_common::gate::Gate::new(config.limits.max_handshakes),
     });
     let mut frontend_task = tokio::spawn(frontend::serve(
         listeners.frontend,
@@ -279,11 +280,17 @@ pub async fn run(
 
     tracing::info!(server.id = %config.server_id, "proxy-server started");
     let service = tunnel::TunnelService::new(registry, fleet, config.window_budget, close.clone());
+    let limited = {
+        let metrics = metrics.clone();
+        move || metrics.handshake_limited("agent")
+    };
     let incoming = listener::incoming(
         listeners.agent,
         config.agent_tls.clone(),
         config.limits.handshake_timeout,
         config.tcp_keepalive,
+        proxy_common::gate::Gate::new(config.limits.max_handshakes),
+        limited,
         shutdown.clone(),
         close.clone(),
     );

@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use proxy_common::gate::Gate;
 use proxy_common::readahead::ReadAhead;
 use proxy_common::reload::Reloadable;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -91,11 +92,17 @@ impl AsyncWrite for AgentIo {
 /// The stream itself stays open until `close`: tonic starts its graceful shutdown (GOAWAY to
 /// every agent) when the stream ends, and a GOAWAY during the drain would make agents fail the
 /// data streams of dials still in flight.
+///
+/// At most `gate`'s cap of handshakes run at once (see [`proxy_common::gate`]); `limited` is
+/// called for each connection closed because a newer one took its place.
+#[allow(clippy::too_many_arguments)]
 pub fn incoming(
     listener: TcpListener,
     tls: Reloadable<rustls::ServerConfig>,
     handshake_timeout: Duration,
     keepalive: Option<proxy_common::net::Keepalive>,
+    gate: Arc<Gate>,
+    limited: impl Fn() + Clone + Send + 'static,
     shutdown: CancellationToken,
     close: CancellationToken,
 ) -> ReceiverStream<io::Result<AgentIo>> {
@@ -103,6 +110,10 @@ pub fn incoming(
     let next_id = Arc::new(AtomicU64::new(1));
     tokio::spawn(async move {
         loop {
+            let ticket = tokio::select! {
+                () = shutdown.cancelled() => break,
+                ticket = gate.admit() => ticket,
+            };
             let (tcp, addr) = tokio::select! {
                 () = shutdown.cancelled() => break,
                 res = listener.accept() => match res {
@@ -119,6 +130,7 @@ pub fn incoming(
             let tx = tx.clone();
             let id = next_id.fetch_add(1, Ordering::Relaxed);
             let shutdown = shutdown.clone();
+            let limited = limited.clone();
             tokio::spawn(async move {
                 let handshake = tokio::time::timeout(
                     handshake_timeout,
@@ -126,6 +138,10 @@ pub fn incoming(
                 );
                 let io = tokio::select! {
                     () = shutdown.cancelled() => return,
+                    () = ticket.evicted().cancelled() => {
+                        tracing::debug!(agent.addr = %addr, "closed in its TLS handshake: the handshake gate was full (see --max-handshakes)");
+                        return limited();
+                    }
                     res = handshake => match res {
                         Ok(Ok(io)) => io,
                         Ok(Err(err)) => {
@@ -138,6 +154,7 @@ pub fn incoming(
                         }
                     },
                 };
+                drop(ticket);
                 let _ = tx.send(Ok(io)).await;
             });
         }

@@ -10,6 +10,7 @@ use tokio_util::sync::CancellationToken;
 fn main() -> anyhow::Result<()> {
     let args = proxy_server::Args::parse();
     proxy_common::telemetry::init(args.log_format);
+    proxy_common::net::raise_open_files_limit();
     let runtime = tokio::runtime::Runtime::new()?;
     if let Some(Command::Kubeconfig { admin_url, out }) = &args.command {
         runtime.block_on(proxy_server::kubeconfig::write(admin_url, out.as_deref()))?;

@@ -93,6 +93,15 @@ pub struct Metrics {
     pub dials_cancelled: Counter,
     /// Server replicas the fleet has, as this server tells agents.
     pub server_count: Gauge,
+    /// Connections closed before authentication because the handshake gate was full.
+    pub handshakes_limited: Family<ListenerLabel, Counter>,
+}
+
+/// Which listener.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ListenerLabel {
+    /// `agent` or `frontend`.
+    pub listener: &'static str,
 }
 
 fn dial_histogram() -> Histogram {
@@ -151,7 +160,16 @@ impl Metrics {
             "Server replicas in the fleet, as told to agents (--server-count or its DNS name)",
             server_count.clone(),
         );
+        let handshakes_limited = Family::<ListenerLabel, Counter>::default();
+        registry.register(
+            "proxy_server_handshakes_limited",
+            "Connections closed before authentication because the listener's handshake gate \
+             was full (--max-handshakes): a newer connection took the place of one that had \
+             waited 1 s",
+            handshakes_limited.clone(),
+        );
         Self {
+            handshakes_limited,
             server_count,
             pending_dials,
             dials_cancelled,
@@ -161,6 +179,13 @@ impl Metrics {
             dial_duration,
             bytes,
         }
+    }
+
+    /// Counts a connection of `listener` closed because the handshake gate was full.
+    pub fn handshake_limited(&self, listener: &'static str) {
+        self.handshakes_limited
+            .get_or_create(&ListenerLabel { listener })
+            .inc();
     }
 
     /// Counts one CONNECT outcome.

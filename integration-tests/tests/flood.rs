@@ -1,0 +1,109 @@
+//! A flood of idle connections on both listeners, none of which ever sends a byte: the server
+//! holds at most `--max-handshakes` of them per listener, and a real client and a new agent are
+//! still served while the flood lasts.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use integration_tests::procs::metric;
+use integration_tests::upstream::BannerServer;
+use integration_tests::{AgentProc, Bed, ServerProc};
+use tokio::net::TcpStream;
+
+use integration_tests::client::banner_via;
+
+/// Idle connections per listener: 10,000 in all.
+const FLOOD: usize = 5_000;
+
+/// Opens `n` connections to `addr` that never send anything; returns those that connected
+/// (the rest wait in, or were turned away by, a full backlog).
+async fn flood(addr: SocketAddr, n: usize) -> Vec<TcpStream> {
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..n {
+        tasks.spawn(async move {
+            tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(addr))
+                .await
+                .ok()
+                .and_then(Result::ok)
+        });
+    }
+    let mut held = Vec::new();
+    while let Some(res) = tasks.join_next().await {
+        held.extend(res.unwrap());
+    }
+    held
+}
+
+fn open_files(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_thousand_idle_connections_leave_clients_and_agents_served() {
+    // The flood itself needs 10,000 descriptors in this process.
+    rlimit::increase_nofile_limit(u64::MAX).unwrap();
+    let bed = Bed::new(&["alpha", "beta"]);
+    let up = BannerServer::start("alpha-upstream").await.unwrap();
+    let server = ServerProc::start(&bed.pki, None, &[]).await.unwrap();
+    let _alpha = AgentProc::start_ready(&bed.pki, &[server.agent_addr], "alpha", up.addr)
+        .await
+        .unwrap();
+
+    let started = Instant::now();
+    let (frontend, agents) = tokio::join!(
+        flood(server.frontend_addr, FLOOD),
+        flood(server.agent_addr, FLOOD)
+    );
+    eprintln!(
+        "flood: {} + {} idle connections open after {:?}",
+        frontend.len(),
+        agents.len(),
+        started.elapsed()
+    );
+    assert!(
+        frontend.len() + agents.len() >= FLOOD,
+        "the flood did not get through"
+    );
+
+    // While the flood holds its sockets: a real client is served...
+    let started = Instant::now();
+    assert_eq!(
+        banner_via(server.frontend_addr, "alpha").await,
+        "alpha-upstream"
+    );
+    let client_took = started.elapsed();
+    // ...and a new agent registers.
+    let started = Instant::now();
+    let beta_up = BannerServer::start("beta-upstream").await.unwrap();
+    let _beta = AgentProc::start_ready(&bed.pki, &[server.agent_addr], "beta", beta_up.addr)
+        .await
+        .unwrap();
+    let agent_took = started.elapsed();
+    assert_eq!(
+        banner_via(server.frontend_addr, "beta").await,
+        "beta-upstream"
+    );
+    eprintln!(
+        "during the flood: a client served in {client_took:?}, a new agent registered in {agent_took:?}"
+    );
+    assert!(client_took < Duration::from_secs(5), "{client_took:?}");
+
+    // The server holds at most the default cap (1,024) per listener, not the flood.
+    let fds = open_files(server.proc.pid());
+    eprintln!("server descriptors during the flood: {fds}");
+    assert!(
+        fds < 2 * 1024 + 200,
+        "{fds} descriptors: the flood is not capped"
+    );
+    let limited = |listener: &str| {
+        let sample = format!("proxy_server_handshakes_limited_total{{listener=\"{listener}\"}}");
+        let admin = server.admin_addr;
+        async move { metric(admin, &sample).await }
+    };
+    let (f, a) = (limited("frontend").await, limited("agent").await);
+    eprintln!("evicted: frontend {f}, agent {a}");
+    assert!(f > 0.0 && a > 0.0, "frontend {f}, agent {a}");
+    drop((frontend, agents));
+}
