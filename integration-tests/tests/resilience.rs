@@ -263,3 +263,84 @@ async fn reconnect_backoff_starts_over_after_every_tunnel_that_worked() {
         agent.proc.logs()
     );
 }
+
+/// An agent that goes silent (frozen: its TCP connection open, nothing answered) is passed over
+/// within a ping interval and a second: CONNECTs go to the cluster's other agent, and once no
+/// agent answers they get `503` at once rather than `504` after the dial timeout. It is routed
+/// to again as soon as it answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_agent_is_passed_over_fast_and_without_another_the_answer_is_503_at_once() {
+    let bed = Bed::new(&["alpha"]);
+    let up = integration_tests::upstream::BannerServer::start("alpha-upstream")
+        .await
+        .unwrap();
+    // Pings every 500 ms; the connection itself is dropped only after a minute, so what this
+    // test sees is the ping rule, not the HTTP/2 keepalive dropping the agent.
+    let flags = [
+        "--keepalive-interval",
+        "500ms",
+        "--keepalive-timeout",
+        "60s",
+        "--dial-timeout",
+        "10s",
+    ];
+    let server = ServerProc::start(&bed.pki, None, &flags).await.unwrap();
+    let banner = integration_tests::client::banner_via;
+    let first = AgentProc::start_ready(&bed.pki, &[server.agent_addr], "alpha", up.addr)
+        .await
+        .unwrap();
+    let second = AgentProc::start_ready(&bed.pki, &[server.agent_addr], "alpha", up.addr)
+        .await
+        .unwrap();
+
+    first.proc.signal("STOP");
+    // Interval + 1 s, with slack.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    for _ in 0..10 {
+        let started = Instant::now();
+        assert_eq!(
+            banner(server.frontend_addr, "alpha").await,
+            "alpha-upstream"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "a CONNECT waited {:?}: sent to the silent agent?",
+            started.elapsed()
+        );
+    }
+
+    second.proc.signal("STOP");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let started = Instant::now();
+    let reply = connect(server.frontend_addr, "alpha:443").await.unwrap();
+    let took = started.elapsed();
+    let ConnectReply::Refused { status, body } = reply else {
+        panic!("a tunnel through frozen agents")
+    };
+    eprintln!("no agent answering: {status} {body} after {took:?}");
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("has not answered"), "{body}");
+    assert!(took < Duration::from_secs(1), "{took:?}");
+    assert_eq!(
+        integration_tests::procs::metric(
+            server.admin_addr,
+            r#"proxy_server_connections_total{cluster="alpha",result="agent_unresponsive"}"#
+        )
+        .await,
+        1.0
+    );
+
+    first.proc.signal("CONT");
+    second.proc.signal("CONT");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        if let ConnectReply::Tunnel(_) = connect(server.frontend_addr, "alpha:443").await.unwrap() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "thawed agents not routed to again"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

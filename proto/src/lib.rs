@@ -9,6 +9,12 @@ tonic::include_proto!("proxy.tunnel.v1");
 /// Request metadata key carrying the dial id on a `Data` stream.
 pub const DIAL_ID_HEADER: &str = "x-dial-id";
 
+/// `Register.features`: the agent understands `ServerMessage.cancel_dial`.
+pub const FEATURE_CANCEL_DIAL: &str = "cancel_dial";
+
+/// `Register.features`: the agent answers `ServerMessage.ping` with `AgentMessage.pong`.
+pub const FEATURE_PING: &str = "ping";
+
 /// Largest `Chunk` payload a peer sends. Chunks this size amortise per-message costs while
 /// keeping each one well under the gRPC message limit.
 pub const MAX_CHUNK: usize = 64 * 1024;

@@ -82,7 +82,7 @@ pub struct Args {
     #[arg(long, env = "PROXY_AGENT_DIAL_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
     pub dial_timeout: Duration,
     /// Interval of HTTP/2 keepalive pings to servers.
-    #[arg(long, env = "PROXY_AGENT_KEEPALIVE_INTERVAL", default_value = "10s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "PROXY_AGENT_KEEPALIVE_INTERVAL", default_value = "5s", value_parser = humantime::parse_duration)]
     pub keepalive_interval: Duration,
     /// A server that does not answer a ping within this time is reconnected.
     #[arg(long, env = "PROXY_AGENT_KEEPALIVE_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]

@@ -257,6 +257,10 @@ async fn establish(
             upstream_ca: shared.config.upstream_ca_pem(),
             upstream_server_name: shared.config.upstream_server_name.clone(),
             held_server_ids: shared.fleet.held_ids(),
+            features: vec![
+                proxy_proto::FEATURE_CANCEL_DIAL.to_owned(),
+                proxy_proto::FEATURE_PING.to_owned(),
+            ],
         })),
     };
     control
@@ -377,11 +381,24 @@ impl Tunnel {
                         tracing::info!(server = %addr, server.id = %server_id, count = fleet.server_count, "server count changed");
                         held.set_count(fleet.server_count);
                     }
+                    Some(server_message::Msg::Ping(ping)) => {
+                        let pong = AgentMessage {
+                            msg: Some(agent_message::Msg::Pong(proxy_proto::Pong {
+                                seq: ping.seq,
+                            })),
+                        };
+                        // A full queue means the tunnel is congested: a late pong says so.
+                        let _ = control.try_send(pong);
+                    }
                     Some(
                         server_message::Msg::Registered(_) | server_message::Msg::AlreadyHeld(_),
-                    )
-                    | None => {
+                    ) => {
                         break Err(SessionError::Protocol("unexpected control message".into()));
+                    }
+                    None => {
+                        // A message type of a newer server this agent does not know: servers
+                        // send such only to agents that list the feature, so this is skipped.
+                        tracing::debug!(server = %addr, "unknown control message skipped");
                     }
                 },
                 Ok(None) => break Ok(()),

@@ -83,8 +83,10 @@ pub struct Args {
     /// agent reconnecting) before answering 503. Clusters never seen answer 503 at once.
     #[arg(long, env = "PROXY_SERVER_AGENT_WAIT", default_value = "3s", value_parser = humantime::parse_duration)]
     pub agent_wait: Duration,
-    /// Interval of HTTP/2 keepalive pings to agents.
-    #[arg(long, env = "PROXY_SERVER_KEEPALIVE_INTERVAL", default_value = "10s", value_parser = humantime::parse_duration)]
+    /// Interval of keepalive pings to agents (HTTP/2 pings, and control-stream pings that
+    /// agents answer: one unanswered for a second takes the agent out of routing until it
+    /// answers again).
+    #[arg(long, env = "PROXY_SERVER_KEEPALIVE_INTERVAL", default_value = "5s", value_parser = humantime::parse_duration)]
     pub keepalive_interval: Duration,
     /// An agent that does not answer a keepalive ping within this time is dropped with every
     /// connection it carried.

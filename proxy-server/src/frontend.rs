@@ -20,9 +20,7 @@ use crate::auth::{AuthError, Credentials};
 use crate::config::{FrontendAuth, Limits};
 use crate::connect::{self, ConnectRequest, RequestError};
 use crate::metrics::{ClusterLabel, Metrics, Outcome};
-use crate::registry::{
-    AgentGone, AgentHandle, ConnectionSlot, DialOutcome, Registry, TunnelStream,
-};
+use crate::registry::{AgentHandle, ConnectionSlot, DialOutcome, Registry, TunnelStream};
 
 /// What the frontend needs from the rest of the server.
 #[derive(Debug)]
@@ -58,6 +56,14 @@ pub struct Frontend {
 struct Admission {
     ticket: proxy_common::gate::Ticket,
     deadline: tokio::time::Instant,
+}
+
+/// Why a dial ended without the agent's answer.
+enum Ended {
+    /// The agent disconnected.
+    Gone,
+    /// The agent stopped answering pings.
+    Unresponsive,
 }
 
 /// A dial the agent answered: the connection's slot under the limits, the agent carrying it,
@@ -524,6 +530,21 @@ impl Frontend {
                 format!("no agent connected for cluster {cluster:?}"),
             ));
         };
+        let unresponsive = |agent: &AgentHandle, since: Instant| {
+            Refusal::new(
+                503,
+                Outcome::AgentUnresponsive,
+                format!(
+                    "agent {} of cluster {cluster:?} has not answered the server for {:.1?} (no other agent of the cluster answers)",
+                    agent.info.agent_id,
+                    since.elapsed()
+                ),
+            )
+        };
+        // The pick prefers agents that answer; if this one does not, none does.
+        if let Some(since) = agent.unresponsive_since() {
+            return Err(unresponsive(&agent, since));
+        }
         let slot = self
             .registry
             .open_connection(cluster)
@@ -533,12 +554,17 @@ impl Frontend {
             .begin_dial(&agent)
             .map_err(|limit| Refusal::new(503, Outcome::Limited, limit.to_string()))?;
         let dial = async {
-            agent.request_dial(pending.id()).await?;
+            agent
+                .request_dial(pending.id())
+                .await
+                .map_err(|_| Ended::Gone)?;
             // An agent that leaves between being picked and the dial being recorded could never
-            // answer; its closing ends the wait at once.
+            // answer; its closing ends the wait at once. One that stops answering pings ends it
+            // too, long before the dial timeout.
             tokio::select! {
-                outcome = pending.outcome() => outcome,
-                () = agent.closed().cancelled() => Err(AgentGone),
+                outcome = pending.outcome() => outcome.map_err(|_| Ended::Gone),
+                () = agent.closed().cancelled() => Err(Ended::Gone),
+                () = agent.until_unresponsive() => Err(Ended::Unresponsive),
             }
         };
         let agent_id = &agent.info.agent_id;
@@ -555,10 +581,14 @@ impl Frontend {
                     "agent {agent_id} of cluster {cluster:?} could not reach its upstream: {reason}"
                 ),
             )),
-            Ok(Err(AgentGone)) => Err(Refusal::new(
+            Ok(Err(Ended::Gone)) => Err(Refusal::new(
                 502,
                 Outcome::DialFailed,
                 format!("agent {agent_id} of cluster {cluster:?} disconnected during the dial"),
+            )),
+            Ok(Err(Ended::Unresponsive)) => Err(unresponsive(
+                &agent,
+                agent.unresponsive_since().unwrap_or_else(Instant::now),
             )),
             Err(_) => Err(Refusal::new(
                 504,

@@ -279,7 +279,13 @@ pub async fn run(
     ));
 
     tracing::info!(server.id = %config.server_id, "proxy-server started");
-    let service = tunnel::TunnelService::new(registry, fleet, config.window_budget, close.clone());
+    let service = tunnel::TunnelService::new(
+        registry,
+        fleet,
+        config.window_budget,
+        config.keepalive_interval,
+        close.clone(),
+    );
     let limited = {
         let metrics = metrics.clone();
         move || metrics.handshake_limited("agent")

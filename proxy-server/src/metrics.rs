@@ -54,6 +54,8 @@ pub enum Outcome {
     BadRequest,
     /// The client closed or failed before its `200` (its dial was cancelled).
     ClientLeft,
+    /// The cluster's agents do not answer pings (their connection may be dead).
+    AgentUnresponsive,
 }
 
 impl Outcome {
@@ -69,6 +71,7 @@ impl Outcome {
             Self::Limited => "limited",
             Self::BadRequest => "bad_request",
             Self::ClientLeft => "client_left",
+            Self::AgentUnresponsive => "agent_unresponsive",
         }
     }
 }

@@ -44,6 +44,28 @@ pub struct AgentInfo {
     pub upstream_ca: Option<String>,
     /// The TLS name of the member API server, as the agent reported it, if valid.
     pub upstream_server_name: Option<String>,
+    /// Control messages it understands beyond the first protocol version's.
+    pub features: Features,
+}
+
+/// What an agent said it understands (`Register.features`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Features {
+    /// `ServerMessage.cancel_dial`.
+    pub cancel_dial: bool,
+    /// `ServerMessage.ping`, answered with `AgentMessage.pong`.
+    pub ping: bool,
+}
+
+impl Features {
+    /// From the names an agent listed; unknown names are ignored.
+    pub fn from_names(names: &[String]) -> Self {
+        let has = |f: &str| names.iter().any(|n| n == f);
+        Self {
+            cancel_dial: has(proxy_proto::FEATURE_CANCEL_DIAL),
+            ping: has(proxy_proto::FEATURE_PING),
+        }
+    }
 }
 
 /// A connected agent: where to send dial requests, and the token that closes everything it
@@ -56,6 +78,8 @@ pub struct AgentHandle {
     closed: CancellationToken,
     draining: AtomicBool,
     budget: Arc<proxy_common::flow::Budget>,
+    /// Since when a ping has gone unanswered too long, if it has (see `tunnel::PONG_LATE`).
+    unresponsive: tokio::sync::watch::Sender<Option<Instant>>,
 }
 
 /// The agent's control stream is gone.
@@ -78,6 +102,7 @@ impl AgentHandle {
             closed,
             draining: AtomicBool::new(false),
             budget,
+            unresponsive: tokio::sync::watch::Sender::new(None),
         }
     }
 
@@ -94,6 +119,36 @@ impl AgentHandle {
     /// Whether the agent said it is shutting down.
     pub fn is_draining(&self) -> bool {
         self.draining.load(Ordering::Acquire)
+    }
+
+    /// Marks the agent as not answering pings since `since` (`None`: it answers again).
+    pub fn set_unresponsive(&self, since: Option<Instant>) {
+        self.unresponsive.send_if_modified(|now| {
+            let changed = now.is_some() != since.is_some();
+            *now = since;
+            changed
+        });
+    }
+
+    /// Since when the agent has not answered a ping in time, if so.
+    pub fn unresponsive_since(&self) -> Option<Instant> {
+        *self.unresponsive.borrow()
+    }
+
+    /// Resolves once the agent stops answering pings in time.
+    pub async fn until_unresponsive(&self) {
+        let mut rx = self.unresponsive.subscribe();
+        // The sender lives as long as `self`, so this cannot fail while borrowed.
+        let _ = rx.wait_for(Option::is_some).await;
+    }
+
+    /// Pings the agent (if it understands pings). Best effort: a full control queue is itself
+    /// a sign the agent is behind.
+    pub fn send_ping(&self, seq: u64) {
+        let msg = ServerMessage {
+            msg: Some(server_message::Msg::Ping(proxy_proto::Ping { seq })),
+        };
+        let _ = self.control.try_send(Ok(msg));
     }
 
     /// Cancelled when the agent leaves the registry (or the server shuts down).
@@ -352,9 +407,14 @@ impl Registry {
         }
         let start = self.round_robin.fetch_add(1, Ordering::Relaxed);
         let n = agents.len();
-        (0..n)
-            .map(|k| &agents[(start + k) % n])
+        let in_turn = || (0..n).map(|k| &agents[(start + k) % n]);
+        // Answering and staying first, then answering but draining, then whoever is there
+        // (the frontend refuses a dial to an agent that is not answering at once).
+        let answering = |a: &&Arc<AgentHandle>| a.unresponsive_since().is_none();
+        in_turn()
+            .filter(answering)
             .find(|a| !a.is_draining())
+            .or_else(|| in_turn().find(answering))
             .or_else(|| agents.get(start % n))
             .cloned()
     }
@@ -439,7 +499,11 @@ impl Registry {
             registry: self.clone(),
             id,
             rx: Some(rx),
-            agent: agent.control.clone(),
+            cancel_to: agent
+                .info
+                .features
+                .cancel_dial
+                .then(|| agent.control.clone()),
         })
     }
 
@@ -566,8 +630,8 @@ pub struct DialGuard {
     registry: Arc<Registry>,
     id: u64,
     rx: Option<oneshot::Receiver<DialOutcome>>,
-    /// The control stream of the agent asked to dial.
-    agent: mpsc::Sender<Result<ServerMessage, Status>>,
+    /// The control stream of the agent asked to dial, if it understands `cancel_dial`.
+    cancel_to: Option<mpsc::Sender<Result<ServerMessage, Status>>>,
 }
 
 impl DialGuard {
@@ -593,7 +657,7 @@ impl Drop for DialGuard {
     fn drop(&mut self) {
         let unanswered = self.registry.pending.remove(&self.id).is_some();
         self.registry.metrics.pending_dials.dec();
-        if unanswered {
+        if let (true, Some(agent)) = (unanswered, &self.cancel_to) {
             // Best effort, never waiting in a destructor: with the control queue full the agent
             // still finds out when it opens the data stream and the server refuses it.
             let cancel = ServerMessage {
@@ -601,7 +665,7 @@ impl Drop for DialGuard {
                     dial_id: self.id,
                 })),
             };
-            if self.agent.try_send(Ok(cancel)).is_ok() {
+            if agent.try_send(Ok(cancel)).is_ok() {
                 self.registry.metrics.dials_cancelled.inc();
             }
         }

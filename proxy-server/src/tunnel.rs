@@ -28,29 +28,38 @@ pub const REGISTER_TIMEOUT: Duration = Duration::from_secs(10);
 /// within their dial timeout.
 pub const CONTROL_QUEUE: usize = 256;
 
+/// A ping unanswered this long marks its agent unresponsive: new CONNECTs go to the cluster's
+/// other agents, or get `503` at once, and dials waiting on it fail, instead of every CONNECT
+/// waiting out `--dial-timeout` until the connection's keepalive drops the agent. A pong
+/// crosses a loaded WAN link in well under a second; a second more is the price of noticing.
+pub const PONG_LATE: Duration = Duration::from_secs(1);
+
 /// The service implementation.
 #[derive(Debug, Clone)]
 pub struct TunnelService {
     registry: Arc<Registry>,
     fleet: Arc<Fleet>,
     window_budget: u64,
+    ping_interval: Duration,
     shutdown: CancellationToken,
 }
 
 impl TunnelService {
     /// A service registering agents into `registry` on behalf of this server of `fleet`, each
-    /// agent connection with a flow-control budget of `window_budget` bytes; `shutdown` closes
-    /// every agent.
+    /// agent connection with a flow-control budget of `window_budget` bytes, agents that
+    /// understand it pinged every `ping_interval`; `shutdown` closes every agent.
     pub fn new(
         registry: Arc<Registry>,
         fleet: Arc<Fleet>,
         window_budget: u64,
+        ping_interval: Duration,
         shutdown: CancellationToken,
     ) -> Self {
         Self {
             registry,
             fleet,
             window_budget,
+            ping_interval,
             shutdown,
         }
     }
@@ -212,6 +221,7 @@ impl Tunnel for TunnelService {
             connected_at: SystemTime::now(),
             upstream_ca,
             upstream_server_name,
+            features: crate::registry::Features::from_names(&reg.features),
         };
         let closed = self.shutdown.child_token();
         let registration = self
@@ -230,6 +240,7 @@ impl Tunnel for TunnelService {
             registration,
             self.registry.clone(),
             self.fleet.subscribe(),
+            self.ping_interval,
             closed,
         ));
         Ok(Response::new(ReceiverStream::new(rx)))
@@ -266,22 +277,53 @@ async fn serve_control(
     registration: Registration,
     registry: Arc<Registry>,
     mut fleet: tokio::sync::watch::Receiver<u32>,
+    ping_interval: Duration,
     closed: CancellationToken,
 ) {
     let info = registration.agent().info.clone();
+    let agent = registration.agent().clone();
     // The count sent with the registration is the one seen now.
     fleet.borrow_and_update();
+    let mut pings = tokio::time::interval(ping_interval);
+    pings.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The ping waiting for its pong: (sequence number, sent at).
+    let mut waiting: Option<(u64, tokio::time::Instant)> = None;
+    let mut seq = 0;
     let reason = loop {
+        let late = waiting.map(|(_, sent)| sent + PONG_LATE);
         let msg = tokio::select! {
             () = closed.cancelled() => break "server shutting down".to_owned(),
             Ok(()) = fleet.changed() => {
                 let count = *fleet.borrow_and_update();
-                registration.agent().send_fleet(count);
+                agent.send_fleet(count);
+                continue;
+            }
+            _ = pings.tick(), if info.features.ping && waiting.is_none() => {
+                seq += 1;
+                waiting = Some((seq, tokio::time::Instant::now()));
+                agent.send_ping(seq);
+                continue;
+            }
+            () = tokio::time::sleep_until(late.unwrap_or_else(tokio::time::Instant::now)),
+                if late.is_some() && agent.unresponsive_since().is_none() => {
+                tracing::warn!(cluster = %info.cluster, agent.id = %info.agent_id, late_ms = PONG_LATE.as_millis() as u64, "agent did not answer a ping in time: new connections avoid it until it does");
+                agent.set_unresponsive(waiting.map(|(_, sent)| sent.into_std()));
                 continue;
             }
             msg = inbound.message() => msg,
         };
         match msg {
+            Ok(Some(AgentMessage {
+                msg: Some(agent_message::Msg::Pong(pong)),
+            })) => {
+                if waiting.is_some_and(|(s, _)| s == pong.seq) {
+                    waiting = None;
+                    if agent.unresponsive_since().is_some() {
+                        tracing::info!(cluster = %info.cluster, agent.id = %info.agent_id, "agent answers pings again");
+                        agent.set_unresponsive(None);
+                    }
+                }
+            }
             Ok(Some(AgentMessage {
                 msg: Some(agent_message::Msg::DialFailed(failed)),
             })) => {
@@ -296,7 +338,7 @@ async fn serve_control(
             Ok(Some(AgentMessage {
                 msg: Some(agent_message::Msg::Drain(_)),
             })) => {
-                registration.agent().set_draining();
+                agent.set_draining();
                 tracing::info!(cluster = %info.cluster, agent.id = %info.agent_id, "agent draining: new connections go to other agents of the cluster");
             }
             Ok(Some(_)) => break "protocol violation: unexpected control message".to_owned(),
