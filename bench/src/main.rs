@@ -49,7 +49,8 @@ struct Args {
     /// `baseline`, interleaved with the others: before/after figures from one run.
     #[arg(long)]
     baseline_bin_dir: Option<PathBuf>,
-    /// Run only scenarios whose name contains this.
+    /// Run only scenarios whose name contains this (several alternatives separated by `|`,
+    /// e.g. `bulk, 1 connection|latency`).
     #[arg(long)]
     only: Option<String>,
     /// Internal: serve the upstream and print its address (the harness runs it as a child
@@ -68,6 +69,15 @@ struct Args {
     /// Internal: the upstream the swarm's agents dial.
     #[arg(long, hide = true, default_value = "")]
     swarm_upstream: String,
+}
+
+impl Args {
+    /// Whether `--only` lets scenario `name` run.
+    fn wants(&self, name: &str) -> bool {
+        self.only
+            .as_deref()
+            .is_none_or(|only| only.split('|').any(|o| name.contains(o)))
+    }
 }
 
 /// Starts the upstream in a child process; returns its address and the child.
@@ -181,11 +191,7 @@ async fn main() -> anyhow::Result<()> {
     let contender_count = running.len();
     let mut results = Vec::new();
     for scenario in catalog::loopback(args.smoke) {
-        if args
-            .only
-            .as_deref()
-            .is_some_and(|o| !scenario.name.contains(o))
-        {
+        if !args.wants(scenario.name) {
             continue;
         }
         if scenario.fresh {
@@ -214,10 +220,7 @@ async fn main() -> anyhow::Result<()> {
     // WAN: the same contenders with latency added each way between their two halves (for
     // direct, between client and upstream), by the userspace relay (no netem here).
     for (path, group) in catalog::wan(args.smoke) {
-        let group: Vec<Scenario> = group
-            .into_iter()
-            .filter(|s| args.only.as_deref().is_none_or(|o| s.name.contains(o)))
-            .collect();
+        let group: Vec<Scenario> = group.into_iter().filter(|s| args.wants(s.name)).collect();
         if group.is_empty() {
             continue;
         }
@@ -228,7 +231,7 @@ async fn main() -> anyhow::Result<()> {
     }
     // Agent scale has one contender: the peers have no per-cluster routing to compare.
     for (name, agents, servers) in catalog::agents(args.smoke) {
-        if args.only.as_deref().is_some_and(|o| !name.contains(o)) {
+        if !args.wants(name) {
             continue;
         }
         eprintln!("== {name}");
