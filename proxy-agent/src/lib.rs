@@ -16,7 +16,6 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 pub use config::{Args, Config, ConfigError};
 
@@ -80,7 +79,15 @@ impl Shared {
 
 /// Runs the agent until `shutdown`, then drains: servers are told to send new connections to
 /// other agents, open connections continue until they end or the grace period runs out.
-pub async fn run(config: Config, admin: TcpListener, shutdown: CancellationToken) {
+///
+/// If the admin listener or the tunnel task of a server ends on its own (an error, a panic),
+/// the agent drains as on SIGTERM (readiness fails at once) and returns the error, so the
+/// process exits non-zero and is restarted rather than looking alive while serving nothing.
+pub async fn run(
+    config: Config,
+    admin: TcpListener,
+    shutdown: CancellationToken,
+) -> Result<(), proxy_common::shutdown::Stopped> {
     let mut prometheus = prometheus_client::registry::Registry::default();
     let metrics = metrics::Metrics::new(&mut prometheus);
     let shared = Arc::new(Shared::new(config, metrics));
@@ -88,7 +95,6 @@ pub async fn run(config: Config, admin: TcpListener, shutdown: CancellationToken
         drain: shutdown.clone(),
         close: CancellationToken::new(),
     };
-    let tracker = TaskTracker::new();
     match proxy_common::reload::sighup_trigger() {
         Ok(trigger) => shared.config.tls.spawn_watcher(trigger, life.close.clone()),
         Err(err) => {
@@ -123,16 +129,23 @@ pub async fn run(config: Config, admin: TcpListener, shutdown: CancellationToken
         routes: None,
         keepalive: shared.config.tcp_keepalive,
     };
-    tracker.spawn(proxy_common::admin::serve(
-        admin,
-        admin_state,
-        life.close.clone(),
-    ));
+    let mut vital = proxy_common::shutdown::Vital::default();
+    vital.spawn(
+        "admin listener",
+        proxy_common::admin::serve(admin, admin_state, life.close.clone()),
+    );
     tracing::info!(cluster = %shared.config.cluster, agent.id = %shared.config.agent_id, upstream = %shared.config.upstream, "proxy-agent started");
     for server in shared.config.servers.clone() {
-        tracker.spawn(session::maintain(server, shared.clone(), life.clone()));
+        vital.spawn(
+            "a server's tunnel task",
+            session::maintain(server, shared.clone(), life.clone()),
+        );
     }
-    shutdown.cancelled().await;
+    let outcome = vital.watch(&shutdown).await;
+    if let Err(err) = &outcome {
+        tracing::error!(%err, "draining and exiting");
+        shutdown.cancel();
+    }
     let grace = shared.config.shutdown_grace;
     tracing::info!(
         open = shared.metrics.connections_active.get(),
@@ -151,12 +164,12 @@ pub async fn run(config: Config, admin: TcpListener, shutdown: CancellationToken
         );
     }
     life.close.cancel();
-    tracker.close();
-    if tokio::time::timeout(SHUTDOWN_GRACE, tracker.wait())
+    if tokio::time::timeout(SHUTDOWN_GRACE, vital.join_all())
         .await
         .is_err()
     {
         tracing::warn!("tasks did not finish after closing");
     }
     tracing::info!("proxy-agent stopped");
+    outcome
 }

@@ -27,7 +27,7 @@ fn main() -> anyhow::Result<()> {
         // One machine-readable line on stdout: the bound admin address (port 0 picks one).
         // Printed once signals are handled, so a supervisor may stop us as soon as it sees it.
         println!("proxy-agent listening admin={}", admin.local_addr()?);
-        proxy_agent::run(config, admin, shutdown).await;
+        proxy_agent::run(config, admin, shutdown).await?;
         Ok(())
     })
 }

@@ -112,7 +112,7 @@ async fn main() -> anyhow::Result<()> {
     };
     shutdown.cancel();
     for agent in agents {
-        agent.await?;
+        agent.await??;
     }
     server.await??;
     result
