@@ -210,6 +210,22 @@ pub fn wan(smoke: bool) -> Vec<(Link, Vec<Scenario>)> {
                 ),
             ],
         ),
+        // The same 2 Gbit/s bottleneck across 20 ms (5 MB in flight).
+        (
+            Link::limited(Duration::from_millis(10), 2.0),
+            vec![
+                bulk(
+                    "WAN 20 ms RTT, 2 Gbit/s: bulk, 1 connection, down",
+                    0,
+                    limited,
+                ),
+                bulk(
+                    "WAN 20 ms RTT, 2 Gbit/s: bulk, 1 connection, up",
+                    limited,
+                    0,
+                ),
+            ],
+        ),
     ]
 }
 
