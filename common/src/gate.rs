@@ -126,6 +126,17 @@ impl Ticket {
     pub fn evicted(&self) -> &CancellationToken {
         &self.evicted
     }
+
+    /// Starts this slot's clock now: a listener takes its ticket before it waits in `accept`,
+    /// which may be long, and the connection it accepts must not inherit that wait as age.
+    pub fn renew(&mut self) {
+        let mut state = self.gate.lock();
+        if let Some(entry) = state.holders.remove(&self.id) {
+            self.id = state.next;
+            state.next += 1;
+            state.holders.insert(self.id, (Instant::now(), entry.1));
+        }
+    }
 }
 
 impl Drop for Ticket {
@@ -164,6 +175,21 @@ mod tests {
         );
         drop((second, third));
         assert_eq!(gate.holders(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_renewed_ticket_is_the_youngest() {
+        let gate = Gate::new(2);
+        let mut waited_in_accept = gate.admit().await;
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        let other = gate.admit().await;
+        waited_in_accept.renew();
+        tokio::time::sleep(EVICT_AFTER).await;
+        let _third = gate.admit().await;
+        assert!(other.evicted().is_cancelled(), "the oldest by its clock");
+        assert!(!waited_in_accept.evicted().is_cancelled());
+        drop(waited_in_accept);
+        assert_eq!(gate.holders(), 1);
     }
 
     #[tokio::test(start_paused = true)]

@@ -173,7 +173,7 @@ pub async fn serve(
     loop {
         // A place in the gate first: while it is full of young handshakes, new clients wait
         // in the kernel's backlog.
-        let ticket = tokio::select! {
+        let mut ticket = tokio::select! {
             () = shutdown.cancelled() => break,
             ticket = frontend.gate.admit() => ticket,
         };
@@ -196,6 +196,7 @@ pub async fn serve(
             cluster = tracing::field::Empty,
             identity = tracing::field::Empty,
         );
+        ticket.renew();
         let admission = Admission {
             ticket,
             deadline: tokio::time::Instant::now() + frontend.limits.handshake_timeout,

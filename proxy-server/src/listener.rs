@@ -110,7 +110,7 @@ pub fn incoming(
     let next_id = Arc::new(AtomicU64::new(1));
     tokio::spawn(async move {
         loop {
-            let ticket = tokio::select! {
+            let mut ticket = tokio::select! {
                 () = shutdown.cancelled() => break,
                 ticket = gate.admit() => ticket,
             };
@@ -127,6 +127,7 @@ pub fn incoming(
                 },
             };
             let acceptor = TlsAcceptor::from(tls.current());
+            ticket.renew();
             let tx = tx.clone();
             let id = next_id.fetch_add(1, Ordering::Relaxed);
             let shutdown = shutdown.clone();
