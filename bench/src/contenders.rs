@@ -235,10 +235,10 @@ pub async fn proxy(
     })
 }
 
+/// A port for a contender to bind later: outside the ephemeral range, so no outgoing
+/// connection takes it meanwhile (see `integration_tests::fleet::free_port`).
 pub fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
+    Ok(integration_tests::fleet::free_port())
 }
 
 /// rathole with its plain TCP transport, if `rathole` is installed. With `wan`, its client

@@ -18,11 +18,40 @@ pub const DNS_REFRESH_BOUND: Duration =
     Duration::from_secs(proxy_server::fleet::DNS_REFRESH.as_secs() + 3);
 
 /// A free TCP port on 127.0.0.1 (bound, read and released: the caller binds it next).
+///
+/// The port is taken below the kernel's ephemeral range, not from it (`bind(:0)` would): a port
+/// reserved now and bound later (a replica that starts or restarts at a fixed address) must not
+/// be taken meanwhile as the source port of some outgoing connection, which on a busy loopback
+/// happens within seconds and makes the later bind fail with "address in use".
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port()
+    let (ephemeral_low, _) = ephemeral_range();
+    // Below the ephemeral range and above the well-known and commonly configured ports.
+    let (low, high) = (10_000u16, ephemeral_low.saturating_sub(1).max(10_001));
+    let span = u32::from(high - low) + 1;
+    // Start at a different place in each process, so concurrent tests rarely probe the same port.
+    let seed = std::process::id().wrapping_mul(2_654_435_761)
+        ^ std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+    for i in 0..span {
+        let port = low + ((seed.wrapping_add(i.wrapping_mul(7_919))) % span) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port in {low}..={high}");
+}
+
+/// The kernel's ephemeral port range (`ip_local_port_range`), or Linux's default.
+fn ephemeral_range() -> (u16, u16) {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|text| {
+            let mut parts = text.split_whitespace().map(str::parse::<u16>);
+            Some((parts.next()?.ok()?, parts.next()?.ok()?))
+        })
+        .unwrap_or((32_768, 60_999))
 }
 
 fn local(port: u16) -> SocketAddr {

@@ -56,6 +56,9 @@ impl Proc {
                 "RUST_LOG",
                 std::env::var("TEST_RUST_LOG").unwrap_or_else(|_| "info,proxy_agent=debug".into()),
             )
+            // An error's backtrace would bury its message in the log a failing test prints;
+            // panics still get theirs (RUST_BACKTRACE).
+            .env("RUST_LIB_BACKTRACE", "0")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::from(log_file))
