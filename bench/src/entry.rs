@@ -51,15 +51,27 @@ impl Entry {
                         .as_bytes(),
                 )
                 .await?;
-                // "HTTP/1.1 200 Connection established\r\n\r\n" is 39 bytes; read exactly the head.
-                let mut head = Vec::with_capacity(64);
-                let mut byte = [0u8; 1];
-                while !head.ends_with(b"\r\n\r\n") {
-                    if s.read(&mut byte).await? == 0 {
+                // Read exactly the head and nothing after it, as a buffered client would, in
+                // two reads: peek until the head is in, then take it. (Byte-at-a-time reads cost
+                // the proxy ~40 syscalls per connection on the client side of the figures.)
+                let mut peeked = [0u8; 512];
+                let head = loop {
+                    let n = s.peek(&mut peeked).await?;
+                    if n == 0 {
                         bail!("proxy closed during CONNECT");
                     }
-                    head.push(byte[0]);
-                }
+                    if let Some(end) = peeked[..n].windows(4).position(|w| w == b"\r\n\r\n") {
+                        let mut head = vec![0u8; end + 4];
+                        s.read_exact(&mut head).await?;
+                        break head;
+                    }
+                    if n == peeked.len() {
+                        bail!("CONNECT answer head longer than {} bytes", peeked.len());
+                    }
+                    // Only part of the head is in (the proxy writes it at once, so rare): peeked
+                    // bytes keep the socket readable, so wait a little instead.
+                    tokio::time::sleep(std::time::Duration::from_micros(50)).await;
+                };
                 if !head.starts_with(b"HTTP/1.1 200") {
                     bail!("CONNECT refused: {}", String::from_utf8_lossy(&head));
                 }

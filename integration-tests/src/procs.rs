@@ -190,6 +190,12 @@ impl ServerProc {
     }
 }
 
+/// Agent flags turning warm connections off, for tests that count the agent's upstream dials
+/// or tell its upstream connections apart by their order: a warm connection is dialed ahead of
+/// demand, so it adds to the count and can arrive before the dial of the CONNECT at hand. The
+/// warm path has its own tests (`tests/warm.rs`).
+pub const NO_WARM: [&str; 2] = ["--warm-connections", "0"];
+
 /// A running proxy-agent.
 #[derive(Debug)]
 pub struct AgentProc {

@@ -46,6 +46,8 @@ impl Tunnel for FakeServer {
             msg: Some(server_message::Msg::Registered(Registered {
                 server_id: "fake".into(),
                 server_count: 1,
+                // No warm streams: this fake server sees only dials.
+                features: Vec::new(),
             })),
         }];
         out.extend(self.dials.iter().map(|d| ServerMessage {

@@ -21,6 +21,9 @@ const MOVE: u64 = 256 << 20;
 /// A window budget the stalled connections can spend (the default is 256 MiB): what they pin is
 /// then at most 200 x 256 KiB + 64 MiB = 114 MiB, plus each connection's own buffers.
 const SMALL_BUDGET: [&str; 2] = ["--window-budget", "64MiB"];
+/// Agent flags: [`SMALL_BUDGET`], and no warm connections (the stalling upstream tells its
+/// connections apart by their order).
+const SMALL_BUDGET_NO_WARM: [&str; 4] = ["--window-budget", "64MiB", "--warm-connections", "0"];
 
 /// The documented bound for `STALLED` connections under [`SMALL_BUDGET`] (256 KiB floor each,
 /// plus the budget), plus 512 KiB per connection for its sockets, TLS and HTTP/2 state.
@@ -215,7 +218,7 @@ async fn hundreds_of_upstreams_that_stop_reading_leave_an_upload_at_full_speed()
         .await
         .unwrap();
     let agent =
-        AgentProc::start_ready_with(&bed.pki, &[server.agent_addr], "alpha", sink, &SMALL_BUDGET)
+        AgentProc::start_ready_with(&bed.pki, &[server.agent_addr], "alpha", sink, &SMALL_BUDGET_NO_WARM)
             .await
             .unwrap();
     let upload = |frontend| async move {

@@ -21,9 +21,16 @@ async fn metrics_move_while_bytes_flow_and_settle_after() {
     let bed = Bed::new(&["alpha"]);
     let source = SourceServer::start().await.unwrap();
     let server = ServerProc::start(&bed.pki, None, &[]).await.unwrap();
-    let agent = AgentProc::start_ready(&bed.pki, &[server.agent_addr], "alpha", source.addr)
-        .await
-        .unwrap();
+    // Counts the agent's upstream dials: none ahead of demand.
+    let agent = AgentProc::start_ready_with(
+        &bed.pki,
+        &[server.agent_addr],
+        "alpha",
+        source.addr,
+        &integration_tests::procs::NO_WARM,
+    )
+    .await
+    .unwrap();
     let (s, a) = (server.admin_addr, agent.admin_addr);
     assert_eq!(
         metric(s, r#"proxy_server_agents{cluster="alpha"}"#).await,

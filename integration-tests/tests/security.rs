@@ -77,9 +77,16 @@ async fn door_with(apis: bool) -> Door {
             BannerServer::start("beta-upstream").await.unwrap().addr,
         )
     };
-    let alpha = AgentProc::start_ready(pki, &[server.agent_addr], "alpha", alpha_up)
-        .await
-        .unwrap();
+    // Counts the agent's upstream dials: none ahead of demand.
+    let alpha = AgentProc::start_ready_with(
+        pki,
+        &[server.agent_addr],
+        "alpha",
+        alpha_up,
+        &integration_tests::procs::NO_WARM,
+    )
+    .await
+    .unwrap();
     let beta = AgentProc::start_ready(pki, &[server.agent_addr], "beta", beta_up)
         .await
         .unwrap();

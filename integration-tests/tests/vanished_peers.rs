@@ -15,6 +15,9 @@ use tokio::net::{TcpListener, TcpStream};
 
 /// Short keepalive so the test takes seconds: gone after 2 s + 2 x 1 s.
 const KEEPALIVE: [&str; 2] = ["--tcp-keepalive", "2s,1s,2"];
+/// Agent flags: [`KEEPALIVE`], and no warm connections (the tests tell the upstream's
+/// connections apart by their order, or count them).
+const AGENT_KEEPALIVE: [&str; 4] = ["--tcp-keepalive", "2s,1s,2", "--warm-connections", "0"];
 
 async fn until_zero(what: &str, admin: SocketAddr, sample: &str, limit: Duration) -> Duration {
     let started = Instant::now();
@@ -81,7 +84,7 @@ async fn a_tunnel_whose_client_vanished_mid_download_is_freed() {
         &[server.agent_addr],
         "alpha",
         source.addr,
-        &KEEPALIVE,
+        &AGENT_KEEPALIVE,
     )
     .await
     .unwrap();
@@ -135,7 +138,7 @@ async fn a_client_that_leaves_during_its_dial_cancels_it_at_the_agent() {
         &[server.agent_addr],
         "alpha",
         upstream_addr,
-        &slow,
+        &[slow[0], slow[1], integration_tests::procs::NO_WARM[0], integration_tests::procs::NO_WARM[1]],
     )
     .await
     .unwrap();

@@ -9,6 +9,12 @@ tonic::include_proto!("proxy.tunnel.v1");
 /// Request metadata key carrying the dial id on a `Data` stream.
 pub const DIAL_ID_HEADER: &str = "x-dial-id";
 
+/// Request metadata key marking a warm `Data` stream (instead of a dial id).
+pub const WARM_HEADER: &str = "x-warm";
+
+/// `Registered.features`: the server accepts warm `Data` streams.
+pub const FEATURE_WARM: &str = "warm";
+
 /// `Register.features`: the agent understands `ServerMessage.cancel_dial`.
 pub const FEATURE_CANCEL_DIAL: &str = "cancel_dial";
 
@@ -38,3 +44,12 @@ pub const CONNECTION_WINDOW: u32 = 1024 * 1024 * 1024;
 /// framing fits one frame, so a chunk costs one frame header and one vectored write through TLS
 /// instead of five (the 16 KiB default).
 pub const MAX_FRAME: u32 = 80 * 1024;
+
+/// An agent closes a warm `Data` stream (and its upstream connection) not handed out within
+/// this time. Below the TLS handshake timeout of common API servers (kube-apiserver: 32 s, its
+/// `ReadHeaderTimeout`), so the upstream never closes one first.
+pub const WARM_MAX_AGE: std::time::Duration = std::time::Duration::from_secs(25);
+
+/// A server hands out a warm stream only this long after it arrived: well inside the agent's
+/// [`WARM_MAX_AGE`], so a stream is never handed out while the agent is retiring it.
+pub const WARM_USABLE: std::time::Duration = std::time::Duration::from_secs(20);

@@ -36,38 +36,15 @@ pub async fn serve_dial(
             return report_failure(shared, &control, &cancel, dial_id, "not_allowed", reason).await;
         }
     };
-    let dialed = tokio::select! {
+    let socket = tokio::select! {
         () = cancel.cancelled() => return,
-        res = tokio::time::timeout(shared.config.dial_timeout, TcpStream::connect(upstream)) => res,
+        res = dial_upstream(shared, upstream, started) => match res {
+            Ok(socket) => socket,
+            Err(failure) => {
+                return report_failure(shared, &control, &cancel, dial_id, failure.kind, failure.reason).await;
+            }
+        },
     };
-    let socket = match dialed {
-        Ok(Ok(socket)) => socket,
-        Ok(Err(err)) => {
-            let kind = match err.kind() {
-                std::io::ErrorKind::ConnectionRefused => "refused",
-                std::io::ErrorKind::HostUnreachable | std::io::ErrorKind::NetworkUnreachable => {
-                    "unreachable"
-                }
-                _ => "other",
-            };
-            let reason = format!("dial {upstream}: {err}");
-            return report_failure(shared, &control, &cancel, dial_id, kind, reason).await;
-        }
-        Err(_) => {
-            let reason = format!(
-                "dial {upstream}: timed out after {:?}",
-                shared.config.dial_timeout
-            );
-            return report_failure(shared, &control, &cancel, dial_id, "timeout", reason).await;
-        }
-    };
-    shared
-        .metrics
-        .upstream_dial_duration
-        .observe(started.elapsed().as_secs_f64());
-    if let Err(err) = proxy_common::net::configure(&socket, shared.config.tcp_keepalive) {
-        tracing::debug!(%err, "cannot set socket options");
-    }
     let (tx, rx) = mpsc::channel(CHUNK_QUEUE);
     let mut req = Request::new(ReceiverStream::new(rx));
     req.metadata_mut().insert(DIAL_ID_HEADER, dial_id.into());
@@ -110,6 +87,57 @@ pub async fn serve_dial(
         %outcome,
         "tunneled connection closed"
     );
+}
+
+/// A failed upstream dial: a bounded metric label and the reason for the client.
+#[derive(Debug)]
+pub struct DialFailure {
+    /// `refused`, `unreachable`, `timeout` or `other`.
+    pub kind: &'static str,
+    /// Human-readable, with the address.
+    pub reason: String,
+}
+
+/// Connects to `upstream` within the dial timeout, records the dial time (from `started`) and
+/// sets the socket options.
+pub async fn dial_upstream(
+    shared: &Shared,
+    upstream: &str,
+    started: Instant,
+) -> Result<TcpStream, DialFailure> {
+    let dialed = tokio::time::timeout(shared.config.dial_timeout, TcpStream::connect(upstream)).await;
+    let socket = match dialed {
+        Ok(Ok(socket)) => socket,
+        Ok(Err(err)) => {
+            let kind = match err.kind() {
+                std::io::ErrorKind::ConnectionRefused => "refused",
+                std::io::ErrorKind::HostUnreachable | std::io::ErrorKind::NetworkUnreachable => {
+                    "unreachable"
+                }
+                _ => "other",
+            };
+            let reason = format!("dial {upstream}: {err}");
+            return Err(DialFailure { kind, reason });
+        }
+        Err(_) => {
+            let reason = format!(
+                "dial {upstream}: timed out after {:?}",
+                shared.config.dial_timeout
+            );
+            return Err(DialFailure {
+                kind: "timeout",
+                reason,
+            });
+        }
+    };
+    shared
+        .metrics
+        .upstream_dial_duration
+        .observe(started.elapsed().as_secs_f64());
+    if let Err(err) = proxy_common::net::configure(&socket, shared.config.tcp_keepalive) {
+        tracing::debug!(%err, "cannot set socket options");
+    }
+    Ok(socket)
 }
 
 async fn report_failure(

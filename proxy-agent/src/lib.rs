@@ -10,6 +10,7 @@ pub mod dial;
 pub mod fleet;
 pub mod metrics;
 pub mod session;
+pub mod warm;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -153,7 +154,10 @@ pub async fn run(
         "draining"
     );
     let deadline = tokio::time::Instant::now() + grace;
-    while shared.metrics.connections_active.get() > 0 && tokio::time::Instant::now() < deadline {
+    // Idle warm connections count too: the servers end them when they hear of the drain, and a
+    // server may hand one to a client until then.
+    let busy = || shared.metrics.connections_active.get() + shared.metrics.warm_idle.get() > 0;
+    while busy() && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(DRAIN_POLL).await;
     }
     let left = shared.metrics.connections_active.get();

@@ -38,6 +38,12 @@ pub struct Metrics {
     pub dials_cancelled: Counter,
     /// Bytes carried, counted as they flow.
     pub bytes: Family<DirectionLabel, Counter>,
+    /// Warm upstream connections ready for a server to hand out (see `crate::warm`).
+    pub warm_idle: Gauge,
+    /// Warm connections a server handed to a client.
+    pub warm_claimed: Counter,
+    /// Warm connections closed unused, by reason.
+    pub warm_retired: Family<ReasonLabel, Counter>,
 }
 
 impl Metrics {
@@ -51,7 +57,26 @@ impl Metrics {
             upstream_dial_failures: Family::default(),
             dials_cancelled: Counter::default(),
             bytes: Family::default(),
+            warm_idle: Gauge::default(),
+            warm_claimed: Counter::default(),
+            warm_retired: Family::default(),
         };
+        registry.register(
+            "proxy_agent_warm_connections",
+            "Upstream connections made ahead of demand, each on its own tunnel stream, ready for \
+             a server to hand to a new client",
+            m.warm_idle.clone(),
+        );
+        registry.register(
+            "proxy_agent_warm_claimed",
+            "Warm connections a server handed to a client",
+            m.warm_claimed.clone(),
+        );
+        registry.register(
+            "proxy_agent_warm_retired",
+            "Warm connections closed unused: expired, upstream_closed, server_ended",
+            m.warm_retired.clone(),
+        );
         registry.register(
             "proxy_agent_servers_connected",
             "Servers this agent is registered with",

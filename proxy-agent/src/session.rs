@@ -226,6 +226,8 @@ struct Tunnel {
     addr: String,
     server_id: String,
     server_count: u32,
+    /// The server takes warm streams (`Registered.features`).
+    warm: bool,
     client: TunnelClient<H2Channel>,
     control: mpsc::Sender<AgentMessage>,
     inbound: tonic::Streaming<proxy_proto::ServerMessage>,
@@ -292,6 +294,7 @@ async fn establish(
     match first.and_then(|m| m.msg) {
         Some(server_message::Msg::Registered(r)) => Ok(Established::Tunnel(Box::new(Tunnel {
             addr: server.addr.clone(),
+            warm: r.features.iter().any(|f| f == proxy_proto::FEATURE_WARM),
             server_id: r.server_id,
             server_count: r.server_count,
             client,
@@ -319,6 +322,7 @@ impl Tunnel {
             control,
             mut inbound,
             _close_connection,
+            warm,
             ..
         } = self;
         tracing::info!(server = %addr, server.id = %server_id, cluster = %shared.config.cluster, held = shared.fleet.held(), of = shared.fleet.target(), "registered with server");
@@ -332,6 +336,19 @@ impl Tunnel {
         let mut draining = false;
         // Dials being served, so the server can cancel one whose client left.
         let dials = Dials::default();
+        let warm = (warm && shared.config.warm_connections > 0).then(|| {
+            let target = Arc::new(crate::warm::WarmTarget::new(shared.config.warm_connections));
+            let pool = crate::warm::Pool {
+                client: client.clone(),
+                shared: shared.clone(),
+                budget: budget.clone(),
+                target: target.clone(),
+                session: session_token.clone(),
+                drain: life.drain.clone(),
+            };
+            tracker.spawn(pool.run(tracker.clone()));
+            target
+        });
         let result = loop {
             let msg = tokio::select! {
                 () = life.drain.cancelled(), if !draining => {
@@ -348,6 +365,13 @@ impl Tunnel {
             match msg {
                 Ok(Some(m)) => match m.msg {
                     Some(server_message::Msg::Dial(dial)) => {
+                        if let Some(warm) = &warm
+                            && shared.config.destination(&dial.destination)
+                                == Ok(shared.config.upstream.as_str())
+                        {
+                            // The server found no warm connection for this client.
+                            warm.missed();
+                        }
                         let (client, control, shared, budget) = (
                             client.clone(),
                             control.clone(),

@@ -72,6 +72,8 @@ struct Dialed {
     slot: ConnectionSlot,
     agent: Arc<AgentHandle>,
     stream: Box<TunnelStream>,
+    /// Carried on a warm stream: the agent dialed before the CONNECT came.
+    warm: bool,
 }
 
 /// A CONNECT that did not become a tunnel: the status and one human-readable line.
@@ -358,6 +360,7 @@ impl Frontend {
             slot,
             agent,
             stream,
+            warm,
         } = match dialed {
             Ok(dialed) => dialed,
             Err(refusal) => {
@@ -387,6 +390,9 @@ impl Frontend {
         }
         // Counted once the 200 is out: a tunnel the client never got is not an `ok`.
         self.metrics.count(&cluster, Outcome::Ok);
+        if warm {
+            self.metrics.warm_connects.inc();
+        }
         self.registry.record_dial(&cluster, Ok(connect_time));
         self.metrics
             .dial_duration
@@ -421,6 +427,7 @@ impl Frontend {
             bytes_to_cluster = to_cluster,
             bytes_from_cluster = from_cluster,
             connect_ms = connect_time.as_millis() as u64,
+            warm,
             duration_ms = started.elapsed().as_millis() as u64,
             %outcome,
             "tunneled connection closed"
@@ -550,6 +557,16 @@ impl Frontend {
             .registry
             .open_connection(cluster)
             .map_err(|limit| Refusal::new(503, Outcome::Limited, limit.to_string()))?;
+        // A warm stream, if the agent has one ready: its upstream connection is already made.
+        // Not from a draining agent (its pool is closed): that one still serves dials.
+        if let Some(stream) = self.registry.take_warm(&agent) {
+            return Ok(Dialed {
+                slot,
+                agent,
+                stream: Box::new(stream),
+                warm: true,
+            });
+        }
         let mut pending = self
             .registry
             .begin_dial(&agent)
@@ -574,6 +591,7 @@ impl Frontend {
                 slot,
                 agent: agent.clone(),
                 stream,
+                warm: false,
             }),
             Ok(Ok(DialOutcome::Failed(reason))) => Err(Refusal::new(
                 502,

@@ -17,6 +17,7 @@ pub mod metrics;
 pub mod registry;
 pub mod status;
 pub mod tunnel;
+pub mod warm;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -98,6 +98,10 @@ pub struct Metrics {
     pub server_count: Gauge,
     /// Connections closed before authentication because the handshake gate was full.
     pub handshakes_limited: Family<ListenerLabel, Counter>,
+    /// Warm streams held, ready for a CONNECT (see `crate::warm`).
+    pub warm_streams: Gauge,
+    /// CONNECTs answered on a warm stream, without a dial round trip to the agent.
+    pub warm_connects: Counter,
 }
 
 /// Which listener.
@@ -171,7 +175,22 @@ impl Metrics {
              waited 1 s",
             handshakes_limited.clone(),
         );
+        let warm_streams = Gauge::default();
+        registry.register(
+            "proxy_server_warm_streams",
+            "Warm streams held: upstream connections agents made ahead of demand, each ready \
+             to carry a CONNECT without a dial round trip",
+            warm_streams.clone(),
+        );
+        let warm_connects = Counter::default();
+        registry.register(
+            "proxy_server_warm_connects",
+            "CONNECTs answered on a warm stream (a subset of result=\"ok\")",
+            warm_connects.clone(),
+        );
         Self {
+            warm_streams,
+            warm_connects,
             handshakes_limited,
             server_count,
             pending_dials,

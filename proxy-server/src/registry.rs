@@ -80,6 +80,8 @@ pub struct AgentHandle {
     budget: Arc<proxy_common::flow::Budget>,
     /// Since when a ping has gone unanswered too long, if it has (see `tunnel::PONG_LATE`).
     unresponsive: tokio::sync::watch::Sender<Option<Instant>>,
+    /// Streams the agent opened ahead of demand (see [`crate::warm`]).
+    warm: crate::warm::WarmPool,
 }
 
 /// The agent's control stream is gone.
@@ -103,6 +105,7 @@ impl AgentHandle {
             draining: AtomicBool::new(false),
             budget,
             unresponsive: tokio::sync::watch::Sender::new(None),
+            warm: crate::warm::WarmPool::default(),
         }
     }
 
@@ -232,7 +235,8 @@ pub struct Registry {
     limits: Limits,
     metrics: Arc<Metrics>,
     dial_stats: DashMap<String, DialStats>,
-    registered_conns: DashMap<u64, ()>,
+    /// Registered agents by the id of the connection carrying them: where warm streams go.
+    registered_conns: DashMap<u64, Arc<AgentHandle>>,
 }
 
 /// The connection already carries a registration.
@@ -373,13 +377,13 @@ impl Registry {
         self: &Arc<Self>,
         agent: AgentHandle,
     ) -> Result<Registration, AlreadyRegistered> {
+        let agent = Arc::new(agent);
         match self.registered_conns.entry(agent.info.conn_id) {
             dashmap::Entry::Occupied(_) => return Err(AlreadyRegistered),
             dashmap::Entry::Vacant(slot) => {
-                slot.insert(());
+                slot.insert(agent.clone());
             }
         }
-        let agent = Arc::new(agent);
         self.metrics
             .agents
             .get_or_create(&ClusterLabel {
@@ -540,8 +544,38 @@ impl Registry {
         self.pending.len()
     }
 
+    /// Holds a warm stream the agent on connection `conn_id` opened.
+    pub fn add_warm(
+        &self,
+        conn_id: u64,
+        stream: TunnelStream,
+    ) -> Result<(), crate::warm::WarmRefused> {
+        let agent = self
+            .registered_conns
+            .get(&conn_id)
+            .map(|a| a.clone())
+            .ok_or(crate::warm::WarmRefused::Unregistered)?;
+        agent.warm.add(stream, &self.metrics.warm_streams)
+    }
+
+    /// One of `agent`'s warm streams, already told it is taken; `None` if it has none ready.
+    pub fn take_warm(&self, agent: &AgentHandle) -> Option<TunnelStream> {
+        agent.warm.take(&self.metrics.warm_streams)
+    }
+
+    /// Drops those of `agent`'s warm streams that ended or went stale.
+    pub fn purge_warm(&self, agent: &AgentHandle) {
+        agent.warm.purge(&self.metrics.warm_streams);
+    }
+
+    /// Drops `agent`'s warm streams and takes no more (it drains).
+    pub fn close_warm(&self, agent: &AgentHandle) {
+        agent.warm.close(&self.metrics.warm_streams);
+    }
+
     fn remove(&self, agent: &Arc<AgentHandle>) {
         self.registered_conns.remove(&agent.info.conn_id);
+        self.close_warm(agent);
         let cluster = &agent.info.cluster;
         self.metrics
             .agents

@@ -194,6 +194,7 @@ impl Tunnel for TunnelService {
         let answer = Registered {
             server_id: self.fleet.server_id.clone(),
             server_count: self.fleet.count(),
+            features: vec![proxy_proto::FEATURE_WARM.to_owned()],
         };
         if reg.held_server_ids.contains(&self.fleet.server_id) {
             // The load balancer sent an agent to a replica it already holds: nothing to do but
@@ -251,6 +252,22 @@ impl Tunnel for TunnelService {
         req: Request<Streaming<Chunk>>,
     ) -> Result<Response<Self::DataStream>, Status> {
         let conn = agent_conn(&req)?;
+        if req.metadata().contains_key(proxy_proto::WARM_HEADER) {
+            let (tx, rx) = mpsc::channel(CHUNK_QUEUE);
+            let stream = TunnelStream {
+                inbound: req.into_inner(),
+                outbound: tx,
+            };
+            self.registry.add_warm(conn.id, stream).map_err(|err| {
+                use crate::warm::WarmRefused;
+                match err {
+                    WarmRefused::Full => Status::resource_exhausted(err.to_string()),
+                    WarmRefused::Closed => Status::unavailable(err.to_string()),
+                    WarmRefused::Unregistered => Status::failed_precondition(err.to_string()),
+                }
+            })?;
+            return Ok(Response::new(Box::pin(ReceiverStream::new(rx).map(Ok))));
+        }
         let dial_id = req
             .metadata()
             .get(DIAL_ID_HEADER)
@@ -302,6 +319,7 @@ async fn serve_control(
                 seq += 1;
                 waiting = Some((seq, tokio::time::Instant::now()));
                 agent.send_ping(seq);
+                registry.purge_warm(&agent);
                 continue;
             }
             () = tokio::time::sleep_until(late.unwrap_or_else(tokio::time::Instant::now)),
@@ -339,6 +357,9 @@ async fn serve_control(
                 msg: Some(agent_message::Msg::Drain(_)),
             })) => {
                 agent.set_draining();
+                // Its warm streams end now, so the agent closes their upstream connections and
+                // is not kept waiting for them while it drains.
+                registry.close_warm(&agent);
                 tracing::info!(cluster = %info.cluster, agent.id = %info.agent_id, "agent draining: new connections go to other agents of the cluster");
             }
             Ok(Some(_)) => break "protocol violation: unexpected control message".to_owned(),

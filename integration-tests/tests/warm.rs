@@ -1,0 +1,300 @@
+//! Warm connections: the agent dials its upstream ahead of demand, and a CONNECT that finds
+//! one is answered at once, without a round trip to the agent; a warm connection that died is
+//! never handed out, and the server bounds what an agent can make it hold.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use integration_tests::procs::{metric, metric_opt};
+use integration_tests::{AgentProc, Bed, ServerProc, connect, eventually, relay, rogue};
+use proxy_proto::{Chunk, WARM_HEADER, server_message};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::Code;
+
+/// An echo upstream that counts its connections and can close all it holds.
+struct Echo {
+    addr: SocketAddr,
+    accepted: Arc<AtomicUsize>,
+    close_all: std::sync::Mutex<CancellationToken>,
+}
+
+impl Echo {
+    async fn start() -> Arc<Self> {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let echo = Arc::new(Self {
+            addr: listener.local_addr().unwrap(),
+            accepted: Arc::default(),
+            close_all: std::sync::Mutex::new(CancellationToken::new()),
+        });
+        let me = echo.clone();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                me.accepted.fetch_add(1, Ordering::SeqCst);
+                let close = me.close_all.lock().unwrap().clone();
+                tokio::spawn(async move {
+                    let (mut r, mut w) = s.split();
+                    tokio::select! {
+                        _ = tokio::io::copy(&mut r, &mut w) => {}
+                        () = close.cancelled() => {}
+                    }
+                });
+            }
+        });
+        echo
+    }
+
+    /// Closes every connection accepted so far.
+    fn close_all(&self) {
+        let mut token = self.close_all.lock().unwrap();
+        token.cancel();
+        *token = CancellationToken::new();
+    }
+}
+
+async fn echo_once(s: &mut TcpStream) {
+    s.write_all(b"ping").await.unwrap();
+    let mut back = [0u8; 4];
+    s.read_exact(&mut back).await.unwrap();
+    assert_eq!(&back, b"ping");
+}
+
+/// A CONNECT and the first echo through it: (time to `200`, time to the first response).
+async fn timed_connect(frontend: SocketAddr) -> (Duration, Duration, TcpStream) {
+    let started = Instant::now();
+    let mut s = connect(frontend, "alpha:443").await.unwrap().tunnel().unwrap();
+    let established = started.elapsed();
+    echo_once(&mut s).await;
+    (established, started.elapsed(), s)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn across_a_wan_a_warm_connection_saves_the_dial_round_trip() {
+    const ONE_WAY: Duration = Duration::from_millis(100);
+    const RTT: Duration = Duration::from_millis(200);
+    let bed = Bed::new(&["alpha"]);
+    let up = Echo::start().await;
+    let server = ServerProc::start(&bed.pki, None, &[]).await.unwrap();
+    let wan = relay::start(server.agent_addr, ONE_WAY).await.unwrap();
+    let agent = AgentProc::start_ready(&bed.pki, &[wan], "alpha", up.addr)
+        .await
+        .unwrap();
+    let (s, a) = (server.admin_addr, agent.admin_addr);
+    // An agent nobody has used keeps no upstream connection open.
+    assert_eq!(metric(a, "proxy_agent_warm_connections").await, 0.0);
+    assert_eq!(up.accepted.load(Ordering::SeqCst), 0);
+
+    // The first CONNECT finds nothing warm: `200` waits for the dial, a round trip away.
+    let (first_200, first_response, first) = timed_connect(server.frontend_addr).await;
+    eprintln!("cold: 200 after {first_200:?}, first response after {first_response:?}");
+    assert!(first_200 >= RTT, "{first_200:?}");
+    assert!(first_response >= 2 * RTT, "{first_response:?}");
+    drop(first);
+
+    // That miss asked the agent for one warm connection.
+    eventually("a warm stream reaches the server", Duration::from_secs(5), || async {
+        metric(s, "proxy_server_warm_streams").await == 1.0
+    })
+    .await;
+    assert_eq!(metric(a, "proxy_agent_warm_connections").await, 1.0);
+    assert_eq!(up.accepted.load(Ordering::SeqCst), 2);
+
+    // The next one is answered without a round trip to the agent; its first response takes
+    // one round trip, not two.
+    let (warm_200, warm_response, mut second) = timed_connect(server.frontend_addr).await;
+    eprintln!("warm: 200 after {warm_200:?}, first response after {warm_response:?}");
+    assert!(warm_200 < RTT / 2, "{warm_200:?}");
+    assert!(warm_response < RTT + RTT / 2, "{warm_response:?}");
+    echo_once(&mut second).await;
+    assert_eq!(
+        metric(s, "proxy_server_warm_connects_total").await,
+        1.0,
+        "the second CONNECT went through a warm stream"
+    );
+    assert_eq!(metric(a, "proxy_agent_warm_claimed_total").await, 1.0);
+    assert_eq!(
+        metric(s, r#"proxy_server_connections_total{cluster="alpha",result="ok"}"#).await,
+        2.0
+    );
+    // It was replaced at once: the next client is served warm too.
+    eventually("the warm connection is replaced", Duration::from_secs(5), || async {
+        metric(s, "proxy_server_warm_streams").await == 1.0
+    })
+    .await;
+    drop(second);
+
+    // Draining: the server ends the agent's warm streams, so they neither hold the agent for
+    // its grace period (30 s) nor stay open at the upstream.
+    let mut agent = agent;
+    agent.proc.signal("TERM");
+    let exited = agent.proc.wait(Duration::from_secs(10)).await.unwrap();
+    assert!(exited.success(), "{exited:?}");
+    eventually("warm streams released", Duration::from_secs(5), || async {
+        metric(s, "proxy_server_warm_streams").await == 0.0
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_warm_connection_the_upstream_closed_is_never_handed_out() {
+    let bed = Bed::new(&["alpha"]);
+    let up = Echo::start().await;
+    // Pings (which also sweep dead warm streams) every 500 ms.
+    let server = ServerProc::start(&bed.pki, None, &["--keepalive-interval", "500ms"])
+        .await
+        .unwrap();
+    let agent = AgentProc::start_ready(&bed.pki, &[server.agent_addr], "alpha", up.addr)
+        .await
+        .unwrap();
+    let (s, a) = (server.admin_addr, agent.admin_addr);
+    let (_, _, first) = timed_connect(server.frontend_addr).await;
+    drop(first);
+    eventually("a warm stream reaches the server", Duration::from_secs(5), || async {
+        metric(s, "proxy_server_warm_streams").await == 1.0
+    })
+    .await;
+
+    // The upstream closes its idle connection (as an API server does after its handshake
+    // timeout): the agent notices, and the server stops counting it.
+    up.close_all();
+    eventually("the agent retires it", Duration::from_secs(5), || async {
+        metric_opt(a, r#"proxy_agent_warm_retired_total{reason="upstream_closed"}"#).await
+            == Some(1.0)
+    })
+    .await;
+    eventually("the server drops it", Duration::from_secs(5), || async {
+        metric(s, "proxy_server_warm_streams").await == 0.0
+    })
+    .await;
+    // One fewer wanted: the agent does not redial an upstream that closes idle connections.
+    assert_eq!(metric(a, "proxy_agent_warm_connections").await, 0.0);
+    let accepted = up.accepted.load(Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(up.accepted.load(Ordering::SeqCst), accepted);
+
+    // The next client is dialed for, and served.
+    let (_, _, mut next) = timed_connect(server.frontend_addr).await;
+    echo_once(&mut next).await;
+    assert_eq!(metric(s, "proxy_server_warm_connects_total").await, 0.0);
+}
+
+fn warm_request(
+    chunks: Vec<Chunk>,
+) -> (
+    tonic::Request<ReceiverStream<Chunk>>,
+    tokio::sync::mpsc::Sender<Chunk>,
+) {
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    for c in chunks {
+        tx.try_send(c).unwrap();
+    }
+    let mut req = tonic::Request::new(ReceiverStream::new(rx));
+    req.metadata_mut()
+        .insert(WARM_HEADER, tonic::metadata::MetadataValue::from_static("1"));
+    (req, tx)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_cannot_make_the_server_hold_more_warm_streams_than_the_bound() {
+    let bed = Bed::new(&["alpha", "beta"]);
+    let server = ServerProc::start(&bed.pki, None, &[]).await.unwrap();
+    let s = server.admin_addr;
+
+    // Not registered on this connection: refused.
+    let mut stranger = rogue::client(&bed.pki, "beta", server.agent_addr)
+        .await
+        .unwrap();
+    let (req, _keep) = warm_request(vec![]);
+    let err = stranger.data(req).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+
+    let mut rogue = rogue::client(&bed.pki, "beta", server.agent_addr)
+        .await
+        .unwrap();
+    let (keep_control, mut control) =
+        rogue::control(&mut rogue, vec![rogue::register("beta", "rogue")])
+            .await
+            .unwrap();
+    let registered = control.message().await.unwrap().unwrap();
+    match registered.msg {
+        Some(server_message::Msg::Registered(r)) => {
+            assert!(r.features.iter().any(|f| f == proxy_proto::FEATURE_WARM));
+        }
+        other => panic!("{other:?}"),
+    }
+    let bound = proxy_server::warm::MAX_WARM_PER_AGENT;
+    let mut held = Vec::new();
+    for _ in 0..bound {
+        let (req, tx) = warm_request(vec![]);
+        let resp = rogue.data(req).await.unwrap();
+        held.push((tx, resp.into_inner()));
+    }
+    assert_eq!(metric(s, "proxy_server_warm_streams").await, bound as f64);
+    let (req, _tx) = warm_request(vec![]);
+    let err = rogue.data(req).await.unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    assert_eq!(metric(s, "proxy_server_warm_streams").await, bound as f64);
+
+    // The agent leaves: nothing of its warm streams stays behind.
+    drop(held);
+    drop(keep_control);
+    drop(control);
+    drop(rogue);
+    eventually("warm streams released", Duration::from_secs(5), || async {
+        metric(s, "proxy_server_warm_streams").await == 0.0
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_warm_stream_that_speaks_before_it_is_handed_out_is_never_used() {
+    let bed = Bed::new(&["beta"]);
+    let server = ServerProc::start(&bed.pki, None, &["--dial-timeout", "2s"])
+        .await
+        .unwrap();
+    let mut rogue = rogue::client(&bed.pki, "beta", server.agent_addr)
+        .await
+        .unwrap();
+    let (_keep, mut control) = rogue::control(&mut rogue, vec![rogue::register("beta", "rogue")])
+        .await
+        .unwrap();
+    control.message().await.unwrap().unwrap();
+    // Bytes the client never asked for, sent before the stream was handed out.
+    let early = Chunk {
+        data: bytes::Bytes::from_static(b"HTTP/1.1 200 OK\r\n\r\nforged"),
+        ..Chunk::default()
+    };
+    let (req, _tx) = warm_request(vec![early]);
+    let _warm = rogue.data(req).await.unwrap().into_inner();
+    eventually("the warm stream is held", Duration::from_secs(5), || async {
+        metric(server.admin_addr, "proxy_server_warm_streams").await == 1.0
+    })
+    .await;
+    // Give the forged bytes time to arrive before the CONNECT looks at the stream.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    // The CONNECT is sent to the dial path: the rogue gets a dial request, not the client's
+    // connection, and the client gets the dial's verdict (a timeout), not the forged bytes.
+    let client = tokio::spawn(connect(server.frontend_addr, "beta:443"));
+    let dial = tokio::time::timeout(Duration::from_secs(5), control.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert!(
+        matches!(dial.msg, Some(server_message::Msg::Dial(_))),
+        "{dial:?}"
+    );
+    match client.await.unwrap().unwrap() {
+        integration_tests::ConnectReply::Refused { status, .. } => assert_eq!(status, 504),
+        integration_tests::ConnectReply::Tunnel(_) => panic!("a warm stream that spoke was used"),
+    }
+    assert_eq!(
+        metric(server.admin_addr, "proxy_server_warm_connects_total").await,
+        0.0
+    );
+}

@@ -1,0 +1,279 @@
+//! Warm connections: upstream connections made ahead of demand, each with its own `Data` stream
+//! opened to the server (tagged `x-warm`). The server hands one to a new CONNECT and answers
+//! `200` at once; its first message on the stream (`Chunk.start`) tells the agent, and from
+//! there the stream is an ordinary tunneled connection. See `proxy_server::warm` for the
+//! server's half.
+//!
+//! How many to keep, per server, adapts to demand between 0 and `--warm-connections`:
+//! - a dial request for the upstream means a CONNECT found no warm connection: one more;
+//! - a warm connection that ended unused (expired after [`WARM_MAX_AGE`], or closed by the
+//!   upstream or the server): one fewer.
+//!
+//! So an idle cluster keeps none (no idle connections to its API server, no memory), a cluster
+//! with steady traffic keeps what its rate of new connections needs.
+//!
+//! A warm connection ends unused when it expires, when the upstream closes it (watched while it
+//! waits), when the server ends its stream (the server's drain or shutdown, or a stale stream),
+//! or when the tunnel closes.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use proxy_common::pump::{self, ByteCounts, CHUNK_QUEUE, Role};
+use proxy_proto::tunnel_client::TunnelClient;
+use proxy_proto::{Chunk, WARM_HEADER, WARM_MAX_AGE};
+use tokio::net::TcpStream;
+use tokio::sync::{Notify, mpsc};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tonic::{Request, Streaming};
+
+use crate::Shared;
+use crate::channel::H2Channel;
+
+/// After a warm connection could not be made (upstream down, stream refused), wait this long
+/// before the next try: dial requests still work, and report the failure to the client.
+const RETRY_AFTER: Duration = Duration::from_secs(1);
+
+/// How many warm connections one tunnel keeps, and how many it has.
+#[derive(Debug)]
+pub struct WarmTarget {
+    max: usize,
+    target: AtomicUsize,
+    idle: AtomicUsize,
+    changed: Notify,
+}
+
+impl WarmTarget {
+    /// None wanted yet, at most `max`.
+    pub fn new(max: usize) -> Self {
+        Self {
+            max,
+            target: AtomicUsize::new(0),
+            idle: AtomicUsize::new(0),
+            changed: Notify::new(),
+        }
+    }
+
+    /// A CONNECT found no warm connection (the server asked for a dial): keep one more.
+    pub fn missed(&self) {
+        let grew = self
+            .target
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |t| {
+                (t < self.max).then_some(t + 1)
+            })
+            .is_ok();
+        if grew {
+            self.changed.notify_one();
+        }
+    }
+
+    /// A warm connection ended unused (expired, or closed by the upstream or the server): keep
+    /// one fewer, so an upstream that closes idle connections at once is not dialed in a loop.
+    fn retired(&self) {
+        let _ = self
+            .target
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |t| t.checked_sub(1));
+    }
+
+    /// Warm connections wanted now.
+    pub fn target(&self) -> usize {
+        self.target.load(Ordering::Acquire)
+    }
+
+    /// Warm connections waiting for a client now.
+    pub fn idle(&self) -> usize {
+        self.idle.load(Ordering::Acquire)
+    }
+}
+
+/// Counts one idle warm connection while alive; its end wakes the refill loop.
+struct Idle {
+    target: Arc<WarmTarget>,
+    shared: Arc<Shared>,
+}
+
+impl Idle {
+    fn new(target: Arc<WarmTarget>, shared: Arc<Shared>) -> Self {
+        target.idle.fetch_add(1, Ordering::AcqRel);
+        shared.metrics.warm_idle.inc();
+        Self { target, shared }
+    }
+}
+
+impl Drop for Idle {
+    fn drop(&mut self) {
+        self.target.idle.fetch_sub(1, Ordering::AcqRel);
+        self.shared.metrics.warm_idle.dec();
+        self.target.changed.notify_one();
+    }
+}
+
+/// What one tunnel's warm connections need.
+pub struct Pool {
+    /// The tunnel's gRPC client.
+    pub client: TunnelClient<H2Channel>,
+    /// Agent state.
+    pub shared: Arc<Shared>,
+    /// The tunnel's flow-control budget.
+    pub budget: Arc<proxy_common::flow::Budget>,
+    /// How many to keep.
+    pub target: Arc<WarmTarget>,
+    /// Cancelled when the tunnel closes: every warm connection, idle or handed out, ends.
+    pub session: CancellationToken,
+    /// Cancelled when the agent drains: no new warm connections are made (the server ends the
+    /// idle ones once it hears of the drain).
+    pub drain: CancellationToken,
+}
+
+impl Pool {
+    /// Keeps the target number of warm connections until the agent drains or the tunnel
+    /// closes; each runs in `tracker`.
+    pub async fn run(self, tracker: TaskTracker) {
+        let this = Arc::new(self);
+        loop {
+            let changed = this.target.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            while this.target.idle() < this.target.target() {
+                if this.drain.is_cancelled() || this.session.is_cancelled() {
+                    return;
+                }
+                let opened = tokio::select! {
+                    () = this.session.cancelled() => return,
+                    res = this.open() => res,
+                };
+                match opened {
+                    Ok(warm) => {
+                        let idle = Idle::new(this.target.clone(), this.shared.clone());
+                        let pool = this.clone();
+                        tracker.spawn(async move { pool.hold(warm, idle).await });
+                    }
+                    Err(reason) => {
+                        tracing::debug!(%reason, "cannot make a warm connection; retrying later");
+                        tokio::select! {
+                            () = this.session.cancelled() => return,
+                            () = tokio::time::sleep(RETRY_AFTER) => {}
+                        }
+                    }
+                }
+            }
+            tokio::select! {
+                () = this.drain.cancelled() => return,
+                () = this.session.cancelled() => return,
+                () = &mut changed => {}
+            }
+        }
+    }
+
+    /// Dials the upstream and opens a warm stream for it.
+    async fn open(&self) -> Result<Warm, String> {
+        let upstream = &self.shared.config.upstream;
+        let socket = crate::dial::dial_upstream(&self.shared, upstream, Instant::now())
+            .await
+            .map_err(|f| f.reason)?;
+        let (tx, rx) = mpsc::channel(CHUNK_QUEUE);
+        let mut req = Request::new(ReceiverStream::new(rx));
+        req.metadata_mut()
+            .insert(WARM_HEADER, tonic::metadata::MetadataValue::from_static("1"));
+        let inbound = self
+            .client
+            .clone()
+            .data(req)
+            .await
+            .map_err(|status| format!("opening a warm stream failed: {}", status.message()))?
+            .into_inner();
+        Ok(Warm {
+            socket,
+            tx,
+            inbound,
+        })
+    }
+
+    /// Waits, idle, until the server hands the connection to a client, then carries it.
+    async fn hold(&self, warm: Warm, idle: Idle) {
+        let Warm {
+            socket,
+            tx,
+            mut inbound,
+        } = warm;
+        let expires = tokio::time::sleep(WARM_MAX_AGE);
+        tokio::pin!(expires);
+        // The upstream is watched for a close while the connection waits. An upstream that
+        // speaks first cannot be watched further without reading it: its bytes stay in the
+        // socket for the client.
+        let mut watching = true;
+        let mut byte = [0u8; 1];
+        let retired = loop {
+            tokio::select! {
+                () = self.session.cancelled() => return,
+                () = &mut expires => break "expired",
+                peeked = socket.peek(&mut byte), if watching => match peeked {
+                    Ok(0) | Err(_) => break "upstream_closed",
+                    Ok(_) => watching = false,
+                },
+                msg = inbound.message() => match msg {
+                    Ok(Some(Chunk { start: true, .. })) => {
+                        drop(idle);
+                        return self.carry(socket, tx, inbound).await;
+                    }
+                    // Ended (drain, shutdown, stale) or out of protocol: not usable.
+                    _ => break "server_ended",
+                },
+            }
+        };
+        self.target.retired();
+        tracing::debug!(reason = retired, "warm connection closed unused");
+        self.shared
+            .metrics
+            .warm_retired
+            .get_or_create(&crate::metrics::ReasonLabel {
+                reason: retired.to_owned(),
+            })
+            .inc();
+    }
+
+    /// The handed-out connection, spliced like a dialed one.
+    async fn carry(&self, socket: TcpStream, tx: mpsc::Sender<Chunk>, inbound: Streaming<Chunk>) {
+        let started = Instant::now();
+        let _active = self.shared.active_connection();
+        self.shared.metrics.warm_claimed.inc();
+        let (to_upstream, from_upstream) = self.shared.metrics.byte_counters();
+        let counts = ByteCounts::with_metrics(from_upstream, to_upstream);
+        let cancel = self.session.child_token();
+        let result = pump::splice(
+            socket,
+            Bytes::new(),
+            tx,
+            inbound,
+            Role::Agent,
+            &counts,
+            &self.budget,
+            &cancel,
+        )
+        .await;
+        let (from_upstream, to_upstream) = counts.get();
+        let outcome = match &result {
+            Ok(()) => "ok".to_owned(),
+            Err(err) => err.to_string(),
+        };
+        tracing::debug!(
+            warm = true,
+            bytes_to_upstream = to_upstream,
+            bytes_from_upstream = from_upstream,
+            duration_ms = started.elapsed().as_millis() as u64,
+            %outcome,
+            "tunneled connection closed"
+        );
+    }
+}
+
+/// A warm connection: the upstream socket and its stream.
+struct Warm {
+    socket: TcpStream,
+    tx: mpsc::Sender<Chunk>,
+    inbound: Streaming<Chunk>,
+}

@@ -1,0 +1,137 @@
+//! Warm streams: `Data` streams an agent opened ahead of demand, each on an upstream connection
+//! it has already made. A CONNECT that finds one is answered `200` at once, with no round trip
+//! to the agent for a dial: on a WAN that halves the time to a new connection's first response,
+//! and on a LAN it takes the dial off the critical path. The `200` keeps its meaning: the
+//! upstream connection behind it exists; only when it was made differs.
+//!
+//! The agent decides how many to keep (more after CONNECTs that found none, fewer after warm
+//! streams that expired unused; see `proxy_agent::warm`); the server only holds them, checks
+//! each is still alive and fresh when handing it out, and refuses more than
+//! [`MAX_WARM_PER_AGENT`].
+
+use std::collections::VecDeque;
+use std::sync::Mutex;
+use std::time::Instant;
+
+use futures_util::FutureExt;
+use prometheus_client::metrics::gauge::Gauge;
+use proxy_proto::{Chunk, WARM_USABLE};
+
+use crate::registry::TunnelStream;
+
+/// Most warm streams held per agent connection: a bound on what an agent can make the server
+/// hold (the agent's own default keeps at most 8).
+pub const MAX_WARM_PER_AGENT: usize = 64;
+
+/// Why a warm stream was not taken.
+#[derive(Debug, thiserror::Error)]
+pub enum WarmRefused {
+    /// The agent already has the most warm streams allowed.
+    #[error("at most {MAX_WARM_PER_AGENT} warm streams per agent")]
+    Full,
+    /// The agent is draining or gone: no new connections go to it.
+    #[error("the agent is draining")]
+    Closed,
+    /// No registered agent on this connection.
+    #[error("no agent registered on this connection")]
+    Unregistered,
+}
+
+/// One agent's warm streams, oldest first.
+#[derive(Debug, Default)]
+pub struct WarmPool {
+    inner: Mutex<Inner>,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    streams: VecDeque<(Instant, TunnelStream)>,
+    closed: bool,
+}
+
+impl WarmPool {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        // Held only for short synchronous sections that cannot leave it torn.
+        self.inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Holds `stream` for a future CONNECT; `held` counts warm streams across agents.
+    pub fn add(&self, stream: TunnelStream, held: &Gauge) -> Result<(), WarmRefused> {
+        let mut inner = self.lock();
+        if inner.closed {
+            return Err(WarmRefused::Closed);
+        }
+        // Dead and stale ones go first, so they never count against the bound.
+        inner.purge(held);
+        if inner.streams.len() >= MAX_WARM_PER_AGENT {
+            return Err(WarmRefused::Full);
+        }
+        inner.streams.push_back((Instant::now(), stream));
+        held.inc();
+        Ok(())
+    }
+
+    /// A live, fresh warm stream, told it was handed out (`Chunk.start`); `None` if there is
+    /// none. Stale and dead ones met on the way are dropped.
+    pub fn take(&self, held: &Gauge) -> Option<TunnelStream> {
+        let mut inner = self.lock();
+        while let Some((at, mut stream)) = inner.streams.pop_front() {
+            held.dec();
+            if at.elapsed() >= WARM_USABLE || !alive(&mut stream) {
+                continue;
+            }
+            let start = Chunk {
+                start: true,
+                ..Chunk::default()
+            };
+            // The queue is new and empty, so only a closed stream refuses.
+            if stream.outbound.try_send(start).is_ok() {
+                return Some(stream);
+            }
+        }
+        None
+    }
+
+    /// Drops the streams the agent ended and the stale ones, so `held` counts live ones (run
+    /// on every ping: a stream the agent ended is otherwise seen only when next looked at).
+    pub fn purge(&self, held: &Gauge) {
+        self.lock().purge(held);
+    }
+
+    /// Drops every warm stream and refuses new ones (the agent drains or left). The agent sees
+    /// its streams end and closes their upstream connections.
+    pub fn close(&self, held: &Gauge) {
+        let mut inner = self.lock();
+        inner.closed = true;
+        held.dec_by(inner.streams.len() as i64);
+        inner.streams.clear();
+    }
+
+    /// Warm streams held now (dead ones included until they are next looked at).
+    pub fn len(&self) -> usize {
+        self.lock().streams.len()
+    }
+
+    /// Whether none are held.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl Inner {
+    fn purge(&mut self, held: &Gauge) {
+        let before = self.streams.len();
+        self.streams
+            .retain_mut(|(at, s)| at.elapsed() < WARM_USABLE && alive(s));
+        held.dec_by((before - self.streams.len()) as i64);
+    }
+}
+
+/// Whether the agent still holds the stream open and has sent nothing on it: it may not send
+/// before `start`, and a stream it ended (the upstream closed, or it retired the stream) is
+/// seen as ended here without waiting.
+fn alive(stream: &mut TunnelStream) -> bool {
+    !stream.outbound.is_closed() && stream.inbound.message().now_or_never().is_none()
+}
