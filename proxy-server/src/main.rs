@@ -11,7 +11,7 @@ fn main() -> anyhow::Result<()> {
     let args = proxy_server::Args::parse();
     proxy_common::telemetry::init(args.log_format);
     proxy_common::net::raise_open_files_limit();
-    let runtime = tokio::runtime::Runtime::new()?;
+    let runtime = proxy_common::runtime(args.worker_threads.map(usize::from))?;
     if let Some(Command::Kubeconfig { admin_url, out }) = &args.command {
         runtime.block_on(proxy_server::kubeconfig::write(admin_url, out.as_deref()))?;
         return Ok(());
