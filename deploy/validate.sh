@@ -23,5 +23,16 @@ for d in docs:
 PY
   echo "ok: deploy/$cert (cert-manager Certificate fields)"
 done
+# Alerting rules: syntax, their unit tests, and the PrometheusRule carrying the same groups.
+promtool check rules monitoring/rules.yaml
+promtool test rules monitoring/rules_test.yaml
+python3 - <<'PY'
+import yaml
+plain = yaml.safe_load(open("monitoring/rules.yaml"))
+crd = yaml.safe_load(open("monitoring/prometheusrule.yaml"))
+assert crd["apiVersion"] == "monitoring.coreos.com/v1" and crd["kind"] == "PrometheusRule", crd
+assert crd["spec"] == plain, "monitoring/prometheusrule.yaml differs from rules.yaml: regenerate it"
+PY
+echo "ok: deploy/monitoring (promtool check and unit tests; PrometheusRule matches rules.yaml)"
 kubectl config view --kubeconfig examples/kubeconfig-controller.yaml > /dev/null
 echo "ok: deploy/examples/kubeconfig-controller.yaml (kubectl config view)"

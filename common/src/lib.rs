@@ -67,6 +67,20 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("{text:?} is too large"))
 }
 
+/// The Tokio runtime of a binary: `workers` worker threads (`None`: one per CPU).
+///
+/// Every hop of a tunneled byte (socket → pump → HTTP/2 → TLS) is a task wake-up; with more
+/// than one worker, a task woken on one thread also unparks an idle one to steal it, and on a
+/// busy host those futex wake-ups and context switches are most of the kernel time of a
+/// request. One worker does none of that (see README, "Threads").
+pub fn runtime(workers: Option<usize>) -> std::io::Result<tokio::runtime::Runtime> {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = workers {
+        builder.worker_threads(n.max(1));
+    }
+    builder.enable_all().build()
+}
+
 #[cfg(test)]
 mod size_tests {
     #[test]
@@ -82,18 +96,4 @@ mod size_tests {
         assert!(super::parse_size("lots").is_err());
         assert!(super::parse_size("99999999999999GiB").is_err());
     }
-}
-
-/// The Tokio runtime of a binary: `workers` worker threads (`None`: one per CPU).
-///
-/// Every hop of a tunneled byte (socket → pump → HTTP/2 → TLS) is a task wake-up; with more
-/// than one worker, a task woken on one thread also unparks an idle one to steal it, and on a
-/// busy host those futex wake-ups and context switches are most of the kernel time of a
-/// request. One worker does none of that (see README, "Threads").
-pub fn runtime(workers: Option<usize>) -> std::io::Result<tokio::runtime::Runtime> {
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    if let Some(n) = workers {
-        builder.worker_threads(n.max(1));
-    }
-    builder.enable_all().build()
 }

@@ -179,3 +179,43 @@ pub fn server_name(name: &str) -> Result<ServerName<'static>, TlsError> {
         reason: e.to_string(),
     })
 }
+
+/// `{certificate}`: which loaded certificate (or CA bundle) an expiry belongs to.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+pub struct CertLabel {
+    /// e.g. `agent-listener`, `agent-ca`, `client`.
+    pub certificate: &'static str,
+}
+
+/// Expiry (Unix seconds) of each certificate a binary has loaded, set at every (re)load: the
+/// `*_certificate_expiry_timestamp_seconds` metric an alert watches.
+pub type CertExpiry =
+    prometheus_client::metrics::family::Family<CertLabel, prometheus_client::metrics::gauge::Gauge>;
+
+/// The earliest `notAfter` (Unix seconds) of the certificates in the PEM file at `path`: for a
+/// certificate chain or a CA bundle, the first one to expire is what breaks it.
+pub fn earliest_expiry(path: &Path) -> Result<i64, TlsError> {
+    load_certs(path)?
+        .iter()
+        .map(|cert| {
+            x509_parser::parse_x509_certificate(cert.as_ref())
+                .map(|(_, parsed)| parsed.validity().not_after.timestamp())
+                .map_err(|e| TlsError::Read {
+                    what: "certificate",
+                    path: path.to_owned(),
+                    reason: e.to_string(),
+                })
+        })
+        .try_fold(i64::MAX, |earliest, t| t.map(|t| earliest.min(t)))
+}
+
+/// Records the expiry of the certificates in `path` under `certificate`; one that cannot be
+/// read was already refused by the load that calls this, so it is only logged.
+pub fn record_expiry(expiry: &CertExpiry, certificate: &'static str, path: &Path) {
+    match earliest_expiry(path) {
+        Ok(t) => {
+            expiry.get_or_create(&CertLabel { certificate }).set(t);
+        }
+        Err(err) => tracing::warn!(certificate, %err, "cannot read the certificate's expiry"),
+    }
+}

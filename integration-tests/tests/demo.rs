@@ -23,7 +23,13 @@ fn demo_comes_up_and_its_printed_commands_work() {
         "demo failed:\n{stdout}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert_eq!(stdout.matches("ok: ").count(), 3, "{stdout}");
+    // Three through the demo's own kubeconfigs and curl, one through the kubeconfig the server
+    // generated from the CAs the agents reported.
+    assert_eq!(stdout.matches("ok: ").count(), 4, "{stdout}");
+    assert!(
+        stdout.contains("Status page: http://127.0.0.1:"),
+        "{stdout}"
+    );
     assert!(
         stdout.contains("alpha-only")
             && stdout.contains("v1.32.0+beta")

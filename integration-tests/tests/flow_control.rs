@@ -217,10 +217,15 @@ async fn hundreds_of_upstreams_that_stop_reading_leave_an_upload_at_full_speed()
     let server = ServerProc::start(&bed.pki, None, &SMALL_BUDGET)
         .await
         .unwrap();
-    let agent =
-        AgentProc::start_ready_with(&bed.pki, &[server.agent_addr], "alpha", sink, &SMALL_BUDGET_NO_WARM)
-            .await
-            .unwrap();
+    let agent = AgentProc::start_ready_with(
+        &bed.pki,
+        &[server.agent_addr],
+        "alpha",
+        sink,
+        &SMALL_BUDGET_NO_WARM,
+    )
+    .await
+    .unwrap();
     let upload = |frontend| async move {
         let mut s = tunnel(frontend).await;
         let started = Instant::now();

@@ -297,6 +297,74 @@ async fn status_page_and_json_list_what_is_connected() {
     drop(open);
 }
 
+/// A cluster whose agents all left stays listed as `down`, with since when, for the retention
+/// window, and then goes; one that comes back is `up` again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_whose_agents_left_is_listed_down_until_the_retention_ends() {
+    let bed = Bed::new(&["alpha", "beta"]);
+    let up = BannerServer::start("hello").await.unwrap();
+    let server = ServerProc::start(&bed.pki, None, &["--down-retention", "3s"])
+        .await
+        .unwrap();
+    let alpha = AgentProc::start_ready(&bed.pki, &[server.agent_addr], "alpha", up.addr)
+        .await
+        .unwrap();
+    let _beta = AgentProc::start_ready(&bed.pki, &[server.agent_addr], "beta", up.addr)
+        .await
+        .unwrap();
+    let clusters = || async {
+        let (status, json) = admin_get(server.admin_addr, "/api/v1/clusters")
+            .await
+            .unwrap();
+        assert_eq!(status, 200);
+        let doc: serde_json::Value = serde_json::from_str(&json).unwrap();
+        doc["clusters"].as_array().unwrap().clone()
+    };
+    let before = clusters().await;
+    assert_eq!(before[0]["state"], "up");
+    assert!(before[0]["down_since"].is_null());
+
+    let gone_at = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    alpha.proc.kill().await;
+    eventually("alpha listed down", Duration::from_secs(5), || async {
+        clusters().await[0]["state"] == "down"
+    })
+    .await;
+    let listed = clusters().await;
+    assert_eq!(listed.len(), 2, "{listed:?}");
+    assert_eq!(listed[0]["name"], "alpha");
+    assert!(listed[0]["agents"].as_array().unwrap().is_empty());
+    let since = listed[0]["down_since"].as_f64().unwrap();
+    assert!((since - gone_at).abs() < 5.0, "{since} vs {gone_at}");
+    assert_eq!(listed[1]["state"], "up");
+    let (_, html) = admin_get(server.admin_addr, "/").await.unwrap();
+    assert!(html.contains("1 cluster(s) up, 1 down"), "{html}");
+    assert!(html.contains("<b>down</b> since"), "{html}");
+    // The metric an alert watches stays, at zero.
+    assert_eq!(
+        metric(server.admin_addr, r#"proxy_server_agents{cluster="alpha"}"#).await,
+        0.0
+    );
+
+    // Past the retention window it is no longer listed.
+    eventually("alpha forgotten", Duration::from_secs(8), || async {
+        clusters().await.len() == 1
+    })
+    .await;
+    assert_eq!(clusters().await[0]["name"], "beta");
+
+    // Back: up again, listed once.
+    let _alpha = AgentProc::start_ready(&bed.pki, &[server.agent_addr], "alpha", up.addr)
+        .await
+        .unwrap();
+    let back = clusters().await;
+    assert_eq!(back.len(), 2);
+    assert_eq!(back[0]["state"], "up");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn generated_kubeconfigs_work_with_kubectl_and_verify_the_member() {
     let bed = Bed::new(&["alpha", "beta"]);

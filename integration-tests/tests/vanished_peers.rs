@@ -138,7 +138,12 @@ async fn a_client_that_leaves_during_its_dial_cancels_it_at_the_agent() {
         &[server.agent_addr],
         "alpha",
         upstream_addr,
-        &[slow[0], slow[1], integration_tests::procs::NO_WARM[0], integration_tests::procs::NO_WARM[1]],
+        &[
+            slow[0],
+            slow[1],
+            integration_tests::procs::NO_WARM[0],
+            integration_tests::procs::NO_WARM[1],
+        ],
     )
     .await
     .unwrap();

@@ -66,7 +66,11 @@ async fn echo_once(s: &mut TcpStream) {
 /// A CONNECT and the first echo through it: (time to `200`, time to the first response).
 async fn timed_connect(frontend: SocketAddr) -> (Duration, Duration, TcpStream) {
     let started = Instant::now();
-    let mut s = connect(frontend, "alpha:443").await.unwrap().tunnel().unwrap();
+    let mut s = connect(frontend, "alpha:443")
+        .await
+        .unwrap()
+        .tunnel()
+        .unwrap();
     let established = started.elapsed();
     echo_once(&mut s).await;
     (established, started.elapsed(), s)
@@ -96,9 +100,11 @@ async fn across_a_wan_a_warm_connection_saves_the_dial_round_trip() {
     drop(first);
 
     // That miss asked the agent for one warm connection.
-    eventually("a warm stream reaches the server", Duration::from_secs(5), || async {
-        metric(s, "proxy_server_warm_streams").await == 1.0
-    })
+    eventually(
+        "a warm stream reaches the server",
+        Duration::from_secs(5),
+        || async { metric(s, "proxy_server_warm_streams").await == 1.0 },
+    )
     .await;
     assert_eq!(metric(a, "proxy_agent_warm_connections").await, 1.0);
     assert_eq!(up.accepted.load(Ordering::SeqCst), 2);
@@ -117,13 +123,19 @@ async fn across_a_wan_a_warm_connection_saves_the_dial_round_trip() {
     );
     assert_eq!(metric(a, "proxy_agent_warm_claimed_total").await, 1.0);
     assert_eq!(
-        metric(s, r#"proxy_server_connections_total{cluster="alpha",result="ok"}"#).await,
+        metric(
+            s,
+            r#"proxy_server_connections_total{cluster="alpha",result="ok"}"#
+        )
+        .await,
         2.0
     );
     // It was replaced at once: the next client is served warm too.
-    eventually("the warm connection is replaced", Duration::from_secs(5), || async {
-        metric(s, "proxy_server_warm_streams").await == 1.0
-    })
+    eventually(
+        "the warm connection is replaced",
+        Duration::from_secs(5),
+        || async { metric(s, "proxy_server_warm_streams").await == 1.0 },
+    )
     .await;
     drop(second);
 
@@ -153,16 +165,22 @@ async fn a_warm_connection_the_upstream_closed_is_never_handed_out() {
     let (s, a) = (server.admin_addr, agent.admin_addr);
     let (_, _, first) = timed_connect(server.frontend_addr).await;
     drop(first);
-    eventually("a warm stream reaches the server", Duration::from_secs(5), || async {
-        metric(s, "proxy_server_warm_streams").await == 1.0
-    })
+    eventually(
+        "a warm stream reaches the server",
+        Duration::from_secs(5),
+        || async { metric(s, "proxy_server_warm_streams").await == 1.0 },
+    )
     .await;
 
     // The upstream closes its idle connection (as an API server does after its handshake
     // timeout): the agent notices, and the server stops counting it.
     up.close_all();
     eventually("the agent retires it", Duration::from_secs(5), || async {
-        metric_opt(a, r#"proxy_agent_warm_retired_total{reason="upstream_closed"}"#).await
+        metric_opt(
+            a,
+            r#"proxy_agent_warm_retired_total{reason="upstream_closed"}"#,
+        )
+        .await
             == Some(1.0)
     })
     .await;
@@ -193,8 +211,10 @@ fn warm_request(
         tx.try_send(c).unwrap();
     }
     let mut req = tonic::Request::new(ReceiverStream::new(rx));
-    req.metadata_mut()
-        .insert(WARM_HEADER, tonic::metadata::MetadataValue::from_static("1"));
+    req.metadata_mut().insert(
+        WARM_HEADER,
+        tonic::metadata::MetadataValue::from_static("1"),
+    );
     (req, tx)
 }
 
@@ -270,9 +290,11 @@ async fn a_warm_stream_that_speaks_before_it_is_handed_out_is_never_used() {
     };
     let (req, _tx) = warm_request(vec![early]);
     let _warm = rogue.data(req).await.unwrap().into_inner();
-    eventually("the warm stream is held", Duration::from_secs(5), || async {
-        metric(server.admin_addr, "proxy_server_warm_streams").await == 1.0
-    })
+    eventually(
+        "the warm stream is held",
+        Duration::from_secs(5),
+        || async { metric(server.admin_addr, "proxy_server_warm_streams").await == 1.0 },
+    )
     .await;
     // Give the forged bytes time to arrive before the CONNECT looks at the stream.
     tokio::time::sleep(Duration::from_millis(200)).await;

@@ -207,6 +207,8 @@ pub struct Config {
     pub tcp_keepalive: Option<proxy_common::net::Keepalive>,
     /// See [`Args::warm_connections`].
     pub warm_connections: usize,
+    /// Expiry of each loaded certificate, set at every (re)load.
+    pub cert_expiry: tls::CertExpiry,
 }
 
 /// Most warm connections per server: what a server holds per agent.
@@ -290,8 +292,13 @@ impl Config {
             identity.key.clone(),
             server_ca.clone(),
         ];
+        let cert_expiry = tls::CertExpiry::default();
+        let expiry = cert_expiry.clone();
         let tls = Reloadable::load("agent TLS", files, move || {
-            tls::mtls_client_config(&identity, &server_ca)
+            let config = tls::mtls_client_config(&identity, &server_ca)?;
+            tls::record_expiry(&expiry, "client", &identity.cert);
+            tls::record_expiry(&expiry, "server-ca", &server_ca);
+            Ok::<_, tls::TlsError>(config)
         })?;
         let cluster = match &args.cluster {
             Some(c) => c.clone(),
@@ -352,6 +359,7 @@ impl Config {
             keepalive_timeout: duration("keepalive-timeout", args.keepalive_timeout, false)?,
             window_budget: args.window_budget,
             tcp_keepalive: args.tcp_keepalive.0,
+            cert_expiry,
             warm_connections: if args.warm_connections > MAX_WARM_CONNECTIONS {
                 return Err(invalid(
                     "warm-connections",

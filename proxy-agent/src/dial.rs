@@ -105,7 +105,8 @@ pub async fn dial_upstream(
     upstream: &str,
     started: Instant,
 ) -> Result<TcpStream, DialFailure> {
-    let dialed = tokio::time::timeout(shared.config.dial_timeout, TcpStream::connect(upstream)).await;
+    let dialed =
+        tokio::time::timeout(shared.config.dial_timeout, TcpStream::connect(upstream)).await;
     let socket = match dialed {
         Ok(Ok(socket)) => socket,
         Ok(Err(err)) => {

@@ -91,6 +91,12 @@ pub async fn run(
 ) -> Result<(), proxy_common::shutdown::Stopped> {
     let mut prometheus = prometheus_client::registry::Registry::default();
     let metrics = metrics::Metrics::new(&mut prometheus);
+    prometheus.register(
+        "proxy_agent_certificate_expiry_timestamp_seconds",
+        "When each loaded certificate (or the first of a CA bundle) expires, in Unix seconds; \
+         set at every reload",
+        config.cert_expiry.clone(),
+    );
     let shared = Arc::new(Shared::new(config, metrics));
     let life = session::Lifecycle {
         drain: shutdown.clone(),

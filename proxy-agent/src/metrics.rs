@@ -61,6 +61,25 @@ impl Metrics {
             warm_claimed: Counter::default(),
             warm_retired: Family::default(),
         };
+        let start_time = Gauge::<i64, std::sync::atomic::AtomicI64>::default();
+        start_time.set(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs() as i64),
+        );
+        registry.register(
+            "proxy_agent_start_time_seconds",
+            "When this process started, Unix seconds (restarts show as changes)",
+            start_time,
+        );
+        registry.register(
+            "proxy_agent_build",
+            "The running build",
+            prometheus_client::metrics::info::Info::new(vec![(
+                "version".to_owned(),
+                env!("CARGO_PKG_VERSION").to_owned(),
+            )]),
+        );
         registry.register(
             "proxy_agent_warm_connections",
             "Upstream connections made ahead of demand, each on its own tunnel stream, ready for \

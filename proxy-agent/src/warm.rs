@@ -177,8 +177,10 @@ impl Pool {
             .map_err(|f| f.reason)?;
         let (tx, rx) = mpsc::channel(CHUNK_QUEUE);
         let mut req = Request::new(ReceiverStream::new(rx));
-        req.metadata_mut()
-            .insert(WARM_HEADER, tonic::metadata::MetadataValue::from_static("1"));
+        req.metadata_mut().insert(
+            WARM_HEADER,
+            tonic::metadata::MetadataValue::from_static("1"),
+        );
         let inbound = self
             .client
             .clone()

@@ -120,6 +120,10 @@ pub struct Args {
     /// Most CONNECTs waiting for an agent's dial at once; more get 503.
     #[arg(long, env = "PROXY_SERVER_MAX_PENDING_DIALS", default_value_t = 2_048)]
     pub max_pending_dials: usize,
+    /// How long a cluster whose agents all left stays listed (status page, /api/v1/clusters)
+    /// as `down`, with when it went down.
+    #[arg(long, env = "PROXY_SERVER_DOWN_RETENTION", default_value = "24h", value_parser = humantime::parse_duration)]
+    pub down_retention: Duration,
     /// The proxy's address as controllers reach it, written as `proxy-url` into generated
     /// kubeconfigs (default: http:// or https:// and --frontend-addr).
     #[arg(long, env = "PROXY_SERVER_PUBLIC_URL")]
@@ -255,6 +259,8 @@ pub struct Limits {
     pub max_connections_per_cluster: usize,
     /// See [`Args::max_pending_dials`].
     pub max_pending_dials: usize,
+    /// See [`Args::down_retention`].
+    pub down_retention: Duration,
 }
 
 /// The validated configuration `run` works from.
@@ -268,6 +274,8 @@ pub struct Config {
     pub admin_addr: SocketAddr,
     /// TLS of the agent listener (mutual: agents must present a certificate).
     pub agent_tls: Reloadable<rustls::ServerConfig>,
+    /// Expiry of each loaded certificate, set at every (re)load.
+    pub cert_expiry: tls::CertExpiry,
     /// TLS of the frontend, if any.
     pub frontend_tls: Option<Reloadable<rustls::ServerConfig>>,
     /// Frontend authentication.
@@ -351,6 +359,8 @@ impl Config {
             key: required("agent-tls-key", &args.agent_tls_key)?,
         };
         let agent_ca = required("agent-ca", &args.agent_ca)?;
+        let cert_expiry = tls::CertExpiry::default();
+        let expiry = cert_expiry.clone();
         let agent_tls = Reloadable::load(
             "agent listener TLS",
             vec![
@@ -358,7 +368,12 @@ impl Config {
                 agent_identity.key.clone(),
                 agent_ca.clone(),
             ],
-            move || tls::mtls_server_config(&agent_identity, &agent_ca),
+            move || {
+                let config = tls::mtls_server_config(&agent_identity, &agent_ca)?;
+                tls::record_expiry(&expiry, "agent-listener", &agent_identity.cert);
+                tls::record_expiry(&expiry, "agent-ca", &agent_ca);
+                Ok::<_, tls::TlsError>(config)
+            },
         )
         .map_err(ConfigError::AgentTls)?;
 
@@ -385,9 +400,16 @@ impl Config {
                 let ca = args.frontend_ca.clone();
                 // With a policy, clients may authenticate by token instead of certificate.
                 let cert_optional = policy.is_some();
+                let expiry = cert_expiry.clone();
                 Some(
                     Reloadable::load("frontend TLS", files, move || {
-                        tls::frontend_server_config(&identity, ca.as_deref(), cert_optional)
+                        let config =
+                            tls::frontend_server_config(&identity, ca.as_deref(), cert_optional)?;
+                        tls::record_expiry(&expiry, "frontend", &identity.cert);
+                        if let Some(ca) = &ca {
+                            tls::record_expiry(&expiry, "frontend-ca", ca);
+                        }
+                        Ok::<_, tls::TlsError>(config)
                     })
                     .map_err(ConfigError::FrontendTls)?,
                 )
@@ -463,6 +485,7 @@ impl Config {
             frontend_addr: args.frontend_addr,
             admin_addr: args.admin_addr,
             agent_tls,
+            cert_expiry,
             frontend_tls,
             frontend_auth,
             dial_timeout: positive("dial-timeout", args.dial_timeout)?,
@@ -479,6 +502,7 @@ impl Config {
                     args.max_connections_per_cluster,
                 )?,
                 max_pending_dials: at_least_one("max-pending-dials", args.max_pending_dials)?,
+                down_retention: positive("down-retention", args.down_retention)?,
             },
             cluster_suffix,
             connect_ports: if args.connect_ports.is_empty() || args.connect_ports.contains(&0) {

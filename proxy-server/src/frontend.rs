@@ -416,6 +416,12 @@ impl Frontend {
         )
         .await;
         drop(slot);
+        self.metrics
+            .connection_duration
+            .get_or_create(&ClusterLabel {
+                cluster: cluster.clone(),
+            })
+            .observe(started.elapsed().saturating_sub(connect_time).as_secs_f64());
         let (to_cluster, from_cluster) = counts.get();
         let outcome = match &result {
             Ok(()) => "ok".to_owned(),

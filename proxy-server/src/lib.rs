@@ -194,6 +194,12 @@ pub async fn run(
     let close = CancellationToken::new();
     let mut prometheus = prometheus_client::registry::Registry::default();
     let metrics = Arc::new(metrics::Metrics::new(&mut prometheus));
+    prometheus.register(
+        "proxy_server_certificate_expiry_timestamp_seconds",
+        "When each loaded certificate (or the first of a CA bundle) expires, in Unix seconds; \
+         set at every reload",
+        config.cert_expiry.clone(),
+    );
     let registry = Arc::new(registry::Registry::new(config.limits, metrics.clone()));
     let connections = TaskTracker::new();
     let background = TaskTracker::new();

@@ -102,6 +102,8 @@ pub struct Metrics {
     pub warm_streams: Gauge,
     /// CONNECTs answered on a warm stream, without a dial round trip to the agent.
     pub warm_connects: Counter,
+    /// How long tunneled connections lasted, `200` to close.
+    pub connection_duration: Family<ClusterLabel, Histogram, fn() -> Histogram>,
 }
 
 /// Which listener.
@@ -109,6 +111,18 @@ pub struct Metrics {
 pub struct ListenerLabel {
     /// `agent` or `frontend`.
     pub listener: &'static str,
+}
+
+/// Now, in Unix seconds.
+pub fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+fn duration_histogram() -> Histogram {
+    // 10 ms to ~5.8 h: from a single request to a long watch.
+    Histogram::new(exponential_buckets(0.01, 4.0, 12))
 }
 
 fn dial_histogram() -> Histogram {
@@ -188,7 +202,32 @@ impl Metrics {
             "CONNECTs answered on a warm stream (a subset of result=\"ok\")",
             warm_connects.clone(),
         );
+        let connection_duration =
+            Family::<ClusterLabel, Histogram, fn() -> Histogram>::new_with_constructor(
+                duration_histogram,
+            );
+        registry.register(
+            "proxy_server_connection_duration_seconds",
+            "How long tunneled connections lasted, from 200 sent to closed",
+            connection_duration.clone(),
+        );
+        let start_time = Gauge::<i64, std::sync::atomic::AtomicI64>::default();
+        start_time.set(unix_now());
+        registry.register(
+            "proxy_server_start_time_seconds",
+            "When this process started, Unix seconds (restarts show as changes)",
+            start_time,
+        );
+        registry.register(
+            "proxy_server_build",
+            "The running build",
+            prometheus_client::metrics::info::Info::new(vec![(
+                "version".to_owned(),
+                env!("CARGO_PKG_VERSION").to_owned(),
+            )]),
+        );
         Self {
+            connection_duration,
             warm_streams,
             warm_connects,
             handshakes_limited,

@@ -226,6 +226,8 @@ pub enum DialLookupError {
 pub struct Registry {
     clusters: DashMap<String, Vec<Arc<AgentHandle>>>,
     departed: DashMap<String, Instant>,
+    /// Clusters whose agents all left, with when, kept for `--down-retention`.
+    down: DashMap<String, (SystemTime, Instant)>,
     pending: DashMap<u64, PendingDial>,
     open: DashMap<String, usize>,
     open_total: AtomicUsize,
@@ -269,6 +271,8 @@ pub struct ClusterSnapshot {
     pub open_connections: usize,
     /// Recent dials.
     pub dials: DialStats,
+    /// When its last agent left, for a cluster that has none now (kept `--down-retention`).
+    pub down_since: Option<SystemTime>,
 }
 
 /// A limit that refused a CONNECT (the client gets `503` with this reason).
@@ -296,6 +300,7 @@ impl Registry {
         Self {
             clusters: DashMap::new(),
             departed: DashMap::new(),
+            down: DashMap::new(),
             pending: DashMap::new(),
             open: DashMap::new(),
             open_total: AtomicUsize::new(0),
@@ -395,6 +400,7 @@ impl Registry {
             .or_default()
             .push(agent.clone());
         self.departed.remove(&agent.info.cluster);
+        self.down.remove(&agent.info.cluster);
         self.changed.notify_waiters();
         Ok(Registration {
             registry: self.clone(),
@@ -423,8 +429,19 @@ impl Registry {
             .cloned()
     }
 
-    /// Every cluster with its agents and open connections, sorted by name.
+    /// Every cluster with its agents and open connections, and those down within the retention
+    /// window, sorted by name.
     pub fn snapshot(&self) -> Vec<ClusterSnapshot> {
+        self.forget_down();
+        let down = self.down.iter().map(|entry| ClusterSnapshot {
+            name: entry.key().clone(),
+            agents: Vec::new(),
+            open_connections: self.open.get(entry.key()).map_or(0, |n| *n),
+            dials: DialStats::default(),
+            down_since: Some(entry.value().0),
+        });
+        // Collected first: no guard of one map is held while the other is read.
+        let down: Vec<ClusterSnapshot> = down.collect();
         let mut out: Vec<ClusterSnapshot> = self
             .clusters
             .iter()
@@ -441,8 +458,14 @@ impl Registry {
                     .get(entry.key())
                     .map(|d| d.clone())
                     .unwrap_or_default(),
+                down_since: None,
             })
             .collect();
+        // A cluster that came back between the two looks is listed once, as up.
+        out.extend(
+            down.into_iter()
+                .filter(|d| !self.clusters.contains_key(&d.name)),
+        );
         out.sort_by(|a, b| a.name.cmp(&b.name));
         out
     }
@@ -473,6 +496,12 @@ impl Registry {
                 return None;
             }
         }
+    }
+
+    /// Drops down clusters older than the retention window.
+    fn forget_down(&self) {
+        let keep = self.limits.down_retention;
+        self.down.retain(|_, (_, at)| at.elapsed() < keep);
     }
 
     fn recently_departed(&self, cluster: &str) -> bool {
@@ -602,6 +631,9 @@ impl Registry {
             self.departed
                 .retain(|_, left| left.elapsed() < RECONNECT_WINDOW);
             self.departed.insert(cluster.clone(), Instant::now());
+            self.forget_down();
+            self.down
+                .insert(cluster.clone(), (SystemTime::now(), Instant::now()));
         }
         // Dials asked of this connection can no longer be answered: dropping their reply
         // senders fails the waiting CONNECTs now rather than at their timeout.

@@ -114,6 +114,8 @@ impl Status {
                 sorted.sort_by(f64::total_cmp);
                 json!({
                     "name": c.name,
+                    "state": if c.down_since.is_some() { "down" } else { "up" },
+                    "down_since": c.down_since.map(unix),
                     "agents": c.agents.iter().map(|(a, draining)| json!({
                         "id": a.agent_id,
                         "address": a.addr.to_string(),
@@ -145,6 +147,8 @@ impl Status {
     fn html(&self) -> String {
         let snapshot = self.registry.snapshot();
         let agents: usize = snapshot.iter().map(|c| c.agents.len()).sum();
+        let down = snapshot.iter().filter(|c| c.down_since.is_some()).count();
+        let open: usize = snapshot.iter().map(|c| c.open_connections).sum();
         let mut rows = String::new();
         for c in &snapshot {
             let mut sorted: Vec<f64> = c.dials.recent_ms.iter().copied().collect();
@@ -182,9 +186,16 @@ impl Status {
             } else {
                 "no CA reported".to_owned()
             };
+            let (row_class, agent_list) = match c.down_since {
+                Some(since) => (
+                    " class=\"down\"",
+                    format!("<b>down</b> since {} (no agent)", ago(since)),
+                ),
+                None => ("", format!("<ul>{agent_list}</ul>")),
+            };
             let _ = write!(
                 rows,
-                "<tr><td><b>{}</b></td><td><ul>{agent_list}</ul></td><td>{}</td><td>{} / {}</td><td>{latency}</td><td>{failures}</td><td>{kubeconfig}</td></tr>",
+                "<tr{row_class}><td><b>{}</b></td><td>{agent_list}</td><td>{}</td><td>{} / {}</td><td>{latency}</td><td>{failures}</td><td>{kubeconfig}</td></tr>",
                 esc(&c.name),
                 c.open_connections,
                 human_bytes(self.bytes(&c.name, "to_cluster")),
@@ -197,8 +208,9 @@ impl Status {
         format!(
             "<!doctype html><html><head><meta charset=\"utf-8\"><meta http-equiv=\"refresh\" content=\"{REFRESH_SECONDS}\">\
 <title>proxy-server {id}</title><style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}\
-td,th{{border:1px solid #ccc;padding:.4em .6em;vertical-align:top;text-align:left}}ul{{margin:0;padding-left:1.2em}}</style></head>\
-<body><h1>proxy-server <code>{id}</code></h1><p>Up since {up}. One of {count} server replica(s){warm}. {n} cluster(s), {agents} agent(s). Refreshes every {REFRESH_SECONDS} s. \
+td,th{{border:1px solid #ccc;padding:.4em .6em;vertical-align:top;text-align:left}}ul{{margin:0;padding-left:1.2em}}tr.down td{{background:#fde8e8}}</style></head>\
+<body><h1>proxy-server <code>{id}</code></h1><p><b>{up_n} cluster(s) up, {down} down, {agents} agent(s), {open} open connection(s).</b></p>\
+<p>Up since {up}. One of {count} server replica(s){warm}. Refreshes every {REFRESH_SECONDS} s. \
 Same data: <a href=\"/api/v1/clusters\">JSON</a>; all kubeconfigs: <a href=\"/api/v1/kubeconfig\">kubeconfig</a>; <a href=\"/metrics\">metrics</a>.</p>\
 <table><tr><th>cluster</th><th>agents</th><th>open connections</th><th>bytes to / from cluster</th><th>dial latency (CONNECT to 200)</th><th>dial failures</th><th>kubeconfig</th></tr>{rows}</table></body></html>\n",
             id = esc(&self.fleet.server_id),
@@ -211,7 +223,7 @@ Same data: <a href=\"/api/v1/clusters\">JSON</a>; all kubeconfigs: <a href=\"/ap
                 ),
                 None => String::new(),
             },
-            n = snapshot.len(),
+            up_n = snapshot.len() - down,
         )
     }
 

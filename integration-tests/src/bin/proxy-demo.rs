@@ -32,6 +32,15 @@ const CLUSTERS: [&str; 2] = ["alpha", "beta"];
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     proxy_common::telemetry::init(proxy_common::telemetry::LogFormat::Text);
+    // A demo already running holds the port: say so before touching its certificates.
+    drop(
+        std::net::TcpListener::bind(&args.frontend_addr).with_context(|| {
+            format!(
+                "cannot listen on {} (is a demo already running? --frontend-addr picks another port)",
+                args.frontend_addr
+            )
+        })?,
+    );
     let pki = proxy_certs::write_dev_pki(&args.dir, &CLUSTERS)?;
     let shutdown = CancellationToken::new();
     proxy_common::shutdown::spawn_signal_handler(shutdown.clone())?;
@@ -55,6 +64,7 @@ async fn main() -> anyhow::Result<()> {
     let listeners = proxy_server::Listeners::bind(&config).await?;
     let agent_addr = listeners.agent.local_addr()?;
     let frontend = listeners.frontend.local_addr()?;
+    let admin = listeners.admin.local_addr()?;
     let server = tokio::spawn(proxy_server::run(config, listeners, shutdown.clone()));
 
     let mut agents = Vec::new();
@@ -74,6 +84,9 @@ async fn main() -> anyhow::Result<()> {
             &pki.proxy_ca().display().to_string(),
             "--upstream",
             &api.addr.to_string(),
+            // Reported to the server, so its generated kubeconfigs verify the member.
+            "--upstream-ca",
+            &pki.apiserver_ca(cluster).display().to_string(),
             "--admin-addr",
             "127.0.0.1:0",
         ])?;
@@ -86,6 +99,7 @@ async fn main() -> anyhow::Result<()> {
         )));
         client::write_kubeconfig(&args.dir, &pki, cluster, &format!("http://{frontend}"))?;
     }
+    wait_registered(admin).await?;
     wait_served(frontend, &pki).await?;
 
     let dir = args.dir.display();
@@ -95,9 +109,14 @@ async fn main() -> anyhow::Result<()> {
         format!(
             "curl --proxy http://{frontend} --cacert {dir}/apiserver-alpha-ca.pem https://alpha:443/version"
         ),
+        // The server's own kubeconfigs, made from what the agents reported.
+        format!(
+            "curl -sf http://{admin}/api/v1/kubeconfig -o {dir}/fleet.kubeconfig && kubectl --kubeconfig {dir}/fleet.kubeconfig --context beta --token=the-demo-checks-none get --raw /version"
+        ),
     ];
     println!(
-        "\nproxy demo is up: CONNECT proxy on {frontend}, member clusters alpha and beta.\nTry:\n"
+        "\nproxy demo is up: CONNECT proxy on {frontend}, member clusters alpha and beta.\n\
+         Status page: http://{admin}/ (metrics at /metrics).\nTry:\n"
     );
     for c in &commands {
         println!("  {c}");
@@ -116,6 +135,26 @@ async fn main() -> anyhow::Result<()> {
     }
     server.await??;
     result
+}
+
+/// Waits until both members' agents registered, so the first CONNECTs find them (and the
+/// demo's own probes neither fail nor count as `no_agent`).
+async fn wait_registered(admin: std::net::SocketAddr) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Ok((200, body)) =
+            integration_tests::procs::admin_get(admin, "/api/v1/clusters").await
+            && CLUSTERS
+                .iter()
+                .all(|c| body.contains(&format!("\"name\":\"{c}\"")))
+        {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("the agents did not register within 10 s");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// Waits until both members answer through the proxy.
