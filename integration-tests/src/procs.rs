@@ -300,11 +300,30 @@ pub async fn admin_get(addr: SocketAddr, path: &str) -> anyhow::Result<(u16, Str
         .nth(1)
         .and_then(|s| s.parse().ok())
         .context("bad admin response")?;
-    let body = out
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
+    let (head, body) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
+    let chunked = head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked");
+    let body = if chunked {
+        dechunk(body).context("bad chunked body")?
+    } else {
+        body.to_owned()
+    };
     Ok((status, body))
+}
+
+/// The body of a `Transfer-Encoding: chunked` response (Prometheus answers so).
+fn dechunk(mut rest: &str) -> Option<String> {
+    let mut body = String::new();
+    loop {
+        let (size, after) = rest.split_once("\r\n")?;
+        let size = usize::from_str_radix(size.split(';').next()?.trim(), 16).ok()?;
+        if size == 0 {
+            return Some(body);
+        }
+        body.push_str(after.get(..size)?);
+        rest = after.get(size..)?.strip_prefix("\r\n")?;
+    }
 }
 
 /// The value of one sample in an admin `/metrics` page (`name{labels}` exactly as printed).

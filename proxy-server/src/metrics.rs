@@ -182,6 +182,10 @@ impl Metrics {
             server_count.clone(),
         );
         let handshakes_limited = Family::<ListenerLabel, Counter>::default();
+        // Both series exist from the start, at 0, so dashboards and rate() see them.
+        for listener in ["agent", "frontend"] {
+            let _ = handshakes_limited.get_or_create(&ListenerLabel { listener });
+        }
         registry.register(
             "proxy_server_handshakes_limited",
             "Connections closed before authentication because the listener's handshake gate \
