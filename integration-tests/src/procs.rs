@@ -215,7 +215,21 @@ impl AgentProc {
         upstream: SocketAddr,
         extra: &[&str],
     ) -> anyhow::Result<Self> {
-        let mut args: Vec<String> = Vec::new();
+        Self::start_with_env(pki, servers, cert_cluster, upstream, extra, &[]).await
+    }
+
+    /// [`AgentProc::start`] with environment variables `env` set for the agent (run through
+    /// `env`, which execs it: the pid is the agent's).
+    pub async fn start_with_env(
+        pki: &DevPki,
+        servers: &[SocketAddr],
+        cert_cluster: &str,
+        upstream: SocketAddr,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<Self> {
+        let mut args: Vec<String> = env.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        args.push(bin("proxy-agent").display().to_string());
         for s in servers {
             args.extend(["--server".into(), s.to_string()]);
         }
@@ -235,7 +249,7 @@ impl AgentProc {
         ]);
         args.extend(extra.iter().map(|s| (*s).to_owned()));
         let log = unique_log(&pki.dir, &format!("agent-{cert_cluster}"));
-        let (proc, line) = Proc::spawn("proxy-agent", &bin("proxy-agent"), &args, log).await?;
+        let (proc, line) = Proc::spawn("proxy-agent", Path::new("env"), &args, log).await?;
         Ok(Self {
             admin_addr: field(&line, "admin")?,
             proc,

@@ -97,6 +97,12 @@ pub struct Args {
     /// reading can pin (connections x 256 KiB + this).
     #[arg(long, env = "PROXY_AGENT_WINDOW_BUDGET", default_value = "256MiB", value_parser = proxy_common::parse_size)]
     pub window_budget: u64,
+    /// Reach the servers through this HTTP proxy (HTTP CONNECT): http://[user:password@]host:port.
+    /// Without it, the standard HTTPS_PROXY / https_proxy variables are used, except for servers
+    /// NO_PROXY / no_proxy exempts. Credentials are sent as Proxy-Authorization: Basic and
+    /// never logged.
+    #[arg(long, env = "PROXY_AGENT_HTTPS_PROXY", hide_env_values = true)]
+    pub https_proxy: Option<String>,
     /// Per server, most upstream connections kept made ahead of demand ("warm"), each ready for
     /// a new client without a dial round trip (on a WAN, the time to a new connection's first
     /// response halves). The agent keeps as many as recent demand needs: one more after a client
@@ -168,6 +174,8 @@ pub struct ServerTarget {
     pub addr: String,
     /// Name verified on its certificate.
     pub tls_name: ServerName<'static>,
+    /// The HTTP proxy it is reached through, if any (`--https-proxy`, `HTTPS_PROXY`).
+    pub proxy: Option<crate::http_proxy::HttpProxy>,
 }
 
 /// The validated configuration `run` works from.
@@ -311,15 +319,28 @@ impl Config {
                 "not a valid cluster name (lower-case letters, digits, '-', '.')",
             ));
         }
+        let flag_proxy = match &args.https_proxy {
+            Some(url) => Some(
+                crate::http_proxy::HttpProxy::parse(url)
+                    // The URL may hold credentials: not echoed back.
+                    .map_err(|e| invalid("https-proxy", "(the given URL)", e.to_string()))?,
+            ),
+            None => None,
+        };
         let mut servers = Vec::new();
         for addr in &args.servers {
             let (host, _) = split_host_port("server", addr)?;
             let name = args.server_name.as_deref().unwrap_or(&host);
             let tls_name =
                 tls::server_name(name).map_err(|e| invalid("server-name", name, e.to_string()))?;
+            let proxy = crate::http_proxy::HttpProxy::for_server(flag_proxy.as_ref(), addr, |k| {
+                std::env::var(k).ok()
+            })
+            .map_err(|e| invalid("https-proxy", "(HTTPS_PROXY)", e.to_string()))?;
             servers.push(ServerTarget {
                 addr: addr.clone(),
                 tls_name,
+                proxy,
             });
         }
         split_host_port("upstream", &args.upstream)?;

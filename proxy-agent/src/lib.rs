@@ -8,6 +8,7 @@ pub mod channel;
 pub mod config;
 pub mod dial;
 pub mod fleet;
+pub mod http_proxy;
 pub mod metrics;
 pub mod session;
 pub mod warm;
@@ -142,6 +143,12 @@ pub async fn run(
         proxy_common::admin::serve(admin, admin_state, life.close.clone()),
     );
     tracing::info!(cluster = %shared.config.cluster, agent.id = %shared.config.agent_id, upstream = %shared.config.upstream, "proxy-agent started");
+    for server in &shared.config.servers {
+        if let Some(proxy) = &server.proxy {
+            // Display shows the proxy's address only, never its credentials.
+            tracing::info!(server = %server.addr, %proxy, "reaching this server through an HTTP proxy");
+        }
+    }
     for server in shared.config.servers.clone() {
         vital.spawn(
             "a server's tunnel task",

@@ -181,9 +181,15 @@ async fn connect(
         keepalive_timeout: shared.config.keepalive_timeout,
     };
     let setup = async {
-        let tcp = TcpStream::connect(&server.addr)
-            .await
-            .map_err(|e| SessionError::Connect(format!("tcp: {e}")))?;
+        let tcp = match &server.proxy {
+            Some(proxy) => proxy
+                .connect(&server.addr, CONNECT_TIMEOUT)
+                .await
+                .map_err(SessionError::Connect)?,
+            None => TcpStream::connect(&server.addr)
+                .await
+                .map_err(|e| SessionError::Connect(format!("tcp: {e}")))?,
+        };
         proxy_common::net::configure(&tcp, shared.config.tcp_keepalive)
             .map_err(|e| SessionError::Connect(e.to_string()))?;
         let tls = tls
