@@ -1,6 +1,7 @@
 //! A real Prometheus (Debian's `prometheus`, installed by CI) scrapes a running server and agent
-//! with the shipped rules loaded: every metric the rules use returns a series, the rules load and
-//! evaluate without errors, and a recording rule produces its series.
+//! with the shipped rules loaded: every metric the rules and the Grafana dashboard use returns a
+//! series, the rules load and evaluate without errors, a recording rule produces its series, and
+//! every dashboard query is valid PromQL that Prometheus answers.
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
@@ -14,6 +15,23 @@ use tokio::io::AsyncReadExt;
 
 fn rules_file() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../deploy/monitoring/rules.yaml")
+}
+
+fn dashboard() -> serde_json::Value {
+    let path =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../deploy/monitoring/dashboard.json");
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+/// Every query of every dashboard panel.
+fn dashboard_queries(dashboard: &serde_json::Value) -> Vec<String> {
+    dashboard["panels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|p| p["targets"].as_array().unwrap().clone())
+        .map(|t| t["expr"].as_str().unwrap().to_owned())
+        .collect()
 }
 
 /// Every metric name the rules mention: `proxy_server_x`, `proxy_agent_x`, and both names of a
@@ -66,8 +84,11 @@ async fn query(prometheus: std::net::SocketAddr, expr: &str) -> serde_json::Valu
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prometheus_scrapes_every_metric_the_shipped_rules_use() {
     let rules = std::fs::read_to_string(rules_file()).unwrap();
-    let names = metric_names(&rules);
-    assert!(names.len() >= 10, "{names:?}");
+    let queries = dashboard_queries(&dashboard());
+    assert!(queries.len() >= 10, "{queries:?}");
+    let mut names = metric_names(&rules);
+    names.extend(metric_names(&queries.join("\n")));
+    assert!(names.len() >= 14, "{names:?}");
 
     let bed = Bed::new(&["alpha"]);
     let up = BannerServer::start("hello").await.unwrap();
@@ -163,6 +184,11 @@ scrape_configs:\n  - job_name: proxy\n    static_configs:\n      - targets: ['{s
         rules.iter().all(|r| r["health"] == "ok")
     })
     .await;
+    // Every dashboard query is answered (a query Prometheus cannot parse or evaluate fails).
+    for expr in &queries {
+        let answer = query(addr, expr).await;
+        assert_eq!(answer["status"], "success", "{expr}: {answer}");
+    }
     // A recording rule over the scraped series.
     eventually("a recorded series", Duration::from_secs(15), || async {
         query(addr, "cluster_result:proxy_server_connections:rate5m").await["data"]["result"]
