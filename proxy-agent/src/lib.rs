@@ -24,9 +24,6 @@ pub use config::{Args, Config, ConfigError};
 /// How long tasks may take to finish once everything was told to close.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
-/// How often a draining agent checks whether its connections have ended.
-const DRAIN_POLL: Duration = Duration::from_millis(50);
-
 /// State shared by the agent's sessions.
 #[derive(Debug)]
 pub struct Shared {
@@ -36,17 +33,21 @@ pub struct Shared {
     pub metrics: metrics::Metrics,
     /// The servers held, and how many there are.
     pub fleet: Arc<fleet::Fleet>,
+    /// Woken whenever a tunneled or warm connection ends: a draining agent waits on it.
+    ended: Arc<tokio::sync::Notify>,
 }
 
-/// Counts one open connection while alive.
+/// Counts one open connection while alive; its end wakes a draining agent.
 #[derive(Debug)]
 pub struct CountGuard {
     gauge: prometheus_client::metrics::gauge::Gauge,
+    ended: Arc<tokio::sync::Notify>,
 }
 
 impl Drop for CountGuard {
     fn drop(&mut self) {
         self.gauge.dec();
+        self.ended.notify_waiters();
     }
 }
 
@@ -62,14 +63,42 @@ impl Shared {
             config,
             metrics,
             fleet,
+            ended: Arc::default(),
         }
     }
 
     /// Marks one more tunneled connection as active until the guard drops.
     pub fn active_connection(&self) -> CountGuard {
-        self.metrics.connections_active.inc();
+        self.count(&self.metrics.connections_active)
+    }
+
+    /// Counts one more in `gauge` until the guard drops.
+    pub(crate) fn count(&self, gauge: &prometheus_client::metrics::gauge::Gauge) -> CountGuard {
+        gauge.inc();
         CountGuard {
-            gauge: self.metrics.connections_active.clone(),
+            gauge: gauge.clone(),
+            ended: self.ended.clone(),
+        }
+    }
+
+    /// Tunneled connections plus idle warm ones: what a draining agent waits for.
+    fn busy(&self) -> bool {
+        self.metrics.connections_active.get() + self.metrics.warm_idle.get() > 0
+    }
+
+    /// Waits until nothing is [`Shared::busy`] or `deadline` passes; false if it passed.
+    async fn until_idle(&self, deadline: tokio::time::Instant) -> bool {
+        loop {
+            // Interest first, then the look, so an end in between is not missed.
+            let ended = self.ended.notified();
+            tokio::pin!(ended);
+            ended.as_mut().enable();
+            if !self.busy() {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, ended).await.is_err() {
+                return !self.busy();
+            }
         }
     }
 
@@ -169,10 +198,7 @@ pub async fn run(
     let deadline = tokio::time::Instant::now() + grace;
     // Idle warm connections count too: the servers end them when they hear of the drain, and a
     // server may hand one to a client until then.
-    let busy = || shared.metrics.connections_active.get() + shared.metrics.warm_idle.get() > 0;
-    while busy() && tokio::time::Instant::now() < deadline {
-        tokio::time::sleep(DRAIN_POLL).await;
-    }
+    shared.until_idle(deadline).await;
     let left = shared.metrics.connections_active.get();
     if left > 0 {
         tracing::warn!(

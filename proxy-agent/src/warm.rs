@@ -90,24 +90,26 @@ impl WarmTarget {
     }
 }
 
-/// Counts one idle warm connection while alive; its end wakes the refill loop.
+/// Counts one idle warm connection while alive; its end wakes the refill loop (and, through
+/// its count, a draining agent).
 struct Idle {
     target: Arc<WarmTarget>,
-    shared: Arc<Shared>,
+    _count: crate::CountGuard,
 }
 
 impl Idle {
-    fn new(target: Arc<WarmTarget>, shared: Arc<Shared>) -> Self {
+    fn new(target: Arc<WarmTarget>, shared: &Shared) -> Self {
         target.idle.fetch_add(1, Ordering::AcqRel);
-        shared.metrics.warm_idle.inc();
-        Self { target, shared }
+        Self {
+            _count: shared.count(&shared.metrics.warm_idle),
+            target,
+        }
     }
 }
 
 impl Drop for Idle {
     fn drop(&mut self) {
         self.target.idle.fetch_sub(1, Ordering::AcqRel);
-        self.shared.metrics.warm_idle.dec();
         self.target.changed.notify_one();
     }
 }
@@ -148,7 +150,7 @@ impl Pool {
                 };
                 match opened {
                     Ok(warm) => {
-                        let idle = Idle::new(this.target.clone(), this.shared.clone());
+                        let idle = Idle::new(this.target.clone(), &this.shared);
                         let pool = this.clone();
                         tracker.spawn(async move { pool.hold(warm, idle).await });
                     }
