@@ -4,6 +4,10 @@
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 
+/// How long tasks may take to finish once everything was told to close (both binaries), after
+/// their drain (`--shutdown-grace`) is over.
+pub const CLOSE_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Spawns the signal watcher that cancels `root` on the first SIGTERM/SIGINT.
 pub fn spawn_signal_handler(root: CancellationToken) -> std::io::Result<()> {
     let mut term = signal(SignalKind::terminate())?;

@@ -135,12 +135,14 @@ async fn agent_refuses_destinations_it_was_not_given() {
     .unwrap();
     let shutdown = CancellationToken::new();
     let incoming = proxy_server::listener::incoming(
-        listener,
-        tls,
-        Duration::from_secs(5),
-        None,
-        proxy_common::gate::Gate::new(proxy_common::gate::DEFAULT_CAP),
-        || {},
+        proxy_server::listener::AgentListener {
+            listener,
+            tls,
+            handshake_timeout: Duration::from_secs(5),
+            keepalive: None,
+            gate: proxy_common::gate::Gate::new(proxy_common::gate::DEFAULT_CAP),
+            limited: || {},
+        },
         shutdown.clone(),
         shutdown.clone(),
     );

@@ -9,6 +9,10 @@ tonic::include_proto!("proxy.tunnel.v1");
 /// Request metadata key carrying the dial id on a `Data` stream.
 pub const DIAL_ID_HEADER: &str = "x-dial-id";
 
+/// Registration, both ways: the time an agent has to send its registration once it opened the
+/// control stream, and the time a server has to answer it.
+pub const REGISTER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Request metadata key marking a warm `Data` stream (instead of a dial id).
 pub const WARM_HEADER: &str = "x-warm";
 

@@ -14,15 +14,13 @@ pub mod session;
 pub mod warm;
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 pub use config::{Args, Config, ConfigError};
 
-/// How long tasks may take to finish once everything was told to close.
-pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+use proxy_common::shutdown::CLOSE_GRACE as SHUTDOWN_GRACE;
 
 /// State shared by the agent's sessions.
 #[derive(Debug)]

@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use proxy_common::readahead::ReadAhead;
 use proxy_proto::tunnel_client::TunnelClient;
-use proxy_proto::{AgentMessage, Drain, MAX_MESSAGE, Register, agent_message, server_message};
+use proxy_proto::{
+    AgentMessage, Drain, MAX_MESSAGE, REGISTER_TIMEOUT, Register, agent_message, server_message,
+};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio_rustls::TlsConnector;
@@ -23,8 +25,6 @@ use crate::config::ServerTarget;
 
 /// Time allowed for TCP + TLS + HTTP/2 setup to a server.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-/// Time the server has to answer a registration.
-pub const REGISTER_TIMEOUT: Duration = Duration::from_secs(10);
 /// Control messages queued towards a server (dial failures).
 const CONTROL_QUEUE: usize = 64;
 

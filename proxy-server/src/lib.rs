@@ -21,7 +21,6 @@ pub mod warm;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use proxy_proto::MAX_MESSAGE;
 use proxy_proto::tunnel_server::TunnelServer;
@@ -35,8 +34,7 @@ pub use config::{Args, Config, ConfigError};
 /// connection may open. hyper's default of 200 would cap a cluster's connections.
 pub const MAX_STREAMS_PER_AGENT: u32 = 16 * 1024;
 
-/// How long tasks may take to finish once everything was told to close.
-pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+use proxy_common::shutdown::CLOSE_GRACE as SHUTDOWN_GRACE;
 
 /// The server's three listeners, bound before [`run`].
 #[derive(Debug)]
@@ -298,12 +296,14 @@ pub async fn run(
         move || metrics.handshake_limited("agent")
     };
     let incoming = listener::incoming(
-        listeners.agent,
-        config.agent_tls.clone(),
-        config.limits.handshake_timeout,
-        config.tcp_keepalive,
-        proxy_common::gate::Gate::new(config.limits.max_handshakes),
-        limited,
+        listener::AgentListener {
+            listener: listeners.agent,
+            tls: config.agent_tls.clone(),
+            handshake_timeout: config.limits.handshake_timeout,
+            keepalive: config.tcp_keepalive,
+            gate: proxy_common::gate::Gate::new(config.limits.max_handshakes),
+            limited,
+        },
         shutdown.clone(),
         close.clone(),
     );

@@ -93,19 +93,40 @@ impl AsyncWrite for AgentIo {
 /// every agent) when the stream ends, and a GOAWAY during the drain would make agents fail the
 /// data streams of dials still in flight.
 ///
+/// The agent listener and what its handshakes need.
+pub struct AgentListener<L> {
+    /// The bound socket.
+    pub listener: TcpListener,
+    /// Its TLS (mutual), re-read per handshake.
+    pub tls: Reloadable<rustls::ServerConfig>,
+    /// One deadline for the TLS handshake.
+    pub handshake_timeout: Duration,
+    /// TCP keepalive of accepted connections.
+    pub keepalive: Option<proxy_common::net::Keepalive>,
+    /// Bounds the handshakes under way.
+    pub gate: Arc<Gate>,
+    /// Called for each connection closed because the gate was full.
+    pub limited: L,
+}
+
 /// At most `gate`'s cap of handshakes run at once (see [`proxy_common::gate`]); `limited` is
 /// called for each connection closed because a newer one took its place.
-#[allow(clippy::too_many_arguments)]
-pub fn incoming(
-    listener: TcpListener,
-    tls: Reloadable<rustls::ServerConfig>,
-    handshake_timeout: Duration,
-    keepalive: Option<proxy_common::net::Keepalive>,
-    gate: Arc<Gate>,
-    limited: impl Fn() + Clone + Send + 'static,
+pub fn incoming<L>(
+    agents: AgentListener<L>,
     shutdown: CancellationToken,
     close: CancellationToken,
-) -> ReceiverStream<io::Result<AgentIo>> {
+) -> ReceiverStream<io::Result<AgentIo>>
+where
+    L: Fn() + Clone + Send + 'static,
+{
+    let AgentListener {
+        listener,
+        tls,
+        handshake_timeout,
+        keepalive,
+        gate,
+        limited,
+    } = agents;
     let (tx, rx) = mpsc::channel(ACCEPTED_QUEUE);
     let next_id = Arc::new(AtomicU64::new(1));
     tokio::spawn(async move {

@@ -21,9 +21,6 @@ use crate::fleet::Fleet;
 use crate::listener::AgentConn;
 use crate::registry::{AgentHandle, AgentInfo, DialOutcome, Registration, Registry, TunnelStream};
 
-/// Time an agent has to send its registration after opening the control stream.
-pub const REGISTER_TIMEOUT: Duration = Duration::from_secs(10);
-
 /// Control messages queued towards one agent (dial requests); a full queue makes CONNECTs wait,
 /// within their dial timeout.
 pub const CONTROL_QUEUE: usize = 256;
@@ -179,7 +176,7 @@ impl Tunnel for TunnelService {
     ) -> Result<Response<Self::ControlStream>, Status> {
         let conn = agent_conn(&req)?;
         let mut inbound = req.into_inner();
-        let first = tokio::time::timeout(REGISTER_TIMEOUT, inbound.message())
+        let first = tokio::time::timeout(proxy_proto::REGISTER_TIMEOUT, inbound.message())
             .await
             .map_err(|_| Status::deadline_exceeded("no registration received in time"))??;
         let reg = match registration(first, &conn.cn) {
