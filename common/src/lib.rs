@@ -67,6 +67,13 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("{text:?} is too large"))
 }
 
+/// Now, in Unix seconds (0 before 1970).
+pub fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
 /// The Tokio runtime of a binary: `workers` worker threads (`None`: one per CPU).
 ///
 /// Every hop of a tunneled byte (socket → pump → HTTP/2 → TLS) is a task wake-up; with more

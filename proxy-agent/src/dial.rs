@@ -6,7 +6,7 @@ use std::time::Instant;
 use bytes::Bytes;
 use proxy_common::pump::{self, ByteCounts, CHUNK_QUEUE, Role};
 use proxy_proto::tunnel_client::TunnelClient;
-use proxy_proto::{AgentMessage, DIAL_ID_HEADER, DialFailed, agent_message};
+use proxy_proto::{AgentMessage, Chunk, DIAL_ID_HEADER, DialFailed, agent_message};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -60,6 +60,25 @@ pub async fn serve_dial(
             return report_failure(shared, &control, &cancel, dial_id, "other", reason).await;
         }
     };
+    let span = tracing::debug_span!("dial", dial.id = dial_id);
+    tracing::Instrument::instrument(
+        carry(shared, socket, tx, inbound, budget, &cancel, started),
+        span,
+    )
+    .await;
+}
+
+/// Splices an upstream connection and its data stream until both sides are done, then logs
+/// what it carried (dialed and warm connections alike).
+pub async fn carry(
+    shared: &Shared,
+    socket: TcpStream,
+    tx: mpsc::Sender<Chunk>,
+    inbound: tonic::Streaming<Chunk>,
+    budget: &std::sync::Arc<proxy_common::flow::Budget>,
+    cancel: &CancellationToken,
+    started: Instant,
+) {
     let (to_upstream, from_upstream) = shared.metrics.byte_counters();
     // The pump's "sent" is what it read from the upstream socket.
     let counts = ByteCounts::with_metrics(from_upstream, to_upstream);
@@ -71,7 +90,7 @@ pub async fn serve_dial(
         Role::Agent,
         &counts,
         budget,
-        &cancel,
+        cancel,
     )
     .await;
     let (from_upstream, to_upstream) = counts.get();
@@ -80,7 +99,6 @@ pub async fn serve_dial(
         Err(err) => err.to_string(),
     };
     tracing::debug!(
-        dial.id = dial_id,
         bytes_to_upstream = to_upstream,
         bytes_from_upstream = from_upstream,
         duration_ms = started.elapsed().as_millis() as u64,

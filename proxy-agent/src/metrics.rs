@@ -62,11 +62,7 @@ impl Metrics {
             warm_retired: Family::default(),
         };
         let start_time = Gauge::<i64, std::sync::atomic::AtomicI64>::default();
-        start_time.set(
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs() as i64),
-        );
+        start_time.set(proxy_common::unix_now());
         registry.register(
             "proxy_agent_start_time_seconds",
             "When this process started, Unix seconds (restarts show as changes)",

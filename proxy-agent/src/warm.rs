@@ -20,8 +20,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use proxy_common::pump::{self, ByteCounts, CHUNK_QUEUE, Role};
+use proxy_common::pump::CHUNK_QUEUE;
 use proxy_proto::tunnel_client::TunnelClient;
 use proxy_proto::{Chunk, WARM_HEADER, WARM_MAX_AGE};
 use tokio::net::TcpStream;
@@ -245,33 +244,21 @@ impl Pool {
         let started = Instant::now();
         let _active = self.shared.active_connection();
         self.shared.metrics.warm_claimed.inc();
-        let (to_upstream, from_upstream) = self.shared.metrics.byte_counters();
-        let counts = ByteCounts::with_metrics(from_upstream, to_upstream);
         let cancel = self.session.child_token();
-        let result = pump::splice(
-            socket,
-            Bytes::new(),
-            tx,
-            inbound,
-            Role::Agent,
-            &counts,
-            &self.budget,
-            &cancel,
+        let span = tracing::debug_span!("warm");
+        tracing::Instrument::instrument(
+            crate::dial::carry(
+                &self.shared,
+                socket,
+                tx,
+                inbound,
+                &self.budget,
+                &cancel,
+                started,
+            ),
+            span,
         )
         .await;
-        let (from_upstream, to_upstream) = counts.get();
-        let outcome = match &result {
-            Ok(()) => "ok".to_owned(),
-            Err(err) => err.to_string(),
-        };
-        tracing::debug!(
-            warm = true,
-            bytes_to_upstream = to_upstream,
-            bytes_from_upstream = from_upstream,
-            duration_ms = started.elapsed().as_millis() as u64,
-            %outcome,
-            "tunneled connection closed"
-        );
     }
 }
 

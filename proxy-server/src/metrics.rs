@@ -113,13 +113,6 @@ pub struct ListenerLabel {
     pub listener: &'static str,
 }
 
-/// Now, in Unix seconds.
-pub fn unix_now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64)
-}
-
 fn duration_histogram() -> Histogram {
     // 10 ms to ~5.8 h: from a single request to a long watch.
     Histogram::new(exponential_buckets(0.01, 4.0, 12))
@@ -216,7 +209,7 @@ impl Metrics {
             connection_duration.clone(),
         );
         let start_time = Gauge::<i64, std::sync::atomic::AtomicI64>::default();
-        start_time.set(unix_now());
+        start_time.set(proxy_common::unix_now());
         registry.register(
             "proxy_server_start_time_seconds",
             "When this process started, Unix seconds (restarts show as changes)",
