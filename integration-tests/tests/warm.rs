@@ -21,6 +21,8 @@ struct Echo {
     addr: SocketAddr,
     accepted: Arc<AtomicUsize>,
     close_all: std::sync::Mutex<CancellationToken>,
+    /// Cancelled: the listener closes (new connections are refused), open ones stay.
+    stop_accepting: CancellationToken,
 }
 
 impl Echo {
@@ -30,10 +32,16 @@ impl Echo {
             addr: listener.local_addr().unwrap(),
             accepted: Arc::default(),
             close_all: std::sync::Mutex::new(CancellationToken::new()),
+            stop_accepting: CancellationToken::new(),
         });
         let me = echo.clone();
         tokio::spawn(async move {
-            while let Ok((mut s, _)) = listener.accept().await {
+            loop {
+                let accepted = tokio::select! {
+                    () = me.stop_accepting.cancelled() => break,
+                    res = listener.accept() => res,
+                };
+                let Ok((mut s, _)) = accepted else { break };
                 me.accepted.fetch_add(1, Ordering::SeqCst);
                 let close = me.close_all.lock().unwrap().clone();
                 tokio::spawn(async move {
@@ -149,6 +157,67 @@ async fn across_a_wan_a_warm_connection_saves_the_dial_round_trip() {
         metric(s, "proxy_server_warm_streams").await == 0.0
     })
     .await;
+}
+
+/// An upstream that can no longer be dialed: its idle warm connections are closed too, so the
+/// next client gets the dial's `502`, not a `200` on a connection made before the failure.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_upstream_dial_closes_the_idle_warm_connections() {
+    let bed = Bed::new(&["alpha"]);
+    let up = Echo::start().await;
+    let server = ServerProc::start(&bed.pki, None, &[]).await.unwrap();
+    let agent = AgentProc::start_ready(&bed.pki, &[server.agent_addr], "alpha", up.addr)
+        .await
+        .unwrap();
+    let (s, a) = (server.admin_addr, agent.admin_addr);
+    // Four CONNECTs at once, before any warm connection exists: (nearly) all miss, so several
+    // warm connections are wanted.
+    let f = server.frontend_addr;
+    let burst = tokio::join!(
+        timed_connect(f),
+        timed_connect(f),
+        timed_connect(f),
+        timed_connect(f)
+    );
+    drop(burst);
+    eventually(
+        "at least two warm streams",
+        Duration::from_secs(5),
+        || async { metric(s, "proxy_server_warm_streams").await >= 2.0 },
+    )
+    .await;
+
+    // The upstream stops accepting; its open connections stay.
+    up.stop_accepting.cancel();
+    // A warm one is still a real connection: handed out, and it works.
+    let (_, _, mut third) = timed_connect(server.frontend_addr).await;
+    echo_once(&mut third).await;
+    // Replacing it fails at the dial: the other idle ones are closed with it.
+    eventually(
+        "the idle ones are flushed",
+        Duration::from_secs(5),
+        || async {
+            metric_opt(
+                a,
+                r#"proxy_agent_warm_retired_total{reason="upstream_failed"}"#,
+            )
+            .await
+            .is_some_and(|n| n >= 1.0)
+                && metric(a, "proxy_agent_warm_connections").await == 0.0
+        },
+    )
+    .await;
+    let warm_before = metric(s, "proxy_server_warm_connects_total").await;
+    match connect(server.frontend_addr, "alpha:443").await.unwrap() {
+        integration_tests::ConnectReply::Refused { status, .. } => assert_eq!(status, 502),
+        integration_tests::ConnectReply::Tunnel(_) => {
+            panic!("a warm connection was handed out after the upstream failed")
+        }
+    }
+    assert_eq!(
+        metric(s, "proxy_server_warm_connects_total").await,
+        warm_before
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -16,16 +16,31 @@ use tonic::Request;
 use crate::Shared;
 use crate::channel::H2Channel;
 
-/// Handles dial `dial_id` for `destination` (empty: the upstream) from the server of `control`.
-pub async fn serve_dial(
-    mut client: TunnelClient<H2Channel>,
-    control: mpsc::Sender<AgentMessage>,
-    dial_id: u64,
-    destination: &str,
-    shared: &Shared,
-    budget: &std::sync::Arc<proxy_common::flow::Budget>,
-    cancel: CancellationToken,
-) {
+/// What serving a dial needs from its tunnel.
+#[derive(Clone)]
+pub struct DialEnv {
+    /// The tunnel's gRPC client (data streams are opened on it).
+    pub client: TunnelClient<H2Channel>,
+    /// The tunnel's control stream (dial failures).
+    pub control: mpsc::Sender<AgentMessage>,
+    /// Agent state.
+    pub shared: std::sync::Arc<Shared>,
+    /// The tunnel's flow-control budget.
+    pub budget: std::sync::Arc<proxy_common::flow::Budget>,
+    /// The tunnel's warm connections, if it keeps any: a failed dial of the upstream closes them.
+    pub warm: Option<std::sync::Arc<crate::warm::WarmTarget>>,
+}
+
+/// Handles dial `dial_id` for `destination` (empty: the upstream) from the tunnel of `env`.
+pub async fn serve_dial(env: DialEnv, dial_id: u64, destination: &str, cancel: CancellationToken) {
+    let DialEnv {
+        mut client,
+        control,
+        shared,
+        budget,
+        warm,
+    } = env;
+    let (shared, budget) = (&*shared, &budget);
     let started = Instant::now();
     // Counted from the moment the dial arrives, so a draining agent waits for dials still
     // being set up, not only for connections already carrying bytes.
@@ -41,6 +56,9 @@ pub async fn serve_dial(
         res = dial_upstream(shared, upstream, started) => match res {
             Ok(socket) => socket,
             Err(failure) => {
+                if let Some(warm) = warm.filter(|_| upstream == shared.config.upstream) {
+                    warm.upstream_failed();
+                }
                 return report_failure(shared, &control, &cancel, dial_id, failure.kind, failure.reason).await;
             }
         },

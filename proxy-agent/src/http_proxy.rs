@@ -68,7 +68,14 @@ impl HttpProxy {
             return Err(ProxyUrlError::Malformed("a proxy URL has no path"));
         }
         let (credentials, host_port) = match authority.rsplit_once('@') {
-            Some((userinfo, host_port)) => (Some(percent_decode(userinfo)?), host_port),
+            // `user` alone is `user:` (an empty password), as curl sends it.
+            Some((userinfo, host_port)) => {
+                let mut credentials = percent_decode(userinfo)?;
+                if !userinfo.contains(':') {
+                    credentials.push(':');
+                }
+                (Some(credentials), host_port)
+            }
             None => (None, authority),
         };
         if host_port.is_empty() {
@@ -170,17 +177,46 @@ impl HttpProxy {
     }
 }
 
-/// The host of HOST:PORT (brackets of an IPv6 literal removed).
+/// The host of HOST:PORT, `[IPv6]:PORT`, or a bare host or IPv6 address (brackets removed).
 fn host_of(server: &str) -> &str {
-    let host = match server.rsplit_once(':') {
-        Some((host, port)) if !port.contains(']') => host,
+    if let Some(rest) = server.strip_prefix('[') {
+        return rest.split(']').next().unwrap_or(rest);
+    }
+    match server.split_once(':') {
+        // One colon: HOST:PORT. More: a bare IPv6 address.
+        Some((host, port)) if !port.contains(':') => host,
         _ => server,
+    }
+}
+
+/// Whether `host` is an IP address inside `cidr` (`10.0.0.0/8`, `fd00::/8`).
+fn in_cidr(cidr: &str, host: &str) -> bool {
+    let Some((net, bits)) = cidr.split_once('/') else {
+        return false;
     };
-    host.trim_start_matches('[').trim_end_matches(']')
+    let (Ok(net), Ok(ip), Ok(bits)) = (
+        net.parse::<std::net::IpAddr>(),
+        host.parse::<std::net::IpAddr>(),
+        bits.parse::<u32>(),
+    ) else {
+        return false;
+    };
+    let (net, ip, width) = match (net, ip) {
+        (std::net::IpAddr::V4(n), std::net::IpAddr::V4(i)) => {
+            (u128::from(u32::from(n)), u128::from(u32::from(i)), 32)
+        }
+        (std::net::IpAddr::V6(n), std::net::IpAddr::V6(i)) => (u128::from(n), u128::from(i), 128),
+        _ => return false,
+    };
+    if bits > width {
+        return false;
+    }
+    let shift = width - bits;
+    shift >= 128 || (net >> shift) == (ip >> shift)
 }
 
 /// Whether `NO_PROXY` (comma-separated: `*`, host names matching themselves and their
-/// subdomains, with or without a leading dot, IP addresses exactly) exempts `host`.
+/// subdomains, with or without a leading dot, IP addresses exactly, CIDR ranges) exempts `host`.
 pub fn exempt(no_proxy: &str, host: &str) -> bool {
     let host = host.to_ascii_lowercase();
     no_proxy
@@ -188,7 +224,7 @@ pub fn exempt(no_proxy: &str, host: &str) -> bool {
         .map(|e| e.trim().to_ascii_lowercase())
         .filter(|e| !e.is_empty())
         .any(|entry| {
-            if entry == "*" {
+            if entry == "*" || in_cidr(&entry, &host) {
                 return true;
             }
             // An entry may carry a port; the port does not narrow it here.
@@ -206,6 +242,7 @@ fn percent_decode(text: &str) -> Result<String, ProxyUrlError> {
         if bytes[i] == b'%' {
             let hex = text
                 .get(i + 1..i + 3)
+                .filter(|h| h.bytes().all(|b| b.is_ascii_hexdigit()))
                 .and_then(|h| u8::from_str_radix(h, 16).ok())
                 .ok_or(ProxyUrlError::Malformed(
                     "bad percent-encoding in credentials",
@@ -240,7 +277,15 @@ mod tests {
             HttpProxy::parse("http://[::1]:3128").unwrap().addr,
             "[::1]:3128"
         );
+        assert_eq!(
+            HttpProxy::parse("http://bob@p:1")
+                .unwrap()
+                .credentials
+                .as_deref(),
+            Some("bob:")
+        );
         for bad in [
+            "http://u:%+f@proxy:1",
             "https://proxy:443",
             "socks5://proxy:1080",
             "http://proxy:port",
@@ -279,8 +324,16 @@ mod tests {
         );
         let corp: &[(&str, &str)] = &[
             ("HTTPS_PROXY", "http://env:2"),
-            ("no_proxy", "localhost, .internal.corp,10.0.0.7,svc:443"),
+            (
+                "no_proxy",
+                "localhost, .internal.corp,10.0.0.7,svc:443,192.168.0.0/16,::1,fd00::/8",
+            ),
         ];
+        assert_eq!(got("192.168.4.5:443", corp), None);
+        assert_eq!(got("192.169.0.1:443", corp), Some("env:2".into()));
+        assert_eq!(got("[::1]:443", corp), None);
+        assert_eq!(got("[fd12::7]:443", corp), None);
+        assert_eq!(got("[fe80::1]:443", corp), Some("env:2".into()));
         assert_eq!(got("proxy.example.com:443", corp), Some("env:2".into()));
         assert_eq!(got("a.internal.corp:443", corp), None);
         assert_eq!(got("internal.corp:443", corp), None);

@@ -378,27 +378,19 @@ impl Tunnel {
                             // The server found no warm connection for this client.
                             warm.missed();
                         }
-                        let (client, control, shared, budget) = (
-                            client.clone(),
-                            control.clone(),
-                            shared.clone(),
-                            budget.clone(),
-                        );
+                        let env = crate::dial::DialEnv {
+                            client: client.clone(),
+                            control: control.clone(),
+                            shared: shared.clone(),
+                            budget: budget.clone(),
+                            warm: warm.clone(),
+                        };
                         let cancel = session_token.child_token();
                         let entry = dials.insert(dial.dial_id, cancel.clone());
                         tracker.spawn(async move {
                             let _entry = entry;
                             let dest = dial.destination;
-                            crate::dial::serve_dial(
-                                client,
-                                control,
-                                dial.dial_id,
-                                &dest,
-                                &shared,
-                                &budget,
-                                cancel,
-                            )
-                            .await;
+                            crate::dial::serve_dial(env, dial.dial_id, &dest, cancel).await;
                         });
                     }
                     Some(server_message::Msg::CancelDial(c)) => {

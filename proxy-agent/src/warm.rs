@@ -7,7 +7,9 @@
 //! How many to keep, per server, adapts to demand between 0 and `--warm-connections`:
 //! - a dial request for the upstream means a CONNECT found no warm connection: one more;
 //! - a warm connection that ended unused (expired after [`WARM_MAX_AGE`], or closed by the
-//!   upstream or the server): one fewer.
+//!   upstream or the server), or one that could not be made: one fewer;
+//! - a failed dial of the upstream: none, and the idle ones are closed (they may be as dead as
+//!   the upstream: a client must get the dial's `502`/`504`, not a `200`).
 //!
 //! So an idle cluster keeps none (no idle connections to its API server, no memory), a cluster
 //! with steady traffic keeps what its rate of new connections needs.
@@ -44,6 +46,9 @@ pub struct WarmTarget {
     target: AtomicUsize,
     idle: AtomicUsize,
     changed: Notify,
+    /// Cancelled (and replaced) when a dial of the upstream fails: the idle warm connections
+    /// may be as dead as the upstream, and must not be handed to a client as `200`.
+    flush: std::sync::Mutex<CancellationToken>,
 }
 
 impl WarmTarget {
@@ -54,7 +59,25 @@ impl WarmTarget {
             target: AtomicUsize::new(0),
             idle: AtomicUsize::new(0),
             changed: Notify::new(),
+            flush: std::sync::Mutex::default(),
         }
+    }
+
+    fn flush_token(&self) -> std::sync::MutexGuard<'_, CancellationToken> {
+        // Held only to clone or swap the token.
+        self.flush
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// A dial of the upstream failed (refused, unreachable, timed out): close every idle warm
+    /// connection and want none, so clients get the dial path's `502`/`504` rather than a `200`
+    /// on a connection to an upstream that is gone. Demand rebuilds them once dials succeed.
+    pub fn upstream_failed(&self) {
+        self.target.store(0, Ordering::Release);
+        let mut token = self.flush_token();
+        token.cancel();
+        *token = CancellationToken::new();
     }
 
     /// A CONNECT found no warm connection (the server asked for a dial): keep one more.
@@ -154,7 +177,10 @@ impl Pool {
                         tracker.spawn(async move { pool.hold(warm, idle).await });
                     }
                     Err(reason) => {
-                        tracing::debug!(%reason, "cannot make a warm connection; retrying later");
+                        // One fewer wanted: an upstream that is down, or a server that refuses
+                        // warm streams, is not retried in a loop; the next miss tries again.
+                        this.target.retired();
+                        tracing::debug!(%reason, "cannot make a warm connection");
                         tokio::select! {
                             () = this.session.cancelled() => return,
                             () = tokio::time::sleep(RETRY_AFTER) => {}
@@ -173,9 +199,15 @@ impl Pool {
     /// Dials the upstream and opens a warm stream for it.
     async fn open(&self) -> Result<Warm, String> {
         let upstream = &self.shared.config.upstream;
-        let socket = crate::dial::dial_upstream(&self.shared, upstream, Instant::now())
-            .await
-            .map_err(|f| f.reason)?;
+        let socket = match crate::dial::dial_upstream(&self.shared, upstream, Instant::now()).await
+        {
+            Ok(socket) => socket,
+            Err(failure) => {
+                // The upstream cannot be reached: the idle ones may be as dead.
+                self.target.upstream_failed();
+                return Err(failure.reason);
+            }
+        };
         let (tx, rx) = mpsc::channel(CHUNK_QUEUE);
         let mut req = Request::new(ReceiverStream::new(rx));
         req.metadata_mut().insert(
@@ -203,6 +235,8 @@ impl Pool {
             tx,
             mut inbound,
         } = warm;
+        let made = Instant::now();
+        let flushed = self.target.flush_token().clone();
         let expires = tokio::time::sleep(WARM_MAX_AGE);
         tokio::pin!(expires);
         // The upstream is watched for a close while the connection waits. An upstream that
@@ -214,16 +248,22 @@ impl Pool {
             tokio::select! {
                 () = self.session.cancelled() => return,
                 () = &mut expires => break "expired",
+                () = flushed.cancelled() => break "upstream_failed",
                 peeked = socket.peek(&mut byte), if watching => match peeked {
                     Ok(0) | Err(_) => break "upstream_closed",
                     Ok(_) => watching = false,
                 },
                 msg = inbound.message() => match msg {
                     Ok(Some(Chunk { start: true, .. })) => {
+                        // Counted as active before it stops counting as idle, so a draining
+                        // agent never sees both at zero in between.
+                        let active = self.shared.active_connection();
                         drop(idle);
-                        return self.carry(socket, tx, inbound).await;
+                        return self.carry(socket, tx, inbound, active).await;
                     }
-                    // Ended (drain, shutdown, stale) or out of protocol: not usable.
+                    // The server drops the ones it would no longer hand out: that is expiry.
+                    _ if made.elapsed() >= proxy_proto::WARM_USABLE => break "expired",
+                    // Ended (drain, shutdown) or out of protocol: not usable.
                     _ => break "server_ended",
                 },
             }
@@ -240,9 +280,14 @@ impl Pool {
     }
 
     /// The handed-out connection, spliced like a dialed one.
-    async fn carry(&self, socket: TcpStream, tx: mpsc::Sender<Chunk>, inbound: Streaming<Chunk>) {
+    async fn carry(
+        &self,
+        socket: TcpStream,
+        tx: mpsc::Sender<Chunk>,
+        inbound: Streaming<Chunk>,
+        _active: crate::CountGuard,
+    ) {
         let started = Instant::now();
-        let _active = self.shared.active_connection();
         self.shared.metrics.warm_claimed.inc();
         let cancel = self.session.child_token();
         let span = tracing::debug_span!("warm");

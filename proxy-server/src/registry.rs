@@ -82,6 +82,8 @@ pub struct AgentHandle {
     unresponsive: tokio::sync::watch::Sender<Option<Instant>>,
     /// Streams the agent opened ahead of demand (see [`crate::warm`]).
     warm: crate::warm::WarmPool,
+    /// When the ping now waiting for its pong was sent, if one is.
+    ping_sent: std::sync::Mutex<Option<Instant>>,
 }
 
 /// The agent's control stream is gone.
@@ -106,6 +108,7 @@ impl AgentHandle {
             budget,
             unresponsive: tokio::sync::watch::Sender::new(None),
             warm: crate::warm::WarmPool::default(),
+            ping_sent: std::sync::Mutex::new(None),
         }
     }
 
@@ -143,6 +146,23 @@ impl AgentHandle {
         let mut rx = self.unresponsive.subscribe();
         // The sender lives as long as `self`, so this cannot fail while borrowed.
         let _ = rx.wait_for(Option::is_some).await;
+    }
+
+    fn ping_sent(&self) -> std::sync::MutexGuard<'_, Option<Instant>> {
+        // Held only to read or write the instant.
+        self.ping_sent
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The ping sent at `at` was answered (`None`), or one was sent now (`Some`).
+    pub fn set_ping_outstanding(&self, at: Option<Instant>) {
+        *self.ping_sent() = at;
+    }
+
+    /// Whether a ping has waited for its pong longer than `slack`.
+    pub fn ping_overdue(&self, slack: Duration) -> bool {
+        self.ping_sent().is_some_and(|sent| sent.elapsed() > slack)
     }
 
     /// Pings the agent (if it understands pings). Best effort: a full control queue is itself
@@ -587,8 +607,12 @@ impl Registry {
         agent.warm.add(stream, &self.metrics.warm_streams)
     }
 
-    /// One of `agent`'s warm streams, already told it is taken; `None` if it has none ready.
+    /// One of `agent`'s warm streams, already told it is taken; `None` if it has none ready,
+    /// or if a ping to it has gone unanswered past [`crate::warm::PING_SLACK`].
     pub fn take_warm(&self, agent: &AgentHandle) -> Option<TunnelStream> {
+        if agent.ping_overdue(crate::warm::PING_SLACK) {
+            return None;
+        }
         agent.warm.take(&self.metrics.warm_streams)
     }
 

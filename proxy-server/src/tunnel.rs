@@ -314,7 +314,9 @@ async fn serve_control(
             }
             _ = pings.tick(), if info.features.ping && waiting.is_none() => {
                 seq += 1;
-                waiting = Some((seq, tokio::time::Instant::now()));
+                let now = tokio::time::Instant::now();
+                waiting = Some((seq, now));
+                agent.set_ping_outstanding(Some(now.into_std()));
                 agent.send_ping(seq);
                 registry.purge_warm(&agent);
                 continue;
@@ -333,6 +335,7 @@ async fn serve_control(
             })) => {
                 if waiting.is_some_and(|(s, _)| s == pong.seq) {
                     waiting = None;
+                    agent.set_ping_outstanding(None);
                     if agent.unresponsive_since().is_some() {
                         tracing::info!(cluster = %info.cluster, agent.id = %info.agent_id, "agent answers pings again");
                         agent.set_unresponsive(None);

@@ -19,6 +19,13 @@ use proxy_proto::{Chunk, WARM_USABLE};
 
 use crate::registry::TunnelStream;
 
+/// A warm stream is handed out only while no ping to its agent has waited longer than this for
+/// its pong. A dial to an agent that vanished fails with `503` within `tunnel::PONG_LATE`; a
+/// warm stream of that agent would give its client a `200` and then silence. An agent answers a
+/// ping within its round trip, so this costs warm streams only on links slower than this, and
+/// only while a ping is out.
+pub const PING_SLACK: std::time::Duration = std::time::Duration::from_millis(250);
+
 /// Most warm streams held per agent connection: a bound on what an agent can make the server
 /// hold (the agent's own default keeps at most 8).
 pub const MAX_WARM_PER_AGENT: usize = 64;
