@@ -4,12 +4,14 @@
 
 pub mod apiserver;
 pub mod blackhole;
+pub mod browser;
 pub mod client;
 pub mod data;
 pub mod fleet;
 pub mod procs;
 pub mod relay;
 pub mod rogue;
+pub mod swarm;
 pub mod upstream;
 
 use proxy_certs::DevPki;

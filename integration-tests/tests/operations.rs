@@ -279,8 +279,8 @@ async fn status_page_and_json_list_what_is_connected() {
     );
     for needle in [
         "status-test",
-        "<b>alpha</b>",
-        "<b>beta</b>",
+        "<td>alpha</td>",
+        "<td>beta</td>",
         "alpha-two",
         "beta-one",
         "median",

@@ -1,10 +1,12 @@
-//! The admin listener's own pages: a status page for people (`/`), the same data as JSON
+//! The admin listener's own pages: a status page for people (`/`, see [`page`]), the same data as JSON
 //! (`/api/v1/clusters`), and kubeconfigs for the connected clusters
 //! (`/api/v1/clusters/<name>/kubeconfig`, `/api/v1/kubeconfig` for all).
 
 use std::fmt::Write as _;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
+
+mod page;
 
 use base64::Engine as _;
 use bytes::Bytes;
@@ -38,27 +40,7 @@ fn unix(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
-/// Escapes text for HTML (agent ids and reasons come from agents).
-fn esc(s: &str) -> String {
-    s.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
-        .replace('"', "&quot;")
-        .replace('\'', "&#39;")
-}
-
-fn ago(t: SystemTime) -> String {
-    let secs = SystemTime::now()
-        .duration_since(t)
-        .map_or(0, |d| d.as_secs());
-    match secs {
-        0..60 => format!("{secs}s ago"),
-        60..3600 => format!("{}m ago", secs / 60),
-        3600..86400 => format!("{}h {}m ago", secs / 3600, secs % 3600 / 60),
-        _ => format!("{}d ago", secs / 86400),
-    }
-}
-
+/// The `p` quantile of ascending `sorted` values (nearest rank).
 fn percentile(sorted: &[f64], p: f64) -> Option<f64> {
     if sorted.is_empty() {
         return None;
@@ -75,13 +57,15 @@ impl Status {
 
     fn route(&self, path: &str) -> Option<AdminResponse> {
         match path {
-            "/" => Some(respond("text/html; charset=utf-8", self.html())),
             "/api/v1/clusters" => Some(respond("application/json", self.json().to_string())),
             "/api/v1/kubeconfig" => Some(match self.kubeconfig(None) {
                 Ok(yaml) => respond("application/yaml", yaml),
                 Err(why) => text(StatusCode::NOT_FOUND, format!("{why}\n")),
             }),
             _ => {
+                if let Some(page) = page::route(self, path) {
+                    return Some(page);
+                }
                 let name = path
                     .strip_prefix("/api/v1/clusters/")?
                     .strip_suffix("/kubeconfig")?;
@@ -142,89 +126,6 @@ impl Status {
             "started": unix(self.started),
             "clusters": clusters,
         })
-    }
-
-    fn html(&self) -> String {
-        let snapshot = self.registry.snapshot();
-        let agents: usize = snapshot.iter().map(|c| c.agents.len()).sum();
-        let down = snapshot.iter().filter(|c| c.down_since.is_some()).count();
-        let open: usize = snapshot.iter().map(|c| c.open_connections).sum();
-        let mut rows = String::new();
-        for c in &snapshot {
-            let mut sorted: Vec<f64> = c.dials.recent_ms.iter().copied().collect();
-            sorted.sort_by(f64::total_cmp);
-            let latency = match (percentile(&sorted, 0.5), sorted.last()) {
-                (Some(p50), Some(max)) => format!(
-                    "{p50:.1} ms median, {max:.1} ms max (last {})",
-                    sorted.len()
-                ),
-                _ => "no dials yet".to_owned(),
-            };
-            let failures = match &c.dials.last_failure {
-                Some((t, why)) => format!("{} (last {}: {})", c.dials.failures, ago(*t), esc(why)),
-                None => "0".to_owned(),
-            };
-            let agent_list: String = c
-                .agents
-                .iter()
-                .map(|(a, draining)| {
-                    format!(
-                        "<li><code>{}</code> from {} since {} (v{}){}</li>",
-                        esc(&a.agent_id),
-                        a.addr,
-                        ago(a.connected_at),
-                        esc(&a.version),
-                        if *draining { " <b>draining</b>" } else { "" }
-                    )
-                })
-                .collect();
-            let kubeconfig = if kubeconfig_facts(c).is_some() {
-                format!(
-                    "<a href=\"/api/v1/clusters/{0}/kubeconfig\">kubeconfig</a>",
-                    esc(&c.name)
-                )
-            } else {
-                "no CA reported".to_owned()
-            };
-            let (row_class, agent_list) = match c.down_since {
-                Some(since) => (
-                    " class=\"down\"",
-                    format!("<b>down</b> since {} (no agent)", ago(since)),
-                ),
-                None => ("", format!("<ul>{agent_list}</ul>")),
-            };
-            let _ = write!(
-                rows,
-                "<tr{row_class}><td><b>{}</b></td><td>{agent_list}</td><td>{}</td><td>{} / {}</td><td>{latency}</td><td>{failures}</td><td>{kubeconfig}</td></tr>",
-                esc(&c.name),
-                c.open_connections,
-                human_bytes(self.bytes(&c.name, "to_cluster")),
-                human_bytes(self.bytes(&c.name, "from_cluster")),
-            );
-        }
-        if snapshot.is_empty() {
-            rows.push_str("<tr><td colspan=\"7\">No agent is connected.</td></tr>");
-        }
-        format!(
-            "<!doctype html><html><head><meta charset=\"utf-8\"><meta http-equiv=\"refresh\" content=\"{REFRESH_SECONDS}\">\
-<title>proxy-server {id}</title><style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}\
-td,th{{border:1px solid #ccc;padding:.4em .6em;vertical-align:top;text-align:left}}ul{{margin:0;padding-left:1.2em}}tr.down td{{background:#fde8e8}}</style></head>\
-<body><h1>proxy-server <code>{id}</code></h1><p><b>{up_n} cluster(s) up, {down} down, {agents} agent(s), {open} open connection(s).</b></p>\
-<p>Up since {up}. One of {count} server replica(s){warm}. Refreshes every {REFRESH_SECONDS} s. \
-Same data: <a href=\"/api/v1/clusters\">JSON</a>; all kubeconfigs: <a href=\"/api/v1/kubeconfig\">kubeconfig</a>; <a href=\"/metrics\">metrics</a>.</p>\
-<table><tr><th>cluster</th><th>agents</th><th>open connections</th><th>bytes to / from cluster</th><th>dial latency (CONNECT to 200)</th><th>dial failures</th><th>kubeconfig</th></tr>{rows}</table></body></html>\n",
-            id = esc(&self.fleet.server_id),
-            up = ago(self.started),
-            count = self.fleet.count(),
-            warm = match self.fleet.warmup_left() {
-                Some(left) => format!(
-                    ", warming up ({} s left: agents are still arriving)",
-                    left.as_secs_f64().ceil()
-                ),
-                None => String::new(),
-            },
-            up_n = snapshot.len() - down,
-        )
     }
 
     /// A kubeconfig with a cluster, user and context for `only` (or every cluster whose agent
@@ -288,21 +189,6 @@ pub fn kubeconfig_yaml(clusters: &[(String, (String, String))], proxy_url: &str)
     }
     let _ = writeln!(out, "current-context: {}", clusters[0].0);
     out
-}
-
-fn human_bytes(n: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = n as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u < UNITS.len() - 1 {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{n} B")
-    } else {
-        format!("{v:.1} {}", UNITS[u])
-    }
 }
 
 fn respond(content_type: &'static str, body: String) -> AdminResponse {
