@@ -14,7 +14,7 @@ use proxy_common::admin::{AdminResponse, Routes, text};
 use serde_json::json;
 
 use crate::metrics::{BytesLabels, Metrics};
-use crate::registry::{ClusterSnapshot, Registry};
+use crate::registry::{ClusterSnapshot, Clusters};
 
 /// Seconds between refreshes of the HTML page.
 pub const REFRESH_SECONDS: u32 = 5;
@@ -23,7 +23,7 @@ pub const REFRESH_SECONDS: u32 = 5;
 #[derive(Debug)]
 pub struct Status {
     /// Clusters and agents.
-    pub registry: Arc<Registry>,
+    pub clusters: Arc<Clusters>,
     /// Byte counters.
     pub metrics: Arc<Metrics>,
     /// This server's id, the fleet's size and warm-up.
@@ -106,7 +106,7 @@ impl Status {
     /// The JSON document of `/api/v1/clusters`.
     pub fn json(&self) -> serde_json::Value {
         let clusters: Vec<_> = self
-            .registry
+            .clusters
             .snapshot()
             .into_iter()
             .map(|c| {
@@ -145,7 +145,7 @@ impl Status {
     }
 
     fn html(&self) -> String {
-        let snapshot = self.registry.snapshot();
+        let snapshot = self.clusters.snapshot();
         let agents: usize = snapshot.iter().map(|c| c.agents.len()).sum();
         let down = snapshot.iter().filter(|c| c.down_since.is_some()).count();
         let open: usize = snapshot.iter().map(|c| c.open_connections).sum();
@@ -230,7 +230,7 @@ Same data: <a href=\"/api/v1/clusters\">JSON</a>; all kubeconfigs: <a href=\"/ap
     /// A kubeconfig with a cluster, user and context for `only` (or every cluster whose agent
     /// reported its API-server CA). Users are left for the operator to fill in.
     pub fn kubeconfig(&self, only: Option<&str>) -> Result<String, String> {
-        let snapshot = self.registry.snapshot();
+        let snapshot = self.clusters.snapshot();
         let chosen: Vec<_> = match only {
             Some(name) => {
                 let c = snapshot
