@@ -20,13 +20,13 @@ use crate::auth::{AuthError, Credentials};
 use crate::config::{FrontendAuth, Limits};
 use crate::connect::{self, ConnectRequest, RequestError};
 use crate::metrics::{ClusterLabel, Metrics, Outcome};
-use crate::registry::{AgentHandle, ConnectionSlot, DialOutcome, Registry, TunnelStream};
+use crate::registry::{AgentHandle, Clusters, ConnectionSlot, DialOutcome, TunnelStream};
 
 /// What the frontend needs from the rest of the server.
 #[derive(Debug)]
 pub struct Frontend {
     /// Where agents are found.
-    pub registry: Arc<Registry>,
+    pub clusters: Arc<Clusters>,
     /// Where outcomes are counted.
     pub metrics: Arc<Metrics>,
     /// TLS of the listener, if any.
@@ -328,7 +328,7 @@ impl Frontend {
             return self.refuse(client, "", r).await;
         }
         // Metric labels only ever carry names of registered clusters.
-        let label = if self.registry.is_registered(&cluster) {
+        let label = if self.clusters.is_registered(&cluster) {
             cluster.clone()
         } else {
             String::new()
@@ -365,9 +365,9 @@ impl Frontend {
             Ok(dialed) => dialed,
             Err(refusal) => {
                 if matches!(refusal.outcome, Outcome::DialFailed | Outcome::DialTimeout) {
-                    self.registry.record_dial(&cluster, Err(&refusal.reason));
+                    self.clusters.record_dial(&cluster, Err(&refusal.reason));
                 }
-                let label = if self.registry.is_registered(&cluster) {
+                let label = if self.clusters.is_registered(&cluster) {
                     cluster.clone()
                 } else {
                     String::new()
@@ -393,7 +393,7 @@ impl Frontend {
         if warm {
             self.metrics.warm_connects.inc();
         }
-        self.registry.record_dial(&cluster, Ok(connect_time));
+        self.clusters.record_dial(&cluster, Ok(connect_time));
         self.metrics
             .dial_duration
             .get_or_create(&ClusterLabel {
@@ -535,7 +535,7 @@ impl Frontend {
     async fn dial(&self, cluster: &str) -> Result<Dialed, Refusal> {
         let arriving = self.fleet.warmup_left().is_some();
         let wait = self
-            .registry
+            .clusters
             .wait_for_agent(cluster, self.agent_wait, arriving);
         let Some(agent) = wait.await else {
             return Err(Refusal::new(
@@ -560,12 +560,12 @@ impl Frontend {
             return Err(unresponsive(&agent, since));
         }
         let slot = self
-            .registry
+            .clusters
             .open_connection(cluster)
             .map_err(|limit| Refusal::new(503, Outcome::Limited, limit.to_string()))?;
         // A warm stream, if the agent has one ready: its upstream connection is already made.
         // Not from a draining agent (its pool is closed): that one still serves dials.
-        if let Some(stream) = self.registry.take_warm(&agent) {
+        if let Some(stream) = self.clusters.take_warm(&agent) {
             return Ok(Dialed {
                 slot,
                 agent,
@@ -574,12 +574,12 @@ impl Frontend {
             });
         }
         let mut pending = self
-            .registry
+            .clusters
             .begin_dial(&agent)
             .map_err(|limit| Refusal::new(503, Outcome::Limited, limit.to_string()))?;
         let dial = async {
             agent
-                .request_dial(pending.id())
+                .send(crate::tunnel::to_agent::dial(pending.id()))
                 .await
                 .map_err(|_| Ended::Gone)?;
             // An agent that leaves between being picked and the dial being recorded could never

@@ -198,7 +198,7 @@ pub async fn run(
          set at every reload",
         config.cert_expiry.clone(),
     );
-    let registry = Arc::new(registry::Registry::new(config.limits, metrics.clone()));
+    let clusters = Arc::new(registry::Clusters::new(config.limits, metrics.clone()));
     let connections = TaskTracker::new();
     let background = TaskTracker::new();
 
@@ -223,7 +223,7 @@ pub async fn run(
     spawn_count_gauge(&fleet, &metrics, close.clone());
 
     let status = Arc::new(status::Status {
-        registry: registry.clone(),
+        clusters: clusters.clone(),
         metrics: metrics.clone(),
         fleet: fleet.clone(),
         public_url: public_url(&config, &listeners.frontend),
@@ -262,7 +262,7 @@ pub async fn run(
     ));
 
     let frontend = Arc::new(frontend::Frontend {
-        registry: registry.clone(),
+        clusters: clusters.clone(),
         metrics: metrics.clone(),
         tls: config.frontend_tls.clone(),
         auth: config.frontend_auth.clone(),
@@ -285,7 +285,7 @@ pub async fn run(
 
     tracing::info!(server.id = %config.server_id, "proxy-server started");
     let service = tunnel::TunnelService::new(
-        registry,
+        clusters,
         fleet,
         config.window_budget,
         config.keepalive_interval,

@@ -16,7 +16,7 @@ use proxy_common::admin::{AdminResponse, Routes, text};
 use serde_json::json;
 
 use crate::metrics::{BytesLabels, Metrics};
-use crate::registry::{ClusterSnapshot, Registry};
+use crate::registry::{ClusterSnapshot, Clusters};
 
 /// Seconds between refreshes of the HTML page.
 pub const REFRESH_SECONDS: u32 = 5;
@@ -25,7 +25,7 @@ pub const REFRESH_SECONDS: u32 = 5;
 #[derive(Debug)]
 pub struct Status {
     /// Clusters and agents.
-    pub registry: Arc<Registry>,
+    pub clusters: Arc<Clusters>,
     /// Byte counters.
     pub metrics: Arc<Metrics>,
     /// This server's id, the fleet's size and warm-up.
@@ -90,7 +90,7 @@ impl Status {
     /// The JSON document of `/api/v1/clusters`.
     pub fn json(&self) -> serde_json::Value {
         let clusters: Vec<_> = self
-            .registry
+            .clusters
             .snapshot()
             .into_iter()
             .map(|c| {
@@ -131,7 +131,7 @@ impl Status {
     /// A kubeconfig with a cluster, user and context for `only` (or every cluster whose agent
     /// reported its API-server CA). Users are left for the operator to fill in.
     pub fn kubeconfig(&self, only: Option<&str>) -> Result<String, String> {
-        let snapshot = self.registry.snapshot();
+        let snapshot = self.clusters.snapshot();
         let chosen: Vec<_> = match only {
             Some(name) => {
                 let c = snapshot

@@ -19,7 +19,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::fleet::Fleet;
 use crate::listener::AgentConn;
-use crate::registry::{AgentHandle, AgentInfo, DialOutcome, Registration, Registry, TunnelStream};
+use crate::registry::{AgentHandle, AgentInfo, Clusters, DialOutcome, Registration, TunnelStream};
 
 /// Control messages queued towards one agent (dial requests); a full queue makes CONNECTs wait,
 /// within their dial timeout.
@@ -34,7 +34,7 @@ pub const PONG_LATE: Duration = Duration::from_secs(1);
 /// The service implementation.
 #[derive(Debug, Clone)]
 pub struct TunnelService {
-    registry: Arc<Registry>,
+    clusters: Arc<Clusters>,
     fleet: Arc<Fleet>,
     window_budget: u64,
     ping_interval: Duration,
@@ -42,18 +42,18 @@ pub struct TunnelService {
 }
 
 impl TunnelService {
-    /// A service registering agents into `registry` on behalf of this server of `fleet`, each
+    /// A service registering agents into `clusters` on behalf of this server of `fleet`, each
     /// agent connection with a flow-control budget of `window_budget` bytes, agents that
     /// understand it pinged every `ping_interval`; `shutdown` closes every agent.
     pub fn new(
-        registry: Arc<Registry>,
+        clusters: Arc<Clusters>,
         fleet: Arc<Fleet>,
         window_budget: u64,
         ping_interval: Duration,
         shutdown: CancellationToken,
     ) -> Self {
         Self {
-            registry,
+            clusters,
             fleet,
             window_budget,
             ping_interval,
@@ -163,6 +163,41 @@ fn kubeconfig_facts(reg: &Register) -> (Option<String>, Option<String>) {
     (ca, name)
 }
 
+/// The control messages the server sends an agent besides its registration answer, built here
+/// with the rest of the control stream; the registry only queues them.
+pub mod to_agent {
+    use proxy_proto::{DialCancel, DialRequest, Fleet, Ping, ServerMessage, server_message::Msg};
+
+    fn message(msg: Msg) -> ServerMessage {
+        ServerMessage { msg: Some(msg) }
+    }
+
+    /// Asks the agent to dial its upstream and open a data stream for `dial_id`.
+    pub fn dial(dial_id: u64) -> ServerMessage {
+        message(Msg::Dial(DialRequest {
+            dial_id,
+            destination: String::new(),
+        }))
+    }
+
+    /// Tells the agent the client of `dial_id` gave up: no data stream is wanted for it.
+    pub fn cancel_dial(dial_id: u64) -> ServerMessage {
+        message(Msg::CancelDial(DialCancel { dial_id }))
+    }
+
+    /// A ping the agent answers with a pong carrying `seq`.
+    pub fn ping(seq: u64) -> ServerMessage {
+        message(Msg::Ping(Ping { seq }))
+    }
+
+    /// The fleet now has `count` servers.
+    pub fn fleet(count: u32) -> ServerMessage {
+        message(Msg::Fleet(Fleet {
+            server_count: count,
+        }))
+    }
+}
+
 type DataResponse = Pin<Box<dyn Stream<Item = Result<Chunk, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -223,7 +258,7 @@ impl Tunnel for TunnelService {
         };
         let closed = self.shutdown.child_token();
         let registration = self
-            .registry
+            .clusters
             .register(AgentHandle::new(
                 info,
                 tx,
@@ -236,7 +271,7 @@ impl Tunnel for TunnelService {
         tokio::spawn(serve_control(
             inbound,
             registration,
-            self.registry.clone(),
+            self.clusters.clone(),
             self.fleet.subscribe(),
             self.ping_interval,
             closed,
@@ -255,7 +290,7 @@ impl Tunnel for TunnelService {
                 inbound: req.into_inner(),
                 outbound: tx,
             };
-            self.registry.add_warm(conn.id, stream).map_err(|err| {
+            self.clusters.add_warm(conn.id, stream).map_err(|err| {
                 use crate::warm::WarmRefused;
                 match err {
                     WarmRefused::Full => Status::resource_exhausted(err.to_string()),
@@ -278,7 +313,7 @@ impl Tunnel for TunnelService {
             inbound: req.into_inner(),
             outbound: tx,
         };
-        self.registry
+        self.clusters
             .complete_dial(dial_id, conn.id, DialOutcome::Connected(Box::new(stream)))
             .map_err(|err| Status::not_found(err.to_string()))?;
         Ok(Response::new(Box::pin(ReceiverStream::new(rx).map(Ok))))
@@ -289,7 +324,7 @@ impl Tunnel for TunnelService {
 async fn serve_control(
     mut inbound: Streaming<AgentMessage>,
     registration: Registration,
-    registry: Arc<Registry>,
+    clusters: Arc<Clusters>,
     mut fleet: tokio::sync::watch::Receiver<u32>,
     ping_interval: Duration,
     closed: CancellationToken,
@@ -309,7 +344,11 @@ async fn serve_control(
             () = closed.cancelled() => break "server shutting down".to_owned(),
             Ok(()) = fleet.changed() => {
                 let count = *fleet.borrow_and_update();
-                agent.send_fleet(count);
+                // Best effort: an agent whose control queue is full learns the count from its
+                // next registration.
+                if !agent.try_send(to_agent::fleet(count)) {
+                    tracing::debug!(cluster = %info.cluster, agent.id = %info.agent_id, "control queue full: fleet update not sent");
+                }
                 continue;
             }
             _ = pings.tick(), if info.features.ping && waiting.is_none() => {
@@ -317,8 +356,9 @@ async fn serve_control(
                 let now = tokio::time::Instant::now();
                 waiting = Some((seq, now));
                 agent.set_ping_outstanding(Some(now.into_std()));
-                agent.send_ping(seq);
-                registry.purge_warm(&agent);
+                // Best effort: a full control queue is itself a sign the agent is behind.
+                agent.try_send(to_agent::ping(seq));
+                clusters.purge_warm(&agent);
                 continue;
             }
             () = tokio::time::sleep_until(late.unwrap_or_else(tokio::time::Instant::now)),
@@ -345,7 +385,7 @@ async fn serve_control(
             Ok(Some(AgentMessage {
                 msg: Some(agent_message::Msg::DialFailed(failed)),
             })) => {
-                if let Err(err) = registry.complete_dial(
+                if let Err(err) = clusters.complete_dial(
                     failed.dial_id,
                     info.conn_id,
                     DialOutcome::Failed(truncate(failed.reason, MAX_REASON)),
@@ -359,7 +399,7 @@ async fn serve_control(
                 agent.set_draining();
                 // Its warm streams end now, so the agent closes their upstream connections and
                 // is not kept waiting for them while it drains.
-                registry.close_warm(&agent);
+                clusters.close_warm(&agent);
                 tracing::info!(cluster = %info.cluster, agent.id = %info.agent_id, "agent draining: new connections go to other agents of the cluster");
             }
             Ok(Some(_)) => break "protocol violation: unexpected control message".to_owned(),

@@ -56,7 +56,7 @@ pub(super) fn route(status: &Status, path: &str) -> Option<AdminResponse> {
 
 /// The whole page.
 fn render(status: &Status) -> String {
-    let snapshot = status.registry.snapshot();
+    let snapshot = status.clusters.snapshot();
     let agents: usize = snapshot.iter().map(|c| c.agents.len()).sum();
     let down = snapshot.iter().filter(|c| c.down_since.is_some()).count();
     let open: usize = snapshot.iter().map(|c| c.open_connections).sum();

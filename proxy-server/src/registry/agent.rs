@@ -1,0 +1,175 @@
+//! One connected agent as the server sees it: who it is ([`AgentInfo`]), what it understands
+//! ([`Features`]), and the handle the rest of the server uses to reach it ([`AgentHandle`]): its
+//! control queue, the token that closes what it carries, its draining and ping state, and its
+//! warm streams. The handle sends what it is given; the messages themselves are built in
+//! `crate::tunnel::to_agent`, next to the rest of the control stream.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant, SystemTime};
+
+use proxy_proto::ServerMessage;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tonic::Status;
+
+/// What the server knows of a connected agent.
+#[derive(Debug, Clone)]
+pub struct AgentInfo {
+    /// Cluster the agent serves (equal to its certificate CN).
+    pub cluster: String,
+    /// The agent's self-chosen id.
+    pub agent_id: String,
+    /// The agent's version string.
+    pub version: String,
+    /// Id of the TLS connection that carries the agent's streams.
+    pub conn_id: u64,
+    /// The agent's address.
+    pub addr: SocketAddr,
+    /// When it registered.
+    pub connected_at: SystemTime,
+    /// The member API server's CA bundle (PEM), as the agent reported it, if valid.
+    pub upstream_ca: Option<String>,
+    /// The TLS name of the member API server, as the agent reported it, if valid.
+    pub upstream_server_name: Option<String>,
+    /// Control messages it understands beyond the first protocol version's.
+    pub features: Features,
+}
+
+/// What an agent said it understands (`Register.features`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Features {
+    /// `ServerMessage.cancel_dial`.
+    pub cancel_dial: bool,
+    /// `ServerMessage.ping`, answered with `AgentMessage.pong`.
+    pub ping: bool,
+}
+
+impl Features {
+    /// From the names an agent listed; unknown names are ignored.
+    pub fn from_names(names: &[String]) -> Self {
+        let has = |f: &str| names.iter().any(|n| n == f);
+        Self {
+            cancel_dial: has(proxy_proto::FEATURE_CANCEL_DIAL),
+            ping: has(proxy_proto::FEATURE_PING),
+        }
+    }
+}
+
+/// The queue of control messages towards one agent.
+pub(super) type ControlQueue = mpsc::Sender<Result<ServerMessage, Status>>;
+
+/// A connected agent: where to send dial requests, and the token that closes everything it
+/// carries.
+#[derive(Debug)]
+pub struct AgentHandle {
+    /// Identity and connection facts.
+    pub info: AgentInfo,
+    pub(super) control: ControlQueue,
+    pub(super) closed: CancellationToken,
+    draining: AtomicBool,
+    budget: Arc<proxy_common::flow::Budget>,
+    /// Since when a ping has gone unanswered too long, if it has (see `tunnel::PONG_LATE`).
+    unresponsive: tokio::sync::watch::Sender<Option<Instant>>,
+    /// Streams the agent opened ahead of demand (see [`crate::warm`]).
+    pub(super) warm: crate::warm::WarmPool,
+    /// When the ping now waiting for its pong was sent, if one is.
+    ping_sent: std::sync::Mutex<Option<Instant>>,
+}
+
+/// The agent's control stream is gone.
+#[derive(Debug, thiserror::Error)]
+#[error("agent disconnected")]
+pub struct AgentGone;
+
+impl AgentHandle {
+    /// A handle sending control messages on `control`; `closed` is cancelled when the agent
+    /// leaves. The connections it carries grow their windows out of `budget`.
+    pub fn new(
+        info: AgentInfo,
+        control: ControlQueue,
+        closed: CancellationToken,
+        budget: Arc<proxy_common::flow::Budget>,
+    ) -> Self {
+        Self {
+            info,
+            control,
+            closed,
+            draining: AtomicBool::new(false),
+            budget,
+            unresponsive: tokio::sync::watch::Sender::new(None),
+            warm: crate::warm::WarmPool::default(),
+            ping_sent: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// The flow-control budget of this agent's connection.
+    pub fn budget(&self) -> &Arc<proxy_common::flow::Budget> {
+        &self.budget
+    }
+
+    /// Marks the agent as shutting down: new dials go to its cluster's other agents.
+    pub fn set_draining(&self) {
+        self.draining.store(true, Ordering::Release);
+    }
+
+    /// Whether the agent said it is shutting down.
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
+    }
+
+    /// Marks the agent as not answering pings since `since` (`None`: it answers again).
+    pub fn set_unresponsive(&self, since: Option<Instant>) {
+        self.unresponsive.send_if_modified(|now| {
+            let changed = now.is_some() != since.is_some();
+            *now = since;
+            changed
+        });
+    }
+
+    /// Since when the agent has not answered a ping in time, if so.
+    pub fn unresponsive_since(&self) -> Option<Instant> {
+        *self.unresponsive.borrow()
+    }
+
+    /// Resolves once the agent stops answering pings in time.
+    pub async fn until_unresponsive(&self) {
+        let mut rx = self.unresponsive.subscribe();
+        // The sender lives as long as `self`, so this cannot fail while borrowed.
+        let _ = rx.wait_for(Option::is_some).await;
+    }
+
+    fn ping_sent(&self) -> std::sync::MutexGuard<'_, Option<Instant>> {
+        // Held only to read or write the instant.
+        self.ping_sent
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The ping sent at `at` was answered (`None`), or one was sent now (`Some`).
+    pub fn set_ping_outstanding(&self, at: Option<Instant>) {
+        *self.ping_sent() = at;
+    }
+
+    /// Whether a ping has waited for its pong longer than `slack`.
+    pub fn ping_overdue(&self, slack: Duration) -> bool {
+        self.ping_sent().is_some_and(|sent| sent.elapsed() > slack)
+    }
+
+    /// Cancelled when the agent leaves the registry (or the server shuts down).
+    pub fn closed(&self) -> &CancellationToken {
+        &self.closed
+    }
+
+    /// Queues `msg` for the agent without waiting; `false` if its control queue is full (or
+    /// the agent is gone). For best-effort messages (pings, fleet updates).
+    pub fn try_send(&self, msg: ServerMessage) -> bool {
+        self.control.try_send(Ok(msg)).is_ok()
+    }
+
+    /// Queues `msg` for the agent, waiting while its control queue is full (dial requests).
+    pub async fn send(&self, msg: ServerMessage) -> Result<(), AgentGone> {
+        self.control.send(Ok(msg)).await.map_err(|_| AgentGone)
+    }
+}

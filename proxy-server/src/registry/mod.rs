@@ -1,0 +1,78 @@
+//! The cluster registry ([`Clusters`]): which agents are connected for which cluster, the dials
+//! waiting for an agent to answer, the open connections counted against the limits, and what
+//! the status page shows. One file per role: `agent` (one agent's handle), `agents` (the set,
+//! picking, the reconnect window), `dials`, `limits`, `stats`, `warm_streams`.
+//!
+//! Cleanup is by ownership: [`Registration`] is held by the agent's control-stream task, and
+//! dropping it is the teardown: the agent leaves the registry, its token is cancelled (closing
+//! every connection it carried) and its pending dials fail at once. No lock is held across an
+//! `.await`: the maps are `DashMap`s touched only in short synchronous sections.
+
+mod agent;
+mod agents;
+mod dials;
+mod limits;
+mod stats;
+mod warm_streams;
+
+#[cfg(test)]
+mod tests;
+
+use std::sync::Arc;
+
+pub use agent::{AgentGone, AgentHandle, AgentInfo, Features};
+pub use agents::{AlreadyRegistered, RECONNECT_WINDOW, Registration};
+pub use dials::{DialGuard, DialLookupError, DialOutcome, TunnelStream};
+pub use limits::{ConnectionSlot, LimitError};
+pub use stats::{ClusterSnapshot, DialStats, RECENT_DIALS};
+
+use crate::config::Limits;
+use crate::metrics::{ClusterLabel, Metrics};
+
+/// The clusters this server serves: their agents, pending dials, open connections and recent
+/// history. (Named for what it holds; `Registry` is prometheus-client's.)
+#[derive(Debug)]
+pub struct Clusters {
+    agents: agents::Agents,
+    dials: dials::PendingDials,
+    open: limits::OpenConnections,
+    history: stats::History,
+    limits: Limits,
+    metrics: Arc<Metrics>,
+}
+
+impl Clusters {
+    /// No clusters yet, enforcing `limits` and reporting to `metrics`.
+    pub fn new(limits: Limits, metrics: Arc<Metrics>) -> Self {
+        Self {
+            agents: agents::Agents::default(),
+            dials: dials::PendingDials::default(),
+            open: limits::OpenConnections::default(),
+            history: stats::History::default(),
+            limits,
+            metrics,
+        }
+    }
+
+    /// Takes `agent` out of every part of the registry (its [`Registration`] was dropped).
+    fn remove(&self, agent: &Arc<AgentHandle>) {
+        self.agents.by_conn.remove(&agent.info.conn_id);
+        self.close_warm(agent);
+        let cluster = &agent.info.cluster;
+        self.metrics
+            .agents
+            .get_or_create(&ClusterLabel {
+                cluster: cluster.clone(),
+            })
+            .dec();
+        if self.agents.leave(agent) {
+            if self.agents.remove_if_empty(cluster) {
+                self.history.forget_dials(cluster);
+            }
+            self.agents.mark_departed(cluster);
+            self.history.mark_down(cluster, self.limits.down_retention);
+        }
+        self.dials.fail_all_of(agent.info.conn_id);
+        self.agents.changed.notify_waiters();
+    }
+}
