@@ -16,12 +16,13 @@ use std::task::Poll;
 use std::time::Duration;
 
 use bytes::{BufMut, Bytes, BytesMut};
+use futures_util::{Stream, StreamExt};
 use prometheus_client::metrics::counter::Counter;
 use proxy_proto::{Chunk, MAX_CHUNK};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use tonic::Streaming;
+use tonic::Status;
 
 use crate::flow::{Budget, Overrun, RecvWindow, SendCredit};
 
@@ -95,7 +96,7 @@ pub enum PumpError {
     PeerAborted,
     /// The tunnel stream failed (HTTP/2 reset, connection lost).
     #[error("tunnel stream failed: {0}")]
-    Stream(tonic::Status),
+    Stream(Status),
     /// The tunnel stream's sending half is gone.
     #[error("tunnel stream closed")]
     TunnelClosed,
@@ -152,12 +153,16 @@ pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 /// stream dropped early is reset, and a reset discards frames still queued, which would lose
 /// the connection's last bytes. On failure both halves are dropped at once, which the other
 /// side sees as an abort.
+///
+/// `rx` is the stream's inbound half, a `tonic::Streaming<Chunk>` in both binaries. It is taken
+/// as any stream of chunks so that the unit tests can feed it from a channel: a `Streaming` can
+/// only be built over an encoded HTTP body.
 #[allow(clippy::too_many_arguments)]
-pub async fn splice<S>(
+pub async fn splice<S, I>(
     socket: S,
     prefix: Bytes,
     tx: mpsc::Sender<Chunk>,
-    mut rx: Streaming<Chunk>,
+    mut rx: I,
     role: Role,
     counts: &ByteCounts,
     budget: &Arc<Budget>,
@@ -165,6 +170,7 @@ pub async fn splice<S>(
 ) -> Result<(), PumpError>
 where
     S: AsyncRead + AsyncWrite + Abort + Send + Unpin,
+    I: Stream<Item = Result<Chunk, Status>> + Unpin,
 {
     let (mut reader, mut writer) = tokio::io::split(socket);
     // What the peer lets us send, and what we let it send.
@@ -211,11 +217,20 @@ where
     // Both directions are done; the only thing left to read is the end of the stream (and
     // credit the peer may still send, which no one needs any more).
     let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
-        while let Ok(Some(_)) = rx.message().await {}
+        while let Ok(Some(_)) = next_message(&mut rx).await {}
     })
     .await;
     drop(tx);
     Ok(())
+}
+
+/// The next chunk of the inbound half, as `tonic::Streaming::message` returns it: `Ok(None)` at
+/// the end of the stream. Cancel-safe, as the `select!`s below need.
+async fn next_message<I>(rx: &mut I) -> Result<Option<Chunk>, Status>
+where
+    I: Stream<Item = Result<Chunk, Status>> + Unpin,
+{
+    rx.next().await.transpose()
 }
 
 async fn send(tx: &mpsc::Sender<Chunk>, chunk: Chunk) -> Result<(), PumpError> {
@@ -292,12 +307,16 @@ struct Grants<'a> {
     sending_done: &'a CancellationToken,
 }
 
-async fn tunnel_to_socket<W: AsyncWrite>(
-    rx: &mut Streaming<Chunk>,
+async fn tunnel_to_socket<I, W>(
+    rx: &mut I,
     writer: W,
     counts: &ByteCounts,
     grants: Grants<'_>,
-) -> Result<(), PumpError> {
+) -> Result<(), PumpError>
+where
+    I: Stream<Item = Result<Chunk, Status>> + Unpin,
+    W: AsyncWrite,
+{
     tokio::pin!(writer);
     // The stream is read while a write to the socket is pending: it also carries the peer's
     // credit for our sending half, which must not wait behind bytes our local reader has not
@@ -329,7 +348,7 @@ async fn tunnel_to_socket<W: AsyncWrite>(
                     send(grants.tx, credit_chunk(limit)).await?;
                 }
             }
-            msg = rx.message(), if !fin => {
+            msg = next_message(rx), if !fin => {
                 let chunk = match msg {
                     Ok(Some(chunk)) => chunk,
                     Ok(None) => return Err(PumpError::PeerAborted),
@@ -361,7 +380,7 @@ async fn tunnel_to_socket<W: AsyncWrite>(
         let msg = tokio::select! {
             biased;
             () = grants.sending_done.cancelled() => return Ok(()),
-            msg = rx.message() => msg,
+            msg = next_message(rx) => msg,
         };
         match msg {
             Ok(Some(chunk)) if chunk.data.is_empty() && !chunk.fin => {
@@ -420,3 +439,7 @@ fn data_chunk(data: Bytes) -> Chunk {
         ..Chunk::default()
     }
 }
+
+#[cfg(test)]
+#[path = "pump_tests.rs"]
+mod tests;
