@@ -327,6 +327,11 @@ where
     let mut current: Option<(Bytes, usize)> = None;
     let mut waiting_since: Option<std::time::Instant> = None;
     let mut fin = false;
+    // Whether the stream may still carry something for us. After the peer's fin it carries only
+    // credit for our sending half, which is read even while the bytes before the fin wait for
+    // the local reader: a client that uploads before it reads a response that has ended must not
+    // stall. Reading stops once our sending half is done, or the stream ends after both fins.
+    let mut reading = true;
     loop {
         if current.is_none() {
             current = queued.pop_front().map(|data| (data, 0));
@@ -348,12 +353,22 @@ where
                     send(grants.tx, credit_chunk(limit)).await?;
                 }
             }
-            msg = next_message(rx), if !fin => {
+            () = grants.sending_done.cancelled(), if fin && reading => reading = false,
+            msg = next_message(rx), if reading => {
                 let chunk = match msg {
                     Ok(Some(chunk)) => chunk,
+                    // Both fins were sent: the peer's stream may end while we still write.
+                    Ok(None) if fin && grants.sending_done.is_cancelled() => {
+                        reading = false;
+                        continue;
+                    }
                     Ok(None) => return Err(PumpError::PeerAborted),
                     Err(status) => return Err(PumpError::Stream(status)),
                 };
+                if fin {
+                    after_fin(&chunk, &grants)?;
+                    continue;
+                }
                 if chunk.credit > 0 {
                     grants.credit.grant(chunk.credit);
                 }
@@ -374,6 +389,9 @@ where
             }
         }
     }
+    if !reading {
+        return Ok(());
+    }
     // The peer will send no more bytes, but our sending half may still be waiting for its
     // credit: keep reading until it is done or the peer ends the stream.
     loop {
@@ -383,16 +401,22 @@ where
             msg = next_message(rx) => msg,
         };
         match msg {
-            Ok(Some(chunk)) if chunk.data.is_empty() && !chunk.fin => {
-                grants.credit.grant(chunk.credit);
-            }
-            Ok(Some(_)) => return Err(PumpError::DataAfterFin),
+            Ok(Some(chunk)) => after_fin(&chunk, &grants)?,
             // Our sending half is not done (checked first, above), so the peer cannot have our
             // fin: a stream that ends now was aborted, and no credit will ever come.
             Ok(None) => return Err(PumpError::PeerAborted),
             Err(status) => return Err(PumpError::Stream(status)),
         }
     }
+}
+
+/// A chunk after the peer's fin: credit for our sending half is all it may carry.
+fn after_fin(chunk: &Chunk, grants: &Grants<'_>) -> Result<(), PumpError> {
+    if !chunk.data.is_empty() || chunk.fin {
+        return Err(PumpError::DataAfterFin);
+    }
+    grants.credit.grant(chunk.credit);
+    Ok(())
 }
 
 /// Writes the rest of `current` to `writer`; resolves with its length once all of it is out

@@ -520,13 +520,10 @@ async fn credit_reaches_the_sender_while_a_socket_write_is_blocked() {
     conn.tunnel.bytes(1_000).await;
 }
 
-/// Known bug (left unfixed): once the peer's `fin` is in, `tunnel_to_socket` stops reading the
-/// stream until the bytes before the `fin` are written out (`rx.message(), if !fin`), so the
-/// credit for our sending half waits behind a client that does not read. A client that uploads
-/// before it reads a response that ended (sent `fin`) stalls for good, where the test above
-/// (no `fin` yet) and plain TCP do not.
+/// The same after the peer's `fin`: the stream is still read for our sending half's credit while
+/// the bytes before the `fin` wait for the client. (It was not: a client that uploads before it
+/// reads a response that has ended stalled for good, where plain TCP does not.)
 #[tokio::test(start_paused = true)]
-#[ignore = "known bug: credit is not read while the bytes before the peer's fin are blocked"]
 async fn credit_reaches_the_sender_while_the_bytes_before_the_peers_fin_are_blocked() {
     let mut conn = start(Role::Agent, NARROW);
     conn.tunnel
