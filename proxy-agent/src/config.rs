@@ -43,15 +43,17 @@ pub struct Args {
     /// Cluster to register (default: the certificate's Subject CN; servers refuse any other).
     #[arg(long, env = "PROXY_AGENT_CLUSTER")]
     pub cluster: Option<String>,
-    /// The only destination the agent dials: this cluster's API server.
+    /// This cluster's API server: where the agent dials for every CONNECT to its cluster (with
+    /// --allow-destination, the destinations a server may name besides it).
     #[arg(
         long,
         env = "PROXY_AGENT_UPSTREAM",
         default_value = "kubernetes.default.svc:443"
     )]
     pub upstream: String,
-    /// A further destination servers may ask for (HOST:PORT, repeatable). Anything that is
-    /// neither this nor --upstream is refused without being resolved or dialed.
+    /// A further destination servers may ask for (HOST:PORT, repeatable; in the environment,
+    /// separate several with commas). Anything that is neither one of these nor --upstream is
+    /// refused without being resolved or dialed.
     #[arg(
         long = "allow-destination",
         env = "PROXY_AGENT_ALLOW_DESTINATION",
