@@ -142,6 +142,7 @@ async fn agent_refuses_destinations_it_was_not_given() {
             keepalive: None,
             gate: proxy_common::gate::Gate::new(proxy_common::gate::DEFAULT_CAP),
             limited: || {},
+            tasks: tokio_util::task::TaskTracker::new(),
         },
         shutdown.clone(),
         shutdown.clone(),

@@ -73,15 +73,19 @@ impl Fleet {
     }
 
     /// Reads the count once now (so the first registrations already see it), then keeps it up
-    /// to date until `shutdown` when it comes from DNS.
-    pub async fn start(self: &std::sync::Arc<Self>, shutdown: CancellationToken) {
+    /// to date until `shutdown` when it comes from DNS, in a task of `tasks`.
+    pub async fn start(
+        self: &std::sync::Arc<Self>,
+        shutdown: CancellationToken,
+        tasks: &tokio_util::task::TaskTracker,
+    ) {
         let CountSource::Dns(name) = &self.source else {
             return;
         };
         self.refresh(name).await;
         let fleet = self.clone();
         let name = name.clone();
-        tokio::spawn(async move {
+        tasks.spawn(async move {
             loop {
                 tokio::select! {
                     () = shutdown.cancelled() => return,

@@ -25,6 +25,7 @@ use std::sync::Arc;
 use proxy_proto::MAX_MESSAGE;
 use proxy_proto::tunnel_server::TunnelServer;
 use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -160,13 +161,14 @@ fn spawn_count_gauge(
     fleet: &fleet::Fleet,
     metrics: &Arc<metrics::Metrics>,
     close: CancellationToken,
+    tasks: &TaskTracker,
 ) {
     let mut count = fleet.subscribe();
     let metrics = metrics.clone();
     metrics
         .server_count
         .set(i64::from(*count.borrow_and_update()));
-    tokio::spawn(async move {
+    tasks.spawn(async move {
         loop {
             tokio::select! {
                 () = close.cancelled() => return,
@@ -179,6 +181,32 @@ fn spawn_count_gauge(
     });
 }
 
+/// The server's parts every listener shares.
+struct Core {
+    clusters: Arc<registry::Clusters>,
+    metrics: Arc<metrics::Metrics>,
+    fleet: Arc<fleet::Fleet>,
+    prometheus: prometheus_client::registry::Registry,
+}
+
+/// The tokens and trackers of the one shutdown tree: `shutdown` stops intake; `close` ends what
+/// is still open once the drain is over (agents' tokens and every tunneled connection's token
+/// are its children). `connections` holds the tunneled connections the drain waits for,
+/// `tasks` everything else the server spawned (handshakes, control streams, watchers).
+struct Lifecycle {
+    shutdown: CancellationToken,
+    close: CancellationToken,
+    connections: TaskTracker,
+    tasks: TaskTracker,
+}
+
+/// The running listener tasks; each is `None` once it has been awaited.
+struct Tasks {
+    grpc: Option<JoinHandle<Result<(), tonic::transport::Error>>>,
+    frontend: Option<JoinHandle<()>>,
+    admin: Option<JoinHandle<()>>,
+}
+
 /// Runs the server until `shutdown` is cancelled, then drains: the listeners stop accepting
 /// (new CONNECTs and agents are refused), `/readyz` fails, open tunneled connections continue
 /// until they end or `--shutdown-grace` runs out, then everything still open is closed.
@@ -187,9 +215,67 @@ pub async fn run(
     listeners: Listeners,
     shutdown: CancellationToken,
 ) -> Result<(), ServerError> {
-    // `shutdown` stops intake; `close` ends what is still open once the drain is over. Agents'
-    // tokens and every tunneled connection's token are children of `close`.
-    let close = CancellationToken::new();
+    let life = Lifecycle {
+        shutdown,
+        close: CancellationToken::new(),
+        connections: TaskTracker::new(),
+        tasks: TaskTracker::new(),
+    };
+    let core = build_core(&config, &life).await?;
+    // Cancelled when a listener stops before shutdown: readiness fails at once.
+    let listener_lost = CancellationToken::new();
+    let status = Arc::new(status::Status {
+        clusters: core.clusters.clone(),
+        metrics: core.metrics.clone(),
+        fleet: core.fleet.clone(),
+        public_url: public_url(&config, &listeners.frontend),
+        started: std::time::SystemTime::now(),
+    });
+    let Core {
+        clusters,
+        metrics,
+        fleet,
+        prometheus,
+    } = core;
+    let admin = admin_routes(&config, &life, &fleet, prometheus, status, &listener_lost);
+    let mut tasks = Tasks {
+        // The admin listener answers through the drain, so probes see it fail readiness.
+        admin: Some(tokio::spawn(proxy_common::admin::serve(
+            listeners.admin,
+            admin,
+            life.close.clone(),
+        ))),
+        frontend: Some(tokio::spawn(frontend::serve(
+            listeners.frontend,
+            Arc::new(frontend_of(&config, &clusters, &metrics, &fleet)),
+            life.shutdown.clone(),
+            life.close.clone(),
+            life.connections.clone(),
+        ))),
+        grpc: Some(tokio::spawn(serve_agents(
+            &config,
+            listeners.agent,
+            &life,
+            clusters,
+            fleet,
+            &metrics,
+        ))),
+    };
+    tracing::info!(server.id = %config.server_id, "proxy-server started");
+    let failure = until_stopped(&life, &mut tasks).await;
+    if let Some(err) = &failure {
+        tracing::error!(%err, "shutting down");
+        listener_lost.cancel();
+        life.shutdown.cancel();
+    }
+    let result = drain(&config, &life, tasks).await;
+    tracing::info!("proxy-server stopped");
+    failure.map_or(result, Err)
+}
+
+/// Metrics, the cluster registry, the fleet, and the watchers that re-read certificates, keys,
+/// CAs and the policy when their files change or on SIGHUP.
+async fn build_core(config: &Config, life: &Lifecycle) -> Result<Core, ServerError> {
     let mut prometheus = prometheus_client::registry::Registry::default();
     let metrics = Arc::new(metrics::Metrics::new(&mut prometheus));
     prometheus.register(
@@ -199,42 +285,42 @@ pub async fn run(
         config.cert_expiry.clone(),
     );
     let clusters = Arc::new(registry::Clusters::new(config.limits, metrics.clone()));
-    let connections = TaskTracker::new();
-    let background = TaskTracker::new();
-
-    // Certificates, keys, CAs and the policy are re-read when their files change or on SIGHUP.
     let reload = proxy_common::reload::sighup_trigger().map_err(ServerError::Signal)?;
     config
         .agent_tls
-        .spawn_watcher(reload.clone(), close.clone());
+        .spawn_watcher(reload.clone(), life.close.clone());
     if let Some(tls) = &config.frontend_tls {
-        tls.spawn_watcher(reload.clone(), close.clone());
+        tls.spawn_watcher(reload.clone(), life.close.clone());
     }
     if let config::FrontendAuth::Policy(policy) = &config.frontend_auth {
-        policy.spawn_watcher(reload.clone(), close.clone());
+        policy.spawn_watcher(reload, life.close.clone());
     }
-
     let fleet = Arc::new(fleet::Fleet::new(
         config.server_id.clone(),
         config.server_count.clone(),
         config.warmup,
     ));
-    fleet.start(close.clone()).await;
-    spawn_count_gauge(&fleet, &metrics, close.clone());
+    fleet.start(life.close.clone(), &life.tasks).await;
+    spawn_count_gauge(&fleet, &metrics, life.close.clone(), &life.tasks);
+    Ok(Core {
+        clusters,
+        metrics,
+        fleet,
+        prometheus,
+    })
+}
 
-    let status = Arc::new(status::Status {
-        clusters: clusters.clone(),
-        metrics: metrics.clone(),
-        fleet: fleet.clone(),
-        public_url: public_url(&config, &listeners.frontend),
-        started: std::time::SystemTime::now(),
-    });
-    let draining = shutdown.clone();
-    // Cancelled when a listener stops before shutdown: readiness fails at once.
-    let listener_lost = CancellationToken::new();
-    let lost = listener_lost.clone();
-    let warming = fleet.clone();
-    let admin = proxy_common::admin::Admin {
+/// The admin listener's readiness checks, metrics and pages.
+fn admin_routes(
+    config: &Config,
+    life: &Lifecycle,
+    fleet: &Arc<fleet::Fleet>,
+    prometheus: prometheus_client::registry::Registry,
+    status: Arc<status::Status>,
+    listener_lost: &CancellationToken,
+) -> proxy_common::admin::Admin {
+    let (lost, draining, warming) = (listener_lost.clone(), life.shutdown.clone(), fleet.clone());
+    proxy_common::admin::Admin {
         checks: vec![
             (
                 "listeners",
@@ -253,15 +339,17 @@ pub async fn run(
         metrics: Arc::new(prometheus),
         routes: Some(status.routes()),
         keepalive: config.tcp_keepalive,
-    };
-    // The admin listener answers through the drain, so probes see it fail readiness.
-    let mut admin_task = tokio::spawn(proxy_common::admin::serve(
-        listeners.admin,
-        admin,
-        close.clone(),
-    ));
+    }
+}
 
-    let frontend = Arc::new(frontend::Frontend {
+/// The CONNECT frontend.
+fn frontend_of(
+    config: &Config,
+    clusters: &Arc<registry::Clusters>,
+    metrics: &Arc<metrics::Metrics>,
+    fleet: &Arc<fleet::Fleet>,
+) -> frontend::Frontend {
+    frontend::Frontend {
         clusters: clusters.clone(),
         metrics: metrics.clone(),
         tls: config.frontend_tls.clone(),
@@ -274,22 +362,27 @@ pub async fn run(
         cluster_suffix: config.cluster_suffix.clone(),
         connect_ports: config.connect_ports.clone(),
         gate: proxy_common::gate::Gate::new(config.limits.max_handshakes),
-    });
-    let mut frontend_task = tokio::spawn(frontend::serve(
-        listeners.frontend,
-        frontend,
-        shutdown.clone(),
-        close.clone(),
-        connections.clone(),
-    ));
+    }
+}
 
-    tracing::info!(server.id = %config.server_id, "proxy-server started");
+/// The gRPC server for agents. It keeps serving its agent connections through the drain (new
+/// dials of CONNECTs accepted before the signal still need data streams); at `close` it sends
+/// GOAWAY and the control streams end.
+fn serve_agents(
+    config: &Config,
+    listener: TcpListener,
+    life: &Lifecycle,
+    clusters: Arc<registry::Clusters>,
+    fleet: Arc<fleet::Fleet>,
+    metrics: &Arc<metrics::Metrics>,
+) -> impl std::future::Future<Output = Result<(), tonic::transport::Error>> + use<> {
     let service = tunnel::TunnelService::new(
         clusters,
         fleet,
         config.window_budget,
         config.keepalive_interval,
-        close.clone(),
+        life.close.clone(),
+        life.tasks.clone(),
     );
     let limited = {
         let metrics = metrics.clone();
@@ -297,20 +390,18 @@ pub async fn run(
     };
     let incoming = listener::incoming(
         listener::AgentListener {
-            listener: listeners.agent,
+            listener,
             tls: config.agent_tls.clone(),
             handshake_timeout: config.limits.handshake_timeout,
             keepalive: config.tcp_keepalive,
             gate: proxy_common::gate::Gate::new(config.limits.max_handshakes),
             limited,
+            tasks: life.tasks.clone(),
         },
-        shutdown.clone(),
-        close.clone(),
+        life.shutdown.clone(),
+        life.close.clone(),
     );
-    // The gRPC server keeps serving its agent connections through the drain (new dials of
-    // CONNECTs accepted before the signal still need data streams); at `close` it sends GOAWAY
-    // and the control streams end.
-    let grpc = tonic::transport::Server::builder()
+    tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(config.keepalive_interval))
         .http2_keepalive_timeout(Some(config.keepalive_timeout))
         .initial_stream_window_size(proxy_proto::STREAM_WINDOW)
@@ -322,55 +413,56 @@ pub async fn run(
                 .max_decoding_message_size(MAX_MESSAGE)
                 .max_encoding_message_size(MAX_MESSAGE),
         )
-        .serve_with_incoming_shutdown(incoming, close.clone().cancelled_owned());
-    let mut grpc = tokio::spawn(grpc);
+        .serve_with_incoming_shutdown(incoming, life.close.clone().cancelled_owned())
+}
 
-    // Run until shutdown, or until a listener stops serving on its own (an error, a panic):
-    // then readiness fails, everything drains as on SIGTERM, and `run` returns the error.
-    let (mut grpc, mut frontend_task, mut admin_task) = (
-        Some(&mut grpc),
-        Some(&mut frontend_task),
-        Some(&mut admin_task),
-    );
+/// Waits for shutdown, or for a listener to stop serving on its own (an error, a panic): then
+/// readiness fails, everything drains as on SIGTERM, and `run` returns the error.
+async fn until_stopped(life: &Lifecycle, tasks: &mut Tasks) -> Option<ServerError> {
+    let (Some(grpc), Some(frontend), Some(admin)) =
+        (&mut tasks.grpc, &mut tasks.frontend, &mut tasks.admin)
+    else {
+        unreachable!("every listener task is running");
+    };
     let failure = tokio::select! {
         // First: on shutdown the frontend task ends by itself, which is no failure.
         biased;
-        () = shutdown.cancelled() => None,
-        res = grpc.as_mut().expect("not yet polled") => {
-            grpc = None;
+        () = life.shutdown.cancelled() => None,
+        res = grpc => {
+            tasks.grpc = None;
             Some(listener_stopped("agent", res))
         }
-        res = frontend_task.as_mut().expect("not yet polled") => {
-            frontend_task = None;
+        res = frontend => {
+            tasks.frontend = None;
             Some(listener_stopped::<std::convert::Infallible>("frontend", res.map(Ok)))
         }
-        res = admin_task.as_mut().expect("not yet polled") => {
-            admin_task = None;
+        res = admin => {
+            tasks.admin = None;
             Some(listener_stopped::<std::convert::Infallible>("admin", res.map(Ok)))
         }
     };
     // A listener that ended because shutdown began (it may win the race above) is no failure.
-    let failure = failure.filter(|_| !shutdown.is_cancelled());
-    if let Some(err) = &failure {
-        tracing::error!(%err, "shutting down");
-        listener_lost.cancel();
-        shutdown.cancel();
-    }
-    connections.close();
-    let open = connections.len();
+    failure.filter(|_| !life.shutdown.is_cancelled())
+}
+
+/// The drain: open connections get `--shutdown-grace`, then `close` ends everything, and each
+/// task gets [`SHUTDOWN_GRACE`] to finish. The gRPC server's own error, if any, is the result.
+async fn drain(config: &Config, life: &Lifecycle, tasks: Tasks) -> Result<(), ServerError> {
+    life.connections.close();
+    let open = life.connections.len();
     tracing::info!(open, grace = ?config.shutdown_grace, "draining");
-    if tokio::time::timeout(config.shutdown_grace, connections.wait())
+    if tokio::time::timeout(config.shutdown_grace, life.connections.wait())
         .await
         .is_err()
     {
         tracing::warn!(
-            open = connections.len(),
+            open = life.connections.len(),
             "grace period over; closing the remaining connections"
         );
     }
-    close.cancel();
-    let _ = tokio::time::timeout(SHUTDOWN_GRACE, connections.wait()).await;
-    let mut result = match grpc {
+    life.close.cancel();
+    let _ = tokio::time::timeout(SHUTDOWN_GRACE, life.connections.wait()).await;
+    let result = match tasks.grpc {
         None => Ok(()),
         Some(grpc) => match tokio::time::timeout(SHUTDOWN_GRACE, grpc).await {
             Ok(Ok(res)) => res.map_err(ServerError::from),
@@ -381,14 +473,15 @@ pub async fn run(
             }
         },
     };
-    for task in [frontend_task, admin_task].into_iter().flatten() {
+    for task in [tasks.frontend, tasks.admin].into_iter().flatten() {
         let _ = tokio::time::timeout(SHUTDOWN_GRACE, task).await;
     }
-    background.close();
-    let _ = tokio::time::timeout(SHUTDOWN_GRACE, background.wait()).await;
-    if let Some(err) = failure {
-        result = Err(err);
+    life.tasks.close();
+    if tokio::time::timeout(SHUTDOWN_GRACE, life.tasks.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(left = life.tasks.len(), "server tasks did not end in time");
     }
-    tracing::info!("proxy-server stopped");
     result
 }

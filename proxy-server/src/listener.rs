@@ -20,6 +20,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tonic::transport::server::Connected;
 
 /// Finished handshakes waiting for the gRPC server to pick them up.
@@ -107,6 +108,8 @@ pub struct AgentListener<L> {
     pub gate: Arc<Gate>,
     /// Called for each connection closed because the gate was full.
     pub limited: L,
+    /// Where the accept loop and each handshake run, so shutdown can wait for them.
+    pub tasks: TaskTracker,
 }
 
 /// At most `gate`'s cap of handshakes run at once (see [`proxy_common::gate`]); `limited` is
@@ -126,10 +129,12 @@ where
         keepalive,
         gate,
         limited,
+        tasks,
     } = agents;
     let (tx, rx) = mpsc::channel(ACCEPTED_QUEUE);
     let next_id = Arc::new(AtomicU64::new(1));
-    tokio::spawn(async move {
+    let handshakes = tasks.clone();
+    tasks.spawn(async move {
         loop {
             let mut ticket = tokio::select! {
                 () = shutdown.cancelled() => break,
@@ -153,7 +158,7 @@ where
             let id = next_id.fetch_add(1, Ordering::Relaxed);
             let shutdown = shutdown.clone();
             let limited = limited.clone();
-            tokio::spawn(async move {
+            handshakes.spawn(async move {
                 let handshake = tokio::time::timeout(
                     handshake_timeout,
                     handshake(acceptor, tcp, addr, id, keepalive),

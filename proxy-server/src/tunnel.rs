@@ -15,6 +15,7 @@ use proxy_proto::{
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::fleet::Fleet;
@@ -38,26 +39,32 @@ pub struct TunnelService {
     fleet: Arc<Fleet>,
     window_budget: u64,
     ping_interval: Duration,
-    shutdown: CancellationToken,
+    /// Cancelled when every agent must be closed (the end of the drain).
+    close: CancellationToken,
+    /// Where each agent's control-stream task runs, so shutdown can wait for them.
+    tasks: TaskTracker,
 }
 
 impl TunnelService {
     /// A service registering agents into `clusters` on behalf of this server of `fleet`, each
     /// agent connection with a flow-control budget of `window_budget` bytes, agents that
-    /// understand it pinged every `ping_interval`; `shutdown` closes every agent.
+    /// understand it pinged every `ping_interval`; `close` closes every agent, and their
+    /// control-stream tasks run in `tasks`.
     pub fn new(
         clusters: Arc<Clusters>,
         fleet: Arc<Fleet>,
         window_budget: u64,
         ping_interval: Duration,
-        shutdown: CancellationToken,
+        close: CancellationToken,
+        tasks: TaskTracker,
     ) -> Self {
         Self {
             clusters,
             fleet,
             window_budget,
             ping_interval,
-            shutdown,
+            close,
+            tasks,
         }
     }
 }
@@ -256,7 +263,7 @@ impl Tunnel for TunnelService {
             upstream_server_name,
             features: crate::registry::Features::from_names(&reg.features),
         };
-        let closed = self.shutdown.child_token();
+        let closed = self.close.child_token();
         let registration = self
             .clusters
             .register(AgentHandle::new(
@@ -268,7 +275,7 @@ impl Tunnel for TunnelService {
             .map_err(|err| Status::already_exists(err.to_string()))?;
         let agent = registration.agent().info.clone();
         tracing::info!(cluster = %agent.cluster, agent.id = %agent.agent_id, agent.addr = %agent.addr, agent.version = %agent.version, "agent registered");
-        tokio::spawn(serve_control(
+        self.tasks.spawn(serve_control(
             inbound,
             registration,
             self.clusters.clone(),
