@@ -3,6 +3,7 @@
 #![warn(missing_docs)]
 
 pub mod admin;
+pub mod error;
 pub mod flow;
 pub mod gate;
 pub mod net;

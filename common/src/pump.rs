@@ -86,17 +86,17 @@ impl ByteCounts {
 #[derive(Debug, thiserror::Error)]
 pub enum PumpError {
     /// Reading the local socket failed.
-    #[error("reading the local socket failed: {0}")]
-    LocalRead(io::Error),
+    #[error("reading the local socket failed")]
+    LocalRead(#[source] io::Error),
     /// Writing the local socket failed.
-    #[error("writing the local socket failed: {0}")]
-    LocalWrite(io::Error),
+    #[error("writing the local socket failed")]
+    LocalWrite(#[source] io::Error),
     /// The other end of the tunnel aborted the connection (its stream ended without `fin`).
     #[error("the other end of the tunnel aborted the connection")]
     PeerAborted,
     /// The tunnel stream failed (HTTP/2 reset, connection lost).
-    #[error("tunnel stream failed: {0}")]
-    Stream(Status),
+    #[error("tunnel stream failed")]
+    Stream(#[source] Status),
     /// The tunnel stream's sending half is gone.
     #[error("tunnel stream closed")]
     TunnelClosed,

@@ -3,7 +3,6 @@
 //! keep what they started with. A file that fails to load keeps the previous value, and the
 //! reason is logged.
 
-use std::fmt::Display;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -12,11 +11,13 @@ use arc_swap::ArcSwap;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+use crate::error::{BoxError, chain};
+
 /// How often watched files are checked. Polling metadata is cheap and, unlike inotify, sees the
 /// atomic symlink swap Kubernetes uses to update mounted Secrets.
 pub const RELOAD_INTERVAL: Duration = Duration::from_millis(500);
 
-type Builder<T> = Arc<dyn Fn() -> Result<T, String> + Send + Sync>;
+type Builder<T> = Arc<dyn Fn() -> Result<T, BoxError> + Send + Sync>;
 
 /// A value built from files, swapped atomically when they change.
 pub struct Reloadable<T> {
@@ -71,14 +72,14 @@ impl<T: Send + Sync + 'static> Reloadable<T> {
     /// Builds the first value; an error here is a configuration error.
     pub fn load<E, F>(what: &'static str, files: Vec<PathBuf>, build: F) -> Result<Self, E>
     where
-        E: Display,
+        E: std::error::Error + Send + Sync + 'static,
         F: Fn() -> Result<T, E> + Send + Sync + 'static,
     {
         let first = build()?;
         Ok(Self {
             what,
             files,
-            build: Arc::new(move || build().map_err(|e| e.to_string())),
+            build: Arc::new(move || build().map_err(BoxError::from)),
             value: Arc::new(ArcSwap::from_pointee(first)),
         })
     }
@@ -97,7 +98,7 @@ impl<T: Send + Sync + 'static> Reloadable<T> {
                 true
             }
             Err(err) => {
-                tracing::warn!(what = self.what, %err, "reload failed; keeping the previous version");
+                tracing::warn!(what = self.what, err = %chain(&*err), "reload failed; keeping the previous version");
                 false
             }
         }

@@ -9,6 +9,8 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use rustls::server::WebPkiClientVerifier;
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
 
+use crate::error::{BoxError, chain};
+
 /// ALPN protocol of the tunnel: gRPC runs over HTTP/2.
 const ALPN_H2: &[u8] = b"h2";
 
@@ -16,25 +18,25 @@ const ALPN_H2: &[u8] = b"h2";
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
     /// The file could not be read or holds no valid PEM of the expected kind.
-    #[error("cannot read {what} from {path}: {reason}")]
+    #[error("cannot read {what} from {path}")]
     Read {
         /// What the file should hold ("certificate", "private key", "CA bundle").
         what: &'static str,
         /// The file.
         path: PathBuf,
         /// What went wrong.
-        reason: String,
+        source: BoxError,
     },
     /// rustls refused the material (e.g. key does not match certificate).
-    #[error("invalid TLS material: {0}")]
+    #[error("invalid TLS material")]
     Rustls(#[from] rustls::Error),
     /// The CA bundle could not build a client-certificate verifier.
-    #[error("invalid CA bundle {path}: {reason}")]
+    #[error("invalid CA bundle {path}")]
     Verifier {
         /// The CA file.
         path: PathBuf,
         /// What went wrong.
-        reason: String,
+        source: rustls::server::VerifierBuilderError,
     },
     /// A certificate has no usable Subject CN.
     #[error("certificate {path} has no Subject CN")]
@@ -44,11 +46,11 @@ pub enum TlsError {
     },
 }
 
-fn read_err(what: &'static str, path: &Path, reason: impl ToString) -> TlsError {
+fn read_err(what: &'static str, path: &Path, source: impl Into<BoxError>) -> TlsError {
     TlsError::Read {
         what,
         path: path.to_owned(),
-        reason: reason.to_string(),
+        source: source.into(),
     }
 }
 
@@ -100,9 +102,9 @@ pub fn mtls_server_config(
     let roots = Arc::new(load_roots(client_ca)?);
     let verifier = WebPkiClientVerifier::builder_with_provider(roots, provider())
         .build()
-        .map_err(|e| TlsError::Verifier {
+        .map_err(|source| TlsError::Verifier {
             path: client_ca.to_owned(),
-            reason: e.to_string(),
+            source,
         })?;
     let mut config = ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()?
@@ -128,9 +130,9 @@ pub fn frontend_server_config(
             if cert_optional {
                 verifier = verifier.allow_unauthenticated();
             }
-            let verifier = verifier.build().map_err(|e| TlsError::Verifier {
+            let verifier = verifier.build().map_err(|source| TlsError::Verifier {
                 path: ca.to_owned(),
-                reason: e.to_string(),
+                source,
             })?;
             builder.with_client_cert_verifier(verifier)
         }
@@ -173,11 +175,7 @@ pub fn common_name_of_file(path: &Path) -> Result<String, TlsError> {
 
 /// Parses the TLS name a client verifies (DNS name or IP address).
 pub fn server_name(name: &str) -> Result<ServerName<'static>, TlsError> {
-    ServerName::try_from(name.to_owned()).map_err(|e| TlsError::Read {
-        what: "server name",
-        path: PathBuf::from(name),
-        reason: e.to_string(),
-    })
+    ServerName::try_from(name.to_owned()).map_err(|e| read_err("server name", Path::new(name), e))
 }
 
 /// `{certificate}`: which loaded certificate (or CA bundle) an expiry belongs to.
@@ -200,11 +198,7 @@ pub fn earliest_expiry(path: &Path) -> Result<i64, TlsError> {
         .map(|cert| {
             x509_parser::parse_x509_certificate(cert.as_ref())
                 .map(|(_, parsed)| parsed.validity().not_after.timestamp())
-                .map_err(|e| TlsError::Read {
-                    what: "certificate",
-                    path: path.to_owned(),
-                    reason: e.to_string(),
-                })
+                .map_err(|e| read_err("certificate", path, e))
         })
         .try_fold(i64::MAX, |earliest, t| t.map(|t| earliest.min(t)))
 }
@@ -216,6 +210,8 @@ pub fn record_expiry(expiry: &CertExpiry, certificate: &'static str, path: &Path
         Ok(t) => {
             expiry.get_or_create(&CertLabel { certificate }).set(t);
         }
-        Err(err) => tracing::warn!(certificate, %err, "cannot read the certificate's expiry"),
+        Err(err) => {
+            tracing::warn!(certificate, err = %chain(&err), "cannot read the certificate's expiry")
+        }
     }
 }

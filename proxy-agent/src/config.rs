@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
+use proxy_common::error::chain;
 use proxy_common::reload::Reloadable;
 use proxy_common::telemetry::LogFormat;
 use proxy_common::tls::{self, CertKeyPaths, TlsError};
@@ -130,7 +131,7 @@ pub struct Args {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     /// TLS material could not be loaded.
-    #[error("TLS: {0}")]
+    #[error("TLS")]
     Tls(#[from] TlsError),
     /// A flag value is unusable.
     #[error("--{flag} {value:?}: {reason}")]
@@ -333,8 +334,8 @@ impl Config {
         for addr in &args.servers {
             let (host, _) = split_host_port("server", addr)?;
             let name = args.server_name.as_deref().unwrap_or(&host);
-            let tls_name =
-                tls::server_name(name).map_err(|e| invalid("server-name", name, e.to_string()))?;
+            let tls_name = tls::server_name(name)
+                .map_err(|e| invalid("server-name", name, chain(&e).to_string()))?;
             let proxy = crate::http_proxy::HttpProxy::for_server(flag_proxy.as_ref(), addr, |k| {
                 std::env::var(k).ok()
             })

@@ -4,6 +4,7 @@
 use std::time::Instant;
 
 use bytes::Bytes;
+use proxy_common::error::chain;
 use proxy_common::pump::{self, ByteCounts, CHUNK_QUEUE, Role};
 use proxy_proto::tunnel_client::TunnelClient;
 use proxy_proto::{AgentMessage, Chunk, DIAL_ID_HEADER, DialFailed, agent_message};
@@ -114,7 +115,7 @@ pub async fn carry(
     let (from_upstream, to_upstream) = counts.get();
     let outcome = match &result {
         Ok(()) => "ok".to_owned(),
-        Err(err) => err.to_string(),
+        Err(err) => chain(err).to_string(),
     };
     tracing::debug!(
         bytes_to_upstream = to_upstream,

@@ -50,6 +50,50 @@ pub enum ProxyUrlError {
     Malformed(&'static str),
 }
 
+/// Why a tunnel through a proxy could not be opened. Each message names the proxy (its address
+/// only, never its credentials).
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    /// Connecting to the proxy, or talking to it, failed.
+    #[error("proxy {proxy}")]
+    Io {
+        /// The proxy.
+        proxy: HttpProxy,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The proxy's answer head did not end within [`MAX_HEAD`] bytes.
+    #[error("proxy {proxy}: answer head over {MAX_HEAD} bytes")]
+    HeadTooLarge {
+        /// The proxy.
+        proxy: HttpProxy,
+    },
+    /// The proxy closed the connection before its answer head ended.
+    #[error("proxy {proxy} closed the connection during CONNECT")]
+    Closed {
+        /// The proxy.
+        proxy: HttpProxy,
+    },
+    /// The proxy answered with a status other than 2xx.
+    #[error("proxy {proxy} refused CONNECT {target}: {status_line}")]
+    Refused {
+        /// The proxy.
+        proxy: HttpProxy,
+        /// What was asked for (HOST:PORT).
+        target: String,
+        /// The proxy's status line.
+        status_line: String,
+    },
+    /// The proxy did not answer in time.
+    #[error("proxy {proxy}: no answer to CONNECT within {timeout:?}")]
+    Timeout {
+        /// The proxy.
+        proxy: HttpProxy,
+        /// How long it was given.
+        timeout: Duration,
+    },
+}
+
 impl HttpProxy {
     /// Parses `http://[user:password@]host[:port][/]` (port 80 if absent; a bare `host:port` is
     /// read as http://, as curl does).
@@ -128,11 +172,13 @@ impl HttpProxy {
     }
 
     /// A TCP connection to `target` (HOST:PORT) through the proxy, ready for TLS.
-    pub async fn connect(&self, target: &str, timeout: Duration) -> Result<TcpStream, String> {
+    pub async fn connect(&self, target: &str, timeout: Duration) -> Result<TcpStream, ProxyError> {
+        let io = |source| ProxyError::Io {
+            proxy: self.clone(),
+            source,
+        };
         let setup = async {
-            let mut tcp = TcpStream::connect(&self.addr)
-                .await
-                .map_err(|e| format!("proxy {self}: {e}"))?;
+            let mut tcp = TcpStream::connect(&self.addr).await.map_err(io)?;
             let mut request = format!(
                 "CONNECT {target} HTTP/1.1\r\nHost: {target}\r\nUser-Agent: proxy-agent\r\n"
             );
@@ -141,23 +187,21 @@ impl HttpProxy {
                 request.push_str(&format!("Proxy-Authorization: Basic {token}\r\n"));
             }
             request.push_str("\r\n");
-            tcp.write_all(request.as_bytes())
-                .await
-                .map_err(|e| format!("proxy {self}: {e}"))?;
+            tcp.write_all(request.as_bytes()).await.map_err(io)?;
             // Byte by byte, once per tunnel: nothing past the head may be consumed, it belongs
             // to TLS (though a server sends nothing before our ClientHello).
             let mut head = Vec::with_capacity(128);
             let mut byte = [0u8; 1];
             while !head.ends_with(b"\r\n\r\n") {
                 if head.len() >= MAX_HEAD {
-                    return Err(format!("proxy {self}: answer head over {MAX_HEAD} bytes"));
+                    return Err(ProxyError::HeadTooLarge {
+                        proxy: self.clone(),
+                    });
                 }
-                let n = tcp
-                    .read(&mut byte)
-                    .await
-                    .map_err(|e| format!("proxy {self}: {e}"))?;
-                if n == 0 {
-                    return Err(format!("proxy {self} closed the connection during CONNECT"));
+                if tcp.read(&mut byte).await.map_err(io)? == 0 {
+                    return Err(ProxyError::Closed {
+                        proxy: self.clone(),
+                    });
                 }
                 head.push(byte[0]);
             }
@@ -165,15 +209,20 @@ impl HttpProxy {
             let status_line = text.lines().next().unwrap_or_default().to_owned();
             let status = status_line.split_whitespace().nth(1).unwrap_or_default();
             if !status.starts_with('2') {
-                return Err(format!(
-                    "proxy {self} refused CONNECT {target}: {status_line}"
-                ));
+                return Err(ProxyError::Refused {
+                    proxy: self.clone(),
+                    target: target.to_owned(),
+                    status_line,
+                });
             }
             Ok(tcp)
         };
         tokio::time::timeout(timeout, setup)
             .await
-            .map_err(|_| format!("proxy {self}: no answer to CONNECT within {timeout:?}"))?
+            .map_err(|_| ProxyError::Timeout {
+                proxy: self.clone(),
+                timeout,
+            })?
     }
 }
 

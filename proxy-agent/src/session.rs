@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+use proxy_common::error::chain;
 use proxy_common::readahead::ReadAhead;
 use proxy_proto::tunnel_client::TunnelClient;
 use proxy_proto::{
@@ -22,6 +23,7 @@ use crate::Shared;
 use crate::backoff::Backoff;
 use crate::channel::{H2Channel, Settings};
 use crate::config::ServerTarget;
+use crate::http_proxy::ProxyError;
 
 /// Time allowed for TCP + TLS + HTTP/2 setup to a server.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -32,17 +34,40 @@ const CONTROL_QUEUE: usize = 64;
 #[derive(Debug, thiserror::Error)]
 pub enum SessionError {
     /// TCP, TLS or HTTP/2 setup failed.
-    #[error("cannot connect: {0}")]
-    Connect(String),
+    #[error("cannot connect")]
+    Connect(#[source] ConnectError),
     /// The server refused the registration; its reason.
     #[error("server refused registration: {0}")]
     Refused(String),
     /// The control stream failed.
-    #[error("control stream failed: {0}")]
-    Stream(String),
+    #[error("control stream failed")]
+    Stream(#[source] tonic::Status),
     /// The server sent something out of protocol.
     #[error("protocol error: {0}")]
     Protocol(String),
+}
+
+/// Which step of the connection to a server failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// Through `--https-proxy`: the proxy's tunnel.
+    #[error(transparent)]
+    Proxy(#[from] ProxyError),
+    /// The TCP connection.
+    #[error("tcp")]
+    Tcp(#[source] std::io::Error),
+    /// Setting the socket's options.
+    #[error("socket options")]
+    SocketOptions(#[source] std::io::Error),
+    /// The TLS handshake.
+    #[error("tls")]
+    Tls(#[source] std::io::Error),
+    /// The HTTP/2 handshake.
+    #[error("http/2")]
+    Http2(#[source] hyper::Error),
+    /// All of it took longer than [`CONNECT_TIMEOUT`].
+    #[error("timed out after {0:?}")]
+    Timeout(Duration),
 }
 
 /// The agent's two shutdown signals: `drain` (SIGTERM: tell servers, stop reconnecting, keep
@@ -148,7 +173,7 @@ pub async fn maintain(server: ServerTarget, shared: Arc<Shared>, life: Lifecycle
                 failures.next_delay()
             }
             Err(err) => {
-                tracing::warn!(server = %server.addr, %err, "cannot reach server");
+                tracing::warn!(server = %server.addr, err = %chain(&err), "cannot reach server");
                 failures.next_delay()
             }
         };
@@ -182,38 +207,25 @@ async fn connect(
     };
     let setup = async {
         let tcp = match &server.proxy {
-            Some(proxy) => proxy
-                .connect(&server.addr, CONNECT_TIMEOUT)
-                .await
-                .map_err(SessionError::Connect)?,
+            Some(proxy) => proxy.connect(&server.addr, CONNECT_TIMEOUT).await?,
             None => TcpStream::connect(&server.addr)
                 .await
-                .map_err(|e| SessionError::Connect(format!("tcp: {e}")))?,
+                .map_err(ConnectError::Tcp)?,
         };
         proxy_common::net::configure(&tcp, shared.config.tcp_keepalive)
-            .map_err(|e| SessionError::Connect(e.to_string()))?;
+            .map_err(ConnectError::SocketOptions)?;
         let tls = tls
             .connect(server.tls_name.clone(), ReadAhead::new(tcp))
             .await
-            .map_err(|e| SessionError::Connect(format!("tls: {}", error_chain(&e))))?;
+            .map_err(ConnectError::Tls)?;
         H2Channel::handshake(tls, settings, close)
             .await
-            .map_err(|e| SessionError::Connect(format!("http/2: {}", error_chain(&e))))
+            .map_err(ConnectError::Http2)
     };
     tokio::time::timeout(CONNECT_TIMEOUT, setup)
         .await
-        .map_err(|_| SessionError::Connect(format!("timed out after {CONNECT_TIMEOUT:?}")))?
-}
-
-fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
+        .unwrap_or_else(|_| Err(ConnectError::Timeout(CONNECT_TIMEOUT)))
+        .map_err(SessionError::Connect)
 }
 
 /// A new connection's registration, answered.
@@ -291,12 +303,12 @@ async fn establish(
         {
             return Err(SessionError::Refused(status.message().to_owned()));
         }
-        Err(status) => return Err(SessionError::Stream(status.to_string())),
+        Err(status) => return Err(SessionError::Stream(status)),
     };
     let first = tokio::time::timeout(REGISTER_TIMEOUT, inbound.message())
         .await
         .map_err(|_| SessionError::Protocol("no registration answer in time".into()))?
-        .map_err(|s| SessionError::Stream(s.to_string()))?;
+        .map_err(SessionError::Stream)?;
     match first.and_then(|m| m.msg) {
         Some(server_message::Msg::Registered(r)) => Ok(Established::Tunnel(Box::new(Tunnel {
             addr: server.addr.clone(),
@@ -424,7 +436,7 @@ impl Tunnel {
                     }
                 },
                 Ok(None) => break Ok(()),
-                Err(status) => break Err(SessionError::Stream(status.message().to_owned())),
+                Err(status) => break Err(SessionError::Stream(status)),
             }
         };
         session_token.cancel();
@@ -436,7 +448,7 @@ impl Tunnel {
                 tracing::info!(server = %addr, server.id = %server_id, "server closed the tunnel; reconnecting")
             }
             Err(err) => {
-                tracing::warn!(server = %addr, server.id = %server_id, %err, "tunnel to server lost")
+                tracing::warn!(server = %addr, server.id = %server_id, err = %chain(&err), "tunnel to server lost")
             }
         }
     }
@@ -480,5 +492,40 @@ struct DialEntry {
 impl Drop for DialEntry {
     fn drop(&mut self) {
         self.dials.lock().remove(&self.id);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use proxy_common::error::chain;
+
+    use super::*;
+    use crate::http_proxy::HttpProxy;
+
+    #[test]
+    fn a_connect_failure_reads_as_one_line_with_its_causes() {
+        let refused = || std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+        let proxy = HttpProxy::parse("http://user:secret@proxy:3128").unwrap();
+        let cases = [
+            (
+                ConnectError::Tcp(refused()),
+                "cannot connect: tcp: connection refused",
+            ),
+            (
+                ProxyError::Io {
+                    proxy: proxy.clone(),
+                    source: refused(),
+                }
+                .into(),
+                "cannot connect: proxy http://proxy:3128 (with credentials): connection refused",
+            ),
+            (
+                ConnectError::Timeout(CONNECT_TIMEOUT),
+                "cannot connect: timed out after 10s",
+            ),
+        ];
+        for (err, text) in cases {
+            assert_eq!(chain(&SessionError::Connect(err)).to_string(), text);
+        }
     }
 }

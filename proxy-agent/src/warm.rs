@@ -22,6 +22,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use proxy_common::error::chain;
 use proxy_common::pump::CHUNK_QUEUE;
 use proxy_proto::tunnel_client::TunnelClient;
 use proxy_proto::{Chunk, WARM_HEADER, WARM_MAX_AGE};
@@ -176,11 +177,11 @@ impl Pool {
                         let pool = this.clone();
                         tracker.spawn(async move { pool.hold(warm, idle).await });
                     }
-                    Err(reason) => {
+                    Err(err) => {
                         // One fewer wanted: an upstream that is down, or a server that refuses
                         // warm streams, is not retried in a loop; the next miss tries again.
                         this.target.retired();
-                        tracing::debug!(%reason, "cannot make a warm connection");
+                        tracing::debug!(reason = %chain(&err), "cannot make a warm connection");
                         tokio::select! {
                             () = this.session.cancelled() => return,
                             () = tokio::time::sleep(RETRY_AFTER) => {}
@@ -197,7 +198,7 @@ impl Pool {
     }
 
     /// Dials the upstream and opens a warm stream for it.
-    async fn open(&self) -> Result<Warm, String> {
+    async fn open(&self) -> Result<Warm, OpenError> {
         let upstream = &self.shared.config.upstream;
         let socket = match crate::dial::dial_upstream(&self.shared, upstream, Instant::now()).await
         {
@@ -205,7 +206,7 @@ impl Pool {
             Err(failure) => {
                 // The upstream cannot be reached: the idle ones may be as dead.
                 self.target.upstream_failed();
-                return Err(failure.reason);
+                return Err(OpenError::Upstream(failure.reason));
             }
         };
         let (tx, rx) = mpsc::channel(CHUNK_QUEUE);
@@ -219,7 +220,7 @@ impl Pool {
             .clone()
             .data(req)
             .await
-            .map_err(|status| format!("opening a warm stream failed: {}", status.message()))?
+            .map_err(OpenError::Stream)?
             .into_inner();
         Ok(Warm {
             socket,
@@ -305,6 +306,17 @@ impl Pool {
         )
         .await;
     }
+}
+
+/// Why a warm connection could not be made.
+#[derive(Debug, thiserror::Error)]
+enum OpenError {
+    /// The upstream could not be reached; the dial's reason.
+    #[error("{0}")]
+    Upstream(String),
+    /// The server did not take the warm stream.
+    #[error("opening a warm stream failed")]
+    Stream(#[source] tonic::Status),
 }
 
 /// A warm connection: the upstream socket and its stream.

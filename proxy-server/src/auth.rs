@@ -25,12 +25,12 @@ use subtle::ConstantTimeEq;
 #[derive(Debug, thiserror::Error)]
 pub enum PolicyError {
     /// The file could not be read.
-    #[error("cannot read auth file {path}: {reason}")]
+    #[error("cannot read auth file {path}")]
     Read {
         /// The file.
         path: String,
         /// Why.
-        reason: String,
+        source: std::io::Error,
     },
     /// The file is not valid policy YAML.
     #[error("auth file {path}: {reason}")]
@@ -169,9 +169,9 @@ fn parse_hex_digest(hex: &str) -> Option<[u8; 32]> {
 impl Policy {
     /// Reads and validates a policy file.
     pub fn load(path: &Path) -> Result<Self, PolicyError> {
-        let text = std::fs::read_to_string(path).map_err(|e| PolicyError::Read {
+        let text = std::fs::read_to_string(path).map_err(|source| PolicyError::Read {
             path: path.display().to_string(),
-            reason: e.to_string(),
+            source,
         })?;
         Self::parse(&text).map_err(|reason| PolicyError::Invalid {
             path: path.display().to_string(),

@@ -215,13 +215,13 @@ pub enum Command {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     /// TLS material of the agent listener could not be loaded.
-    #[error("agent listener TLS: {0}")]
-    AgentTls(TlsError),
+    #[error("agent listener TLS")]
+    AgentTls(#[source] TlsError),
     /// TLS material of the frontend could not be loaded.
-    #[error("frontend TLS: {0}")]
-    FrontendTls(TlsError),
+    #[error("frontend TLS")]
+    FrontendTls(#[source] TlsError),
     /// The auth policy could not be loaded.
-    #[error("{0}")]
+    #[error(transparent)]
     Policy(#[from] PolicyError),
     /// A flag value is out of range or flags do not fit together.
     #[error("--{flag}: {reason}")]

@@ -7,6 +7,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::{BufMut, BytesMut};
+use http::StatusCode;
+use proxy_common::error::chain;
 use proxy_common::pump::{self, Abort, ByteCounts, PumpError, Role};
 use proxy_common::reload::Reloadable;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -20,7 +22,9 @@ use crate::auth::{AuthError, Credentials};
 use crate::config::{FrontendAuth, Limits};
 use crate::connect::{self, ConnectRequest, RequestError};
 use crate::metrics::{ClusterLabel, Metrics, Outcome};
-use crate::registry::{AgentHandle, Clusters, ConnectionSlot, DialOutcome, TunnelStream};
+use crate::registry::{
+    AgentHandle, Clusters, ConnectionSlot, DialOutcome, LimitError, TunnelStream,
+};
 
 /// What the frontend needs from the rest of the server.
 #[derive(Debug)]
@@ -79,13 +83,13 @@ struct Dialed {
 /// A CONNECT that did not become a tunnel: the status and one human-readable line.
 #[derive(Debug)]
 struct Refusal {
-    status: u16,
+    status: StatusCode,
     reason: String,
     outcome: Outcome,
 }
 
 impl Refusal {
-    fn new(status: u16, outcome: Outcome, reason: impl Into<String>) -> Self {
+    fn new(status: StatusCode, outcome: Outcome, reason: impl Into<String>) -> Self {
         Self {
             status,
             reason: reason.into(),
@@ -97,28 +101,23 @@ impl Refusal {
 /// The one place request errors become HTTP statuses.
 fn refusal_for(err: &RequestError) -> Refusal {
     let status = match err {
-        RequestError::Malformed(_) | RequestError::Io(_) | RequestError::Closed => 400,
-        RequestError::MethodNotAllowed(_) => 405,
-        RequestError::TooLarge(_) => 431,
+        RequestError::Malformed(_) | RequestError::Io(_) | RequestError::Closed => {
+            StatusCode::BAD_REQUEST
+        }
+        RequestError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
+        RequestError::TooLarge(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
     };
-    Refusal::new(status, Outcome::BadRequest, err.to_string())
+    Refusal::new(status, Outcome::BadRequest, chain(err).to_string())
 }
 
-fn status_text(status: u16) -> &'static str {
-    match status {
-        200 => "Connection established",
-        400 => "Bad Request",
-        403 => "Forbidden",
-        405 => "Method Not Allowed",
-        407 => "Proxy Authentication Required",
-        408 => "Request Timeout",
-        431 => "Request Header Fields Too Large",
-        502 => "Bad Gateway",
-        503 => "Service Unavailable",
-        504 => "Gateway Timeout",
-        _ => "Error",
-    }
+/// A refusal that is no fault of the client's: the agent, the limits or the fleet.
+fn unavailable(outcome: Outcome, reason: impl Into<String>) -> Refusal {
+    Refusal::new(StatusCode::SERVICE_UNAVAILABLE, outcome, reason)
 }
+
+/// The answer that opens a tunnel. "Connection established" is what proxies customarily say
+/// to a CONNECT, not the canonical "OK".
+const ESTABLISHED: &[u8] = b"HTTP/1.1 200 Connection established\r\n\r\n";
 
 /// Longest reason phrase in a status line; the body carries the whole reason.
 pub const MAX_REASON_PHRASE: usize = 200;
@@ -140,7 +139,11 @@ fn reason_phrase(refusal: &Refusal) -> String {
         .take(MAX_REASON_PHRASE)
         .collect();
     if phrase.trim().is_empty() {
-        phrase = status_text(refusal.status).to_owned();
+        phrase = refusal
+            .status
+            .canonical_reason()
+            .unwrap_or("Error")
+            .to_owned();
     }
     phrase
 }
@@ -148,15 +151,15 @@ fn reason_phrase(refusal: &Refusal) -> String {
 fn error_response(refusal: &Refusal) -> Vec<u8> {
     let body = format!("{}\n", refusal.reason.replace(['\r', '\n'], " "));
     let extra = match refusal.status {
-        405 => "Allow: CONNECT\r\n",
-        407 => {
+        StatusCode::METHOD_NOT_ALLOWED => "Allow: CONNECT\r\n",
+        StatusCode::PROXY_AUTHENTICATION_REQUIRED => {
             "Proxy-Authenticate: Basic realm=\"multicluster-proxy\"\r\nProxy-Authenticate: Bearer realm=\"multicluster-proxy\"\r\n"
         }
         _ => "",
     };
     format!(
         "HTTP/1.1 {} {}\r\n{extra}Content-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        refusal.status,
+        refusal.status.as_u16(),
         reason_phrase(refusal),
         body.len()
     )
@@ -277,46 +280,99 @@ async fn refuse<S: AsyncWrite + Unpin>(mut client: S, refusal: &Refusal) {
 }
 
 impl Frontend {
+    /// Serves one client: its head, the cluster it names, who it is, the dial, the `200`, then
+    /// the tunnel until both sides are done. Each step that ends the connection counts and logs
+    /// its outcome once.
     async fn serve_client<S>(&self, mut client: S, cert_cn: Option<String>, admission: Admission)
     where
         S: AsyncRead + AsyncWrite + Abort + Unpin + Send,
     {
         let started = Instant::now();
-        let limit = self.limits.handshake_timeout;
-        let read = connect::read_request(&mut client, self.limits.max_head_bytes);
-        let head = tokio::select! {
-            head = tokio::time::timeout_at(admission.deadline, read) => head,
-            () = admission.ticket.evicted().cancelled() => return self.evicted(),
-        };
-        // Past the gate: what follows is bounded by the connection limits.
-        drop(admission);
-        let req = match head {
-            Ok(Ok(req)) => req,
-            Ok(Err(RequestError::Closed)) => return,
-            Ok(Err(err)) => return self.refuse(client, "", refusal_for(&err)).await,
-            Err(_) => {
-                let r = Refusal::new(
-                    408,
-                    Outcome::BadRequest,
-                    format!("request head not received within {limit:?}"),
-                );
-                return self.refuse(client, "", r).await;
-            }
+        let req = match self.read_head(&mut client, admission).await {
+            Ok(Some(req)) => req,
+            Ok(None) => return,
+            Err(refusal) => return self.refuse(client, "", refusal).await,
         };
         let cluster = self.cluster_of(&req.host);
         tracing::Span::current().record("cluster", cluster.as_str());
-        if !proxy_common::is_valid_cluster_name(&cluster) {
-            let r = Refusal::new(
-                400,
+        if let Err(refusal) = self.check_target(&req, &cluster) {
+            return self.refuse(client, "", refusal).await;
+        }
+        let label = self.metric_label(&cluster);
+        let identity = match self.authorize(&req, cert_cn.as_deref(), &cluster) {
+            Ok(identity) => identity,
+            Err(refusal) => return self.refuse(client, label, refusal).await,
+        };
+        tracing::Span::current().record("identity", identity.as_str());
+        let mut early = BytesMut::from(&req.leftover[..]);
+        let dialed = match self
+            .dial_watching(&mut client, &mut early, &cluster, label)
+            .await
+        {
+            Some(Ok(dialed)) => dialed,
+            Some(Err(refusal)) => {
+                // Read again, not reused: the dial may have waited for the cluster's first
+                // agent, or seen its last one leave.
+                return self
+                    .refuse(client, self.metric_label(&cluster), refusal)
+                    .await;
+            }
+            None => return,
+        };
+        let connect_time = started.elapsed();
+        if self
+            .reply_established(&mut client, &cluster, dialed.warm, connect_time)
+            .await
+        {
+            self.carry(client, early, dialed, &cluster, started, connect_time)
+                .await;
+        }
+    }
+
+    /// Reads the request head within the admission's deadline, then lets the admission go:
+    /// what follows is bounded by the connection limits. `Ok(None)`: there is no one to answer
+    /// (the client closed first, or a newer client took its place in the gate).
+    async fn read_head<S: AsyncRead + Unpin>(
+        &self,
+        client: &mut S,
+        admission: Admission,
+    ) -> Result<Option<ConnectRequest>, Refusal> {
+        let read = connect::read_request(client, self.limits.max_head_bytes);
+        let head = tokio::select! {
+            head = tokio::time::timeout_at(admission.deadline, read) => head,
+            () = admission.ticket.evicted().cancelled() => {
+                self.evicted();
+                return Ok(None);
+            }
+        };
+        match head {
+            Ok(Ok(req)) => Ok(Some(req)),
+            Ok(Err(RequestError::Closed)) => Ok(None),
+            Ok(Err(err)) => Err(refusal_for(&err)),
+            Err(_) => Err(Refusal::new(
+                StatusCode::REQUEST_TIMEOUT,
+                Outcome::BadRequest,
+                format!(
+                    "request head not received within {:?}",
+                    self.limits.handshake_timeout
+                ),
+            )),
+        }
+    }
+
+    /// Whether the CONNECT names a valid cluster, at a port this server serves.
+    fn check_target(&self, req: &ConnectRequest, cluster: &str) -> Result<(), Refusal> {
+        if !proxy_common::is_valid_cluster_name(cluster) {
+            return Err(Refusal::new(
+                StatusCode::BAD_REQUEST,
                 Outcome::BadRequest,
                 format!("{:?} is not a cluster name", req.host),
-            );
-            return self.refuse(client, "", r).await;
+            ));
         }
         if !self.connect_ports.contains(&req.port) {
             let served: Vec<String> = self.connect_ports.iter().map(u16::to_string).collect();
-            let r = Refusal::new(
-                400,
+            return Err(Refusal::new(
+                StatusCode::BAD_REQUEST,
                 Outcome::BadRequest,
                 format!(
                     "port {} is not served: a cluster is reached at its API server, CONNECT {cluster}:{} (ports served: {})",
@@ -324,85 +380,108 @@ impl Frontend {
                     self.connect_ports[0],
                     served.join(", ")
                 ),
-            );
-            return self.refuse(client, "", r).await;
+            ));
         }
-        // Metric labels only ever carry names of registered clusters.
-        let label = if self.clusters.is_registered(&cluster) {
-            cluster.clone()
+        Ok(())
+    }
+
+    /// The `cluster` label of a refused connection's metrics: `cluster` if it is registered now,
+    /// else empty. Metric labels only ever carry names of registered clusters.
+    fn metric_label<'a>(&self, cluster: &'a str) -> &'a str {
+        if self.clusters.is_registered(cluster) {
+            cluster
         } else {
-            String::new()
-        };
+            ""
+        }
+    }
 
-        let identity = match self.authorize(&req, cert_cn.as_deref(), &cluster) {
-            Ok(identity) => identity,
-            Err(refusal) => return self.refuse(client, &label, refusal).await,
-        };
-        tracing::Span::current().record("identity", identity.as_str());
-
-        // The client is watched while its dial is under way: one that leaves cancels the dial
-        // (here, and at the agent), so no upstream connection is made for a client that is gone.
-        let mut early = BytesMut::from(&req.leftover[..]);
+    /// Dials for `cluster` while watching the client: one that leaves cancels the dial (here,
+    /// and at the agent), so no upstream connection is made for a client that is gone. What it
+    /// sends meanwhile is kept in `early`. `None`: it left (counted under `label`, and logged).
+    async fn dial_watching<S: AsyncRead + Unpin>(
+        &self,
+        client: &mut S,
+        early: &mut BytesMut,
+        cluster: &str,
+        label: &str,
+    ) -> Option<Result<Dialed, Refusal>> {
         let dialed = tokio::select! {
-            dialed = self.dial(&cluster) => dialed,
-            left = client_left(&mut client, &mut early) => {
-                self.metrics.count(&label, Outcome::ClientLeft);
+            dialed = self.dial(cluster) => dialed,
+            left = client_left(client, early) => {
+                self.metrics.count(label, Outcome::ClientLeft);
                 let how = left.map_or_else(|err| err.to_string(), |()| "closed".to_owned());
                 tracing::info!(
                     outcome = Outcome::ClientLeft.label(),
                     how,
                     "client left while its dial was under way: dial cancelled"
                 );
-                return;
+                return None;
             }
         };
-        let Dialed {
-            slot,
-            agent,
-            stream,
-            warm,
-        } = match dialed {
-            Ok(dialed) => dialed,
-            Err(refusal) => {
-                if matches!(refusal.outcome, Outcome::DialFailed | Outcome::DialTimeout) {
-                    self.clusters.record_dial(&cluster, Err(&refusal.reason));
-                }
-                let label = if self.clusters.is_registered(&cluster) {
-                    cluster.clone()
-                } else {
-                    String::new()
-                };
-                return self.refuse(client, &label, refusal).await;
-            }
-        };
-        let connect_time = started.elapsed();
-        if let Err(err) = client
-            .write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
-            .await
+        if let Err(refusal) = &dialed
+            && matches!(refusal.outcome, Outcome::DialFailed | Outcome::DialTimeout)
         {
-            self.metrics.count(&cluster, Outcome::ClientLeft);
+            self.clusters.record_dial(cluster, Err(&refusal.reason));
+        }
+        Some(dialed)
+    }
+
+    /// Tells the client its tunnel is open, and counts the connection: only once the `200` is
+    /// out, as a tunnel the client never got is not an `ok`. False if the client left first
+    /// (counted and logged).
+    async fn reply_established<S: AsyncWrite + Unpin>(
+        &self,
+        client: &mut S,
+        cluster: &str,
+        warm: bool,
+        connect_time: Duration,
+    ) -> bool {
+        if let Err(err) = client.write_all(ESTABLISHED).await {
+            self.metrics.count(cluster, Outcome::ClientLeft);
             tracing::info!(
                 outcome = Outcome::ClientLeft.label(),
                 %err,
                 "client left before the tunnel was established"
             );
-            return;
+            return false;
         }
-        // Counted once the 200 is out: a tunnel the client never got is not an `ok`.
-        self.metrics.count(&cluster, Outcome::Ok);
+        self.metrics.count(cluster, Outcome::Ok);
         if warm {
             self.metrics.warm_connects.inc();
         }
-        self.clusters.record_dial(&cluster, Ok(connect_time));
+        self.clusters.record_dial(cluster, Ok(connect_time));
         self.metrics
             .dial_duration
             .get_or_create(&ClusterLabel {
-                cluster: cluster.clone(),
+                cluster: cluster.to_owned(),
             })
             .observe(connect_time.as_secs_f64());
+        true
+    }
+
+    /// Splices the client and its tunnel stream until both sides are done, the agent leaves or
+    /// the server shuts down, then logs the connection. `started`: when the client came;
+    /// `connect_time`: how long its tunnel took to open.
+    async fn carry<S>(
+        &self,
+        client: S,
+        early: BytesMut,
+        dialed: Dialed,
+        cluster: &str,
+        started: Instant,
+        connect_time: Duration,
+    ) where
+        S: AsyncRead + AsyncWrite + Abort + Unpin + Send,
+    {
+        let Dialed {
+            slot,
+            agent,
+            stream,
+            warm,
+        } = dialed;
         // The connection ends when the agent leaves or the server shuts down, whichever first.
         let conn_cancel = agent.closed().child_token();
-        let (to_cluster, from_cluster) = self.metrics.byte_counters(&cluster);
+        let (to_cluster, from_cluster) = self.metrics.byte_counters(cluster);
         let counts = ByteCounts::with_metrics(to_cluster, from_cluster);
         let result = pump::splice(
             client,
@@ -419,14 +498,14 @@ impl Frontend {
         self.metrics
             .connection_duration
             .get_or_create(&ClusterLabel {
-                cluster: cluster.clone(),
+                cluster: cluster.to_owned(),
             })
             .observe(started.elapsed().saturating_sub(connect_time).as_secs_f64());
         let (to_cluster, from_cluster) = counts.get();
         let outcome = match &result {
             Ok(()) => "ok".to_owned(),
             Err(PumpError::Cancelled) => "closed: agent left or server shutting down".to_owned(),
-            Err(err) => err.to_string(),
+            Err(err) => chain(err).to_string(),
         };
         tracing::info!(
             agent.id = %agent.info.agent_id,
@@ -452,7 +531,7 @@ impl Frontend {
         self.metrics.count(label, refusal.outcome);
         tracing::info!(
             outcome = refusal.outcome.label(),
-            status = refusal.status,
+            status = refusal.status.as_u16(),
             reason = %refusal.reason,
             "connect refused"
         );
@@ -474,7 +553,7 @@ impl Frontend {
                 // The TLS handshake already required and verified the certificate.
                 return cert_cn.map(str::to_owned).ok_or_else(|| {
                     Refusal::new(
-                        407,
+                        StatusCode::PROXY_AUTHENTICATION_REQUIRED,
                         Outcome::Unauthenticated,
                         "a client certificate is required",
                     )
@@ -503,13 +582,17 @@ impl Frontend {
                     ),
                     AuthError::Invalid => err.to_string(),
                 };
-                return Err(Refusal::new(407, Outcome::Unauthenticated, reason));
+                return Err(Refusal::new(
+                    StatusCode::PROXY_AUTHENTICATION_REQUIRED,
+                    Outcome::Unauthenticated,
+                    reason,
+                ));
             }
         };
         if !policy.allows(&identity, cluster) {
             tracing::info!(identity, cluster, decision = "forbidden", "access decision");
             return Err(Refusal::new(
-                403,
+                StatusCode::FORBIDDEN,
                 Outcome::Forbidden,
                 format!("{identity:?} is not allowed to reach cluster {cluster:?}"),
             ));
@@ -530,39 +613,11 @@ impl Frontend {
     }
 
     /// Finds an agent for `cluster`, takes a connection slot, and has the agent dial its
-    /// upstream. The slot is taken only once the cluster is known to be registered, so metric
-    /// labels never carry a name a client made up.
+    /// upstream (or hands over one of its warm streams). The slot is taken only once the cluster
+    /// is known to be registered, so metric labels never carry a name a client made up.
     async fn dial(&self, cluster: &str) -> Result<Dialed, Refusal> {
-        let arriving = self.fleet.warmup_left().is_some();
-        let wait = self
-            .clusters
-            .wait_for_agent(cluster, self.agent_wait, arriving);
-        let Some(agent) = wait.await else {
-            return Err(Refusal::new(
-                503,
-                Outcome::NoAgent,
-                format!("no agent connected for cluster {cluster:?}"),
-            ));
-        };
-        let unresponsive = |agent: &AgentHandle, since: Instant| {
-            Refusal::new(
-                503,
-                Outcome::AgentUnresponsive,
-                format!(
-                    "agent {} of cluster {cluster:?} has not answered the server for {:.1?} (no other agent of the cluster answers)",
-                    agent.info.agent_id,
-                    since.elapsed()
-                ),
-            )
-        };
-        // The pick prefers agents that answer; if this one does not, none does.
-        if let Some(since) = agent.unresponsive_since() {
-            return Err(unresponsive(&agent, since));
-        }
-        let slot = self
-            .clusters
-            .open_connection(cluster)
-            .map_err(|limit| Refusal::new(503, Outcome::Limited, limit.to_string()))?;
+        let agent = self.pick_agent(cluster).await?;
+        let slot = self.clusters.open_connection(cluster).map_err(limited)?;
         // A warm stream, if the agent has one ready: its upstream connection is already made.
         // Not from a draining agent (its pool is closed): that one still serves dials.
         if let Some(stream) = self.clusters.take_warm(&agent) {
@@ -573,11 +628,44 @@ impl Frontend {
                 warm: true,
             });
         }
-        let mut pending = self
+        let stream = self.ask_agent(&agent, cluster).await?;
+        Ok(Dialed {
+            slot,
+            agent,
+            stream,
+            warm: false,
+        })
+    }
+
+    /// An agent of `cluster` that answers the server, waited for (see `--agent-wait`) while
+    /// none is connected.
+    async fn pick_agent(&self, cluster: &str) -> Result<Arc<AgentHandle>, Refusal> {
+        let arriving = self.fleet.warmup_left().is_some();
+        let wait = self
             .clusters
-            .begin_dial(&agent)
-            .map_err(|limit| Refusal::new(503, Outcome::Limited, limit.to_string()))?;
-        let dial = async {
+            .wait_for_agent(cluster, self.agent_wait, arriving);
+        let Some(agent) = wait.await else {
+            return Err(unavailable(
+                Outcome::NoAgent,
+                format!("no agent connected for cluster {cluster:?}"),
+            ));
+        };
+        // The pick prefers agents that answer; if this one does not, none does.
+        match agent.unresponsive_since() {
+            Some(since) => Err(unresponsive(&agent, cluster, since)),
+            None => Ok(agent),
+        }
+    }
+
+    /// Asks `agent` to dial its upstream and waits, at most `--dial-timeout`, for the data
+    /// stream of the connection it made.
+    async fn ask_agent(
+        &self,
+        agent: &AgentHandle,
+        cluster: &str,
+    ) -> Result<Box<TunnelStream>, Refusal> {
+        let mut pending = self.clusters.begin_dial(agent).map_err(limited)?;
+        let answer = async {
             agent
                 .send(crate::tunnel::to_agent::dial(pending.id()))
                 .await
@@ -592,31 +680,27 @@ impl Frontend {
             }
         };
         let agent_id = &agent.info.agent_id;
-        match tokio::time::timeout(self.dial_timeout, dial).await {
-            Ok(Ok(DialOutcome::Connected(stream))) => Ok(Dialed {
-                slot,
-                agent: agent.clone(),
-                stream,
-                warm: false,
-            }),
+        match tokio::time::timeout(self.dial_timeout, answer).await {
+            Ok(Ok(DialOutcome::Connected(stream))) => Ok(stream),
             Ok(Ok(DialOutcome::Failed(reason))) => Err(Refusal::new(
-                502,
+                StatusCode::BAD_GATEWAY,
                 Outcome::DialFailed,
                 format!(
                     "agent {agent_id} of cluster {cluster:?} could not reach its upstream: {reason}"
                 ),
             )),
             Ok(Err(Ended::Gone)) => Err(Refusal::new(
-                502,
+                StatusCode::BAD_GATEWAY,
                 Outcome::DialFailed,
                 format!("agent {agent_id} of cluster {cluster:?} disconnected during the dial"),
             )),
             Ok(Err(Ended::Unresponsive)) => Err(unresponsive(
-                &agent,
+                agent,
+                cluster,
                 agent.unresponsive_since().unwrap_or_else(Instant::now),
             )),
             Err(_) => Err(Refusal::new(
-                504,
+                StatusCode::GATEWAY_TIMEOUT,
                 Outcome::DialTimeout,
                 format!(
                     "agent of cluster {cluster:?} did not reach its upstream within {:?}",
@@ -627,14 +711,63 @@ impl Frontend {
     }
 }
 
+/// The refusal when `agent`, the best `cluster` has, has not answered the server since `since`.
+fn unresponsive(agent: &AgentHandle, cluster: &str, since: Instant) -> Refusal {
+    unavailable(
+        Outcome::AgentUnresponsive,
+        format!(
+            "agent {} of cluster {cluster:?} has not answered the server for {:.1?} (no other agent of the cluster answers)",
+            agent.info.agent_id,
+            since.elapsed()
+        ),
+    )
+}
+
+/// The refusal when a limit of the server is reached.
+fn limited(limit: LimitError) -> Refusal {
+    unavailable(Outcome::Limited, limit.to_string())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
+    fn a_read_failure_is_refused_with_its_cause() {
+        let err = RequestError::Io(std::io::Error::from(std::io::ErrorKind::ConnectionReset));
+        let r = refusal_for(&err);
+        assert_eq!(r.status, StatusCode::BAD_REQUEST);
+        assert_eq!(r.reason, "reading the request failed: connection reset");
+    }
+
+    #[test]
+    fn a_blank_reason_gives_the_canonical_phrase() {
+        for (status, phrase) in [
+            (400, "Bad Request"),
+            (403, "Forbidden"),
+            (405, "Method Not Allowed"),
+            (407, "Proxy Authentication Required"),
+            (408, "Request Timeout"),
+            (431, "Request Header Fields Too Large"),
+            (502, "Bad Gateway"),
+            (503, "Service Unavailable"),
+            (504, "Gateway Timeout"),
+        ] {
+            let r = Refusal::new(
+                StatusCode::from_u16(status).unwrap(),
+                Outcome::BadRequest,
+                " ",
+            );
+            let text = String::from_utf8(error_response(&r)).unwrap();
+            let line = format!("HTTP/1.1 {status} {phrase}\r\n");
+            assert!(text.starts_with(&line), "{text}");
+        }
+    }
+
+    #[test]
     fn the_reason_is_the_reason_phrase_printable_and_bounded() {
         let r = Refusal::new(
-            503,
+            StatusCode::SERVICE_UNAVAILABLE,
             Outcome::NoAgent,
             "no agent connected for cluster \"gamma\"",
         );
@@ -646,7 +779,7 @@ mod tests {
         assert!(text.ends_with("\r\n\r\nno agent connected for cluster \"gamma\"\n"));
         // An agent's reason may hold anything: no CR, LF or non-ASCII reaches the status line.
         let r = Refusal::new(
-            502,
+            StatusCode::BAD_GATEWAY,
             Outcome::DialFailed,
             format!("bad\r\nX-Injected: 1 \u{e9}{}", "x".repeat(500)),
         );
@@ -658,7 +791,7 @@ mod tests {
         );
         assert_eq!(status.len(), "HTTP/1.1 502 ".len() + MAX_REASON_PHRASE);
         assert!(!text.contains("\r\nX-Injected"));
-        let r = Refusal::new(400, Outcome::BadRequest, "");
+        let r = Refusal::new(StatusCode::BAD_REQUEST, Outcome::BadRequest, "");
         assert!(
             String::from_utf8(error_response(&r))
                 .unwrap()

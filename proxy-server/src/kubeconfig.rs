@@ -6,6 +6,7 @@ use std::path::Path;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
+use proxy_common::error::BoxError;
 use tokio::net::TcpStream;
 
 /// Why the kubeconfig could not be written.
@@ -15,12 +16,12 @@ pub enum KubeconfigError {
     #[error("--admin-url {0:?}: expected http://HOST:PORT")]
     Url(String),
     /// The admin listener could not be reached or answered badly.
-    #[error("fetching {url}: {reason}")]
+    #[error("fetching {url}")]
     Fetch {
         /// What was fetched.
         url: String,
         /// Why it failed.
-        reason: String,
+        source: BoxError,
     },
     /// The server answered with an error (e.g. no cluster reported its CA).
     #[error("{url} answered {status}: {body}")]
@@ -33,7 +34,7 @@ pub enum KubeconfigError {
         body: String,
     },
     /// Writing the file failed.
-    #[error("writing {path}: {source}")]
+    #[error("writing {path}")]
     Write {
         /// The file.
         path: String,
@@ -50,31 +51,31 @@ pub async fn write(admin_url: &str, out: Option<&Path>) -> Result<(), Kubeconfig
         .filter(|a| !a.is_empty() && !a.contains('/'))
         .ok_or_else(|| KubeconfigError::Url(admin_url.to_owned()))?;
     let url = format!("http://{authority}/api/v1/kubeconfig");
-    let fetch_err = |reason: String| KubeconfigError::Fetch {
+    let fetch_err = |source: BoxError| KubeconfigError::Fetch {
         url: url.clone(),
-        reason,
+        source,
     };
     let tcp = TcpStream::connect(authority)
         .await
-        .map_err(|e| fetch_err(e.to_string()))?;
+        .map_err(|e| fetch_err(e.into()))?;
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
         .await
-        .map_err(|e| fetch_err(e.to_string()))?;
+        .map_err(|e| fetch_err(e.into()))?;
     tokio::spawn(conn);
     let req = hyper::Request::get("/api/v1/kubeconfig")
         .header(hyper::header::HOST, authority)
         .body(Empty::<Bytes>::new())
-        .map_err(|e| fetch_err(e.to_string()))?;
+        .map_err(|e| fetch_err(e.into()))?;
     let resp = sender
         .send_request(req)
         .await
-        .map_err(|e| fetch_err(e.to_string()))?;
+        .map_err(|e| fetch_err(e.into()))?;
     let status = resp.status().as_u16();
     let body = resp
         .into_body()
         .collect()
         .await
-        .map_err(|e| fetch_err(e.to_string()))?
+        .map_err(|e| fetch_err(e.into()))?
         .to_bytes();
     if status != 200 {
         return Err(KubeconfigError::Refused {

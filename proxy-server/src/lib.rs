@@ -22,6 +22,7 @@ pub mod warm;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use proxy_common::error::{BoxError, chain};
 use proxy_proto::MAX_MESSAGE;
 use proxy_proto::tunnel_server::TunnelServer;
 use tokio::net::TcpListener;
@@ -52,7 +53,7 @@ pub struct Listeners {
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
     /// Binding a listener failed.
-    #[error("cannot listen on {addr} ({what}): {source}")]
+    #[error("cannot listen on {addr} ({what})")]
     Bind {
         /// Which listener.
         what: &'static str,
@@ -62,36 +63,36 @@ pub enum ServerError {
         source: std::io::Error,
     },
     /// Installing the SIGHUP handler failed.
-    #[error("cannot install the SIGHUP handler: {0}")]
-    Signal(std::io::Error),
+    #[error("cannot install the SIGHUP handler")]
+    Signal(#[source] std::io::Error),
     /// A task of the server panicked.
-    #[error("server task failed: {0}")]
-    Task(String),
+    #[error("server task failed")]
+    Task(#[source] tokio::task::JoinError),
     /// The gRPC server failed.
-    #[error("agent listener failed: {0}")]
+    #[error("agent listener failed")]
     Transport(#[from] tonic::transport::Error),
     /// A listener stopped serving before shutdown: the process stops rather than run on
     /// half deaf while `/readyz` says all is well.
-    #[error("the {which} listener stopped unexpectedly: {reason}")]
+    #[error("the {which} listener stopped unexpectedly")]
     ListenerStopped {
         /// Which listener.
         which: &'static str,
         /// Why, as far as known.
-        reason: String,
+        source: BoxError,
     },
 }
 
 /// What a listener task that ended before shutdown says about itself.
-fn listener_stopped<E: std::fmt::Display>(
+fn listener_stopped<E: std::error::Error + Send + Sync + 'static>(
     which: &'static str,
     res: Result<Result<(), E>, tokio::task::JoinError>,
 ) -> ServerError {
-    let reason = match res {
-        Ok(Ok(())) => "it ended".to_owned(),
-        Ok(Err(err)) => err.to_string(),
-        Err(join) => join.to_string(),
+    let source = match res {
+        Ok(Ok(())) => "it ended".into(),
+        Ok(Err(err)) => err.into(),
+        Err(join) => join.into(),
     };
-    ServerError::ListenerStopped { which, reason }
+    ServerError::ListenerStopped { which, source }
 }
 
 impl Listeners {
@@ -264,7 +265,7 @@ pub async fn run(
     tracing::info!(server.id = %config.server_id, "proxy-server started");
     let failure = until_stopped(&life, &mut tasks).await;
     if let Some(err) = &failure {
-        tracing::error!(%err, "shutting down");
+        tracing::error!(err = %chain(err), "shutting down");
         listener_lost.cancel();
         life.shutdown.cancel();
     }
@@ -466,7 +467,7 @@ async fn drain(config: &Config, life: &Lifecycle, tasks: Tasks) -> Result<(), Se
         None => Ok(()),
         Some(grpc) => match tokio::time::timeout(SHUTDOWN_GRACE, grpc).await {
             Ok(Ok(res)) => res.map_err(ServerError::from),
-            Ok(Err(join)) => Err(ServerError::Task(join.to_string())),
+            Ok(Err(join)) => Err(ServerError::Task(join)),
             Err(_) => {
                 tracing::warn!("agent connections did not close in time");
                 Ok(())
