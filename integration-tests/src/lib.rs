@@ -12,6 +12,7 @@ pub mod procs;
 pub mod relay;
 pub mod rogue;
 pub mod swarm;
+pub mod testbed;
 pub mod upstream;
 
 use proxy_certs::DevPki;
@@ -19,8 +20,10 @@ use proxy_certs::DevPki;
 pub use apiserver::FakeApiServer;
 pub use client::{ConnectReply, connect, get_via_proxy};
 pub use procs::{AgentProc, ServerProc};
+pub use testbed::{Testbed, TestbedBuilder};
 
-/// A temporary folder with a PKI for `clusters`; removed when dropped.
+/// A temporary folder with a PKI for `clusters`; removed when dropped. Most tests get theirs
+/// through [`Testbed`].
 #[derive(Debug)]
 pub struct Bed {
     /// Keeps the folder alive.
@@ -52,23 +55,4 @@ where
         );
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
-}
-
-/// A fake API server and an agent in front of it, per cluster, registered with `server`.
-pub async fn start_members(
-    bed: &Bed,
-    server: &ServerProc,
-    clusters: &[&str],
-) -> Vec<(FakeApiServer, AgentProc)> {
-    let mut out = Vec::new();
-    for cluster in clusters {
-        let api = FakeApiServer::start(&bed.pki, cluster)
-            .await
-            .expect("fake API server");
-        let agent = AgentProc::start_ready(&bed.pki, &[server.agent_addr], cluster, api.addr)
-            .await
-            .expect("agent");
-        out.push((api, agent));
-    }
-    out
 }

@@ -5,9 +5,9 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use integration_tests::Testbed;
 use integration_tests::procs::metric;
 use integration_tests::upstream::BannerServer;
-use integration_tests::{AgentProc, Bed, ServerProc};
 use tokio::net::TcpStream;
 
 use integration_tests::client::banner_via;
@@ -44,17 +44,16 @@ fn open_files(pid: u32) -> usize {
 async fn ten_thousand_idle_connections_leave_clients_and_agents_served() {
     // The flood itself needs 10,000 descriptors in this process.
     rlimit::increase_nofile_limit(u64::MAX).unwrap();
-    let bed = Bed::new(&["alpha", "beta"]);
-    let up = BannerServer::start("alpha-upstream").await.unwrap();
-    let server = ServerProc::start(&bed.pki, None, &[]).await.unwrap();
-    let _alpha = AgentProc::start_ready(&bed.pki, &[server.agent_addr], "alpha", up.addr)
-        .await
-        .unwrap();
+    // beta's agent comes during the flood.
+    let bed = Testbed::builder(&["alpha", "beta"])
+        .banner_agent("alpha", "alpha-upstream")
+        .start()
+        .await;
 
     let started = Instant::now();
     let (frontend, agents) = tokio::join!(
-        flood(server.frontend_addr, FLOOD),
-        flood(server.agent_addr, FLOOD)
+        flood(bed.frontend(), FLOOD),
+        flood(bed.server.agent_addr, FLOOD)
     );
     eprintln!(
         "flood: {} + {} idle connections open after {:?}",
@@ -69,29 +68,21 @@ async fn ten_thousand_idle_connections_leave_clients_and_agents_served() {
 
     // While the flood holds its sockets: a real client is served...
     let started = Instant::now();
-    assert_eq!(
-        banner_via(server.frontend_addr, "alpha").await,
-        "alpha-upstream"
-    );
+    assert_eq!(banner_via(bed.frontend(), "alpha").await, "alpha-upstream");
     let client_took = started.elapsed();
     // ...and a new agent registers.
     let started = Instant::now();
     let beta_up = BannerServer::start("beta-upstream").await.unwrap();
-    let _beta = AgentProc::start_ready(&bed.pki, &[server.agent_addr], "beta", beta_up.addr)
-        .await
-        .unwrap();
+    let _beta = bed.start_agent("beta", beta_up.addr).await;
     let agent_took = started.elapsed();
-    assert_eq!(
-        banner_via(server.frontend_addr, "beta").await,
-        "beta-upstream"
-    );
+    assert_eq!(banner_via(bed.frontend(), "beta").await, "beta-upstream");
     eprintln!(
         "during the flood: a client served in {client_took:?}, a new agent registered in {agent_took:?}"
     );
     assert!(client_took < Duration::from_secs(5), "{client_took:?}");
 
     // The server holds at most the default cap (1,024) per listener, not the flood.
-    let fds = open_files(server.proc.pid());
+    let fds = open_files(bed.server.proc.pid());
     eprintln!("server descriptors during the flood: {fds}");
     assert!(
         fds < 2 * 1024 + 200,
@@ -99,7 +90,7 @@ async fn ten_thousand_idle_connections_leave_clients_and_agents_served() {
     );
     let limited = |listener: &str| {
         let sample = format!("proxy_server_handshakes_limited_total{{listener=\"{listener}\"}}");
-        let admin = server.admin_addr;
+        let admin = bed.server.admin_addr;
         async move { metric(admin, &sample).await }
     };
     let (f, a) = (limited("frontend").await, limited("agent").await);

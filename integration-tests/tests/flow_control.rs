@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use integration_tests::client::read_n;
 use integration_tests::upstream::SourceServer;
-use integration_tests::{AgentProc, Bed, ServerProc, connect};
+use integration_tests::{AgentProc, Bed, ServerProc, Testbed, connect};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -77,31 +77,25 @@ async fn fresh_connects(frontend: SocketAddr, n: usize) -> Vec<Duration> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hundreds_of_stalled_readers_leave_the_agents_other_connections_at_full_speed() {
-    let bed = Bed::new(&["alpha"]);
     let source = SourceServer::start().await.unwrap();
     // A budget the stalled connections spend: the healthy one must not need it.
-    let server = ServerProc::start(&bed.pki, None, &SMALL_BUDGET)
-        .await
-        .unwrap();
-    let agent = AgentProc::start_ready_with(
-        &bed.pki,
-        &[server.agent_addr],
-        "alpha",
-        source.addr,
-        &SMALL_BUDGET,
-    )
-    .await
-    .unwrap();
+    let bed = Testbed::builder(&["alpha"])
+        .server_args(&SMALL_BUDGET)
+        .agent("alpha", source.addr)
+        .agent_args(&SMALL_BUDGET)
+        .start()
+        .await;
+    let agent = &bed.agents[0];
 
-    let mut alone = tunnel(server.frontend_addr).await;
+    let mut alone = tunnel(bed.frontend()).await;
     let baseline = read_n(&mut alone, MOVE).await;
     drop(alone);
-    let rss_before = rss_kib(server.proc.pid());
+    let rss_before = rss_kib(bed.server.proc.pid());
 
     // Clients that read a little, then stop, each with an upstream that keeps writing.
     let mut stalled = Vec::new();
     for _ in 0..STALLED {
-        let mut s = tunnel(server.frontend_addr).await;
+        let mut s = tunnel(bed.frontend()).await;
         read_n(&mut s, 16 * 1024).await;
         stalled.push(s);
     }
@@ -118,10 +112,10 @@ async fn hundreds_of_stalled_readers_leave_the_agents_other_connections_at_full_
         per_conn >= 1 << 20,
         "only {per_conn} bytes pending per stalled client: not stalled at all"
     );
-    let rss_stalled = rss_kib(server.proc.pid());
+    let rss_stalled = rss_kib(bed.server.proc.pid());
 
-    let connects = fresh_connects(server.frontend_addr, 20).await;
-    let mut other = tunnel(server.frontend_addr).await;
+    let connects = fresh_connects(bed.frontend(), 20).await;
+    let mut other = tunnel(bed.frontend()).await;
     let with_stall = tokio::time::timeout(Duration::from_secs(60), read_n(&mut other, MOVE))
         .await
         .expect("the healthy connection froze: the stalled ones hold a shared window");
@@ -211,21 +205,15 @@ async fn write_until_blocked(s: &mut TcpStream) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hundreds_of_upstreams_that_stop_reading_leave_an_upload_at_full_speed() {
-    let bed = Bed::new(&["alpha"]);
     // Connection 0 is the baseline, 1..=STALLED stall, the rest are read.
     let (sink, _) = stalling_sink(1..STALLED + 1).await;
-    let server = ServerProc::start(&bed.pki, None, &SMALL_BUDGET)
-        .await
-        .unwrap();
-    let agent = AgentProc::start_ready_with(
-        &bed.pki,
-        &[server.agent_addr],
-        "alpha",
-        sink,
-        &SMALL_BUDGET_NO_WARM,
-    )
-    .await
-    .unwrap();
+    let bed = Testbed::builder(&["alpha"])
+        .server_args(&SMALL_BUDGET)
+        .agent("alpha", sink)
+        .agent_args(&SMALL_BUDGET_NO_WARM)
+        .start()
+        .await;
+    let agent = &bed.agents[0];
     let upload = |frontend| async move {
         let mut s = tunnel(frontend).await;
         let started = Instant::now();
@@ -241,13 +229,13 @@ async fn hundreds_of_upstreams_that_stop_reading_leave_an_upload_at_full_speed()
         assert_eq!(u64::from_be_bytes(ack), MOVE, "upload arrived short");
         started.elapsed()
     };
-    let alone = upload(server.frontend_addr).await;
+    let alone = upload(bed.frontend()).await;
     let rss_before = rss_kib(agent.proc.pid());
 
     // Uploads into upstreams that never read, all at once, each until it blocks.
     let mut uploads = Vec::new();
     for _ in 0..STALLED {
-        let s = tunnel(server.frontend_addr).await;
+        let s = tunnel(bed.frontend()).await;
         uploads.push(tokio::spawn(async move {
             let mut s = s;
             let n = write_until_blocked(&mut s).await;
@@ -272,7 +260,7 @@ async fn hundreds_of_upstreams_that_stop_reading_leave_an_upload_at_full_speed()
         let mut times = Vec::new();
         for _ in 0..20 {
             let t = Instant::now();
-            drop(tunnel(server.frontend_addr).await);
+            drop(tunnel(bed.frontend()).await);
             times.push(t.elapsed());
         }
         times.sort();
@@ -282,11 +270,11 @@ async fn hundreds_of_upstreams_that_stop_reading_leave_an_upload_at_full_speed()
         );
         times
     };
-    let with_stall = tokio::time::timeout(Duration::from_secs(60), upload(server.frontend_addr))
+    let with_stall = tokio::time::timeout(Duration::from_secs(60), upload(bed.frontend()))
         .await
         .expect("the healthy upload froze: the stalled ones hold a shared window");
     drop(stalled);
-    let after = upload(server.frontend_addr).await;
+    let after = upload(bed.frontend()).await;
     eprintln!(
         "{STALLED} stalled uploads ({:.1} MiB accepted each): 256 MiB upload alone {alone:?}, beside them {with_stall:?}, \
          after {after:?}; CONNECT p50 {:?} max {:?}; agent RSS {rss_before} -> {rss_stalled} KiB",
@@ -414,13 +402,12 @@ async fn an_upload_goes_through_while_the_client_is_not_reading_the_response() {
     // tunnel must not make it wait for the client to read, e.g. by queueing the upload's credit
     // behind response bytes the client has not taken yet.
     const UPLOAD: u64 = 64 << 20;
-    let bed = Bed::new(&["alpha"]);
     let (upstream, received) = reading_writer().await;
-    let server = ServerProc::start(&bed.pki, None, &[]).await.unwrap();
-    let _agent = AgentProc::start_ready(&bed.pki, &[server.agent_addr], "alpha", upstream)
-        .await
-        .unwrap();
-    let mut s = tunnel(server.frontend_addr).await;
+    let bed = Testbed::builder(&["alpha"])
+        .agent("alpha", upstream)
+        .start()
+        .await;
+    let mut s = tunnel(bed.frontend()).await;
     let block = vec![0x44u8; 256 * 1024];
     let upload = async {
         let mut sent = 0;

@@ -11,7 +11,7 @@ use integration_tests::fleet::{
     Haproxy, Replica, ReplicaAddrs, clusters_of, start_replica, stop_gracefully,
 };
 use integration_tests::procs::{admin_get, metric, wait_ready};
-use integration_tests::{AgentProc, Bed, FakeApiServer};
+use integration_tests::{AgentProc, Bed, FakeApiServer, Testbed};
 use tokio::io::AsyncWriteExt;
 
 /// Replicas, their load balancer, and the members (one API server and `n` agents per cluster).
@@ -482,29 +482,25 @@ async fn a_new_replica_gets_every_agent_when_the_dns_count_grows() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_warming_up_replica_holds_connects_for_agents_still_arriving() {
-    let bed = Bed::new(&["alpha"]);
-    let server = integration_tests::ServerProc::start(
-        &bed.pki,
-        None,
-        &[
+    let bed = Testbed::builder(&["alpha"])
+        .server_args(&[
             "--server-count",
             "2",
             "--warmup",
             "4s",
             "--agent-wait",
             "2s",
-        ],
-    )
-    .await
-    .unwrap();
+        ])
+        .start()
+        .await;
     // With another replica to serve clients, this one stays out of rotation while warming up.
-    let (status, body) = admin_get(server.admin_addr, "/readyz?verbose")
+    let (status, body) = admin_get(bed.server.admin_addr, "/readyz?verbose")
         .await
         .unwrap();
     assert!(status == 503 && body.contains("warming up"), "{body}");
 
     // A CONNECT for a cluster whose agent arrives a second later waits for it.
-    let frontend = server.frontend_addr;
+    let frontend = bed.frontend();
     let waiting = tokio::spawn(async move {
         let started = Instant::now();
         let reply = integration_tests::connect(frontend, "alpha:443")
@@ -520,10 +516,8 @@ async fn a_warming_up_replica_holds_connects_for_agents_still_arriving() {
         (started.elapsed(), reply)
     });
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let api = FakeApiServer::start(&bed.pki, "alpha").await.unwrap();
-    let _agent = AgentProc::start_ready(&bed.pki, &[server.agent_addr], "alpha", api.addr)
-        .await
-        .unwrap();
+    let api = FakeApiServer::start(bed.pki(), "alpha").await.unwrap();
+    let _agent = bed.start_agent("alpha", api.addr).await;
     let (took, reply) = waiting.await.unwrap();
     assert!(
         matches!(reply, integration_tests::ConnectReply::Tunnel(_)),
@@ -546,7 +540,7 @@ async fn a_warming_up_replica_holds_connects_for_agents_still_arriving() {
         took >= Duration::from_millis(1900) && took < Duration::from_secs(4),
         "{took:?}"
     );
-    wait_ready(server.admin_addr, Duration::from_secs(6))
+    wait_ready(bed.server.admin_addr, Duration::from_secs(6))
         .await
         .unwrap();
 }

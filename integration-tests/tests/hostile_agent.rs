@@ -7,7 +7,7 @@ use bytes::Bytes;
 use integration_tests::client::banner_via;
 use integration_tests::rogue;
 use integration_tests::upstream::BannerServer;
-use integration_tests::{AgentProc, Bed, ConnectReply, ServerProc, connect};
+use integration_tests::{ConnectReply, ServerProc, Testbed, connect};
 use proxy_proto::{AgentMessage, Chunk, DIAL_ID_HEADER, DialFailed, agent_message, server_message};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_stream::wrappers::ReceiverStream;
@@ -18,16 +18,6 @@ async fn alpha_still_served(server: &ServerProc) {
         banner_via(server.frontend_addr, "alpha").await,
         "alpha-upstream"
     );
-}
-
-async fn setup(extra: &[&str]) -> (Bed, ServerProc, AgentProc, BannerServer) {
-    let bed = Bed::new(&["alpha", "beta"]);
-    let up = BannerServer::start("alpha-upstream").await.unwrap();
-    let server = ServerProc::start(&bed.pki, None, extra).await.unwrap();
-    let agent = AgentProc::start_ready(&bed.pki, &[server.agent_addr], "alpha", up.addr)
-        .await
-        .unwrap();
-    (bed, server, agent, up)
 }
 
 fn data_request(dial_id: &str, chunks: Vec<Chunk>) -> tonic::Request<ReceiverStream<Chunk>> {
@@ -45,8 +35,14 @@ fn data_request(dial_id: &str, chunks: Vec<Chunk>) -> tonic::Request<ReceiverStr
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unknown_and_foreign_dial_ids_are_refused_and_cannot_hijack_a_connection() {
-    let (bed, server, alpha, _up) = setup(&["--dial-timeout", "2s"]).await;
-    let mut rogue = rogue::client(&bed.pki, "beta", server.agent_addr)
+    // beta's certificate is the rogue's: it has no agent.
+    let bed = Testbed::builder(&["alpha", "beta"])
+        .server_args(&["--dial-timeout", "2s"])
+        .banner_agent("alpha", "alpha-upstream")
+        .start()
+        .await;
+    let alpha = &bed.agents[0];
+    let mut rogue = rogue::client(bed.pki(), "beta", bed.server.agent_addr)
         .await
         .unwrap();
     let (_keep, mut control) = rogue::control(&mut rogue, vec![rogue::register("beta", "rogue")])
@@ -60,7 +56,7 @@ async fn unknown_and_foreign_dial_ids_are_refused_and_cannot_hijack_a_connection
     // A dial for alpha stays pending while alpha's agent is frozen; the rogue (beta) tries
     // every plausible dial id for it.
     alpha.proc.signal("STOP");
-    let frontend = server.frontend_addr;
+    let frontend = bed.frontend();
     let victim = tokio::spawn(connect(frontend, "alpha:443"));
     tokio::time::sleep(Duration::from_millis(200)).await;
     for id in 0..64 {
@@ -79,7 +75,7 @@ async fn unknown_and_foreign_dial_ids_are_refused_and_cannot_hijack_a_connection
         ConnectReply::Tunnel(_) => panic!("a foreign agent answered alpha's dial"),
     }
     alpha.proc.signal("CONT");
-    alpha_still_served(&server).await;
+    alpha_still_served(&bed.server).await;
 
     // The rogue kept its own registration: beta's dials still reach it.
     let beta = tokio::spawn(connect(frontend, "beta:443"));
@@ -99,8 +95,12 @@ async fn unknown_and_foreign_dial_ids_are_refused_and_cannot_hijack_a_connection
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn out_of_order_control_messages_cost_only_that_registration() {
-    let (bed, server, _alpha, _up) = setup(&["--agent-wait", "0s"]).await;
-    let mut rogue = rogue::client(&bed.pki, "beta", server.agent_addr)
+    let bed = Testbed::builder(&["alpha", "beta"])
+        .server_args(&["--agent-wait", "0s"])
+        .banner_agent("alpha", "alpha-upstream")
+        .start()
+        .await;
+    let mut rogue = rogue::client(bed.pki(), "beta", bed.server.agent_addr)
         .await
         .unwrap();
 
@@ -143,7 +143,7 @@ async fn out_of_order_control_messages_cost_only_that_registration() {
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
         if let ConnectReply::Refused { status: 503, .. } =
-            connect(server.frontend_addr, "beta:443").await.unwrap()
+            connect(bed.frontend(), "beta:443").await.unwrap()
         {
             break;
         }
@@ -170,14 +170,17 @@ async fn out_of_order_control_messages_cost_only_that_registration() {
         .unwrap();
     control.message().await.unwrap().unwrap();
     tx.send(failed).await.unwrap();
-    alpha_still_served(&server).await;
-    assert!(server.proc.logs().contains("protocol violation"));
+    alpha_still_served(&bed.server).await;
+    assert!(bed.server.proc.logs().contains("protocol violation"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_oversized_data_message_loses_only_its_own_connection() {
-    let (bed, server, _alpha, _up) = setup(&[]).await;
-    let mut rogue = rogue::client(&bed.pki, "beta", server.agent_addr)
+    let bed = Testbed::builder(&["alpha", "beta"])
+        .banner_agent("alpha", "alpha-upstream")
+        .start()
+        .await;
+    let mut rogue = rogue::client(bed.pki(), "beta", bed.server.agent_addr)
         .await
         .unwrap();
     let (_keep, mut control) = rogue::control(&mut rogue, vec![rogue::register("beta", "rogue")])
@@ -185,7 +188,7 @@ async fn an_oversized_data_message_loses_only_its_own_connection() {
         .unwrap();
     control.message().await.unwrap().unwrap();
 
-    let frontend = server.frontend_addr;
+    let frontend = bed.frontend();
     let client = tokio::spawn(async move {
         let mut tunnel = connect(frontend, "beta:443")
             .await
@@ -234,7 +237,7 @@ async fn an_oversized_data_message_loses_only_its_own_connection() {
     let got = client.await.unwrap();
     assert!(got.len() < 1 << 20, "oversized message delivered");
     // Everyone else is fine, and the rogue's control stream too.
-    alpha_still_served(&server).await;
+    alpha_still_served(&bed.server).await;
     let again = tokio::spawn(connect(frontend, "beta:443"));
     let next = tokio::time::timeout(Duration::from_secs(5), control.message())
         .await
@@ -249,14 +252,14 @@ async fn an_oversized_data_message_loses_only_its_own_connection() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flood_of_unfinished_tls_handshakes_does_not_stop_agents_registering() {
-    let bed = Bed::new(&["alpha"]);
     let up = BannerServer::start("alpha-upstream").await.unwrap();
-    let server = ServerProc::start(&bed.pki, None, &["--handshake-timeout", "3s"])
-        .await
-        .unwrap();
+    let bed = Testbed::builder(&["alpha"])
+        .server_args(&["--handshake-timeout", "3s"])
+        .start()
+        .await;
     let mut flood = Vec::new();
     for i in 0..300 {
-        let mut s = tokio::net::TcpStream::connect(server.agent_addr)
+        let mut s = tokio::net::TcpStream::connect(bed.server.agent_addr)
             .await
             .unwrap();
         if i % 2 == 0 {
@@ -266,15 +269,13 @@ async fn a_flood_of_unfinished_tls_handshakes_does_not_stop_agents_registering()
         flood.push(s);
     }
     let started = Instant::now();
-    let _agent = AgentProc::start_ready(&bed.pki, &[server.agent_addr], "alpha", up.addr)
-        .await
-        .unwrap();
+    let _agent = bed.start_agent("alpha", up.addr).await;
     let took = started.elapsed();
     assert!(
         took < Duration::from_secs(2),
         "registration took {took:?} during the flood"
     );
-    alpha_still_served(&server).await;
+    alpha_still_served(&bed.server).await;
     // The stalled handshakes are cut off at the timeout.
     let mut closed = 0;
     for mut s in flood {
@@ -292,8 +293,11 @@ const FRAME_SIZE_ERROR: u32 = 0x6;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_frame_over_the_frame_size_limit_is_refused_and_registers_nothing() {
-    let (bed, server, _alpha, _up) = setup(&[]).await;
-    let mut tls = rogue::tls_connect(&bed.pki, "beta", server.agent_addr)
+    let bed = Testbed::builder(&["alpha", "beta"])
+        .banner_agent("alpha", "alpha-upstream")
+        .start()
+        .await;
+    let mut tls = rogue::tls_connect(bed.pki(), "beta", bed.server.agent_addr)
         .await
         .unwrap();
     // Client preface, an empty SETTINGS frame, then a DATA frame header announcing one byte more
@@ -326,9 +330,9 @@ async fn a_frame_over_the_frame_size_limit_is_refused_and_registers_nothing() {
     }
     assert_eq!(goaway, Some(FRAME_SIZE_ERROR), "frames received: {got:?}");
     // Nothing of it stays behind: beta never registered, alpha still serves.
-    match connect(server.frontend_addr, "beta:443").await.unwrap() {
+    match connect(bed.frontend(), "beta:443").await.unwrap() {
         ConnectReply::Refused { status, .. } => assert_eq!(status, 503),
         ConnectReply::Tunnel(_) => panic!("beta must not be reachable"),
     }
-    alpha_still_served(&server).await;
+    alpha_still_served(&bed.server).await;
 }

@@ -4,9 +4,9 @@
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
+use integration_tests::Testbed;
 use integration_tests::apiserver::{WATCH_EVENTS, WATCH_INTERVAL};
 use integration_tests::client::write_kubeconfig;
-use integration_tests::{AgentProc, Bed, FakeApiServer, ServerProc, start_members};
 use tokio::io::{AsyncBufReadExt, BufReader};
 
 fn kubectl(kubeconfig: &std::path::Path, args: &[&str]) -> std::process::Output {
@@ -34,12 +34,14 @@ fn stdout_ok(out: &std::process::Output) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kubectl_reaches_members_through_proxy_url_and_streams_a_watch() {
-    let bed = Bed::new(&["alpha", "beta"]);
-    let server = ServerProc::start(&bed.pki, None, &[]).await.unwrap();
-    let _members = start_members(&bed, &server, &["alpha", "beta"]).await;
-    let proxy_url = format!("http://{}", server.frontend_addr);
-    let alpha = write_kubeconfig(bed.dir.path(), &bed.pki, "alpha", &proxy_url).unwrap();
-    let beta = write_kubeconfig(bed.dir.path(), &bed.pki, "beta", &proxy_url).unwrap();
+    let bed = Testbed::builder(&["alpha", "beta"])
+        .member("alpha")
+        .member("beta")
+        .start()
+        .await;
+    let proxy_url = format!("http://{}", bed.frontend());
+    let alpha = write_kubeconfig(bed.dir(), bed.pki(), "alpha", &proxy_url).unwrap();
+    let beta = write_kubeconfig(bed.dir(), bed.pki(), "beta", &proxy_url).unwrap();
 
     let version = stdout_ok(&kubectl(&alpha, &["get", "--raw", "/version"]));
     assert!(version.contains("v1.32.0+alpha"), "{version}");
@@ -93,26 +95,24 @@ async fn kubectl_reaches_members_through_proxy_url_and_streams_a_watch() {
 // Multi-threaded: kubectl runs as a blocking child while the fake API server needs a thread.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kubectl_refuses_a_member_whose_certificate_does_not_verify() {
-    let bed = Bed::new(&["alpha", "beta"]);
-    let alpha_api = FakeApiServer::start(&bed.pki, "alpha").await.unwrap();
-    let server = ServerProc::start(&bed.pki, None, &[]).await.unwrap();
-    let _alpha = AgentProc::start_ready(&bed.pki, &[server.agent_addr], "alpha", alpha_api.addr)
-        .await
-        .unwrap();
+    let bed = Testbed::builder(&["alpha", "beta"])
+        .member("alpha")
+        .start()
+        .await;
     // A kubeconfig for alpha that trusts beta's API-server CA: the proxy must not be able to
     // make this work, because TLS runs end to end between kubectl and the member.
     let path = write_kubeconfig(
-        bed.dir.path(),
-        &bed.pki,
+        bed.dir(),
+        bed.pki(),
         "alpha",
-        &format!("http://{}", server.frontend_addr),
+        &format!("http://{}", bed.frontend()),
     )
     .unwrap();
     let text = std::fs::read_to_string(&path).unwrap();
     let beta_ca =
-        integration_tests::client::base64(&std::fs::read(bed.pki.apiserver_ca("beta")).unwrap());
+        integration_tests::client::base64(&std::fs::read(bed.pki().apiserver_ca("beta")).unwrap());
     let alpha_ca =
-        integration_tests::client::base64(&std::fs::read(bed.pki.apiserver_ca("alpha")).unwrap());
+        integration_tests::client::base64(&std::fs::read(bed.pki().apiserver_ca("alpha")).unwrap());
     std::fs::write(&path, text.replace(&alpha_ca, &beta_ca)).unwrap();
     let out = kubectl(&path, &["get", "--raw", "/version"]);
     assert!(

@@ -3,8 +3,7 @@
 use std::time::{Duration, Instant};
 
 use integration_tests::procs::metric;
-use integration_tests::upstream::BannerServer;
-use integration_tests::{AgentProc, Bed, ConnectReply, ServerProc, connect};
+use integration_tests::{Bed, ConnectReply, ServerProc, Testbed, connect};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 
@@ -18,28 +17,21 @@ async fn still_serving(server: &ServerProc) {
     );
 }
 
-async fn setup(extra: &[&str]) -> (Bed, ServerProc, AgentProc) {
-    let bed = Bed::new(&["alpha"]);
-    let up = BannerServer::start("alpha-upstream").await.unwrap();
-    let server = ServerProc::start(&bed.pki, None, extra).await.unwrap();
-    let agent = AgentProc::start_ready(&bed.pki, &[server.agent_addr], "alpha", up.addr)
-        .await
-        .unwrap();
-    (bed, server, agent)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oversized_and_slow_heads_are_cut_off() {
-    let (_bed, server, _agent) =
-        setup(&["--max-head-bytes", "1024", "--handshake-timeout", "500ms"]).await;
+    let bed = Testbed::builder(&["alpha"])
+        .server_args(&["--max-head-bytes", "1024", "--handshake-timeout", "500ms"])
+        .banner_agent("alpha", "alpha-upstream")
+        .start()
+        .await;
     let big = format!(
         "CONNECT alpha:443 HTTP/1.1\r\nX-Pad: {}\r\n\r\n",
         "a".repeat(4096)
     );
-    let answer = raw(server.frontend_addr, big.as_bytes()).await;
+    let answer = raw(bed.frontend(), big.as_bytes()).await;
     assert!(answer.starts_with("HTTP/1.1 431 "), "{answer}");
     // A head that never ends, sent a byte at a time (slowloris).
-    let mut slow = TcpStream::connect(server.frontend_addr).await.unwrap();
+    let mut slow = TcpStream::connect(bed.frontend()).await.unwrap();
     let started = Instant::now();
     for b in b"CONNECT alpha:443 HTTP/1.1\r\nX-Slow: " {
         if slow.write_all(&[*b]).await.is_err() {
@@ -61,7 +53,7 @@ async fn oversized_and_slow_heads_are_cut_off() {
         "slow client held on for {:?}",
         started.elapsed()
     );
-    let admin = server.admin_addr;
+    let admin = bed.server.admin_addr;
     assert_eq!(
         metric(
             admin,
@@ -70,13 +62,16 @@ async fn oversized_and_slow_heads_are_cut_off() {
         .await,
         2.0
     );
-    still_serving(&server).await;
+    still_serving(&bed.server).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pipelined_bytes_after_the_connect_head_reach_the_upstream() {
-    let (_bed, server, _agent) = setup(&[]).await;
-    let mut s = TcpStream::connect(server.frontend_addr).await.unwrap();
+    let bed = Testbed::builder(&["alpha"])
+        .banner_agent("alpha", "alpha-upstream")
+        .start()
+        .await;
+    let mut s = TcpStream::connect(bed.frontend()).await.unwrap();
     // Head and first payload in one write, as clients that do not wait for 200 send them.
     s.write_all(b"CONNECT alpha:443 HTTP/1.1\r\n\r\nhello upstream\n")
         .await
@@ -96,25 +91,29 @@ async fn pipelined_bytes_after_the_connect_head_reach_the_upstream() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connection_limits_refuse_with_503_and_count_it() {
-    let (_bed, server, _agent) = setup(&["--max-connections-per-cluster", "3"]).await;
+    let bed = Testbed::builder(&["alpha"])
+        .server_args(&["--max-connections-per-cluster", "3"])
+        .banner_agent("alpha", "alpha-upstream")
+        .start()
+        .await;
     let mut open = Vec::new();
     for _ in 0..3 {
         open.push(
-            connect(server.frontend_addr, "alpha:443")
+            connect(bed.frontend(), "alpha:443")
                 .await
                 .unwrap()
                 .tunnel()
                 .unwrap(),
         );
     }
-    match connect(server.frontend_addr, "alpha:443").await.unwrap() {
+    match connect(bed.frontend(), "alpha:443").await.unwrap() {
         ConnectReply::Refused { status, body } => {
             assert_eq!(status, 503);
             assert!(body.contains("limit of 3"), "{body}");
         }
         ConnectReply::Tunnel(_) => panic!("per-cluster limit not enforced"),
     }
-    let admin = server.admin_addr;
+    let admin = bed.server.admin_addr;
     assert_eq!(
         metric(
             admin,
@@ -131,7 +130,7 @@ async fn connection_limits_refuse_with_503_and_count_it() {
     drop(open.pop());
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
-        if let ConnectReply::Tunnel(t) = connect(server.frontend_addr, "alpha:443").await.unwrap() {
+        if let ConnectReply::Tunnel(t) = connect(bed.frontend(), "alpha:443").await.unwrap() {
             open.push(t);
             break;
         }
@@ -147,34 +146,28 @@ async fn connection_limits_refuse_with_503_and_count_it() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    still_serving(&server).await;
+    still_serving(&bed.server).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn total_connection_limit_spans_clusters() {
-    let bed = Bed::new(&["alpha", "beta"]);
-    let alpha_up = BannerServer::start("alpha-upstream").await.unwrap();
-    let beta_up = BannerServer::start("beta-upstream").await.unwrap();
-    let server = ServerProc::start(&bed.pki, None, &["--max-connections", "2"])
-        .await
-        .unwrap();
-    let _a = AgentProc::start_ready(&bed.pki, &[server.agent_addr], "alpha", alpha_up.addr)
-        .await
-        .unwrap();
-    let _b = AgentProc::start_ready(&bed.pki, &[server.agent_addr], "beta", beta_up.addr)
-        .await
-        .unwrap();
-    let _one = connect(server.frontend_addr, "alpha:443")
+    let bed = Testbed::builder(&["alpha", "beta"])
+        .server_args(&["--max-connections", "2"])
+        .banner_agent("alpha", "alpha-upstream")
+        .banner_agent("beta", "beta-upstream")
+        .start()
+        .await;
+    let _one = connect(bed.frontend(), "alpha:443")
         .await
         .unwrap()
         .tunnel()
         .unwrap();
-    let _two = connect(server.frontend_addr, "beta:443")
+    let _two = connect(bed.frontend(), "beta:443")
         .await
         .unwrap()
         .tunnel()
         .unwrap();
-    match connect(server.frontend_addr, "beta:443").await.unwrap() {
+    match connect(bed.frontend(), "beta:443").await.unwrap() {
         ConnectReply::Refused { status, body } => assert!(
             status == 503 && body.contains("limit of 2 open connections"),
             "{body}"
@@ -183,7 +176,7 @@ async fn total_connection_limit_spans_clusters() {
     }
     assert_eq!(
         metric(
-            server.admin_addr,
+            bed.server.admin_addr,
             r#"proxy_server_connections_total{cluster="beta",result="limited"}"#
         )
         .await,
@@ -193,10 +186,15 @@ async fn total_connection_limit_spans_clusters() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pending_dials_are_bounded_and_leave_nothing_behind() {
-    let (_bed, server, agent) = setup(&["--max-pending-dials", "2", "--dial-timeout", "2s"]).await;
+    let bed = Testbed::builder(&["alpha"])
+        .server_args(&["--max-pending-dials", "2", "--dial-timeout", "2s"])
+        .banner_agent("alpha", "alpha-upstream")
+        .start()
+        .await;
+    let agent = &bed.agents[0];
     // A frozen agent never answers: dials pile up until the limit.
     agent.proc.signal("STOP");
-    let frontend = server.frontend_addr;
+    let frontend = bed.frontend();
     let waiting: Vec<_> = (0..2)
         .map(|_| tokio::spawn(connect(frontend, "alpha:443")))
         .collect();
@@ -213,7 +211,7 @@ async fn pending_dials_are_bounded_and_leave_nothing_behind() {
     }
     assert!(started.elapsed() < Duration::from_millis(500));
     assert_eq!(
-        metric(server.admin_addr, "proxy_server_pending_dials").await,
+        metric(bed.server.admin_addr, "proxy_server_pending_dials").await,
         2.0
     );
     for w in waiting {
@@ -225,12 +223,12 @@ async fn pending_dials_are_bounded_and_leave_nothing_behind() {
     agent.proc.signal("CONT");
     // Timed-out dials were forgotten: the limit admits new ones again.
     assert_eq!(
-        metric(server.admin_addr, "proxy_server_pending_dials").await,
+        metric(bed.server.admin_addr, "proxy_server_pending_dials").await,
         0.0
     );
-    still_serving(&server).await;
-    still_serving(&server).await;
-    still_serving(&server).await;
+    still_serving(&bed.server).await;
+    still_serving(&bed.server).await;
+    still_serving(&bed.server).await;
 }
 
 /// CPU time (user + system) of a process so far, from /proc.

@@ -8,9 +8,7 @@ use integration_tests::client::read_until_closed;
 use integration_tests::data::Pattern;
 use integration_tests::procs::{admin_get, metric, metric_opt};
 use integration_tests::upstream::{BannerServer, BulkServer, SourceServer};
-use integration_tests::{
-    AgentProc, Bed, ConnectReply, FakeApiServer, ServerProc, connect, eventually,
-};
+use integration_tests::{AgentProc, Bed, ConnectReply, ServerProc, Testbed, connect, eventually};
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 
@@ -18,20 +16,14 @@ const MIB: u64 = 1 << 20;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_move_while_bytes_flow_and_settle_after() {
-    let bed = Bed::new(&["alpha"]);
     let source = SourceServer::start().await.unwrap();
-    let server = ServerProc::start(&bed.pki, None, &[]).await.unwrap();
     // Counts the agent's upstream dials: none ahead of demand.
-    let agent = AgentProc::start_ready_with(
-        &bed.pki,
-        &[server.agent_addr],
-        "alpha",
-        source.addr,
-        &integration_tests::procs::NO_WARM,
-    )
-    .await
-    .unwrap();
-    let (s, a) = (server.admin_addr, agent.admin_addr);
+    let mut bed = Testbed::builder(&["alpha"])
+        .agent("alpha", source.addr)
+        .agent_args(&integration_tests::procs::NO_WARM)
+        .start()
+        .await;
+    let (s, a) = (bed.server.admin_addr, bed.agents[0].admin_addr);
     assert_eq!(
         metric(s, r#"proxy_server_agents{cluster="alpha"}"#).await,
         1.0
@@ -39,7 +31,7 @@ async fn metrics_move_while_bytes_flow_and_settle_after() {
     assert_eq!(metric(a, "proxy_agent_servers_connected").await, 1.0);
 
     // A long-lived stream: bytes are visible before it ends.
-    let mut tunnel = connect(server.frontend_addr, "alpha:443")
+    let mut tunnel = connect(bed.frontend(), "alpha:443")
         .await
         .unwrap()
         .tunnel()
@@ -106,7 +98,7 @@ async fn metrics_move_while_bytes_flow_and_settle_after() {
     )
     .await;
     // An unknown cluster is counted without creating a label for it.
-    let _ = connect(server.frontend_addr, "nosuch:443").await.unwrap();
+    let _ = connect(bed.frontend(), "nosuch:443").await.unwrap();
     assert_eq!(
         metric(
             s,
@@ -120,17 +112,16 @@ async fn metrics_move_while_bytes_flow_and_settle_after() {
         !body.contains("nosuch"),
         "client-chosen name became a label"
     );
-    // A failed upstream dial is counted by reason on the agent.
-    drop(agent);
+    // A failed upstream dial is counted by reason on the agent: the first agent goes, one
+    // dialing a closed port comes.
+    bed.agents.clear();
     let closed = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .unwrap()
         .local_addr()
         .unwrap();
-    let agent = AgentProc::start_ready(&bed.pki, &[server.agent_addr], "alpha", closed)
-        .await
-        .unwrap();
-    let _ = connect(server.frontend_addr, "alpha:443").await.unwrap();
+    let agent = bed.start_agent("alpha", closed).await;
+    let _ = connect(bed.frontend(), "alpha:443").await.unwrap();
     assert_eq!(
         metric(
             agent.admin_addr,
@@ -200,14 +191,15 @@ async fn readiness_follows_agents_and_servers() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_page_and_json_list_what_is_connected() {
-    let bed = Bed::new(&["alpha", "beta"]);
     let up = BannerServer::start("x").await.unwrap();
-    let server = ServerProc::start(&bed.pki, None, &["--server-id", "status-test"])
-        .await
-        .unwrap();
+    let bed = Testbed::builder(&["alpha", "beta"])
+        .server_args(&["--server-id", "status-test"])
+        .start()
+        .await;
+    // Not waited for one by one: the series below are.
     let _a1 = AgentProc::start(
-        &bed.pki,
-        &[server.agent_addr],
+        bed.pki(),
+        &[bed.server.agent_addr],
         "alpha",
         up.addr,
         &["--agent-id", "alpha-<one>"],
@@ -215,8 +207,8 @@ async fn status_page_and_json_list_what_is_connected() {
     .await
     .unwrap();
     let _a2 = AgentProc::start(
-        &bed.pki,
-        &[server.agent_addr],
+        bed.pki(),
+        &[bed.server.agent_addr],
         "alpha",
         up.addr,
         &["--agent-id", "alpha-two"],
@@ -224,8 +216,8 @@ async fn status_page_and_json_list_what_is_connected() {
     .await
     .unwrap();
     let _b = AgentProc::start(
-        &bed.pki,
-        &[server.agent_addr],
+        bed.pki(),
+        &[bed.server.agent_addr],
         "beta",
         up.addr,
         &["--agent-id", "beta-one"],
@@ -237,20 +229,28 @@ async fn status_page_and_json_list_what_is_connected() {
         Duration::from_secs(10),
         || async {
             // The series appear as the agents register: absent until then.
-            metric_opt(server.admin_addr, r#"proxy_server_agents{cluster="alpha"}"#).await
+            metric_opt(
+                bed.server.admin_addr,
+                r#"proxy_server_agents{cluster="alpha"}"#,
+            )
+            .await
                 == Some(2.0)
-                && metric_opt(server.admin_addr, r#"proxy_server_agents{cluster="beta"}"#).await
+                && metric_opt(
+                    bed.server.admin_addr,
+                    r#"proxy_server_agents{cluster="beta"}"#,
+                )
+                .await
                     == Some(1.0)
         },
     )
     .await;
-    let open = connect(server.frontend_addr, "alpha:443")
+    let open = connect(bed.frontend(), "alpha:443")
         .await
         .unwrap()
         .tunnel()
         .unwrap();
 
-    let (status, json) = admin_get(server.admin_addr, "/api/v1/clusters")
+    let (status, json) = admin_get(bed.server.admin_addr, "/api/v1/clusters")
         .await
         .unwrap();
     assert_eq!(status, 200);
@@ -264,14 +264,14 @@ async fn status_page_and_json_list_what_is_connected() {
         clusters[0]["connections_active"],
         1,
         "{json}\n{}",
-        server.proc.logs()
+        bed.server.proc.logs()
     );
     assert_eq!(clusters[0]["recent_dials"], 1);
     assert!(clusters[0]["dial_ms_p50"].as_f64().unwrap() > 0.0);
     assert_eq!(clusters[1]["agents"][0]["id"], "beta-one");
     assert_eq!(clusters[1]["agents"][0]["draining"], false);
 
-    let (status, html) = admin_get(server.admin_addr, "/").await.unwrap();
+    let (status, html) = admin_get(bed.server.admin_addr, "/").await.unwrap();
     assert_eq!(status, 200);
     assert!(
         html.contains("http-equiv=\"refresh\""),
@@ -301,19 +301,15 @@ async fn status_page_and_json_list_what_is_connected() {
 /// window, and then goes; one that comes back is `up` again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cluster_whose_agents_left_is_listed_down_until_the_retention_ends() {
-    let bed = Bed::new(&["alpha", "beta"]);
     let up = BannerServer::start("hello").await.unwrap();
-    let server = ServerProc::start(&bed.pki, None, &["--down-retention", "3s"])
-        .await
-        .unwrap();
-    let alpha = AgentProc::start_ready(&bed.pki, &[server.agent_addr], "alpha", up.addr)
-        .await
-        .unwrap();
-    let _beta = AgentProc::start_ready(&bed.pki, &[server.agent_addr], "beta", up.addr)
-        .await
-        .unwrap();
+    let bed = Testbed::builder(&["alpha", "beta"])
+        .server_args(&["--down-retention", "3s"])
+        .start()
+        .await;
+    let alpha = bed.start_agent("alpha", up.addr).await;
+    let _beta = bed.start_agent("beta", up.addr).await;
     let clusters = || async {
-        let (status, json) = admin_get(server.admin_addr, "/api/v1/clusters")
+        let (status, json) = admin_get(bed.server.admin_addr, "/api/v1/clusters")
             .await
             .unwrap();
         assert_eq!(status, 200);
@@ -340,12 +336,16 @@ async fn a_cluster_whose_agents_left_is_listed_down_until_the_retention_ends() {
     let since = listed[0]["down_since"].as_f64().unwrap();
     assert!((since - gone_at).abs() < 5.0, "{since} vs {gone_at}");
     assert_eq!(listed[1]["state"], "up");
-    let (_, html) = admin_get(server.admin_addr, "/").await.unwrap();
+    let (_, html) = admin_get(bed.server.admin_addr, "/").await.unwrap();
     assert!(html.contains("1 cluster(s) up, 1 down"), "{html}");
     assert!(html.contains("<b>down</b> since"), "{html}");
     // The metric an alert watches stays, at zero.
     assert_eq!(
-        metric(server.admin_addr, r#"proxy_server_agents{cluster="alpha"}"#).await,
+        metric(
+            bed.server.admin_addr,
+            r#"proxy_server_agents{cluster="alpha"}"#
+        )
+        .await,
         0.0
     );
 
@@ -357,9 +357,7 @@ async fn a_cluster_whose_agents_left_is_listed_down_until_the_retention_ends() {
     assert_eq!(clusters().await[0]["name"], "beta");
 
     // Back: up again, listed once.
-    let _alpha = AgentProc::start_ready(&bed.pki, &[server.agent_addr], "alpha", up.addr)
-        .await
-        .unwrap();
+    let _alpha = bed.start_agent("alpha", up.addr).await;
     let back = clusters().await;
     assert_eq!(back.len(), 2);
     assert_eq!(back[0]["state"], "up");
@@ -367,39 +365,29 @@ async fn a_cluster_whose_agents_left_is_listed_down_until_the_retention_ends() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn generated_kubeconfigs_work_with_kubectl_and_verify_the_member() {
-    let bed = Bed::new(&["alpha", "beta"]);
-    let server = ServerProc::start(&bed.pki, None, &[]).await.unwrap();
-    let mut agents = Vec::new();
-    for cluster in ["alpha", "beta"] {
-        let api = FakeApiServer::start(&bed.pki, cluster).await.unwrap();
-        let ca = bed.pki.apiserver_ca(cluster).display().to_string();
-        let agent = AgentProc::start(
-            &bed.pki,
-            &[server.agent_addr],
-            cluster,
-            api.addr,
-            &["--upstream-ca", &ca],
-        )
-        .await
-        .unwrap();
-        agent
-            .wait_registered(Duration::from_secs(10))
-            .await
-            .unwrap();
-        agents.push(agent);
-    }
+    // The agents report their API servers' CAs, which the kubeconfigs carry.
+    let bed = Testbed::builder(&["alpha", "beta"]);
+    let ca = |cluster| bed.pki().apiserver_ca(cluster).display().to_string();
+    let (alpha_ca, beta_ca) = (ca("alpha"), ca("beta"));
+    let bed = bed
+        .member("alpha")
+        .agent_args(&["--upstream-ca", &alpha_ca])
+        .member("beta")
+        .agent_args(&["--upstream-ca", &beta_ca])
+        .start()
+        .await;
     // One cluster, from the admin API.
-    let (status, yaml) = admin_get(server.admin_addr, "/api/v1/clusters/alpha/kubeconfig")
+    let (status, yaml) = admin_get(bed.server.admin_addr, "/api/v1/clusters/alpha/kubeconfig")
         .await
         .unwrap();
     assert_eq!(status, 200, "{yaml}");
     assert!(
         yaml.contains("tls-server-name: kubernetes.default.svc")
-            && yaml.contains(&format!("proxy-url: \"http://{}\"", server.frontend_addr)),
+            && yaml.contains(&format!("proxy-url: \"http://{}\"", bed.frontend())),
         "{yaml}"
     );
     assert!(!yaml.contains("insecure-skip-tls-verify"));
-    let path = bed.dir.path().join("generated-alpha");
+    let path = bed.dir().join("generated-alpha");
     std::fs::write(&path, &yaml).unwrap();
     let kubectl = |args: &[&str]| {
         Command::new("kubectl")
@@ -430,12 +418,12 @@ async fn generated_kubeconfigs_work_with_kubectl_and_verify_the_member() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("+alpha"));
 
     // Every cluster, with `proxy-server kubeconfig`.
-    let all = bed.dir.path().join("generated-all");
+    let all = bed.dir().join("generated-all");
     let out = Command::new(integration_tests::procs::bin("proxy-server"))
         .args([
             "kubeconfig",
             "--admin-url",
-            &format!("http://{}", server.admin_addr),
+            &format!("http://{}", bed.server.admin_addr),
             "--out",
         ])
         .arg(&all)
@@ -478,7 +466,7 @@ async fn generated_kubeconfigs_work_with_kubectl_and_verify_the_member() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("namespace/beta-only"));
 
     // A cluster without a reported CA, or none at all, is a clear 404.
-    let (status, body) = admin_get(server.admin_addr, "/api/v1/clusters/gamma/kubeconfig")
+    let (status, body) = admin_get(bed.server.admin_addr, "/api/v1/clusters/gamma/kubeconfig")
         .await
         .unwrap();
     assert!(
@@ -489,15 +477,12 @@ async fn generated_kubeconfigs_work_with_kubectl_and_verify_the_member() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn json_logs_carry_one_access_line_per_connection() {
-    let bed = Bed::new(&["alpha"]);
-    let up = BannerServer::start("alpha-upstream").await.unwrap();
-    let server = ServerProc::start(&bed.pki, None, &["--log-format", "json"])
-        .await
-        .unwrap();
-    let _agent = AgentProc::start_ready(&bed.pki, &[server.agent_addr], "alpha", up.addr)
-        .await
-        .unwrap();
-    let mut tunnel = connect(server.frontend_addr, "alpha:443")
+    let bed = Testbed::builder(&["alpha"])
+        .server_args(&["--log-format", "json"])
+        .banner_agent("alpha", "alpha-upstream")
+        .start()
+        .await;
+    let mut tunnel = connect(bed.frontend(), "alpha:443")
         .await
         .unwrap()
         .tunnel()
@@ -511,14 +496,14 @@ async fn json_logs_carry_one_access_line_per_connection() {
     // A second connection, closed at once: its line comes after the first's, so once it is
     // there the first connection has logged everything it ever will.
     drop(
-        connect(server.frontend_addr, "alpha:443")
+        connect(bed.frontend(), "alpha:443")
             .await
             .unwrap()
             .tunnel()
             .unwrap(),
     );
     let access_lines = || {
-        server
+        bed.server
             .proc
             .logs()
             .lines()
@@ -561,13 +546,12 @@ async fn json_logs_carry_one_access_line_per_connection() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_lets_open_transfers_finish_and_refuses_new_connects() {
     const LEN: u64 = 64 * MIB;
-    let bed = Bed::new(&["alpha"]);
     let bulk = BulkServer::start(LEN).await.unwrap();
-    let mut server = ServerProc::start(&bed.pki, None, &[]).await.unwrap();
-    let _agent = AgentProc::start_ready(&bed.pki, &[server.agent_addr], "alpha", bulk.addr)
-        .await
-        .unwrap();
-    let tunnel = connect(server.frontend_addr, "alpha:443")
+    let mut bed = Testbed::builder(&["alpha"])
+        .agent("alpha", bulk.addr)
+        .start()
+        .await;
+    let tunnel = connect(bed.frontend(), "alpha:443")
         .await
         .unwrap()
         .tunnel()
@@ -576,20 +560,20 @@ async fn sigterm_lets_open_transfers_finish_and_refuses_new_connects() {
     let mut got = vec![0u8; MIB as usize];
     rd.read_exact(&mut got).await.unwrap();
 
-    server.proc.signal("TERM");
+    bed.server.proc.signal("TERM");
     let signalled = Instant::now();
     // New CONNECTs are refused while the transfer goes on, and readiness fails.
     eventually(
         "frontend stops accepting",
         Duration::from_secs(5),
         || async {
-            tokio::net::TcpStream::connect(server.frontend_addr)
+            tokio::net::TcpStream::connect(bed.frontend())
                 .await
                 .is_err()
         },
     )
     .await;
-    let (status, body) = admin_get(server.admin_addr, "/readyz?verbose")
+    let (status, body) = admin_get(bed.server.admin_addr, "/readyz?verbose")
         .await
         .unwrap();
     assert!(status == 503 && body.contains("draining"), "{body}");
@@ -617,22 +601,20 @@ async fn sigterm_lets_open_transfers_finish_and_refuses_new_connects() {
     assert_eq!(&rest[rest.len() - 32..], &Pattern::digest(LEN));
 
     // Once the last connection ended the server exits, well before the 30 s grace.
-    let status = server.proc.wait(Duration::from_secs(10)).await.unwrap();
+    let status = bed.server.proc.wait(Duration::from_secs(10)).await.unwrap();
     assert!(status.success(), "exit status {status}");
     assert!(signalled.elapsed() < Duration::from_secs(15));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_still_open_when_the_grace_ends_are_closed_and_the_server_exits() {
-    let bed = Bed::new(&["alpha"]);
     let source = SourceServer::start().await.unwrap();
-    let mut server = ServerProc::start(&bed.pki, None, &["--shutdown-grace", "1s"])
-        .await
-        .unwrap();
-    let _agent = AgentProc::start_ready(&bed.pki, &[server.agent_addr], "alpha", source.addr)
-        .await
-        .unwrap();
-    let mut tunnel = connect(server.frontend_addr, "alpha:443")
+    let mut bed = Testbed::builder(&["alpha"])
+        .server_args(&["--shutdown-grace", "1s"])
+        .agent("alpha", source.addr)
+        .start()
+        .await;
+    let mut tunnel = connect(bed.frontend(), "alpha:443")
         .await
         .unwrap()
         .tunnel()
@@ -640,8 +622,8 @@ async fn connections_still_open_when_the_grace_ends_are_closed_and_the_server_ex
     let mut buf = vec![0u8; 64 * 1024];
     tunnel.read_exact(&mut buf).await.unwrap();
     let started = Instant::now();
-    server.proc.signal("TERM");
-    let status = server.proc.wait(Duration::from_secs(10)).await.unwrap();
+    bed.server.proc.signal("TERM");
+    let status = bed.server.proc.wait(Duration::from_secs(10)).await.unwrap();
     let took = started.elapsed();
     assert!(status.success(), "exit status {status}");
     assert!(
@@ -654,21 +636,17 @@ async fn connections_still_open_when_the_grace_ends_are_closed_and_the_server_ex
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_draining_agent_hands_new_connections_to_its_sibling_without_failures() {
-    let bed = Bed::new(&["alpha"]);
-    let one = BannerServer::start("one").await.unwrap();
-    let two = BannerServer::start("two").await.unwrap();
-    let server = ServerProc::start(&bed.pki, None, &[]).await.unwrap();
-    let mut first = AgentProc::start_ready(&bed.pki, &[server.agent_addr], "alpha", one.addr)
-        .await
-        .unwrap();
-    let _second = AgentProc::start_ready(&bed.pki, &[server.agent_addr], "alpha", two.addr)
-        .await
-        .unwrap();
+    let mut bed = Testbed::builder(&["alpha"])
+        .banner_agent("alpha", "one")
+        .banner_agent("alpha", "two")
+        .start()
+        .await;
+    let (frontend, first) = (bed.frontend(), &mut bed.agents[0]);
 
     // Find a connection carried by the first agent, and keep it open.
     let mut held = None;
     for _ in 0..20 {
-        let t = connect(server.frontend_addr, "alpha:443")
+        let t = connect(frontend, "alpha:443")
             .await
             .unwrap()
             .tunnel()
@@ -688,7 +666,7 @@ async fn a_draining_agent_hands_new_connections_to_its_sibling_without_failures(
         "server sees the agent draining",
         Duration::from_secs(5),
         || async {
-            let (_, json) = admin_get(server.admin_addr, "/api/v1/clusters")
+            let (_, json) = admin_get(bed.server.admin_addr, "/api/v1/clusters")
                 .await
                 .unwrap();
             json.contains("\"draining\":true")
@@ -697,7 +675,7 @@ async fn a_draining_agent_hands_new_connections_to_its_sibling_without_failures(
     .await;
     // Every new CONNECT succeeds and goes to the second agent.
     for i in 0..20 {
-        match connect(server.frontend_addr, "alpha:443").await.unwrap() {
+        match connect(frontend, "alpha:443").await.unwrap() {
             ConnectReply::Tunnel(t) => {
                 let mut line = String::new();
                 BufReader::new(t).read_line(&mut line).await.unwrap();
@@ -727,23 +705,19 @@ async fn a_draining_agent_hands_new_connections_to_its_sibling_without_failures(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_signal_exits_at_once() {
-    let bed = Bed::new(&["alpha"]);
     let source = SourceServer::start().await.unwrap();
-    let mut server = ServerProc::start(&bed.pki, None, &["--shutdown-grace", "60s"])
-        .await
-        .unwrap();
-    let mut agent = AgentProc::start_ready(&bed.pki, &[server.agent_addr], "alpha", source.addr)
-        .await
-        .unwrap();
+    let mut bed = Testbed::builder(&["alpha"])
+        .server_args(&["--shutdown-grace", "60s"])
+        .agent("alpha", source.addr)
+        .start()
+        .await;
     // The agent first (its open connection keeps it draining), then, with a new agent and a
     // new open connection, the server.
-    let _tunnel = open_stream(&server).await;
-    twice(&mut agent.proc).await;
-    let _agent2 = AgentProc::start_ready(&bed.pki, &[server.agent_addr], "alpha", source.addr)
-        .await
-        .unwrap();
-    let _tunnel2 = open_stream(&server).await;
-    twice(&mut server.proc).await;
+    let _tunnel = open_stream(&bed.server).await;
+    twice(&mut bed.agents[0].proc).await;
+    let _agent2 = bed.start_agent("alpha", source.addr).await;
+    let _tunnel2 = open_stream(&bed.server).await;
+    twice(&mut bed.server.proc).await;
 }
 
 async fn open_stream(server: &ServerProc) -> tokio::net::TcpStream {
@@ -780,18 +754,17 @@ async fn twice(proc: &mut integration_tests::procs::Proc) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connect_accepted_before_sigterm_still_gets_its_tunnel() {
-    let bed = Bed::new(&["alpha"]);
-    let up = BannerServer::start("alpha-upstream").await.unwrap();
-    let mut server = ServerProc::start(&bed.pki, None, &[]).await.unwrap();
-    let agent = AgentProc::start_ready(&bed.pki, &[server.agent_addr], "alpha", up.addr)
-        .await
-        .unwrap();
+    let mut bed = Testbed::builder(&["alpha"])
+        .banner_agent("alpha", "alpha-upstream")
+        .start()
+        .await;
+    let agent = &bed.agents[0];
     // The dial is in flight (the agent is frozen) when the server is told to stop.
     agent.proc.signal("STOP");
-    let frontend = server.frontend_addr;
+    let frontend = bed.frontend();
     let pending = tokio::spawn(connect(frontend, "alpha:443"));
     tokio::time::sleep(Duration::from_millis(300)).await;
-    server.proc.signal("TERM");
+    bed.server.proc.signal("TERM");
     tokio::time::sleep(Duration::from_millis(300)).await;
     agent.proc.signal("CONT");
     match pending.await.unwrap().unwrap() {
@@ -804,6 +777,6 @@ async fn a_connect_accepted_before_sigterm_still_gets_its_tunnel() {
             panic!("in-flight CONNECT failed during drain: {status} {body}")
         }
     }
-    let status = server.proc.wait(Duration::from_secs(10)).await.unwrap();
+    let status = bed.server.proc.wait(Duration::from_secs(10)).await.unwrap();
     assert!(status.success(), "exit status {status}");
 }

@@ -9,8 +9,7 @@ use std::time::Duration;
 
 use integration_tests::fleet::free_port;
 use integration_tests::procs::{admin_get, wait_ok};
-use integration_tests::upstream::BannerServer;
-use integration_tests::{AgentProc, Bed, ServerProc, eventually};
+use integration_tests::{Testbed, eventually};
 use tokio::io::AsyncReadExt;
 
 fn rules_file() -> PathBuf {
@@ -90,14 +89,13 @@ async fn prometheus_scrapes_every_metric_the_shipped_rules_use() {
     names.extend(metric_names(&queries.join("\n")));
     assert!(names.len() >= 14, "{names:?}");
 
-    let bed = Bed::new(&["alpha"]);
-    let up = BannerServer::start("hello").await.unwrap();
-    let server = ServerProc::start(&bed.pki, None, &[]).await.unwrap();
-    let agent = AgentProc::start_ready(&bed.pki, &[server.agent_addr], "alpha", up.addr)
-        .await
-        .unwrap();
+    let bed = Testbed::builder(&["alpha"])
+        .banner_agent("alpha", "hello")
+        .start()
+        .await;
+    let agent = &bed.agents[0];
     // One tunneled connection, so CONNECT, dial and byte series exist.
-    let mut tunnel = integration_tests::connect(server.frontend_addr, "alpha:443")
+    let mut tunnel = integration_tests::connect(bed.frontend(), "alpha:443")
         .await
         .unwrap()
         .tunnel()
@@ -115,7 +113,7 @@ async fn prometheus_scrapes_every_metric_the_shipped_rules_use() {
 rule_files:\n  - {rules}\n\
 scrape_configs:\n  - job_name: proxy\n    static_configs:\n      - targets: ['{server}', '{agent}']\n",
             rules = rules_file().display(),
-            server = server.admin_addr,
+            server = bed.server.admin_addr,
             agent = agent.admin_addr,
         ),
     )
@@ -207,7 +205,7 @@ scrape_configs:\n  - job_name: proxy\n    static_configs:\n      - targets: ['{s
         .unwrap()
         .parse()
         .unwrap();
-    let file = proxy_common::tls::earliest_expiry(&bed.pki.server_cert()).unwrap() as f64;
+    let file = proxy_common::tls::earliest_expiry(&bed.pki().server_cert()).unwrap() as f64;
     assert_eq!(value, file);
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use integration_tests::upstream::SourceServer;
 use integration_tests::{
-    AgentProc, Bed, ConnectReply, FakeApiServer, ServerProc, connect, get_via_proxy,
+    AgentProc, Bed, ConnectReply, FakeApiServer, ServerProc, Testbed, connect, get_via_proxy,
 };
 use tokio::io::AsyncReadExt;
 
@@ -28,16 +28,15 @@ async fn wait_closed(conn: &integration_tests::upstream::SourceConn, limit: Dura
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_an_agent_closes_its_connections_on_both_sides_and_a_new_one_serves() {
-    let bed = Bed::new(&["alpha"]);
     let source = SourceServer::start().await.unwrap();
-    let server = ServerProc::start(&bed.pki, None, &["--agent-wait", "0s"])
-        .await
-        .unwrap();
-    let agent = AgentProc::start_ready(&bed.pki, &[server.agent_addr], "alpha", source.addr)
-        .await
-        .unwrap();
+    let bed = Testbed::builder(&["alpha"])
+        .server_args(&["--agent-wait", "0s"])
+        .start()
+        .await;
+    // Owned by the test, which kills it.
+    let agent = bed.start_agent("alpha", source.addr).await;
 
-    let mut tunnel = connect(server.frontend_addr, "alpha:443")
+    let mut tunnel = connect(bed.frontend(), "alpha:443")
         .await
         .unwrap()
         .tunnel()
@@ -55,14 +54,12 @@ async fn killing_an_agent_closes_its_connections_on_both_sides_and_a_new_one_ser
     );
 
     // Nothing for alpha until a new agent comes.
-    match connect(server.frontend_addr, "alpha:443").await.unwrap() {
+    match connect(bed.frontend(), "alpha:443").await.unwrap() {
         ConnectReply::Refused { status, .. } => assert_eq!(status, 503),
         ConnectReply::Tunnel(_) => panic!("served by a dead agent"),
     }
-    let _again = AgentProc::start_ready(&bed.pki, &[server.agent_addr], "alpha", source.addr)
-        .await
-        .unwrap();
-    let mut tunnel = connect(server.frontend_addr, "alpha:443")
+    let _again = bed.start_agent("alpha", source.addr).await;
+    let mut tunnel = connect(bed.frontend(), "alpha:443")
         .await
         .unwrap()
         .tunnel()
@@ -124,26 +121,21 @@ async fn agent_re_registers_by_itself_after_a_server_restart() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_that_stops_answering_pings_is_dropped_with_its_connections() {
-    let bed = Bed::new(&["alpha"]);
     let source = SourceServer::start().await.unwrap();
-    let server = ServerProc::start(
-        &bed.pki,
-        None,
-        &[
+    let bed = Testbed::builder(&["alpha"])
+        .server_args(&[
             "--keepalive-interval",
             "300ms",
             "--keepalive-timeout",
             "300ms",
             "--agent-wait",
             "0s",
-        ],
-    )
-    .await
-    .unwrap();
-    let agent = AgentProc::start_ready(&bed.pki, &[server.agent_addr], "alpha", source.addr)
-        .await
-        .unwrap();
-    let mut tunnel = connect(server.frontend_addr, "alpha:443")
+        ])
+        .agent("alpha", source.addr)
+        .start()
+        .await;
+    let agent = &bed.agents[0];
+    let mut tunnel = connect(bed.frontend(), "alpha:443")
         .await
         .unwrap()
         .tunnel()
@@ -158,7 +150,7 @@ async fn an_agent_that_stops_answering_pings_is_dropped_with_its_connections() {
     let started = Instant::now();
     while started.elapsed() < Duration::from_secs(5) {
         if let ConnectReply::Refused { status: 503, .. } =
-            connect(server.frontend_addr, "alpha:443").await.unwrap()
+            connect(bed.frontend(), "alpha:443").await.unwrap()
         {
             refused_after = Some(started.elapsed());
             break;
@@ -173,7 +165,7 @@ async fn an_agent_that_stops_answering_pings_is_dropped_with_its_connections() {
         refused_after.is_some(),
         "frozen agent still in the registry"
     );
-    assert!(server.proc.logs().contains("agent disconnected"));
+    assert!(bed.server.proc.logs().contains("agent disconnected"));
 
     // Thawed, it notices and comes back by itself.
     agent
@@ -182,9 +174,7 @@ async fn an_agent_that_stops_answering_pings_is_dropped_with_its_connections() {
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
-        if let ConnectReply::Tunnel(mut t) =
-            connect(server.frontend_addr, "alpha:443").await.unwrap()
-        {
+        if let ConnectReply::Tunnel(mut t) = connect(bed.frontend(), "alpha:443").await.unwrap() {
             t.read_exact(&mut buf).await.unwrap();
             break;
         }
@@ -199,7 +189,6 @@ async fn an_agent_that_stops_answering_pings_is_dropped_with_its_connections() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upstream_reset_reaches_the_client_as_a_reset_not_a_clean_close() {
-    let bed = Bed::new(&["alpha"]);
     // An upstream that sends a little, then resets the connection.
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let upstream = listener.local_addr().unwrap();
@@ -212,11 +201,11 @@ async fn an_upstream_reset_reaches_the_client_as_a_reset_not_a_clean_close() {
             drop(s);
         }
     });
-    let server = ServerProc::start(&bed.pki, None, &[]).await.unwrap();
-    let _agent = AgentProc::start_ready(&bed.pki, &[server.agent_addr], "alpha", upstream)
-        .await
-        .unwrap();
-    let mut tunnel = connect(server.frontend_addr, "alpha:443")
+    let bed = Testbed::builder(&["alpha"])
+        .agent("alpha", upstream)
+        .start()
+        .await;
+    let mut tunnel = connect(bed.frontend(), "alpha:443")
         .await
         .unwrap()
         .tunnel()
@@ -270,7 +259,6 @@ async fn reconnect_backoff_starts_over_after_every_tunnel_that_worked() {
 /// to again as soon as it answers.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_silent_agent_is_passed_over_fast_and_without_another_the_answer_is_503_at_once() {
-    let bed = Bed::new(&["alpha"]);
     let up = integration_tests::upstream::BannerServer::start("alpha-upstream")
         .await
         .unwrap();
@@ -284,24 +272,22 @@ async fn a_silent_agent_is_passed_over_fast_and_without_another_the_answer_is_50
         "--dial-timeout",
         "10s",
     ];
-    let server = ServerProc::start(&bed.pki, None, &flags).await.unwrap();
+    // Two agents in front of the same upstream.
+    let bed = Testbed::builder(&["alpha"])
+        .server_args(&flags)
+        .agent("alpha", up.addr)
+        .agent("alpha", up.addr)
+        .start()
+        .await;
     let banner = integration_tests::client::banner_via;
-    let first = AgentProc::start_ready(&bed.pki, &[server.agent_addr], "alpha", up.addr)
-        .await
-        .unwrap();
-    let second = AgentProc::start_ready(&bed.pki, &[server.agent_addr], "alpha", up.addr)
-        .await
-        .unwrap();
+    let (first, second) = (&bed.agents[0], &bed.agents[1]);
 
     first.proc.signal("STOP");
     // Interval + 1 s, with slack.
     tokio::time::sleep(Duration::from_secs(2)).await;
     for _ in 0..10 {
         let started = Instant::now();
-        assert_eq!(
-            banner(server.frontend_addr, "alpha").await,
-            "alpha-upstream"
-        );
+        assert_eq!(banner(bed.frontend(), "alpha").await, "alpha-upstream");
         assert!(
             started.elapsed() < Duration::from_secs(1),
             "a CONNECT waited {:?}: sent to the silent agent?",
@@ -312,7 +298,7 @@ async fn a_silent_agent_is_passed_over_fast_and_without_another_the_answer_is_50
     second.proc.signal("STOP");
     tokio::time::sleep(Duration::from_secs(2)).await;
     let started = Instant::now();
-    let reply = connect(server.frontend_addr, "alpha:443").await.unwrap();
+    let reply = connect(bed.frontend(), "alpha:443").await.unwrap();
     let took = started.elapsed();
     let ConnectReply::Refused { status, body } = reply else {
         panic!("a tunnel through frozen agents")
@@ -323,7 +309,7 @@ async fn a_silent_agent_is_passed_over_fast_and_without_another_the_answer_is_50
     assert!(took < Duration::from_secs(1), "{took:?}");
     assert_eq!(
         integration_tests::procs::metric(
-            server.admin_addr,
+            bed.server.admin_addr,
             r#"proxy_server_connections_total{cluster="alpha",result="agent_unresponsive"}"#
         )
         .await,
@@ -334,7 +320,7 @@ async fn a_silent_agent_is_passed_over_fast_and_without_another_the_answer_is_50
     second.proc.signal("CONT");
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
-        if let ConnectReply::Tunnel(_) = connect(server.frontend_addr, "alpha:443").await.unwrap() {
+        if let ConnectReply::Tunnel(_) = connect(bed.frontend(), "alpha:443").await.unwrap() {
             break;
         }
         assert!(

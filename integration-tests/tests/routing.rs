@@ -3,10 +3,7 @@
 use std::time::{Duration, Instant};
 
 use integration_tests::client::{banner_via, raw_exchange};
-use integration_tests::upstream::BannerServer;
-use integration_tests::{
-    AgentProc, Bed, ConnectReply, FakeApiServer, ServerProc, connect, get_via_proxy, start_members,
-};
+use integration_tests::{AgentProc, ConnectReply, FakeApiServer, Testbed, connect, get_via_proxy};
 
 fn refused(reply: ConnectReply) -> (u16, String) {
     match reply {
@@ -17,13 +14,15 @@ fn refused(reply: ConnectReply) -> (u16, String) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_cluster_reaches_its_own_api_server_and_never_the_other() {
-    let bed = Bed::new(&["alpha", "beta"]);
-    let server = ServerProc::start(&bed.pki, None, &[]).await.unwrap();
-    let _members = start_members(&bed, &server, &["alpha", "beta"]).await;
+    let bed = Testbed::builder(&["alpha", "beta"])
+        .member("alpha")
+        .member("beta")
+        .start()
+        .await;
 
     for _ in 0..3 {
         for (cluster, other) in [("alpha", "beta"), ("beta", "alpha")] {
-            let (status, body) = get_via_proxy(server.frontend_addr, &bed.pki, cluster, "/version")
+            let (status, body) = get_via_proxy(bed.frontend(), bed.pki(), cluster, "/version")
                 .await
                 .unwrap();
             let body = String::from_utf8_lossy(&body);
@@ -36,14 +35,9 @@ async fn each_cluster_reaches_its_own_api_server_and_never_the_other() {
                 !body.contains(other),
                 "{cluster} request reached {other}: {body}"
             );
-            let (_, ns) = get_via_proxy(
-                server.frontend_addr,
-                &bed.pki,
-                cluster,
-                "/api/v1/namespaces",
-            )
-            .await
-            .unwrap();
+            let (_, ns) = get_via_proxy(bed.frontend(), bed.pki(), cluster, "/api/v1/namespaces")
+                .await
+                .unwrap();
             let ns = String::from_utf8_lossy(&ns);
             assert!(
                 ns.contains(&format!("{cluster}-only")) && !ns.contains(&format!("{other}-only")),
@@ -54,11 +48,11 @@ async fn each_cluster_reaches_its_own_api_server_and_never_the_other() {
 
     // curl, a real client, through the proxy: verifies beta's certificate with beta's CA, and
     // fails with alpha's CA, so the bytes really came from beta's API server.
-    let proxy = format!("http://{}", server.frontend_addr);
+    let proxy = format!("http://{}", bed.frontend());
     let curl = |cluster: &str, ca_of: &str| {
         std::process::Command::new("curl")
             .args(["-sS", "--max-time", "10", "--proxy", &proxy, "--cacert"])
-            .arg(bed.pki.apiserver_ca(ca_of))
+            .arg(bed.pki().apiserver_ca(ca_of))
             .arg(format!("https://{cluster}:443/version"))
             .output()
             .expect("curl")
@@ -79,21 +73,22 @@ async fn each_cluster_reaches_its_own_api_server_and_never_the_other() {
 
 #[tokio::test]
 async fn unknown_cluster_is_503_naming_it_within_100ms() {
-    let bed = Bed::new(&["alpha"]);
     // Once the warm-up is over (during it, CONNECTs wait for agents that may still be arriving:
     // see high_availability.rs), a cluster never seen is answered at once.
-    let server = ServerProc::start(&bed.pki, None, &["--warmup", "300ms"])
-        .await
-        .unwrap();
+    let bed = Testbed::builder(&["alpha"])
+        .server_args(&["--warmup", "300ms"])
+        .start()
+        .await;
     integration_tests::eventually("warm-up over", Duration::from_secs(5), || async {
-        let (_, body) = integration_tests::procs::admin_get(server.admin_addr, "/api/v1/clusters")
-            .await
-            .unwrap();
+        let (_, body) =
+            integration_tests::procs::admin_get(bed.server.admin_addr, "/api/v1/clusters")
+                .await
+                .unwrap();
         body.contains("\"warming_up\":false")
     })
     .await;
     let started = Instant::now();
-    let (status, body) = refused(connect(server.frontend_addr, "gamma:443").await.unwrap());
+    let (status, body) = refused(connect(bed.frontend(), "gamma:443").await.unwrap());
     let elapsed = started.elapsed();
     assert_eq!(status, 503);
     assert!(
@@ -106,13 +101,12 @@ async fn unknown_cluster_is_503_naming_it_within_100ms() {
 
 #[tokio::test]
 async fn agent_cannot_register_a_cluster_other_than_its_certificate_cn() {
-    let bed = Bed::new(&["alpha", "beta"]);
-    let alpha_api = FakeApiServer::start(&bed.pki, "alpha").await.unwrap();
-    let server = ServerProc::start(&bed.pki, None, &[]).await.unwrap();
+    let bed = Testbed::builder(&["alpha", "beta"]).start().await;
+    let alpha_api = FakeApiServer::start(bed.pki(), "alpha").await.unwrap();
     // beta's certificate, claiming alpha.
     let impostor = AgentProc::start(
-        &bed.pki,
-        &[server.agent_addr],
+        bed.pki(),
+        &[bed.server.agent_addr],
         "beta",
         alpha_api.addr,
         &["--cluster", "alpha"],
@@ -137,20 +131,24 @@ async fn agent_cannot_register_a_cluster_other_than_its_certificate_cn() {
         logs.contains(r#"certificate CN "beta" may not register cluster "alpha""#),
         "reason not logged plainly:\n{logs}"
     );
-    assert!(server.proc.logs().contains("agent registration refused"));
+    assert!(
+        bed.server
+            .proc
+            .logs()
+            .contains("agent registration refused")
+    );
     let (status, _) = integration_tests::procs::admin_get(impostor.admin_addr, "/readyz")
         .await
         .unwrap();
     assert_eq!(status, 503, "refused agent reports ready");
-    let (status, body) = refused(connect(server.frontend_addr, "alpha:443").await.unwrap());
+    let (status, body) = refused(connect(bed.frontend(), "alpha:443").await.unwrap());
     assert_eq!(status, 503, "alpha served by an impostor: {body}");
 }
 
 #[tokio::test]
 async fn bad_requests_get_400_and_405() {
-    let bed = Bed::new(&["alpha"]);
-    let server = ServerProc::start(&bed.pki, None, &[]).await.unwrap();
-    let send = |raw: &'static [u8]| raw_exchange(server.frontend_addr, raw);
+    let bed = Testbed::builder(&["alpha"]).start().await;
+    let send = |raw: &'static [u8]| raw_exchange(bed.frontend(), raw);
     let get = send(b"GET http://alpha/ HTTP/1.1\r\nHost: alpha\r\n\r\n").await;
     assert!(get.starts_with("HTTP/1.1 405 "), "{get}");
     assert!(get.contains("Allow: CONNECT"), "{get}");
@@ -164,18 +162,17 @@ async fn bad_requests_get_400_and_405() {
 
 #[tokio::test]
 async fn unreachable_upstream_is_502_with_the_agents_reason() {
-    let bed = Bed::new(&["alpha"]);
     // A port with nothing listening.
     let closed = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .unwrap()
         .local_addr()
         .unwrap();
-    let server = ServerProc::start(&bed.pki, None, &[]).await.unwrap();
-    let _agent = AgentProc::start_ready(&bed.pki, &[server.agent_addr], "alpha", closed)
-        .await
-        .unwrap();
-    let (status, body) = refused(connect(server.frontend_addr, "alpha:443").await.unwrap());
+    let bed = Testbed::builder(&["alpha"])
+        .agent("alpha", closed)
+        .start()
+        .await;
+    let (status, body) = refused(connect(bed.frontend(), "alpha:443").await.unwrap());
     assert_eq!(status, 502, "{body}");
     assert!(
         body.contains(&closed.to_string()) && body.to_lowercase().contains("refused"),
@@ -185,17 +182,15 @@ async fn unreachable_upstream_is_502_with_the_agents_reason() {
 
 #[tokio::test]
 async fn silent_agent_is_504_after_the_dial_timeout() {
-    let bed = Bed::new(&["alpha"]);
-    let api = FakeApiServer::start(&bed.pki, "alpha").await.unwrap();
-    let server = ServerProc::start(&bed.pki, None, &["--dial-timeout", "1s"])
-        .await
-        .unwrap();
-    let agent = AgentProc::start_ready(&bed.pki, &[server.agent_addr], "alpha", api.addr)
-        .await
-        .unwrap();
+    let bed = Testbed::builder(&["alpha"])
+        .server_args(&["--dial-timeout", "1s"])
+        .member("alpha")
+        .start()
+        .await;
+    let agent = &bed.agents[0];
     agent.proc.signal("STOP");
     let started = Instant::now();
-    let reply = connect(server.frontend_addr, "alpha:443").await;
+    let reply = connect(bed.frontend(), "alpha:443").await;
     agent.proc.signal("CONT");
     let (status, body) = refused(reply.unwrap());
     assert_eq!(status, 504, "{body}");
@@ -205,7 +200,7 @@ async fn silent_agent_is_504_after_the_dial_timeout() {
         "504 after {elapsed:?}"
     );
     // The agent is fine again afterwards.
-    let (status, _) = get_via_proxy(server.frontend_addr, &bed.pki, "alpha", "/version")
+    let (status, _) = get_via_proxy(bed.frontend(), bed.pki(), "alpha", "/version")
         .await
         .unwrap();
     assert_eq!(status, 200);
@@ -213,20 +208,15 @@ async fn silent_agent_is_504_after_the_dial_timeout() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dials_are_spread_across_the_agents_of_a_cluster() {
-    let bed = Bed::new(&["alpha"]);
-    let one = BannerServer::start("one").await.unwrap();
-    let two = BannerServer::start("two").await.unwrap();
-    let server = ServerProc::start(&bed.pki, None, &[]).await.unwrap();
-    let _a = AgentProc::start_ready(&bed.pki, &[server.agent_addr], "alpha", one.addr)
-        .await
-        .unwrap();
-    let _b = AgentProc::start_ready(&bed.pki, &[server.agent_addr], "alpha", two.addr)
-        .await
-        .unwrap();
+    let bed = Testbed::builder(&["alpha"])
+        .banner_agent("alpha", "one")
+        .banner_agent("alpha", "two")
+        .start()
+        .await;
     let mut seen = std::collections::BTreeMap::new();
     for _ in 0..10 {
         *seen
-            .entry(banner_via(server.frontend_addr, "alpha").await)
+            .entry(banner_via(bed.frontend(), "alpha").await)
             .or_insert(0) += 1;
     }
     assert_eq!(seen.len(), 2, "all dials went to one agent: {seen:?}");
@@ -236,13 +226,11 @@ async fn dials_are_spread_across_the_agents_of_a_cluster() {
 #[tokio::test]
 async fn a_connect_port_the_proxy_does_not_serve_is_refused_naming_it() {
     // The agent always dials its API server; `CONNECT alpha:22` must not silently reach it.
-    let bed = Bed::new(&["alpha"]);
-    let server = ServerProc::start(&bed.pki, None, &[]).await.unwrap();
-    let upstream = BannerServer::start("alpha").await.unwrap();
-    let _agent = AgentProc::start_ready(&bed.pki, &[server.agent_addr], "alpha", upstream.addr)
-        .await
-        .unwrap();
-    let (status, body) = refused(connect(server.frontend_addr, "alpha:22").await.unwrap());
+    let bed = Testbed::builder(&["alpha"])
+        .banner_agent("alpha", "alpha")
+        .start()
+        .await;
+    let (status, body) = refused(connect(bed.frontend(), "alpha:22").await.unwrap());
     assert_eq!(status, 400);
     assert!(
         body.contains("port 22 is not served") && body.contains("CONNECT alpha:443"),
@@ -250,7 +238,7 @@ async fn a_connect_port_the_proxy_does_not_serve_is_refused_naming_it() {
     );
     // The API server's usual ports are both served.
     for port in [443, 6443] {
-        let reply = connect(server.frontend_addr, &format!("alpha:{port}"))
+        let reply = connect(bed.frontend(), &format!("alpha:{port}"))
             .await
             .unwrap();
         assert!(

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use integration_tests::client::{FrontendClient, base64, write_kubeconfig};
 use integration_tests::procs::metric;
 use integration_tests::upstream::BannerServer;
-use integration_tests::{AgentProc, Bed, FakeApiServer, ServerProc};
+use integration_tests::{AgentProc, Bed, ServerProc, Testbed};
 use tokio::io::{AsyncBufReadExt, BufReader};
 
 const POLICY: &str = r#"
@@ -33,69 +33,41 @@ fn s(p: &Path) -> String {
     p.display().to_string()
 }
 
-struct Door {
-    bed: Bed,
-    server: ServerProc,
-    _agents: Vec<AgentProc>,
-    alpha_agent_admin: std::net::SocketAddr,
-}
-
-/// A TLS frontend with a client CA and the policy above; agents for alpha and beta in front of
-/// banner upstreams, or fake API servers with `apis`.
-async fn door() -> Door {
+/// A TLS frontend with a client CA and the policy above; agents for alpha (`agents[0]`) and beta
+/// in front of banner upstreams, or fake API servers with `apis`.
+async fn door() -> Testbed {
     door_with(false).await
 }
 
-async fn door_with(apis: bool) -> Door {
-    let bed = Bed::new(&["alpha", "beta"]);
-    let policy = write_policy(bed.dir.path(), POLICY);
-    let pki = &bed.pki;
-    let server = ServerProc::start(
-        pki,
-        None,
-        &[
-            "--frontend-tls-cert",
-            &s(&pki.server_cert()),
-            "--frontend-tls-key",
-            &s(&pki.server_key()),
-            "--frontend-ca",
-            &s(&pki.frontend_ca()),
-            "--frontend-auth-file",
-            &s(&policy),
-        ],
-    )
-    .await
-    .unwrap();
-    let (alpha_up, beta_up) = if apis {
-        (
-            FakeApiServer::start(pki, "alpha").await.unwrap().addr,
-            FakeApiServer::start(pki, "beta").await.unwrap().addr,
-        )
+async fn door_with(apis: bool) -> Testbed {
+    let bed = Testbed::builder(&["alpha", "beta"]);
+    let policy = s(&write_policy(bed.dir(), POLICY));
+    let pki = bed.pki();
+    let (cert, key, ca) = (
+        s(&pki.server_cert()),
+        s(&pki.server_key()),
+        s(&pki.frontend_ca()),
+    );
+    let bed = bed.server_args(&[
+        "--frontend-tls-cert",
+        &cert,
+        "--frontend-tls-key",
+        &key,
+        "--frontend-ca",
+        &ca,
+        "--frontend-auth-file",
+        &policy,
+    ]);
+    // alpha's agent counts its upstream dials: none ahead of demand.
+    let no_warm = &integration_tests::procs::NO_WARM;
+    let bed = if apis {
+        bed.member("alpha").agent_args(no_warm).member("beta")
     } else {
-        (
-            BannerServer::start("alpha-upstream").await.unwrap().addr,
-            BannerServer::start("beta-upstream").await.unwrap().addr,
-        )
+        bed.banner_agent("alpha", "alpha-upstream")
+            .agent_args(no_warm)
+            .banner_agent("beta", "beta-upstream")
     };
-    // Counts the agent's upstream dials: none ahead of demand.
-    let alpha = AgentProc::start_ready_with(
-        pki,
-        &[server.agent_addr],
-        "alpha",
-        alpha_up,
-        &integration_tests::procs::NO_WARM,
-    )
-    .await
-    .unwrap();
-    let beta = AgentProc::start_ready(pki, &[server.agent_addr], "beta", beta_up)
-        .await
-        .unwrap();
-    Door {
-        alpha_agent_admin: alpha.admin_addr,
-        bed,
-        server,
-        _agents: vec![alpha, beta],
-    }
+    bed.start().await
 }
 
 fn client(bed: &Bed, cert: Option<&str>, authorization: Option<String>) -> FrontendClient {
@@ -163,7 +135,7 @@ async fn allowed_and_denied_matrix_over_the_tls_frontend() {
         ),
     ];
     let dials_before = metric(
-        d.alpha_agent_admin,
+        d.agents[0].admin_addr,
         "proxy_agent_upstream_dial_duration_seconds_count",
     )
     .await;
@@ -201,7 +173,7 @@ async fn allowed_and_denied_matrix_over_the_tls_frontend() {
     }
     // Refused requests never reached the agent: it dialed exactly once per allowed CONNECT.
     let dials = metric(
-        d.alpha_agent_admin,
+        d.agents[0].admin_addr,
         "proxy_agent_upstream_dial_duration_seconds_count",
     )
     .await;
@@ -245,17 +217,15 @@ async fn allowed_and_denied_matrix_over_the_tls_frontend() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kubectl_with_a_token_in_proxy_url_works_and_without_it_is_refused() {
-    let bed = Bed::new(&["alpha"]);
-    let policy = write_policy(bed.dir.path(), POLICY);
-    let api = FakeApiServer::start(&bed.pki, "alpha").await.unwrap();
-    let server = ServerProc::start(&bed.pki, None, &["--frontend-auth-file", &s(&policy)])
-        .await
-        .unwrap();
-    let _agent = AgentProc::start_ready(&bed.pki, &[server.agent_addr], "alpha", api.addr)
-        .await
-        .unwrap();
+    let bed = Testbed::builder(&["alpha"]);
+    let policy = s(&write_policy(bed.dir(), POLICY));
+    let bed = bed
+        .server_args(&["--frontend-auth-file", &policy])
+        .member("alpha")
+        .start()
+        .await;
     let kubectl = |url: String| {
-        let cfg = write_kubeconfig(bed.dir.path(), &bed.pki, "alpha", &url).unwrap();
+        let cfg = write_kubeconfig(bed.dir(), bed.pki(), "alpha", &url).unwrap();
         Command::new("kubectl")
             .arg("--kubeconfig")
             .arg(cfg)
@@ -263,17 +233,14 @@ async fn kubectl_with_a_token_in_proxy_url_works_and_without_it_is_refused() {
             .output()
             .unwrap()
     };
-    let ok = kubectl(format!(
-        "http://kubefed:kubefed-token@{}",
-        server.frontend_addr
-    ));
+    let ok = kubectl(format!("http://kubefed:kubefed-token@{}", bed.frontend()));
     assert!(
         ok.status.success(),
         "{}",
         String::from_utf8_lossy(&ok.stderr)
     );
     assert!(String::from_utf8_lossy(&ok.stdout).contains("+alpha"));
-    let refused = kubectl(format!("http://{}", server.frontend_addr));
+    let refused = kubectl(format!("http://{}", bed.frontend()));
     assert!(
         !refused.status.success(),
         "kubectl got through without a token"
@@ -289,33 +256,27 @@ async fn kubectl_with_a_token_in_proxy_url_works_and_without_it_is_refused() {
 async fn kubectl_shows_the_proxys_reason_for_every_refusal() {
     // kubectl prints only the status line of a refused CONNECT ("Unable to connect to the
     // server: <reason phrase>"), so the reason must be there, not only in the body.
-    let bed = Bed::new(&["alpha", "beta", "gamma"]);
-    let policy = write_policy(
-        bed.dir.path(),
+    let bed = Testbed::builder(&["alpha", "beta", "gamma"]);
+    let policy = s(&write_policy(
+        bed.dir(),
         "clients:\n  - name: kubefed\n    token: \"kubefed-token\"\n    clusters: [\"alpha\", \"gamma\"]\n",
-    );
+    ));
     // alpha's agent dials a port where nothing listens: its dials fail (502).
     let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let dead_upstream = closed.local_addr().unwrap();
     drop(closed);
-    let server = ServerProc::start(
-        &bed.pki,
-        None,
-        &["--frontend-auth-file", &s(&policy), "--warmup", "0s"],
-    )
-    .await
-    .unwrap();
-    let _agent = AgentProc::start_ready(&bed.pki, &[server.agent_addr], "alpha", dead_upstream)
-        .await
-        .unwrap();
+    let bed = bed
+        .server_args(&["--frontend-auth-file", &policy, "--warmup", "0s"])
+        .agent("alpha", dead_upstream)
+        .start()
+        .await;
     let kubectl = |cluster: &str, credentials: &str| {
-        let url = format!("http://{credentials}{}", server.frontend_addr);
+        let url = format!("http://{credentials}{}", bed.frontend());
         let dir = bed
-            .dir
-            .path()
+            .dir()
             .join(format!("kc-{cluster}-{}", credentials.len()));
         std::fs::create_dir_all(&dir).unwrap();
-        let cfg = write_kubeconfig(&dir, &bed.pki, cluster, &url).unwrap();
+        let cfg = write_kubeconfig(&dir, bed.pki(), cluster, &url).unwrap();
         let out = Command::new("kubectl")
             .arg("--kubeconfig")
             .arg(cfg)

@@ -9,7 +9,7 @@ use hyper_util::rt::TokioIo;
 use integration_tests::client::read_n;
 use integration_tests::data::Pattern;
 use integration_tests::upstream::{BulkServer, SourceServer};
-use integration_tests::{AgentProc, Bed, FakeApiServer, ServerProc, client, connect};
+use integration_tests::{Testbed, client, connect};
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -17,15 +17,14 @@ const GIB: u64 = 1 << 30;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_gib_each_way_arrives_byte_identical_and_half_close_travels() {
-    let bed = Bed::new(&["alpha"]);
     let bulk = BulkServer::start(GIB).await.unwrap();
-    let server = ServerProc::start(&bed.pki, None, &[]).await.unwrap();
-    let _agent = AgentProc::start_ready(&bed.pki, &[server.agent_addr], "alpha", bulk.addr)
-        .await
-        .unwrap();
+    let bed = Testbed::builder(&["alpha"])
+        .agent("alpha", bulk.addr)
+        .start()
+        .await;
 
     let started = Instant::now();
-    let tunnel = connect(server.frontend_addr, "alpha:443")
+    let tunnel = connect(bed.frontend(), "alpha:443")
         .await
         .unwrap()
         .tunnel()
@@ -77,11 +76,16 @@ async fn one_gib_each_way_arrives_byte_identical_and_half_close_travels() {
     );
     // Both ends saw an orderly close (fin both ways, then the stream ends), not an abort.
     let deadline = Instant::now() + Duration::from_secs(10);
-    while !server.proc.logs().contains("tunneled connection closed") {
+    while !bed
+        .server
+        .proc
+        .logs()
+        .contains("tunneled connection closed")
+    {
         assert!(Instant::now() < deadline, "no access log line");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let logs = server.proc.logs();
+    let logs = bed.server.proc.logs();
     let line = logs
         .lines()
         .find(|l| l.contains("tunneled connection closed"))
@@ -104,20 +108,15 @@ async fn one_gib_each_way_arrives_byte_identical_and_half_close_travels() {
 async fn two_hundred_concurrent_connections_through_one_agent_are_all_correct() {
     const N: usize = 200;
     const BODY: u64 = 256 * 1024;
-    let bed = Bed::new(&["alpha"]);
-    let api = FakeApiServer::start(&bed.pki, "alpha").await.unwrap();
-    let server = ServerProc::start(&bed.pki, None, &[]).await.unwrap();
-    let _agent = AgentProc::start_ready(&bed.pki, &[server.agent_addr], "alpha", api.addr)
-        .await
-        .unwrap();
-    let pki = Arc::new(bed.pki.clone());
+    let bed = Testbed::builder(&["alpha"]).member("alpha").start().await;
+    let pki = Arc::new(bed.pki().clone());
     // Every connection is established and answered once before any of them moves on, so all
     // 200 are open at the same time.
     let barrier = Arc::new(tokio::sync::Barrier::new(N));
     let expected = Pattern::digest(BODY);
     let mut tasks = Vec::new();
     for _ in 0..N {
-        let (pki, barrier, frontend) = (pki.clone(), barrier.clone(), server.frontend_addr);
+        let (pki, barrier, frontend) = (pki.clone(), barrier.clone(), bed.frontend());
         tasks.push(tokio::spawn(async move {
             let tunnel = connect(frontend, "alpha:443").await?.tunnel()?;
             let tls = client::apiserver_tls(&pki, "alpha", tunnel).await?;
@@ -162,15 +161,14 @@ async fn two_hundred_concurrent_connections_through_one_agent_are_all_correct() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_reader_does_not_slow_another_connection_of_the_same_agent() {
     const MOVE: u64 = 256 << 20;
-    let bed = Bed::new(&["alpha"]);
     let source = SourceServer::start().await.unwrap();
-    let server = ServerProc::start(&bed.pki, None, &[]).await.unwrap();
-    let _agent = AgentProc::start_ready(&bed.pki, &[server.agent_addr], "alpha", source.addr)
-        .await
-        .unwrap();
+    let bed = Testbed::builder(&["alpha"])
+        .agent("alpha", source.addr)
+        .start()
+        .await;
 
     // Baseline: one connection alone.
-    let mut alone = connect(server.frontend_addr, "alpha:443")
+    let mut alone = connect(bed.frontend(), "alpha:443")
         .await
         .unwrap()
         .tunnel()
@@ -179,7 +177,7 @@ async fn a_stalled_reader_does_not_slow_another_connection_of_the_same_agent() {
     drop(alone);
 
     // A connection that reads a little, then stops reading.
-    let mut stalled = connect(server.frontend_addr, "alpha:443")
+    let mut stalled = connect(bed.frontend(), "alpha:443")
         .await
         .unwrap()
         .tunnel()
@@ -208,7 +206,7 @@ async fn a_stalled_reader_does_not_slow_another_connection_of_the_same_agent() {
         "only {last} bytes pending behind the stalled reader"
     );
 
-    let mut other = connect(server.frontend_addr, "alpha:443")
+    let mut other = connect(bed.frontend(), "alpha:443")
         .await
         .unwrap()
         .tunnel()

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use integration_tests::blackhole::Blackhole;
 use integration_tests::procs::metric;
 use integration_tests::upstream::{BannerServer, SourceServer};
-use integration_tests::{AgentProc, Bed, ServerProc, connect};
+use integration_tests::{Testbed, connect};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -33,20 +33,16 @@ async fn until_zero(what: &str, admin: SocketAddr, sample: &str, limit: Duration
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_tunnel_of_a_vanished_client_is_freed_on_both_sides() {
-    let bed = Bed::new(&["alpha"]);
     let upstream = BannerServer::start("alpha").await.unwrap();
-    let server = ServerProc::start(&bed.pki, None, &KEEPALIVE).await.unwrap();
-    let agent = AgentProc::start_ready_with(
-        &bed.pki,
-        &[server.agent_addr],
-        "alpha",
-        upstream.addr,
-        &KEEPALIVE,
-    )
-    .await
-    .unwrap();
+    let bed = Testbed::builder(&["alpha"])
+        .server_args(&KEEPALIVE)
+        .agent("alpha", upstream.addr)
+        .agent_args(&KEEPALIVE)
+        .start()
+        .await;
+    let agent = &bed.agents[0];
 
-    let mut tunnel = connect(server.frontend_addr, "alpha:443")
+    let mut tunnel = connect(bed.frontend(), "alpha:443")
         .await
         .unwrap()
         .tunnel()
@@ -54,11 +50,17 @@ async fn an_idle_tunnel_of_a_vanished_client_is_freed_on_both_sides() {
     let mut banner = [0u8; 6];
     tunnel.read_exact(&mut banner).await.unwrap();
     let active = "proxy_server_connections_active{cluster=\"alpha\"}";
-    assert_eq!(metric(server.admin_addr, active).await, 1.0);
+    assert_eq!(metric(bed.server.admin_addr, active).await, 1.0);
 
     // The client vanishes: from now on nothing it sends arrives, not even ACKs.
-    let _gone = Blackhole::between(tunnel.local_addr().unwrap(), server.frontend_addr);
-    let freed = until_zero("server", server.admin_addr, active, Duration::from_secs(20)).await;
+    let _gone = Blackhole::between(tunnel.local_addr().unwrap(), bed.frontend());
+    let freed = until_zero(
+        "server",
+        bed.server.admin_addr,
+        active,
+        Duration::from_secs(20),
+    )
+    .await;
     let agent_freed = until_zero(
         "agent",
         agent.admin_addr,
@@ -76,20 +78,15 @@ async fn an_idle_tunnel_of_a_vanished_client_is_freed_on_both_sides() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tunnel_whose_client_vanished_mid_download_is_freed() {
-    let bed = Bed::new(&["alpha"]);
     let source = SourceServer::start().await.unwrap();
-    let server = ServerProc::start(&bed.pki, None, &KEEPALIVE).await.unwrap();
-    let _agent = AgentProc::start_ready_with(
-        &bed.pki,
-        &[server.agent_addr],
-        "alpha",
-        source.addr,
-        &AGENT_KEEPALIVE,
-    )
-    .await
-    .unwrap();
+    let bed = Testbed::builder(&["alpha"])
+        .server_args(&KEEPALIVE)
+        .agent("alpha", source.addr)
+        .agent_args(&AGENT_KEEPALIVE)
+        .start()
+        .await;
 
-    let mut tunnel = connect(server.frontend_addr, "alpha:443")
+    let mut tunnel = connect(bed.frontend(), "alpha:443")
         .await
         .unwrap()
         .tunnel()
@@ -98,7 +95,7 @@ async fn a_tunnel_whose_client_vanished_mid_download_is_freed() {
     tunnel.read_exact(&mut buf).await.unwrap();
     // Vanishes while the server is sending: its data is never acknowledged, so keepalive
     // (which waits for an idle connection) never starts; TCP_USER_TIMEOUT ends it.
-    let _gone = Blackhole::between(tunnel.local_addr().unwrap(), server.frontend_addr);
+    let _gone = Blackhole::between(tunnel.local_addr().unwrap(), bed.frontend());
     let started = Instant::now();
     let conn = source.conns()[0].clone();
     while conn.closed_at.lock().unwrap().is_none() {
@@ -113,7 +110,7 @@ async fn a_tunnel_whose_client_vanished_mid_download_is_freed() {
     assert!(freed <= Duration::from_secs(8), "{freed:?}");
     assert_eq!(
         metric(
-            server.admin_addr,
+            bed.server.admin_addr,
             "proxy_server_connections_active{cluster=\"alpha\"}"
         )
         .await,
@@ -127,29 +124,21 @@ async fn a_tunnel_whose_client_vanished_mid_download_is_freed() {
 /// made for a client that is gone, even once the upstream answers again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_leaves_during_its_dial_cancels_it_at_the_agent() {
-    let bed = Bed::new(&["alpha"]);
     let upstream = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let upstream_addr = upstream.local_addr().unwrap();
     // Long dial timeouts, so only the cancellation can end the dial within the test.
     let slow = ["--dial-timeout", "30s"];
-    let server = ServerProc::start(&bed.pki, None, &slow).await.unwrap();
-    let agent = AgentProc::start_ready_with(
-        &bed.pki,
-        &[server.agent_addr],
-        "alpha",
-        upstream_addr,
-        &[
-            slow[0],
-            slow[1],
-            integration_tests::procs::NO_WARM[0],
-            integration_tests::procs::NO_WARM[1],
-        ],
-    )
-    .await
-    .unwrap();
+    let bed = Testbed::builder(&["alpha"])
+        .server_args(&slow)
+        .agent("alpha", upstream_addr)
+        .agent_args(&slow)
+        .agent_args(&integration_tests::procs::NO_WARM)
+        .start()
+        .await;
+    let agent = &bed.agents[0];
     let unreachable = Blackhole::to(upstream_addr);
 
-    let mut client = TcpStream::connect(server.frontend_addr).await.unwrap();
+    let mut client = TcpStream::connect(bed.frontend()).await.unwrap();
     client
         .write_all(b"CONNECT alpha:443 HTTP/1.1\r\nHost: alpha:443\r\n\r\n")
         .await
@@ -164,7 +153,7 @@ async fn a_client_that_leaves_during_its_dial_cancels_it_at_the_agent() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(
-        metric(server.admin_addr, "proxy_server_pending_dials").await,
+        metric(bed.server.admin_addr, "proxy_server_pending_dials").await,
         1.0
     );
 
@@ -172,11 +161,11 @@ async fn a_client_that_leaves_during_its_dial_cancels_it_at_the_agent() {
     let freed = until_zero("agent", agent.admin_addr, active, Duration::from_secs(3)).await;
     eprintln!("dial cancelled at the agent {freed:?} after its client left");
     assert_eq!(
-        metric(server.admin_addr, "proxy_server_pending_dials").await,
+        metric(bed.server.admin_addr, "proxy_server_pending_dials").await,
         0.0
     );
     assert_eq!(
-        metric(server.admin_addr, "proxy_server_dials_cancelled_total").await,
+        metric(bed.server.admin_addr, "proxy_server_dials_cancelled_total").await,
         1.0
     );
     assert_eq!(
@@ -185,7 +174,7 @@ async fn a_client_that_leaves_during_its_dial_cancels_it_at_the_agent() {
     );
     assert_eq!(
         metric(
-            server.admin_addr,
+            bed.server.admin_addr,
             r#"proxy_server_connections_total{cluster="alpha",result="client_left"}"#
         )
         .await,

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use integration_tests::procs::{metric, metric_opt};
-use integration_tests::{AgentProc, Bed, ServerProc, connect, eventually, relay, rogue};
+use integration_tests::{AgentProc, Bed, ServerProc, Testbed, connect, eventually, relay, rogue};
 use proxy_proto::{Chunk, WARM_HEADER, server_message};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -163,16 +163,15 @@ async fn across_a_wan_a_warm_connection_saves_the_dial_round_trip() {
 /// next client gets the dial's `502`, not a `200` on a connection made before the failure.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_upstream_dial_closes_the_idle_warm_connections() {
-    let bed = Bed::new(&["alpha"]);
     let up = Echo::start().await;
-    let server = ServerProc::start(&bed.pki, None, &[]).await.unwrap();
-    let agent = AgentProc::start_ready(&bed.pki, &[server.agent_addr], "alpha", up.addr)
-        .await
-        .unwrap();
-    let (s, a) = (server.admin_addr, agent.admin_addr);
+    let bed = Testbed::builder(&["alpha"])
+        .agent("alpha", up.addr)
+        .start()
+        .await;
+    let (s, a) = (bed.server.admin_addr, bed.agents[0].admin_addr);
     // Four CONNECTs at once, before any warm connection exists: (nearly) all miss, so several
     // warm connections are wanted.
-    let f = server.frontend_addr;
+    let f = bed.frontend();
     let burst = tokio::join!(
         timed_connect(f),
         timed_connect(f),
@@ -190,7 +189,7 @@ async fn a_failed_upstream_dial_closes_the_idle_warm_connections() {
     // The upstream stops accepting; its open connections stay.
     up.stop_accepting.cancel();
     // A warm one is still a real connection: handed out, and it works.
-    let (_, _, mut third) = timed_connect(server.frontend_addr).await;
+    let (_, _, mut third) = timed_connect(bed.frontend()).await;
     echo_once(&mut third).await;
     // Replacing it fails at the dial: the other idle ones are closed with it.
     eventually(
@@ -208,7 +207,7 @@ async fn a_failed_upstream_dial_closes_the_idle_warm_connections() {
     )
     .await;
     let warm_before = metric(s, "proxy_server_warm_connects_total").await;
-    match connect(server.frontend_addr, "alpha:443").await.unwrap() {
+    match connect(bed.frontend(), "alpha:443").await.unwrap() {
         integration_tests::ConnectReply::Refused { status, .. } => assert_eq!(status, 502),
         integration_tests::ConnectReply::Tunnel(_) => {
             panic!("a warm connection was handed out after the upstream failed")
@@ -222,17 +221,15 @@ async fn a_failed_upstream_dial_closes_the_idle_warm_connections() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_warm_connection_the_upstream_closed_is_never_handed_out() {
-    let bed = Bed::new(&["alpha"]);
     let up = Echo::start().await;
     // Pings (which also sweep dead warm streams) every 500 ms.
-    let server = ServerProc::start(&bed.pki, None, &["--keepalive-interval", "500ms"])
-        .await
-        .unwrap();
-    let agent = AgentProc::start_ready(&bed.pki, &[server.agent_addr], "alpha", up.addr)
-        .await
-        .unwrap();
-    let (s, a) = (server.admin_addr, agent.admin_addr);
-    let (_, _, first) = timed_connect(server.frontend_addr).await;
+    let bed = Testbed::builder(&["alpha"])
+        .server_args(&["--keepalive-interval", "500ms"])
+        .agent("alpha", up.addr)
+        .start()
+        .await;
+    let (s, a) = (bed.server.admin_addr, bed.agents[0].admin_addr);
+    let (_, _, first) = timed_connect(bed.frontend()).await;
     drop(first);
     eventually(
         "a warm stream reaches the server",
@@ -264,7 +261,7 @@ async fn a_warm_connection_the_upstream_closed_is_never_handed_out() {
     assert_eq!(up.accepted.load(Ordering::SeqCst), accepted);
 
     // The next client is dialed for, and served.
-    let (_, _, mut next) = timed_connect(server.frontend_addr).await;
+    let (_, _, mut next) = timed_connect(bed.frontend()).await;
     echo_once(&mut next).await;
     assert_eq!(metric(s, "proxy_server_warm_connects_total").await, 0.0);
 }
@@ -289,19 +286,18 @@ fn warm_request(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_cannot_make_the_server_hold_more_warm_streams_than_the_bound() {
-    let bed = Bed::new(&["alpha", "beta"]);
-    let server = ServerProc::start(&bed.pki, None, &[]).await.unwrap();
-    let s = server.admin_addr;
+    let bed = Testbed::builder(&["alpha", "beta"]).start().await;
+    let s = bed.server.admin_addr;
 
     // Not registered on this connection: refused.
-    let mut stranger = rogue::client(&bed.pki, "beta", server.agent_addr)
+    let mut stranger = rogue::client(bed.pki(), "beta", bed.server.agent_addr)
         .await
         .unwrap();
     let (req, _keep) = warm_request(vec![]);
     let err = stranger.data(req).await.unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
 
-    let mut rogue = rogue::client(&bed.pki, "beta", server.agent_addr)
+    let mut rogue = rogue::client(bed.pki(), "beta", bed.server.agent_addr)
         .await
         .unwrap();
     let (keep_control, mut control) =
@@ -341,11 +337,11 @@ async fn an_agent_cannot_make_the_server_hold_more_warm_streams_than_the_bound()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_warm_stream_that_speaks_before_it_is_handed_out_is_never_used() {
-    let bed = Bed::new(&["beta"]);
-    let server = ServerProc::start(&bed.pki, None, &["--dial-timeout", "2s"])
-        .await
-        .unwrap();
-    let mut rogue = rogue::client(&bed.pki, "beta", server.agent_addr)
+    let bed = Testbed::builder(&["beta"])
+        .server_args(&["--dial-timeout", "2s"])
+        .start()
+        .await;
+    let mut rogue = rogue::client(bed.pki(), "beta", bed.server.agent_addr)
         .await
         .unwrap();
     let (_keep, mut control) = rogue::control(&mut rogue, vec![rogue::register("beta", "rogue")])
@@ -362,7 +358,7 @@ async fn a_warm_stream_that_speaks_before_it_is_handed_out_is_never_used() {
     eventually(
         "the warm stream is held",
         Duration::from_secs(5),
-        || async { metric(server.admin_addr, "proxy_server_warm_streams").await == 1.0 },
+        || async { metric(bed.server.admin_addr, "proxy_server_warm_streams").await == 1.0 },
     )
     .await;
     // Give the forged bytes time to arrive before the CONNECT looks at the stream.
@@ -370,7 +366,7 @@ async fn a_warm_stream_that_speaks_before_it_is_handed_out_is_never_used() {
 
     // The CONNECT is sent to the dial path: the rogue gets a dial request, not the client's
     // connection, and the client gets the dial's verdict (a timeout), not the forged bytes.
-    let client = tokio::spawn(connect(server.frontend_addr, "beta:443"));
+    let client = tokio::spawn(connect(bed.frontend(), "beta:443"));
     let dial = tokio::time::timeout(Duration::from_secs(5), control.message())
         .await
         .unwrap()
@@ -385,7 +381,7 @@ async fn a_warm_stream_that_speaks_before_it_is_handed_out_is_never_used() {
         integration_tests::ConnectReply::Tunnel(_) => panic!("a warm stream that spoke was used"),
     }
     assert_eq!(
-        metric(server.admin_addr, "proxy_server_warm_connects_total").await,
+        metric(bed.server.admin_addr, "proxy_server_warm_connects_total").await,
         0.0
     );
 }
