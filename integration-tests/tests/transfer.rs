@@ -164,6 +164,8 @@ async fn a_stalled_reader_does_not_slow_another_connection_of_the_same_agent() {
     let source = SourceServer::start().await.unwrap();
     let bed = Testbed::builder(&["alpha"])
         .agent("alpha", source.addr)
+        // No warm connections: the upstream's second connection is the stalled client's.
+        .agent_args(&integration_tests::procs::NO_WARM)
         .start()
         .await;
 
