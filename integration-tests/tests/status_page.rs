@@ -87,6 +87,12 @@ async fn set_control(browser: &mut Browser, id: &str, value: &str, event: &str) 
         .unwrap();
 }
 
+/// Empties the filter and shows every state.
+async fn clear_view(browser: &mut Browser) {
+    set_control(browser, "filter", "", "input").await;
+    set_control(browser, "state", "", "change").await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn five_thousand_clusters_load_filter_and_sort_in_a_real_browser() {
     // 5,000 agent connections here and as many in the server.
@@ -193,8 +199,7 @@ async fn five_thousand_clusters_load_filter_and_sort_in_a_real_browser() {
     assert_visible(&mut browser, &down).await;
     set_control(&mut browser, "filter", "fleet-499", "input").await;
     assert_visible(&mut browser, &down[DOWN - 10..]).await;
-    set_control(&mut browser, "filter", "", "input").await;
-    set_control(&mut browser, "state", "", "change").await;
+    clear_view(&mut browser).await;
 
     // Sort by clicking column headers: bytes, largest first; again, smallest first.
     browser.click("th[data-sort=bytes] button").await.unwrap();
@@ -279,8 +284,7 @@ async fn five_thousand_clusters_load_filter_and_sort_in_a_real_browser() {
     assert!(summary.as_str().unwrap().contains("51 down"), "{summary}");
 
     // A look at it.
-    set_control(&mut browser, "filter", "", "input").await;
-    set_control(&mut browser, "state", "", "change").await;
+    clear_view(&mut browser).await;
     browser.click("th[data-sort=bytes] button").await.unwrap();
     assert_eq!(
         visible(&mut browser).await[..2],
