@@ -351,132 +351,11 @@ fn at_least_one(flag: &'static str, n: usize) -> Result<usize, ConfigError> {
 impl Config {
     /// Checks the flags and loads the TLS material and policy.
     pub fn from_args(args: &Args) -> Result<Self, ConfigError> {
-        let required = |flag: &'static str, v: &Option<PathBuf>| {
-            v.clone().ok_or_else(|| invalid(flag, "required"))
-        };
-        let agent_identity = CertKeyPaths {
-            cert: required("agent-tls-cert", &args.agent_tls_cert)?,
-            key: required("agent-tls-key", &args.agent_tls_key)?,
-        };
-        let agent_ca = required("agent-ca", &args.agent_ca)?;
         let cert_expiry = tls::CertExpiry::default();
-        let expiry = cert_expiry.clone();
-        let agent_tls = Reloadable::load(
-            "agent listener TLS",
-            vec![
-                agent_identity.cert.clone(),
-                agent_identity.key.clone(),
-                agent_ca.clone(),
-            ],
-            move || {
-                let config = tls::mtls_server_config(&agent_identity, &agent_ca)?;
-                tls::record_expiry(&expiry, "agent-listener", &agent_identity.cert);
-                tls::record_expiry(&expiry, "agent-ca", &agent_ca);
-                Ok::<_, tls::TlsError>(config)
-            },
-        )
-        .map_err(ConfigError::AgentTls)?;
-
-        let policy = match &args.frontend_auth_file {
-            Some(path) => {
-                let file = path.clone();
-                Some(Reloadable::load(
-                    "frontend auth policy",
-                    vec![path.clone()],
-                    move || Policy::load(&file),
-                )?)
-            }
-            None => None,
-        };
-
-        let frontend_tls = match (&args.frontend_tls_cert, &args.frontend_tls_key) {
-            (Some(cert), Some(key)) => {
-                let identity = CertKeyPaths {
-                    cert: cert.clone(),
-                    key: key.clone(),
-                };
-                let mut files = vec![cert.clone(), key.clone()];
-                files.extend(args.frontend_ca.iter().cloned());
-                let ca = args.frontend_ca.clone();
-                // With a policy, clients may authenticate by token instead of certificate.
-                let cert_optional = policy.is_some();
-                let expiry = cert_expiry.clone();
-                Some(
-                    Reloadable::load("frontend TLS", files, move || {
-                        let config =
-                            tls::frontend_server_config(&identity, ca.as_deref(), cert_optional)?;
-                        tls::record_expiry(&expiry, "frontend", &identity.cert);
-                        if let Some(ca) = &ca {
-                            tls::record_expiry(&expiry, "frontend-ca", ca);
-                        }
-                        Ok::<_, tls::TlsError>(config)
-                    })
-                    .map_err(ConfigError::FrontendTls)?,
-                )
-            }
-            _ => None,
-        };
-
-        if let Some(frontend_ca) = &args.frontend_ca {
-            let agents = tls::load_certs(&required("agent-ca", &args.agent_ca)?)
-                .map_err(ConfigError::AgentTls)?;
-            let clients = tls::load_certs(frontend_ca).map_err(ConfigError::FrontendTls)?;
-            if clients.iter().any(|c| agents.contains(c)) {
-                return Err(invalid(
-                    "frontend-ca",
-                    "shares a CA with --agent-ca: agent certificates could then authenticate as frontend clients, \
-                     and client certificates register as agents. Use a separate CA for frontend clients",
-                ));
-            }
-        }
-        let frontend_auth = match (policy, &args.frontend_ca) {
-            (Some(policy), _) => FrontendAuth::Policy(policy),
-            (None, Some(_)) => FrontendAuth::CertificateRequired,
-            (None, None) => FrontendAuth::Open,
-        };
-        if matches!(frontend_auth, FrontendAuth::Open)
-            && !args.frontend_addr.ip().is_loopback()
-            && !args.frontend_allow_unauthenticated
-        {
-            return Err(invalid(
-                "frontend-addr",
-                format!(
-                    "{} is not a loopback address and no authentication is configured: anyone who can reach it could reach every cluster. \
-                     Set --frontend-auth-file or --frontend-ca, or pass --frontend-allow-unauthenticated if that is really intended",
-                    args.frontend_addr
-                ),
-            ));
-        }
-
-        let cluster_suffix = match args.cluster_suffix.as_deref() {
-            None | Some("") => None,
-            Some(s) => Some(s.to_ascii_lowercase()),
-        };
-        let public_url = match &args.public_url {
-            Some(url) if url.starts_with("http://") || url.starts_with("https://") => {
-                Some(url.clone())
-            }
-            Some(url) => {
-                return Err(invalid(
-                    "public-url",
-                    format!("{url:?} must start with http:// or https://"),
-                ));
-            }
-            None => None,
-        };
-        let server_count = match &args.server_count_dns {
-            Some(name) if name.is_empty() || name.contains(':') => {
-                return Err(invalid(
-                    "server-count-dns",
-                    format!("{name:?} must be a DNS name (no port)"),
-                ));
-            }
-            Some(name) => crate::fleet::CountSource::Dns(name.clone()),
-            None => crate::fleet::CountSource::Fixed(at_least_one(
-                "server-count",
-                args.server_count as usize,
-            )? as u32),
-        };
+        let agent_tls = agent_tls(args, &cert_expiry)?;
+        let policy = policy(args)?;
+        let frontend_tls = frontend_tls(args, &cert_expiry, policy.is_some())?;
+        let frontend_auth = frontend_auth(args, policy)?;
         if args.max_head_bytes < 256 {
             return Err(invalid("max-head-bytes", "must be at least 256"));
         }
@@ -492,27 +371,19 @@ impl Config {
             agent_wait: bounded("agent-wait", args.agent_wait)?,
             keepalive_interval: positive("keepalive-interval", args.keepalive_interval)?,
             keepalive_timeout: positive("keepalive-timeout", args.keepalive_timeout)?,
-            limits: Limits {
-                handshake_timeout: positive("handshake-timeout", args.handshake_timeout)?,
-                max_head_bytes: args.max_head_bytes,
-                max_handshakes: at_least_one("max-handshakes", args.max_handshakes)?,
-                max_connections: at_least_one("max-connections", args.max_connections)?,
-                max_connections_per_cluster: at_least_one(
-                    "max-connections-per-cluster",
-                    args.max_connections_per_cluster,
-                )?,
-                max_pending_dials: at_least_one("max-pending-dials", args.max_pending_dials)?,
-                down_retention: positive("down-retention", args.down_retention)?,
+            limits: limits(args)?,
+            cluster_suffix: match args.cluster_suffix.as_deref() {
+                None | Some("") => None,
+                Some(s) => Some(s.to_ascii_lowercase()),
             },
-            cluster_suffix,
             connect_ports: if args.connect_ports.is_empty() || args.connect_ports.contains(&0) {
                 return Err(invalid("connect-ports", "list ports from 1 to 65535"));
             } else {
                 args.connect_ports.clone()
             },
-            public_url,
+            public_url: public_url(args)?,
             shutdown_grace: bounded("shutdown-grace", args.shutdown_grace)?,
-            server_count,
+            server_count: server_count(args)?,
             warmup: bounded("warmup", args.warmup)?,
             window_budget: args.window_budget,
             tcp_keepalive: args.tcp_keepalive.0,
@@ -521,5 +392,161 @@ impl Config {
                 .clone()
                 .unwrap_or_else(|| proxy_common::default_instance_id("proxy-server")),
         })
+    }
+}
+
+fn required(flag: &'static str, v: &Option<PathBuf>) -> Result<PathBuf, ConfigError> {
+    v.clone().ok_or_else(|| invalid(flag, "required"))
+}
+
+/// The agent listener's mutual TLS, re-read when its files change.
+fn agent_tls(
+    args: &Args,
+    cert_expiry: &tls::CertExpiry,
+) -> Result<Reloadable<rustls::ServerConfig>, ConfigError> {
+    let agent_identity = CertKeyPaths {
+        cert: required("agent-tls-cert", &args.agent_tls_cert)?,
+        key: required("agent-tls-key", &args.agent_tls_key)?,
+    };
+    let agent_ca = required("agent-ca", &args.agent_ca)?;
+    let expiry = cert_expiry.clone();
+    Reloadable::load(
+        "agent listener TLS",
+        vec![
+            agent_identity.cert.clone(),
+            agent_identity.key.clone(),
+            agent_ca.clone(),
+        ],
+        move || {
+            let config = tls::mtls_server_config(&agent_identity, &agent_ca)?;
+            tls::record_expiry(&expiry, "agent-listener", &agent_identity.cert);
+            tls::record_expiry(&expiry, "agent-ca", &agent_ca);
+            Ok::<_, tls::TlsError>(config)
+        },
+    )
+    .map_err(ConfigError::AgentTls)
+}
+
+/// The frontend's authorization policy, re-read when its file changes.
+fn policy(args: &Args) -> Result<Option<Reloadable<Policy>>, ConfigError> {
+    let Some(path) = &args.frontend_auth_file else {
+        return Ok(None);
+    };
+    let file = path.clone();
+    Ok(Some(Reloadable::load(
+        "frontend auth policy",
+        vec![path.clone()],
+        move || Policy::load(&file),
+    )?))
+}
+
+/// The frontend's TLS, when it has a certificate; with a policy (`cert_optional`), clients may
+/// authenticate by token instead of certificate.
+fn frontend_tls(
+    args: &Args,
+    cert_expiry: &tls::CertExpiry,
+    cert_optional: bool,
+) -> Result<Option<Reloadable<rustls::ServerConfig>>, ConfigError> {
+    let (Some(cert), Some(key)) = (&args.frontend_tls_cert, &args.frontend_tls_key) else {
+        return Ok(None);
+    };
+    let identity = CertKeyPaths {
+        cert: cert.clone(),
+        key: key.clone(),
+    };
+    let mut files = vec![cert.clone(), key.clone()];
+    files.extend(args.frontend_ca.iter().cloned());
+    let ca = args.frontend_ca.clone();
+    let expiry = cert_expiry.clone();
+    let tls = Reloadable::load("frontend TLS", files, move || {
+        let config = tls::frontend_server_config(&identity, ca.as_deref(), cert_optional)?;
+        tls::record_expiry(&expiry, "frontend", &identity.cert);
+        if let Some(ca) = &ca {
+            tls::record_expiry(&expiry, "frontend-ca", ca);
+        }
+        Ok::<_, tls::TlsError>(config)
+    })
+    .map_err(ConfigError::FrontendTls)?;
+    Ok(Some(tls))
+}
+
+/// How frontend clients authenticate; refuses a client CA shared with the agents, and an open
+/// frontend on a non-loopback address unless explicitly allowed.
+fn frontend_auth(
+    args: &Args,
+    policy: Option<Reloadable<Policy>>,
+) -> Result<FrontendAuth, ConfigError> {
+    if let Some(frontend_ca) = &args.frontend_ca {
+        let agents = tls::load_certs(&required("agent-ca", &args.agent_ca)?)
+            .map_err(ConfigError::AgentTls)?;
+        let clients = tls::load_certs(frontend_ca).map_err(ConfigError::FrontendTls)?;
+        if clients.iter().any(|c| agents.contains(c)) {
+            return Err(invalid(
+                "frontend-ca",
+                "shares a CA with --agent-ca: agent certificates could then authenticate as frontend clients, \
+                 and client certificates register as agents. Use a separate CA for frontend clients",
+            ));
+        }
+    }
+    let frontend_auth = match (policy, &args.frontend_ca) {
+        (Some(policy), _) => FrontendAuth::Policy(policy),
+        (None, Some(_)) => FrontendAuth::CertificateRequired,
+        (None, None) => FrontendAuth::Open,
+    };
+    if matches!(frontend_auth, FrontendAuth::Open)
+        && !args.frontend_addr.ip().is_loopback()
+        && !args.frontend_allow_unauthenticated
+    {
+        return Err(invalid(
+            "frontend-addr",
+            format!(
+                "{} is not a loopback address and no authentication is configured: anyone who can reach it could reach every cluster. \
+                 Set --frontend-auth-file or --frontend-ca, or pass --frontend-allow-unauthenticated if that is really intended",
+                args.frontend_addr
+            ),
+        ));
+    }
+    Ok(frontend_auth)
+}
+
+fn limits(args: &Args) -> Result<Limits, ConfigError> {
+    Ok(Limits {
+        handshake_timeout: positive("handshake-timeout", args.handshake_timeout)?,
+        max_head_bytes: args.max_head_bytes,
+        max_handshakes: at_least_one("max-handshakes", args.max_handshakes)?,
+        max_connections: at_least_one("max-connections", args.max_connections)?,
+        max_connections_per_cluster: at_least_one(
+            "max-connections-per-cluster",
+            args.max_connections_per_cluster,
+        )?,
+        max_pending_dials: at_least_one("max-pending-dials", args.max_pending_dials)?,
+        down_retention: positive("down-retention", args.down_retention)?,
+    })
+}
+
+fn public_url(args: &Args) -> Result<Option<String>, ConfigError> {
+    match &args.public_url {
+        Some(url) if url.starts_with("http://") || url.starts_with("https://") => {
+            Ok(Some(url.clone()))
+        }
+        Some(url) => Err(invalid(
+            "public-url",
+            format!("{url:?} must start with http:// or https://"),
+        )),
+        None => Ok(None),
+    }
+}
+
+fn server_count(args: &Args) -> Result<crate::fleet::CountSource, ConfigError> {
+    match &args.server_count_dns {
+        Some(name) if name.is_empty() || name.contains(':') => Err(invalid(
+            "server-count-dns",
+            format!("{name:?} must be a DNS name (no port)"),
+        )),
+        Some(name) => Ok(crate::fleet::CountSource::Dns(name.clone())),
+        None => Ok(crate::fleet::CountSource::Fixed(at_least_one(
+            "server-count",
+            args.server_count as usize,
+        )? as u32)),
     }
 }
