@@ -348,12 +348,8 @@ impl Tunnel {
         // closes them all.
         let session_token = life.close.child_token();
         let _close_all = session_token.clone().drop_guard();
-        let tracker = TaskTracker::new();
-        // Window growth of this connection's tunneled connections (see proxy_common::flow).
         let budget = proxy_common::flow::Budget::new(shared.config.window_budget);
-        let mut draining = false;
-        // Dials being served, so the server can cancel one whose client left.
-        let dials = Dials::default();
+        let tracker = TaskTracker::new();
         let warm = (warm && shared.config.warm_connections > 0).then(|| {
             let target = Arc::new(crate::warm::WarmTarget::new(shared.config.warm_connections));
             let pool = crate::warm::Pool {
@@ -367,74 +363,38 @@ impl Tunnel {
             tracker.spawn(pool.run(tracker.clone()));
             target
         });
+        let session = Session {
+            addr: &addr,
+            server_id: &server_id,
+            held,
+            env: crate::dial::DialEnv {
+                client,
+                control,
+                shared: shared.clone(),
+                budget,
+                warm,
+            },
+            dials: Dials::default(),
+            tracker: &tracker,
+            token: &session_token,
+        };
+        let mut draining = false;
         let result = loop {
             let msg = tokio::select! {
                 () = life.drain.cancelled(), if !draining => {
                     draining = true;
-                    let drain = AgentMessage { msg: Some(agent_message::Msg::Drain(Drain {})) };
-                    // Best effort: if the queue is full the server learns when the stream ends.
-                    let _ = control.try_send(drain);
-                    tracing::info!(server = %addr, server.id = %server_id, "draining: told the server to send new connections elsewhere");
+                    session.announce_drain();
                     continue;
                 }
                 () = life.close.cancelled() => break Ok(()),
                 msg = inbound.message() => msg,
             };
             match msg {
-                Ok(Some(m)) => match m.msg {
-                    Some(server_message::Msg::Dial(dial)) => {
-                        if let Some(warm) = &warm
-                            && shared.config.destination(&dial.destination)
-                                == Ok(shared.config.upstream.as_str())
-                        {
-                            // The server found no warm connection for this client.
-                            warm.missed();
-                        }
-                        let env = crate::dial::DialEnv {
-                            client: client.clone(),
-                            control: control.clone(),
-                            shared: shared.clone(),
-                            budget: budget.clone(),
-                            warm: warm.clone(),
-                        };
-                        let cancel = session_token.child_token();
-                        let entry = dials.insert(dial.dial_id, cancel.clone());
-                        tracker.spawn(async move {
-                            let _entry = entry;
-                            let dest = dial.destination;
-                            crate::dial::serve_dial(env, dial.dial_id, &dest, cancel).await;
-                        });
+                Ok(Some(m)) => {
+                    if let Err(err) = session.handle(m.msg) {
+                        break Err(err);
                     }
-                    Some(server_message::Msg::CancelDial(c)) => {
-                        if dials.cancel(c.dial_id) {
-                            tracing::debug!(dial.id = c.dial_id, "dial cancelled: its client left");
-                            shared.metrics.dials_cancelled.inc();
-                        }
-                    }
-                    Some(server_message::Msg::Fleet(fleet)) => {
-                        tracing::info!(server = %addr, server.id = %server_id, count = fleet.server_count, "server count changed");
-                        held.set_count(fleet.server_count);
-                    }
-                    Some(server_message::Msg::Ping(ping)) => {
-                        let pong = AgentMessage {
-                            msg: Some(agent_message::Msg::Pong(proxy_proto::Pong {
-                                seq: ping.seq,
-                            })),
-                        };
-                        // A full queue means the tunnel is congested: a late pong says so.
-                        let _ = control.try_send(pong);
-                    }
-                    Some(
-                        server_message::Msg::Registered(_) | server_message::Msg::AlreadyHeld(_),
-                    ) => {
-                        break Err(SessionError::Protocol("unexpected control message".into()));
-                    }
-                    None => {
-                        // A message type of a newer server this agent does not know: servers
-                        // send such only to agents that list the feature, so this is skipped.
-                        tracing::debug!(server = %addr, "unknown control message skipped");
-                    }
-                },
+                }
                 Ok(None) => break Ok(()),
                 Err(status) => break Err(SessionError::Stream(status)),
             }
@@ -451,6 +411,87 @@ impl Tunnel {
                 tracing::warn!(server = %addr, server.id = %server_id, err = %chain(&err), "tunnel to server lost")
             }
         }
+    }
+}
+
+/// One registered tunnel while it serves: what its control messages act on.
+struct Session<'a> {
+    addr: &'a str,
+    server_id: &'a str,
+    held: &'a crate::fleet::Held,
+    /// What each dial needs, cloned per dial.
+    env: crate::dial::DialEnv,
+    /// Dials being served, so the server can cancel one whose client left.
+    dials: Dials,
+    /// Where the dials run; the session waits for them before it ends.
+    tracker: &'a TaskTracker,
+    /// Parent of every tunneled connection's token.
+    token: &'a CancellationToken,
+}
+
+impl Session<'_> {
+    /// Acts on one control message from the server.
+    fn handle(&self, msg: Option<server_message::Msg>) -> Result<(), SessionError> {
+        match msg {
+            Some(server_message::Msg::Dial(dial)) => self.start_dial(dial),
+            Some(server_message::Msg::CancelDial(c)) => {
+                if self.dials.cancel(c.dial_id) {
+                    tracing::debug!(dial.id = c.dial_id, "dial cancelled: its client left");
+                    self.env.shared.metrics.dials_cancelled.inc();
+                }
+            }
+            Some(server_message::Msg::Fleet(fleet)) => {
+                tracing::info!(server = %self.addr, server.id = %self.server_id, count = fleet.server_count, "server count changed");
+                self.held.set_count(fleet.server_count);
+            }
+            Some(server_message::Msg::Ping(ping)) => {
+                let pong = AgentMessage {
+                    msg: Some(agent_message::Msg::Pong(proxy_proto::Pong {
+                        seq: ping.seq,
+                    })),
+                };
+                // A full queue means the tunnel is congested: a late pong says so.
+                let _ = self.env.control.try_send(pong);
+            }
+            Some(server_message::Msg::Registered(_) | server_message::Msg::AlreadyHeld(_)) => {
+                return Err(SessionError::Protocol("unexpected control message".into()));
+            }
+            None => {
+                // A message type of a newer server this agent does not know: servers send such
+                // only to agents that list the feature, so this is skipped.
+                tracing::debug!(server = %self.addr, "unknown control message skipped");
+            }
+        }
+        Ok(())
+    }
+
+    /// Serves a dial request in its own task, cancellable by the server.
+    fn start_dial(&self, dial: proxy_proto::DialRequest) {
+        let shared = &self.env.shared;
+        if let Some(warm) = &self.env.warm
+            && shared.config.destination(&dial.destination) == Ok(shared.config.upstream.as_str())
+        {
+            // The server found no warm connection for this client.
+            warm.missed();
+        }
+        let env = self.env.clone();
+        let cancel = self.token.child_token();
+        let entry = self.dials.insert(dial.dial_id, cancel.clone());
+        self.tracker.spawn(async move {
+            let _entry = entry;
+            let dest = dial.destination;
+            crate::dial::serve_dial(env, dial.dial_id, &dest, cancel).await;
+        });
+    }
+
+    /// Tells the server this agent is draining: new connections go to other agents.
+    fn announce_drain(&self) {
+        let drain = AgentMessage {
+            msg: Some(agent_message::Msg::Drain(Drain {})),
+        };
+        // Best effort: if the queue is full the server learns when the stream ends.
+        let _ = self.env.control.try_send(drain);
+        tracing::info!(server = %self.addr, server.id = %self.server_id, "draining: told the server to send new connections elsewhere");
     }
 }
 
