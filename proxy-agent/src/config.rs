@@ -293,77 +293,11 @@ impl Config {
 
     /// Checks the flags and loads the TLS material.
     pub fn from_args(args: &Args) -> Result<Self, ConfigError> {
-        let identity = CertKeyPaths {
-            cert: args.tls_cert.clone(),
-            key: args.tls_key.clone(),
-        };
-        let server_ca = args.server_ca.clone();
-        let files = vec![
-            identity.cert.clone(),
-            identity.key.clone(),
-            server_ca.clone(),
-        ];
         let cert_expiry = tls::CertExpiry::default();
-        let expiry = cert_expiry.clone();
-        let tls = Reloadable::load("agent TLS", files, move || {
-            let config = tls::mtls_client_config(&identity, &server_ca)?;
-            tls::record_expiry(&expiry, "client", &identity.cert);
-            tls::record_expiry(&expiry, "server-ca", &server_ca);
-            Ok::<_, tls::TlsError>(config)
-        })?;
-        let cluster = match &args.cluster {
-            Some(c) => c.clone(),
-            None => tls::common_name_of_file(&args.tls_cert)?,
-        };
-        if !proxy_common::is_valid_cluster_name(&cluster) {
-            return Err(invalid(
-                "cluster",
-                &cluster,
-                "not a valid cluster name (lower-case letters, digits, '-', '.')",
-            ));
-        }
-        let flag_proxy = match &args.https_proxy {
-            Some(url) => Some(
-                crate::http_proxy::HttpProxy::parse(url)
-                    // The URL may hold credentials: not echoed back.
-                    .map_err(|e| invalid("https-proxy", "(the given URL)", e.to_string()))?,
-            ),
-            None => None,
-        };
-        let mut servers = Vec::new();
-        for addr in &args.servers {
-            let (host, _) = split_host_port("server", addr)?;
-            let name = args.server_name.as_deref().unwrap_or(&host);
-            let tls_name = tls::server_name(name)
-                .map_err(|e| invalid("server-name", name, chain(&e).to_string()))?;
-            let proxy = crate::http_proxy::HttpProxy::for_server(flag_proxy.as_ref(), addr, |k| {
-                std::env::var(k).ok()
-            })
-            .map_err(|e| invalid("https-proxy", "(HTTPS_PROXY)", e.to_string()))?;
-            servers.push(ServerTarget {
-                addr: addr.clone(),
-                tls_name,
-                proxy,
-            });
-        }
-        split_host_port("upstream", &args.upstream)?;
-        for dest in &args.allow_destinations {
-            split_host_port("allow-destination", dest)?;
-        }
-        let upstream_ca = match &args.upstream_ca {
-            Some(path) => {
-                tls::load_certs(path)?;
-                Some(path.clone())
-            }
-            None => Some(PathBuf::from(IN_CLUSTER_CA)).filter(|p| p.exists()),
-        };
-        if tls::server_name(&args.upstream_server_name).is_err() {
-            return Err(invalid(
-                "upstream-server-name",
-                &args.upstream_server_name,
-                "not a DNS name or IP address",
-            ));
-        }
+        let tls = client_tls(args, &cert_expiry)?;
+        let cluster = cluster(args)?;
+        let servers = servers(args)?;
+        let upstream_ca = upstream_ca(args)?;
         Ok(Self {
             upstream_ca,
             upstream_server_name: args.upstream_server_name.clone(),
@@ -406,4 +340,97 @@ impl Config {
             },
         })
     }
+}
+
+/// The client TLS towards the servers, re-read when its files change.
+fn client_tls(
+    args: &Args,
+    cert_expiry: &tls::CertExpiry,
+) -> Result<Reloadable<rustls::ClientConfig>, ConfigError> {
+    let identity = CertKeyPaths {
+        cert: args.tls_cert.clone(),
+        key: args.tls_key.clone(),
+    };
+    let server_ca = args.server_ca.clone();
+    let files = vec![
+        identity.cert.clone(),
+        identity.key.clone(),
+        server_ca.clone(),
+    ];
+    let expiry = cert_expiry.clone();
+    Ok(Reloadable::load("agent TLS", files, move || {
+        let config = tls::mtls_client_config(&identity, &server_ca)?;
+        tls::record_expiry(&expiry, "client", &identity.cert);
+        tls::record_expiry(&expiry, "server-ca", &server_ca);
+        Ok::<_, tls::TlsError>(config)
+    })?)
+}
+
+/// The cluster to register: the flag, or the certificate's CN.
+fn cluster(args: &Args) -> Result<String, ConfigError> {
+    let cluster = match &args.cluster {
+        Some(c) => c.clone(),
+        None => tls::common_name_of_file(&args.tls_cert)?,
+    };
+    if !proxy_common::is_valid_cluster_name(&cluster) {
+        return Err(invalid(
+            "cluster",
+            &cluster,
+            "not a valid cluster name (lower-case letters, digits, '-', '.')",
+        ));
+    }
+    Ok(cluster)
+}
+
+/// Each `--server` with its TLS name and the HTTP proxy (if any) that reaches it.
+fn servers(args: &Args) -> Result<Vec<ServerTarget>, ConfigError> {
+    let flag_proxy = match &args.https_proxy {
+        Some(url) => Some(
+            crate::http_proxy::HttpProxy::parse(url)
+                // The URL may hold credentials: not echoed back.
+                .map_err(|e| invalid("https-proxy", "(the given URL)", e.to_string()))?,
+        ),
+        None => None,
+    };
+    let mut servers = Vec::new();
+    for addr in &args.servers {
+        let (host, _) = split_host_port("server", addr)?;
+        let name = args.server_name.as_deref().unwrap_or(&host);
+        let tls_name = tls::server_name(name)
+            .map_err(|e| invalid("server-name", name, chain(&e).to_string()))?;
+        let proxy = crate::http_proxy::HttpProxy::for_server(flag_proxy.as_ref(), addr, |k| {
+            std::env::var(k).ok()
+        })
+        .map_err(|e| invalid("https-proxy", "(HTTPS_PROXY)", e.to_string()))?;
+        servers.push(ServerTarget {
+            addr: addr.clone(),
+            tls_name,
+            proxy,
+        });
+    }
+    Ok(servers)
+}
+
+/// Checks the destinations, and finds the upstream's CA to report (the flag, else the
+/// in-cluster service-account CA when present).
+fn upstream_ca(args: &Args) -> Result<Option<PathBuf>, ConfigError> {
+    split_host_port("upstream", &args.upstream)?;
+    for dest in &args.allow_destinations {
+        split_host_port("allow-destination", dest)?;
+    }
+    let upstream_ca = match &args.upstream_ca {
+        Some(path) => {
+            tls::load_certs(path)?;
+            Some(path.clone())
+        }
+        None => Some(PathBuf::from(IN_CLUSTER_CA)).filter(|p| p.exists()),
+    };
+    if tls::server_name(&args.upstream_server_name).is_err() {
+        return Err(invalid(
+            "upstream-server-name",
+            &args.upstream_server_name,
+            "not a DNS name or IP address",
+        ));
+    }
+    Ok(upstream_ca)
 }
