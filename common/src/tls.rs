@@ -15,6 +15,9 @@ use crate::error::{BoxError, chain};
 const ALPN_H2: &[u8] = b"h2";
 
 /// Why a certificate, key or CA could not be loaded.
+// Variant fields are described by each variant's #[error] message, not by
+// one-word doc lines.
+#[allow(missing_docs)]
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
     /// The file could not be read or holds no valid PEM of the expected kind.
@@ -22,9 +25,7 @@ pub enum TlsError {
     Read {
         /// What the file should hold ("certificate", "private key", "CA bundle").
         what: &'static str,
-        /// The file.
         path: PathBuf,
-        /// What went wrong.
         source: BoxError,
     },
     /// rustls refused the material (e.g. key does not match certificate).
@@ -33,9 +34,7 @@ pub enum TlsError {
     /// The CA bundle could not build a client-certificate verifier.
     #[error("invalid CA bundle {path}")]
     Verifier {
-        /// The CA file.
         path: PathBuf,
-        /// What went wrong.
         source: rustls::server::VerifierBuilderError,
     },
     /// A certificate has no usable Subject CN.

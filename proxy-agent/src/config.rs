@@ -128,6 +128,9 @@ pub struct Args {
 }
 
 /// Why the flags do not make a usable configuration.
+// Variant fields are described by each variant's #[error] message, not by
+// one-word doc lines.
+#[allow(missing_docs)]
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     /// TLS material could not be loaded.
@@ -136,11 +139,9 @@ pub enum ConfigError {
     /// A flag value is unusable.
     #[error("--{flag} {value:?}: {reason}")]
     Invalid {
-        /// The flag.
         flag: &'static str,
         /// Its value.
         value: String,
-        /// Why.
         reason: String,
     },
 }

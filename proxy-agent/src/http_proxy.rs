@@ -52,32 +52,26 @@ pub enum ProxyUrlError {
 
 /// Why a tunnel through a proxy could not be opened. Each message names the proxy (its address
 /// only, never its credentials).
+// Variant fields are described by each variant's #[error] message, not by
+// one-word doc lines.
+#[allow(missing_docs)]
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
     /// Connecting to the proxy, or talking to it, failed.
     #[error("proxy {proxy}")]
     Io {
-        /// The proxy.
         proxy: HttpProxy,
-        /// Why.
         source: std::io::Error,
     },
     /// The proxy's answer head did not end within [`MAX_HEAD`] bytes.
     #[error("proxy {proxy}: answer head over {MAX_HEAD} bytes")]
-    HeadTooLarge {
-        /// The proxy.
-        proxy: HttpProxy,
-    },
+    HeadTooLarge { proxy: HttpProxy },
     /// The proxy closed the connection before its answer head ended.
     #[error("proxy {proxy} closed the connection during CONNECT")]
-    Closed {
-        /// The proxy.
-        proxy: HttpProxy,
-    },
+    Closed { proxy: HttpProxy },
     /// The proxy answered with a status other than 2xx.
     #[error("proxy {proxy} refused CONNECT {target}: {status_line}")]
     Refused {
-        /// The proxy.
         proxy: HttpProxy,
         /// What was asked for (HOST:PORT).
         target: String,
@@ -87,7 +81,6 @@ pub enum ProxyError {
     /// The proxy did not answer in time.
     #[error("proxy {proxy}: no answer to CONNECT within {timeout:?}")]
     Timeout {
-        /// The proxy.
         proxy: HttpProxy,
         /// How long it was given.
         timeout: Duration,

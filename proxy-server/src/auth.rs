@@ -22,20 +22,20 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 /// Why a policy file was refused.
+// Variant fields are described by each variant's #[error] message, not by
+// one-word doc lines.
+#[allow(missing_docs)]
 #[derive(Debug, thiserror::Error)]
 pub enum PolicyError {
     /// The file could not be read.
     #[error("cannot read auth file {path}")]
     Read {
-        /// The file.
         path: String,
-        /// Why.
         source: std::io::Error,
     },
     /// The file is not valid policy YAML.
     #[error("auth file {path}: {reason}")]
     Invalid {
-        /// The file.
         path: String,
         /// What is wrong (never includes a token).
         reason: String,

@@ -212,6 +212,9 @@ pub enum Command {
 }
 
 /// Why the flags do not make a usable configuration.
+// Variant fields are described by each variant's #[error] message, not by
+// one-word doc lines.
+#[allow(missing_docs)]
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     /// TLS material of the agent listener could not be loaded.
@@ -225,12 +228,7 @@ pub enum ConfigError {
     Policy(#[from] PolicyError),
     /// A flag value is out of range or flags do not fit together.
     #[error("--{flag}: {reason}")]
-    Invalid {
-        /// The flag.
-        flag: &'static str,
-        /// Why.
-        reason: String,
-    },
+    Invalid { flag: &'static str, reason: String },
 }
 
 /// How the frontend authenticates clients.

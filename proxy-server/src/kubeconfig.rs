@@ -10,6 +10,9 @@ use proxy_common::error::BoxError;
 use tokio::net::TcpStream;
 
 /// Why the kubeconfig could not be written.
+// Variant fields are described by each variant's #[error] message, not by
+// one-word doc lines.
+#[allow(missing_docs)]
 #[derive(Debug, thiserror::Error)]
 pub enum KubeconfigError {
     /// The admin URL is not `http://HOST:PORT`.
@@ -17,16 +20,10 @@ pub enum KubeconfigError {
     Url(String),
     /// The admin listener could not be reached or answered badly.
     #[error("fetching {url}")]
-    Fetch {
-        /// What was fetched.
-        url: String,
-        /// Why it failed.
-        source: BoxError,
-    },
+    Fetch { url: String, source: BoxError },
     /// The server answered with an error (e.g. no cluster reported its CA).
     #[error("{url} answered {status}: {body}")]
     Refused {
-        /// What was fetched.
         url: String,
         /// HTTP status.
         status: u16,
@@ -36,9 +33,7 @@ pub enum KubeconfigError {
     /// Writing the file failed.
     #[error("writing {path}")]
     Write {
-        /// The file.
         path: String,
-        /// Why.
         source: std::io::Error,
     },
 }

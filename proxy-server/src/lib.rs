@@ -50,16 +50,16 @@ pub struct Listeners {
 }
 
 /// Why the server could not start or stopped with an error.
+// Variant fields are described by each variant's #[error] message, not by
+// one-word doc lines.
+#[allow(missing_docs)]
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
     /// Binding a listener failed.
     #[error("cannot listen on {addr} ({what})")]
     Bind {
-        /// Which listener.
         what: &'static str,
-        /// The address.
         addr: SocketAddr,
-        /// Why.
         source: std::io::Error,
     },
     /// Installing the SIGHUP handler failed.
@@ -75,7 +75,6 @@ pub enum ServerError {
     /// half deaf while `/readyz` says all is well.
     #[error("the {which} listener stopped unexpectedly")]
     ListenerStopped {
-        /// Which listener.
         which: &'static str,
         /// Why, as far as known.
         source: BoxError,

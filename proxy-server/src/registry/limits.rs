@@ -12,6 +12,9 @@ use crate::config::Limits;
 use crate::metrics::ClusterLabel;
 
 /// A limit that refused a CONNECT (the client gets `503` with this reason).
+// Variant fields are described by each variant's #[error] message, not by
+// one-word doc lines.
+#[allow(missing_docs)]
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum LimitError {
     /// Too many tunneled connections in total.
@@ -19,12 +22,7 @@ pub enum LimitError {
     Total(usize),
     /// Too many tunneled connections to this cluster.
     #[error("cluster {cluster:?} is at its limit of {limit} open connections")]
-    Cluster {
-        /// The cluster.
-        cluster: String,
-        /// The limit.
-        limit: usize,
-    },
+    Cluster { cluster: String, limit: usize },
     /// Too many CONNECTs waiting for agents.
     #[error("the proxy is at its limit of {0} dials in progress")]
     PendingDials(usize),
