@@ -18,13 +18,18 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
+mod dial;
+mod refusal;
+
+use dial::Dialed;
+pub use refusal::MAX_REASON_PHRASE;
+use refusal::{ESTABLISHED, Refusal, refusal_for, refuse};
+
 use crate::auth::{AuthError, Credentials};
 use crate::config::{FrontendAuth, Limits};
 use crate::connect::{self, ConnectRequest, RequestError};
 use crate::metrics::{ClusterLabel, Metrics, Outcome};
-use crate::registry::{
-    AgentHandle, Clusters, ConnectionSlot, DialOutcome, LimitError, TunnelStream,
-};
+use crate::registry::Clusters;
 
 /// What the frontend needs from the rest of the server.
 #[derive(Debug)]
@@ -60,110 +65,6 @@ pub struct Frontend {
 struct Admission {
     ticket: proxy_common::gate::Ticket,
     deadline: tokio::time::Instant,
-}
-
-/// Why a dial ended without the agent's answer.
-enum Ended {
-    /// The agent disconnected.
-    Gone,
-    /// The agent stopped answering pings.
-    Unresponsive,
-}
-
-/// A dial the agent answered: the connection's slot under the limits, the agent carrying it,
-/// and its data stream.
-struct Dialed {
-    slot: ConnectionSlot,
-    agent: Arc<AgentHandle>,
-    stream: Box<TunnelStream>,
-    /// Carried on a warm stream: the agent dialed before the CONNECT came.
-    warm: bool,
-}
-
-/// A CONNECT that did not become a tunnel: the status and one human-readable line.
-#[derive(Debug)]
-struct Refusal {
-    status: StatusCode,
-    reason: String,
-    outcome: Outcome,
-}
-
-impl Refusal {
-    fn new(status: StatusCode, outcome: Outcome, reason: impl Into<String>) -> Self {
-        Self {
-            status,
-            reason: reason.into(),
-            outcome,
-        }
-    }
-}
-
-/// The one place request errors become HTTP statuses.
-fn refusal_for(err: &RequestError) -> Refusal {
-    let status = match err {
-        RequestError::Malformed(_) | RequestError::Io(_) | RequestError::Closed => {
-            StatusCode::BAD_REQUEST
-        }
-        RequestError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
-        RequestError::TooLarge(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-    };
-    Refusal::new(status, Outcome::BadRequest, chain(err).to_string())
-}
-
-/// A refusal that is no fault of the client's: the agent, the limits or the fleet.
-fn unavailable(outcome: Outcome, reason: impl Into<String>) -> Refusal {
-    Refusal::new(StatusCode::SERVICE_UNAVAILABLE, outcome, reason)
-}
-
-/// The answer that opens a tunnel. "Connection established" is what proxies customarily say
-/// to a CONNECT, not the canonical "OK".
-const ESTABLISHED: &[u8] = b"HTTP/1.1 200 Connection established\r\n\r\n";
-
-/// Longest reason phrase in a status line; the body carries the whole reason.
-pub const MAX_REASON_PHRASE: usize = 200;
-
-/// The reason as an HTTP reason phrase: clients such as kubectl (Go) and the Python client
-/// print the status line of a refused CONNECT, not its body, so the reason goes there too.
-/// Printable ASCII only (RFC 9112 allows little else and clients choke on more), bounded.
-fn reason_phrase(refusal: &Refusal) -> String {
-    let mut phrase: String = refusal
-        .reason
-        .chars()
-        .map(|c| {
-            if c == ' ' || c.is_ascii_graphic() {
-                c
-            } else {
-                '?'
-            }
-        })
-        .take(MAX_REASON_PHRASE)
-        .collect();
-    if phrase.trim().is_empty() {
-        phrase = refusal
-            .status
-            .canonical_reason()
-            .unwrap_or("Error")
-            .to_owned();
-    }
-    phrase
-}
-
-fn error_response(refusal: &Refusal) -> Vec<u8> {
-    let body = format!("{}\n", refusal.reason.replace(['\r', '\n'], " "));
-    let extra = match refusal.status {
-        StatusCode::METHOD_NOT_ALLOWED => "Allow: CONNECT\r\n",
-        StatusCode::PROXY_AUTHENTICATION_REQUIRED => {
-            "Proxy-Authenticate: Basic realm=\"multicluster-proxy\"\r\nProxy-Authenticate: Bearer realm=\"multicluster-proxy\"\r\n"
-        }
-        _ => "",
-    };
-    format!(
-        "HTTP/1.1 {} {}\r\n{extra}Content-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        refusal.status.as_u16(),
-        reason_phrase(refusal),
-        body.len()
-    )
-    .into_bytes()
 }
 
 /// Accepts CONNECT clients until `shutdown` (the listener is then closed, so new clients are
@@ -272,11 +173,6 @@ async fn client_left<S: AsyncRead + Unpin>(
             return Ok(());
         }
     }
-}
-
-async fn refuse<S: AsyncWrite + Unpin>(mut client: S, refusal: &Refusal) {
-    let _ = client.write_all(&error_response(refusal)).await;
-    let _ = client.shutdown().await;
 }
 
 impl Frontend {
@@ -610,192 +506,5 @@ impl Frontend {
                 .to_owned(),
             None => host.to_owned(),
         }
-    }
-
-    /// Finds an agent for `cluster`, takes a connection slot, and has the agent dial its
-    /// upstream (or hands over one of its warm streams). The slot is taken only once the cluster
-    /// is known to be registered, so metric labels never carry a name a client made up.
-    async fn dial(&self, cluster: &str) -> Result<Dialed, Refusal> {
-        let agent = self.pick_agent(cluster).await?;
-        let slot = self.clusters.open_connection(cluster).map_err(limited)?;
-        // A warm stream, if the agent has one ready: its upstream connection is already made.
-        // Not from a draining agent (its pool is closed): that one still serves dials.
-        if let Some(stream) = self.clusters.take_warm(&agent) {
-            return Ok(Dialed {
-                slot,
-                agent,
-                stream: Box::new(stream),
-                warm: true,
-            });
-        }
-        let stream = self.ask_agent(&agent, cluster).await?;
-        Ok(Dialed {
-            slot,
-            agent,
-            stream,
-            warm: false,
-        })
-    }
-
-    /// An agent of `cluster` that answers the server, waited for (see `--agent-wait`) while
-    /// none is connected.
-    async fn pick_agent(&self, cluster: &str) -> Result<Arc<AgentHandle>, Refusal> {
-        let arriving = self.fleet.warmup_left().is_some();
-        let wait = self
-            .clusters
-            .wait_for_agent(cluster, self.agent_wait, arriving);
-        let Some(agent) = wait.await else {
-            return Err(unavailable(
-                Outcome::NoAgent,
-                format!("no agent connected for cluster {cluster:?}"),
-            ));
-        };
-        // The pick prefers agents that answer; if this one does not, none does.
-        match agent.unresponsive_since() {
-            Some(since) => Err(unresponsive(&agent, cluster, since)),
-            None => Ok(agent),
-        }
-    }
-
-    /// Asks `agent` to dial its upstream and waits, at most `--dial-timeout`, for the data
-    /// stream of the connection it made.
-    async fn ask_agent(
-        &self,
-        agent: &AgentHandle,
-        cluster: &str,
-    ) -> Result<Box<TunnelStream>, Refusal> {
-        let mut pending = self.clusters.begin_dial(agent).map_err(limited)?;
-        let answer = async {
-            agent
-                .send(crate::tunnel::to_agent::dial(pending.id()))
-                .await
-                .map_err(|_| Ended::Gone)?;
-            // An agent that leaves between being picked and the dial being recorded could never
-            // answer; its closing ends the wait at once. One that stops answering pings ends it
-            // too, long before the dial timeout.
-            tokio::select! {
-                outcome = pending.outcome() => outcome.map_err(|_| Ended::Gone),
-                () = agent.closed().cancelled() => Err(Ended::Gone),
-                () = agent.until_unresponsive() => Err(Ended::Unresponsive),
-            }
-        };
-        let agent_id = &agent.info.agent_id;
-        match tokio::time::timeout(self.dial_timeout, answer).await {
-            Ok(Ok(DialOutcome::Connected(stream))) => Ok(stream),
-            Ok(Ok(DialOutcome::Failed(reason))) => Err(Refusal::new(
-                StatusCode::BAD_GATEWAY,
-                Outcome::DialFailed,
-                format!(
-                    "agent {agent_id} of cluster {cluster:?} could not reach its upstream: {reason}"
-                ),
-            )),
-            Ok(Err(Ended::Gone)) => Err(Refusal::new(
-                StatusCode::BAD_GATEWAY,
-                Outcome::DialFailed,
-                format!("agent {agent_id} of cluster {cluster:?} disconnected during the dial"),
-            )),
-            Ok(Err(Ended::Unresponsive)) => Err(unresponsive(
-                agent,
-                cluster,
-                agent.unresponsive_since().unwrap_or_else(Instant::now),
-            )),
-            Err(_) => Err(Refusal::new(
-                StatusCode::GATEWAY_TIMEOUT,
-                Outcome::DialTimeout,
-                format!(
-                    "agent of cluster {cluster:?} did not reach its upstream within {:?}",
-                    self.dial_timeout
-                ),
-            )),
-        }
-    }
-}
-
-/// The refusal when `agent`, the best `cluster` has, has not answered the server since `since`.
-fn unresponsive(agent: &AgentHandle, cluster: &str, since: Instant) -> Refusal {
-    unavailable(
-        Outcome::AgentUnresponsive,
-        format!(
-            "agent {} of cluster {cluster:?} has not answered the server for {:.1?} (no other agent of the cluster answers)",
-            agent.info.agent_id,
-            since.elapsed()
-        ),
-    )
-}
-
-/// The refusal when a limit of the server is reached.
-fn limited(limit: LimitError) -> Refusal {
-    unavailable(Outcome::Limited, limit.to_string())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_read_failure_is_refused_with_its_cause() {
-        let err = RequestError::Io(std::io::Error::from(std::io::ErrorKind::ConnectionReset));
-        let r = refusal_for(&err);
-        assert_eq!(r.status, StatusCode::BAD_REQUEST);
-        assert_eq!(r.reason, "reading the request failed: connection reset");
-    }
-
-    #[test]
-    fn a_blank_reason_gives_the_canonical_phrase() {
-        for (status, phrase) in [
-            (400, "Bad Request"),
-            (403, "Forbidden"),
-            (405, "Method Not Allowed"),
-            (407, "Proxy Authentication Required"),
-            (408, "Request Timeout"),
-            (431, "Request Header Fields Too Large"),
-            (502, "Bad Gateway"),
-            (503, "Service Unavailable"),
-            (504, "Gateway Timeout"),
-        ] {
-            let r = Refusal::new(
-                StatusCode::from_u16(status).unwrap(),
-                Outcome::BadRequest,
-                " ",
-            );
-            let text = String::from_utf8(error_response(&r)).unwrap();
-            let line = format!("HTTP/1.1 {status} {phrase}\r\n");
-            assert!(text.starts_with(&line), "{text}");
-        }
-    }
-
-    #[test]
-    fn the_reason_is_the_reason_phrase_printable_and_bounded() {
-        let r = Refusal::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            Outcome::NoAgent,
-            "no agent connected for cluster \"gamma\"",
-        );
-        let text = String::from_utf8(error_response(&r)).unwrap();
-        assert!(
-            text.starts_with("HTTP/1.1 503 no agent connected for cluster \"gamma\"\r\n"),
-            "{text}"
-        );
-        assert!(text.ends_with("\r\n\r\nno agent connected for cluster \"gamma\"\n"));
-        // An agent's reason may hold anything: no CR, LF or non-ASCII reaches the status line.
-        let r = Refusal::new(
-            StatusCode::BAD_GATEWAY,
-            Outcome::DialFailed,
-            format!("bad\r\nX-Injected: 1 \u{e9}{}", "x".repeat(500)),
-        );
-        let text = String::from_utf8(error_response(&r)).unwrap();
-        let status = text.split("\r\n").next().unwrap();
-        assert!(
-            status.starts_with("HTTP/1.1 502 bad??X-Injected: 1 ?x"),
-            "{status}"
-        );
-        assert_eq!(status.len(), "HTTP/1.1 502 ".len() + MAX_REASON_PHRASE);
-        assert!(!text.contains("\r\nX-Injected"));
-        let r = Refusal::new(StatusCode::BAD_REQUEST, Outcome::BadRequest, "");
-        assert!(
-            String::from_utf8(error_response(&r))
-                .unwrap()
-                .starts_with("HTTP/1.1 400 Bad Request\r\n")
-        );
     }
 }

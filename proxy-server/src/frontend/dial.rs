@@ -1,0 +1,130 @@
+//! The dial of a CONNECT: an agent of the cluster, a connection slot, and the agent's data
+//! stream to its upstream (a warm one when it has one ready).
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use http::StatusCode;
+
+use super::Frontend;
+use super::refusal::{Refusal, limited, unavailable, unresponsive};
+use crate::metrics::Outcome;
+use crate::registry::{AgentHandle, ConnectionSlot, DialOutcome, TunnelStream};
+
+/// Why a dial ended without the agent's answer.
+enum Ended {
+    /// The agent disconnected.
+    Gone,
+    /// The agent stopped answering pings.
+    Unresponsive,
+}
+
+/// A dial the agent answered: the connection's slot under the limits, the agent carrying it,
+/// and its data stream.
+pub(super) struct Dialed {
+    pub(super) slot: ConnectionSlot,
+    pub(super) agent: Arc<AgentHandle>,
+    pub(super) stream: Box<TunnelStream>,
+    /// Carried on a warm stream: the agent dialed before the CONNECT came.
+    pub(super) warm: bool,
+}
+
+impl Frontend {
+    /// Finds an agent for `cluster`, takes a connection slot, and has the agent dial its
+    /// upstream (or hands over one of its warm streams). The slot is taken only once the cluster
+    /// is known to be registered, so metric labels never carry a name a client made up.
+    pub(super) async fn dial(&self, cluster: &str) -> Result<Dialed, Refusal> {
+        let agent = self.pick_agent(cluster).await?;
+        let slot = self.clusters.open_connection(cluster).map_err(limited)?;
+        // A warm stream, if the agent has one ready: its upstream connection is already made.
+        // Not from a draining agent (its pool is closed): that one still serves dials.
+        if let Some(stream) = self.clusters.take_warm(&agent) {
+            return Ok(Dialed {
+                slot,
+                agent,
+                stream: Box::new(stream),
+                warm: true,
+            });
+        }
+        let stream = self.ask_agent(&agent, cluster).await?;
+        Ok(Dialed {
+            slot,
+            agent,
+            stream,
+            warm: false,
+        })
+    }
+
+    /// An agent of `cluster` that answers the server, waited for (see `--agent-wait`) while
+    /// none is connected.
+    async fn pick_agent(&self, cluster: &str) -> Result<Arc<AgentHandle>, Refusal> {
+        let arriving = self.fleet.warmup_left().is_some();
+        let wait = self
+            .clusters
+            .wait_for_agent(cluster, self.agent_wait, arriving);
+        let Some(agent) = wait.await else {
+            return Err(unavailable(
+                Outcome::NoAgent,
+                format!("no agent connected for cluster {cluster:?}"),
+            ));
+        };
+        // The pick prefers agents that answer; if this one does not, none does.
+        match agent.unresponsive_since() {
+            Some(since) => Err(unresponsive(&agent, cluster, since)),
+            None => Ok(agent),
+        }
+    }
+
+    /// Asks `agent` to dial its upstream and waits, at most `--dial-timeout`, for the data
+    /// stream of the connection it made.
+    async fn ask_agent(
+        &self,
+        agent: &AgentHandle,
+        cluster: &str,
+    ) -> Result<Box<TunnelStream>, Refusal> {
+        let mut pending = self.clusters.begin_dial(agent).map_err(limited)?;
+        let answer = async {
+            agent
+                .send(crate::tunnel::to_agent::dial(pending.id()))
+                .await
+                .map_err(|_| Ended::Gone)?;
+            // An agent that leaves between being picked and the dial being recorded could never
+            // answer; its closing ends the wait at once. One that stops answering pings ends it
+            // too, long before the dial timeout.
+            tokio::select! {
+                outcome = pending.outcome() => outcome.map_err(|_| Ended::Gone),
+                () = agent.closed().cancelled() => Err(Ended::Gone),
+                () = agent.until_unresponsive() => Err(Ended::Unresponsive),
+            }
+        };
+        let agent_id = &agent.info.agent_id;
+        match tokio::time::timeout(self.dial_timeout, answer).await {
+            Ok(Ok(DialOutcome::Connected(stream))) => Ok(stream),
+            Ok(Ok(DialOutcome::Failed(reason))) => Err(Refusal::new(
+                StatusCode::BAD_GATEWAY,
+                Outcome::DialFailed,
+                format!(
+                    "agent {agent_id} of cluster {cluster:?} could not reach its upstream: {reason}"
+                ),
+            )),
+            Ok(Err(Ended::Gone)) => Err(Refusal::new(
+                StatusCode::BAD_GATEWAY,
+                Outcome::DialFailed,
+                format!("agent {agent_id} of cluster {cluster:?} disconnected during the dial"),
+            )),
+            Ok(Err(Ended::Unresponsive)) => Err(unresponsive(
+                agent,
+                cluster,
+                agent.unresponsive_since().unwrap_or_else(Instant::now),
+            )),
+            Err(_) => Err(Refusal::new(
+                StatusCode::GATEWAY_TIMEOUT,
+                Outcome::DialTimeout,
+                format!(
+                    "agent of cluster {cluster:?} did not reach its upstream within {:?}",
+                    self.dial_timeout
+                ),
+            )),
+        }
+    }
+}
