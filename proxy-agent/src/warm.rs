@@ -167,6 +167,9 @@ impl Pool {
                 if this.drain.is_cancelled() || this.session.is_cancelled() {
                     return;
                 }
+                // Taken before the dial: a dial that fails meanwhile (this connection's own
+                // data stream may already be at the server) flushes this one too.
+                let flushed = this.target.flush_token().clone();
                 let opened = tokio::select! {
                     () = this.session.cancelled() => return,
                     res = this.open() => res,
@@ -175,7 +178,7 @@ impl Pool {
                     Ok(warm) => {
                         let idle = Idle::new(this.target.clone(), &this.shared);
                         let pool = this.clone();
-                        tracker.spawn(async move { pool.hold(warm, idle).await });
+                        tracker.spawn(async move { pool.hold(warm, idle, flushed).await });
                     }
                     Err(err) => {
                         // One fewer wanted: an upstream that is down, or a server that refuses
@@ -229,15 +232,15 @@ impl Pool {
         })
     }
 
-    /// Waits, idle, until the server hands the connection to a client, then carries it.
-    async fn hold(&self, warm: Warm, idle: Idle) {
+    /// Waits, idle, until the server hands the connection to a client, then carries it;
+    /// closes it unused when `flushed` (the flush token as it was before its dial) fires.
+    async fn hold(&self, warm: Warm, idle: Idle, flushed: CancellationToken) {
         let Warm {
             socket,
             tx,
             mut inbound,
         } = warm;
         let made = Instant::now();
-        let flushed = self.target.flush_token().clone();
         let expires = tokio::time::sleep(WARM_MAX_AGE);
         tokio::pin!(expires);
         // The upstream is watched for a close while the connection waits. An upstream that
@@ -247,9 +250,11 @@ impl Pool {
         let mut byte = [0u8; 1];
         let retired = loop {
             tokio::select! {
+                // A flush that came first wins over a `start`, as over everything else.
+                biased;
                 () = self.session.cancelled() => return,
-                () = &mut expires => break "expired",
                 () = flushed.cancelled() => break "upstream_failed",
+                () = &mut expires => break "expired",
                 peeked = socket.peek(&mut byte), if watching => match peeked {
                     Ok(0) | Err(_) => break "upstream_closed",
                     Ok(_) => watching = false,

@@ -11,7 +11,7 @@ pub mod config;
 pub mod connect;
 pub mod fleet;
 pub mod frontend;
-pub mod kubeconfig;
+pub mod kubeconfig_command;
 pub mod listener;
 pub mod metrics;
 pub mod registry;

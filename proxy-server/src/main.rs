@@ -13,7 +13,10 @@ fn main() -> anyhow::Result<()> {
     proxy_common::net::raise_open_files_limit();
     let runtime = proxy_common::runtime(args.worker_threads.map(usize::from))?;
     if let Some(Command::Kubeconfig { admin_url, out }) = &args.command {
-        runtime.block_on(proxy_server::kubeconfig::write(admin_url, out.as_deref()))?;
+        runtime.block_on(proxy_server::kubeconfig_command::write(
+            admin_url,
+            out.as_deref(),
+        ))?;
         return Ok(());
     }
     let config = proxy_server::Config::from_args(&args).context("invalid configuration")?;

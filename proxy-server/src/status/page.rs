@@ -134,7 +134,7 @@ fn row(status: &Status, c: &ClusterSnapshot, out: &mut String) {
             if *draining { " <b>draining</b>" } else { "" }
         );
     }
-    let kubeconfig = if super::kubeconfig_facts(c).is_some() {
+    let kubeconfig = if super::kubeconfig::kubeconfig_facts(c).is_some() {
         format!(
             "<a href=\"/api/v1/clusters/{0}/kubeconfig\">kubeconfig</a>",
             esc(&c.name)
