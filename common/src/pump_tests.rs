@@ -504,20 +504,24 @@ async fn a_peer_that_sends_past_its_credit_is_cut_off() {
     conn.tunnel.expect_end().await;
 }
 
-#[tokio::test(start_paused = true)]
-async fn credit_reaches_the_sender_while_a_socket_write_is_blocked() {
+/// The client uploads before it reads: the response (`first`) waits in the pipe, and the
+/// upload must still get its credit, as over plain TCP.
+async fn upload_gets_credit_behind_an_unread_response(first: Chunk) {
     let mut conn = start(Role::Agent, NARROW);
-    // The client uploads before it reads: the response waits in the pipe...
-    conn.tunnel.send(data(&pattern(MAX_CHUNK, 6))).await;
+    conn.tunnel.send(first).await;
     let upload = pattern(MIN_WINDOW as usize + 1_000, 7);
     let (written, _) = tokio::join!(
         within("the upload", conn.client.write_all(&upload)),
         conn.tunnel.bytes(MIN_WINDOW as usize),
     );
     written.unwrap();
-    // ...and the upload still gets its credit, as over plain TCP.
     conn.tunnel.send(credit(MIN_WINDOW + 1_000)).await;
     conn.tunnel.bytes(1_000).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn credit_reaches_the_sender_while_a_socket_write_is_blocked() {
+    upload_gets_credit_behind_an_unread_response(data(&pattern(MAX_CHUNK, 6))).await;
 }
 
 /// The same after the peer's `fin`: the stream is still read for our sending half's credit while
@@ -525,21 +529,11 @@ async fn credit_reaches_the_sender_while_a_socket_write_is_blocked() {
 /// reads a response that has ended stalled for good, where plain TCP does not.)
 #[tokio::test(start_paused = true)]
 async fn credit_reaches_the_sender_while_the_bytes_before_the_peers_fin_are_blocked() {
-    let mut conn = start(Role::Agent, NARROW);
-    conn.tunnel
-        .send(Chunk {
-            fin: true,
-            ..data(&pattern(MAX_CHUNK, 6))
-        })
-        .await;
-    let upload = pattern(MIN_WINDOW as usize + 1_000, 7);
-    let (written, _) = tokio::join!(
-        within("the upload", conn.client.write_all(&upload)),
-        conn.tunnel.bytes(MIN_WINDOW as usize),
-    );
-    written.unwrap();
-    conn.tunnel.send(credit(MIN_WINDOW + 1_000)).await;
-    conn.tunnel.bytes(1_000).await;
+    upload_gets_credit_behind_an_unread_response(Chunk {
+        fin: true,
+        ..data(&pattern(MAX_CHUNK, 6))
+    })
+    .await;
 }
 
 #[tokio::test(start_paused = true)]
