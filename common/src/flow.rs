@@ -32,8 +32,6 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use tokio::sync::Notify;
-
 /// Window every connection starts with and never goes below: measured, a connection at this
 /// window alone moves as fast across loopback as one whose window grows, so connections that
 /// stall and spend the budget never slow a healthy one on a LAN; and little enough that
@@ -272,47 +270,6 @@ impl Drop for RecvWindow {
     }
 }
 
-/// The sending side of one direction: the credit the peer granted, shared between the half that
-/// receives credit and the half that sends bytes.
-#[derive(Debug)]
-pub struct SendCredit {
-    limit: AtomicU64,
-    changed: Notify,
-}
-
-impl Default for SendCredit {
-    fn default() -> Self {
-        Self {
-            limit: AtomicU64::new(MIN_WINDOW),
-            changed: Notify::new(),
-        }
-    }
-}
-
-impl SendCredit {
-    /// The peer granted credit up to `limit` (credit only grows).
-    pub fn grant(&self, limit: u64) {
-        if self.limit.fetch_max(limit, Ordering::AcqRel) < limit {
-            self.changed.notify_one();
-        }
-    }
-
-    /// Waits until more than `sent` bytes may be sent; returns how many, and whether it had to
-    /// wait (the peer is told: it is the signal that grows the window).
-    pub async fn available(&self, sent: u64) -> (u64, bool) {
-        let mut waited = false;
-        loop {
-            let notified = self.changed.notified();
-            let limit = self.limit.load(Ordering::Acquire);
-            if limit > sent {
-                return (limit - sent, waited);
-            }
-            waited = true;
-            notified.await;
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -491,25 +448,6 @@ mod tests {
             b.window(),
             4 * MIN_WINDOW,
             "given back, then taken by the other"
-        );
-    }
-
-    #[tokio::test]
-    async fn send_credit_wakes_the_sender() {
-        let credit = Arc::new(SendCredit::default());
-        assert_eq!(credit.available(0).await, (MIN_WINDOW, false));
-        let waiter = {
-            let credit = credit.clone();
-            tokio::spawn(async move { credit.available(MIN_WINDOW).await })
-        };
-        tokio::task::yield_now().await;
-        credit.grant(MIN_WINDOW + 10);
-        assert_eq!(waiter.await.unwrap(), (10, true), "it waited");
-        credit.grant(5);
-        assert_eq!(
-            credit.available(0).await,
-            (MIN_WINDOW + 10, false),
-            "credit never shrinks"
         );
     }
 }

@@ -3,10 +3,11 @@
 //!
 //! Both directions run concurrently and finish independently, so a half-close travels: socket EOF
 //! becomes a `fin` chunk, a received `fin` becomes a write shutdown on the socket. A failure in
-//! either direction ends the whole connection: the caller drops the sender without a `fin`, which
-//! the other side reads as an abort. Reads happen only when the peer has granted credit and the
-//! bounded sender has room, so a slow reader on one end throttles the writer on the other through
-//! this connection's own window ([`crate::flow`]), never through its neighbours'.
+//! either direction ends the whole connection: the stream's sending half ends without a `fin`,
+//! which the other side reads as an abort. The socket is read (by the stream's body itself, see
+//! [`outbound`]) only when the peer has granted credit and HTTP/2 has room, so a slow reader on
+//! one end throttles the writer on the other through this connection's own window
+//! ([`crate::flow`]), never through its neighbours'.
 
 use std::io;
 use std::pin::Pin;
@@ -15,21 +16,20 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::Poll;
 use std::time::Duration;
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::Bytes;
 use futures_util::{Stream, StreamExt};
 use prometheus_client::metrics::counter::Counter;
-use proxy_proto::{Chunk, MAX_CHUNK};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::mpsc;
+use proxy_proto::Chunk;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 use tonic::Status;
 
-use crate::flow::{Budget, Overrun, RecvWindow, SendCredit};
+use crate::flow::{Budget, Overrun, RecvWindow};
 
-/// Chunks queued towards the tunnel per connection, beyond what HTTP/2 buffers. Small on purpose:
-/// the stream's flow-control window is the real buffer; this only keeps the socket reader busy
-/// while the previous chunk is encoded.
-pub const CHUNK_QUEUE: usize = 4;
+mod outbound;
+
+use outbound::ReaderSlot;
+pub use outbound::{Outbound, OutboundBody, outbound};
 
 /// Chunks queued behind a blocked socket write before further ones are copied out of the
 /// decoder's buffers (see `tunnel_to_socket`).
@@ -148,6 +148,9 @@ pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 /// or `cancel` fires. `prefix` holds bytes already read from the socket (pipelined after a
 /// CONNECT head); they are sent first.
 ///
+/// The sending direction runs in `tx`'s body, which hyper polls (see [`outbound`]); this
+/// future runs the receiving direction and waits for both.
+///
 /// After both directions finished, the stream halves are closed in a fixed order (agent's end
 /// first, then the server's), never dropped while the other side may still be sending: an HTTP/2
 /// stream dropped early is reset, and a reset discards frames still queued, which would lose
@@ -161,38 +164,32 @@ pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 pub async fn splice<S, I>(
     socket: S,
     prefix: Bytes,
-    tx: mpsc::Sender<Chunk>,
+    tx: Outbound,
     mut rx: I,
     role: Role,
-    counts: &ByteCounts,
+    counts: &Arc<ByteCounts>,
     budget: &Arc<Budget>,
     cancel: &CancellationToken,
 ) -> Result<(), PumpError>
 where
-    S: AsyncRead + AsyncWrite + Abort + Send + Unpin,
+    S: AsyncRead + AsyncWrite + Abort + Send + Unpin + 'static,
     I: Stream<Item = Result<Chunk, Status>> + Unpin,
 {
-    let (mut reader, mut writer) = tokio::io::split(socket);
-    // What the peer lets us send, and what we let it send.
-    let credit = SendCredit::default();
+    let (reader, mut writer) = tokio::io::split(socket);
+    let reader = ReaderSlot::new(reader);
+    tx.attach(reader.clone(), prefix, counts.clone());
+    // What we let the peer send.
     let mut window = RecvWindow::new(budget.clone());
-    let sending_done = CancellationToken::new();
     let both = async {
         tokio::try_join!(
-            async {
-                let res = socket_to_tunnel(&mut reader, prefix, &tx, counts, &credit).await;
-                sending_done.cancel();
-                res
-            },
+            tx.sent(),
             tunnel_to_socket(
                 &mut rx,
                 &mut writer,
                 counts,
                 Grants {
                     tx: &tx,
-                    credit: &credit,
                     window: &mut window,
-                    sending_done: &sending_done,
                 }
             )
         )
@@ -203,8 +200,11 @@ where
     };
     if let Err(err) = outcome {
         // An aborted connection is reset, not closed: the local peer must not mistake a
-        // truncated stream for a complete one.
-        reader.unsplit(writer).abort();
+        // truncated stream for a complete one. Taking the reader back also stops the body
+        // reading it.
+        if let Some(reader) = reader.take() {
+            reader.unsplit(writer).abort();
+        }
         return Err(err);
     }
     let tx = match role {
@@ -233,78 +233,10 @@ where
     rx.next().await.transpose()
 }
 
-async fn send(tx: &mpsc::Sender<Chunk>, chunk: Chunk) -> Result<(), PumpError> {
-    tx.send(chunk).await.map_err(|_| PumpError::TunnelClosed)
-}
-
-async fn socket_to_tunnel<R: AsyncRead>(
-    reader: R,
-    prefix: Bytes,
-    tx: &mpsc::Sender<Chunk>,
-    counts: &ByteCounts,
-    credit: &SendCredit,
-) -> Result<(), PumpError> {
-    tokio::pin!(reader);
-    // Bytes sent into the tunnel, against the peer's credit.
-    let mut sent: u64 = 0;
-    if !prefix.is_empty() {
-        // At most a CONNECT head's size: always within the initial credit.
-        counts.add_sent(prefix.len());
-        sent += prefix.len() as u64;
-        send(tx, data_chunk(prefix)).await?;
-    }
-    // The read size adapts: an idle or chatty connection (a watch, small API calls) holds a
-    // small buffer while it waits, a bulk transfer grows to full chunks after a few reads.
-    let mut want = MIN_READ;
-    let mut buf = BytesMut::new();
-    // Where we last ran out of credit, told to the peer with the next chunk.
-    let mut blocked_at = 0;
-    loop {
-        // Wait for credit and room before reading: the socket is read only as fast as the peer
-        // takes the bytes.
-        let (allowed, waited) = credit.available(sent).await;
-        if waited {
-            blocked_at = sent;
-        }
-        let permit = tx.reserve().await.map_err(|_| PumpError::TunnelClosed)?;
-        let now = want.min(usize::try_from(allowed).unwrap_or(usize::MAX));
-        if buf.capacity() < now {
-            // Reuses the allocation once earlier chunks have been sent and dropped.
-            buf.reserve(now);
-        }
-        let n = reader
-            .read_buf(&mut (&mut buf).limit(now))
-            .await
-            .map_err(PumpError::LocalRead)?;
-        want = if n == now {
-            (want * 2).min(MAX_CHUNK)
-        } else {
-            (want / 2).max(MIN_READ)
-        };
-        if n == 0 {
-            permit.send(Chunk {
-                fin: true,
-                blocked_at,
-                ..Chunk::default()
-            });
-            return Ok(());
-        }
-        counts.add_sent(n);
-        sent += n as u64;
-        permit.send(Chunk {
-            data: buf.split().freeze(),
-            blocked_at: std::mem::take(&mut blocked_at),
-            ..Chunk::default()
-        });
-    }
-}
-
 /// What the receiving half needs to grant credit and to pass on the credit it receives.
 struct Grants<'a> {
-    tx: &'a mpsc::Sender<Chunk>,
-    credit: &'a SendCredit,
+    tx: &'a Outbound,
     window: &'a mut RecvWindow,
-    sending_done: &'a CancellationToken,
 }
 
 async fn tunnel_to_socket<I, W>(
@@ -318,6 +250,7 @@ where
     W: AsyncWrite,
 {
     tokio::pin!(writer);
+    let sending_done = grants.tx.sending_done();
     // The stream is read while a write to the socket is pending: it also carries the peer's
     // credit for our sending half, which must not wait behind bytes our local reader has not
     // taken yet (a client that uploads before it reads a response would stall, where plain TCP
@@ -350,15 +283,15 @@ where
                 counts.add_received(n);
                 if let Some(limit) = grants.window.on_consumed(n as u64) {
                     // After our own fin the peer still needs credit if it has not finished.
-                    send(grants.tx, credit_chunk(limit)).await?;
+                    grants.tx.grant(limit)?;
                 }
             }
-            () = grants.sending_done.cancelled(), if fin && reading => reading = false,
+            () = sending_done.cancelled(), if fin && reading => reading = false,
             msg = next_message(rx), if reading => {
                 let chunk = match msg {
                     Ok(Some(chunk)) => chunk,
                     // Both fins were sent: the peer's stream may end while we still write.
-                    Ok(None) if fin && grants.sending_done.is_cancelled() => {
+                    Ok(None) if fin && sending_done.is_cancelled() => {
                         reading = false;
                         continue;
                     }
@@ -370,7 +303,7 @@ where
                     continue;
                 }
                 if chunk.credit > 0 {
-                    grants.credit.grant(chunk.credit);
+                    grants.tx.credit(chunk.credit);
                 }
                 if !chunk.data.is_empty() {
                     grants.window.on_data(chunk.data.len() as u64, chunk.blocked_at)?;
@@ -397,7 +330,7 @@ where
     loop {
         let msg = tokio::select! {
             biased;
-            () = grants.sending_done.cancelled() => return Ok(()),
+            () = sending_done.cancelled() => return Ok(()),
             msg = next_message(rx) => msg,
         };
         match msg {
@@ -415,7 +348,7 @@ fn after_fin(chunk: &Chunk, grants: &Grants<'_>) -> Result<(), PumpError> {
     if !chunk.data.is_empty() || chunk.fin {
         return Err(PumpError::DataAfterFin);
     }
-    grants.credit.grant(chunk.credit);
+    grants.tx.credit(chunk.credit);
     Ok(())
 }
 
@@ -448,20 +381,6 @@ async fn write_current<W: AsyncWrite>(
         Poll::Ready(Ok(n))
     })
     .await
-}
-
-fn credit_chunk(limit: u64) -> Chunk {
-    Chunk {
-        credit: limit,
-        ..Chunk::default()
-    }
-}
-
-fn data_chunk(data: Bytes) -> Chunk {
-    Chunk {
-        data,
-        ..Chunk::default()
-    }
 }
 
 #[cfg(test)]

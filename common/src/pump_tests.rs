@@ -15,6 +15,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures_util::StreamExt;
 use proxy_proto::{Chunk, MAX_CHUNK};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, DuplexStream, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
@@ -24,7 +25,7 @@ use tokio::time::{Instant, timeout, timeout_at};
 use tokio_util::sync::CancellationToken;
 use tonic::{Code, Status};
 
-use super::{Abort, ByteCounts, CHUNK_QUEUE, CLOSE_TIMEOUT, PumpError, Role, splice};
+use super::{Abort, ByteCounts, CLOSE_TIMEOUT, OutboundBody, PumpError, Role, outbound, splice};
 use crate::flow::{Budget, DEFAULT_BUDGET, MIN_WINDOW};
 
 /// How long any step may take before the test calls it a hang. Below [`CLOSE_TIMEOUT`], so a
@@ -119,7 +120,7 @@ impl Abort for Local {
 
 /// The other end of the tunnel, as `splice` sees it.
 struct Tunnel {
-    /// What `splice` sends into the tunnel.
+    /// What `splice` sends into the tunnel, as HTTP/2 would take it from the body.
     out: mpsc::Receiver<Chunk>,
     /// What the other end sends; `None` once it ended its half of the stream.
     inbound: Option<mpsc::Sender<Result<Chunk, Status>>>,
@@ -236,7 +237,8 @@ fn spawn<S, C>(
 where
     S: AsyncRead + AsyncWrite + Abort + Send + Unpin + 'static,
 {
-    let (tx, out) = mpsc::channel(CHUNK_QUEUE);
+    let (tx, body) = outbound();
+    let out = poll_like_hyper(body);
     let (inbound, mut rx) = mpsc::channel(16);
     let rx = futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx));
     let counts = Arc::new(ByteCounts::default());
@@ -261,6 +263,29 @@ where
         cancel,
         task,
     }
+}
+
+/// Polls the body the way hyper's stream task does: whenever it is woken and HTTP/2 has room
+/// (here: a small queue), so the body reads the socket without the test asking for each chunk.
+/// The body is dropped once the test stops reading, as hyper drops it with a reset stream.
+fn poll_like_hyper(mut body: OutboundBody) -> mpsc::Receiver<Chunk> {
+    let (tx, out) = mpsc::channel(4);
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                chunk = body.next() => match chunk {
+                    Some(chunk) => {
+                        if tx.send(chunk).await.is_err() {
+                            return;
+                        }
+                    }
+                    None => return,
+                },
+                () = tx.closed() => return,
+            }
+        }
+    });
+    out
 }
 
 /// A connection over a pipe holding `pipe` bytes each way.

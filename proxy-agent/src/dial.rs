@@ -5,12 +5,11 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use proxy_common::error::chain;
-use proxy_common::pump::{self, ByteCounts, CHUNK_QUEUE, Role};
+use proxy_common::pump::{self, ByteCounts, Role};
 use proxy_proto::tunnel_client::TunnelClient;
 use proxy_proto::{AgentMessage, Chunk, DIAL_ID_HEADER, DialFailed, agent_message};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::Request;
 
@@ -64,8 +63,8 @@ pub async fn serve_dial(env: DialEnv, dial_id: u64, destination: &str, cancel: C
             }
         },
     };
-    let (tx, rx) = mpsc::channel(CHUNK_QUEUE);
-    let mut req = Request::new(ReceiverStream::new(rx));
+    let (tx, body) = pump::outbound();
+    let mut req = Request::new(body);
     req.metadata_mut().insert(DIAL_ID_HEADER, dial_id.into());
     let opened = tokio::select! {
         () = cancel.cancelled() => return,
@@ -92,7 +91,7 @@ pub async fn serve_dial(env: DialEnv, dial_id: u64, destination: &str, cancel: C
 pub async fn carry(
     shared: &Shared,
     socket: TcpStream,
-    tx: mpsc::Sender<Chunk>,
+    tx: pump::Outbound,
     inbound: tonic::Streaming<Chunk>,
     budget: &std::sync::Arc<proxy_common::flow::Budget>,
     cancel: &CancellationToken,
@@ -100,7 +99,7 @@ pub async fn carry(
 ) {
     let (to_upstream, from_upstream) = shared.metrics.byte_counters();
     // The pump's "sent" is what it read from the upstream socket.
-    let counts = ByteCounts::with_metrics(from_upstream, to_upstream);
+    let counts = std::sync::Arc::new(ByteCounts::with_metrics(from_upstream, to_upstream));
     let result = pump::splice(
         socket,
         Bytes::new(),

@@ -23,12 +23,11 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use proxy_common::error::chain;
-use proxy_common::pump::CHUNK_QUEUE;
+use proxy_common::pump::Outbound;
 use proxy_proto::tunnel_client::TunnelClient;
 use proxy_proto::{Chunk, WARM_HEADER, WARM_MAX_AGE};
 use tokio::net::TcpStream;
-use tokio::sync::{Notify, mpsc};
-use tokio_stream::wrappers::ReceiverStream;
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic::{Request, Streaming};
@@ -212,8 +211,8 @@ impl Pool {
                 return Err(OpenError::Upstream(failure.reason));
             }
         };
-        let (tx, rx) = mpsc::channel(CHUNK_QUEUE);
-        let mut req = Request::new(ReceiverStream::new(rx));
+        let (tx, body) = proxy_common::pump::outbound();
+        let mut req = Request::new(body);
         req.metadata_mut().insert(
             WARM_HEADER,
             tonic::metadata::MetadataValue::from_static("1"),
@@ -289,7 +288,7 @@ impl Pool {
     async fn carry(
         &self,
         socket: TcpStream,
-        tx: mpsc::Sender<Chunk>,
+        tx: Outbound,
         inbound: Streaming<Chunk>,
         _active: crate::CountGuard,
     ) {
@@ -327,6 +326,6 @@ enum OpenError {
 /// A warm connection: the upstream socket and its stream.
 struct Warm {
     socket: TcpStream,
-    tx: mpsc::Sender<Chunk>,
+    tx: Outbound,
     inbound: Streaming<Chunk>,
 }

@@ -181,7 +181,7 @@ impl Frontend {
     /// its outcome once.
     async fn serve_client<S>(&self, mut client: S, cert_cn: Option<String>, admission: Admission)
     where
-        S: AsyncRead + AsyncWrite + Abort + Unpin + Send,
+        S: AsyncRead + AsyncWrite + Abort + Unpin + Send + 'static,
     {
         let started = Instant::now();
         let req = match self.read_head(&mut client, admission).await {
@@ -367,7 +367,7 @@ impl Frontend {
         started: Instant,
         connect_time: Duration,
     ) where
-        S: AsyncRead + AsyncWrite + Abort + Unpin + Send,
+        S: AsyncRead + AsyncWrite + Abort + Unpin + Send + 'static,
     {
         let Dialed {
             slot,
@@ -378,7 +378,7 @@ impl Frontend {
         // The connection ends when the agent leaves or the server shuts down, whichever first.
         let conn_cancel = agent.closed().child_token();
         let (to_cluster, from_cluster) = self.metrics.byte_counters(cluster);
-        let counts = ByteCounts::with_metrics(to_cluster, from_cluster);
+        let counts = Arc::new(ByteCounts::with_metrics(to_cluster, from_cluster));
         let result = pump::splice(
             client,
             early.freeze(),

@@ -1,12 +1,11 @@
 //! The gRPC `Tunnel` service agents talk to: the control stream (registration, dial failures)
 //! and the per-connection data streams.
 
-use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use futures_util::{Stream, StreamExt};
-use proxy_common::pump::CHUNK_QUEUE;
+use futures_util::StreamExt;
+use proxy_common::pump::{OutboundBody, outbound};
 use proxy_proto::tunnel_server::Tunnel;
 use proxy_proto::{
     AgentMessage, Chunk, DIAL_ID_HEADER, Register, Registered, ServerMessage, agent_message,
@@ -205,7 +204,13 @@ pub mod to_agent {
     }
 }
 
-type DataResponse = Pin<Box<dyn Stream<Item = Result<Chunk, Status>> + Send>>;
+/// A `Data` stream's response: the body that reads the client's socket (see
+/// `proxy_common::pump::outbound`), as gRPC messages.
+type DataResponse = futures_util::stream::Map<OutboundBody, fn(Chunk) -> Result<Chunk, Status>>;
+
+fn data_response(body: OutboundBody) -> Response<DataResponse> {
+    Response::new(body.map(Ok as fn(Chunk) -> Result<Chunk, Status>))
+}
 
 #[tonic::async_trait]
 impl Tunnel for TunnelService {
@@ -292,10 +297,10 @@ impl Tunnel for TunnelService {
     ) -> Result<Response<Self::DataStream>, Status> {
         let conn = agent_conn(&req)?;
         if req.metadata().contains_key(proxy_proto::WARM_HEADER) {
-            let (tx, rx) = mpsc::channel(CHUNK_QUEUE);
+            let (outbound, body) = outbound();
             let stream = TunnelStream {
                 inbound: req.into_inner(),
-                outbound: tx,
+                outbound,
             };
             self.clusters.add_warm(conn.id, stream).map_err(|err| {
                 use crate::warm::WarmRefused;
@@ -305,7 +310,7 @@ impl Tunnel for TunnelService {
                     WarmRefused::Unregistered => Status::failed_precondition(err.to_string()),
                 }
             })?;
-            return Ok(Response::new(Box::pin(ReceiverStream::new(rx).map(Ok))));
+            return Ok(data_response(body));
         }
         let dial_id = req
             .metadata()
@@ -315,15 +320,15 @@ impl Tunnel for TunnelService {
             .ok_or_else(|| {
                 Status::invalid_argument(format!("missing or invalid {DIAL_ID_HEADER}"))
             })?;
-        let (tx, rx) = mpsc::channel(CHUNK_QUEUE);
+        let (outbound, body) = outbound();
         let stream = TunnelStream {
             inbound: req.into_inner(),
-            outbound: tx,
+            outbound,
         };
         self.clusters
             .complete_dial(dial_id, conn.id, DialOutcome::Connected(Box::new(stream)))
             .map_err(|err| Status::not_found(err.to_string()))?;
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx).map(Ok))))
+        Ok(data_response(body))
     }
 }
 

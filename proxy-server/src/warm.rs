@@ -15,7 +15,7 @@ use std::time::Instant;
 
 use futures_util::FutureExt;
 use prometheus_client::metrics::gauge::Gauge;
-use proxy_proto::{Chunk, WARM_USABLE};
+use proxy_proto::WARM_USABLE;
 
 use crate::registry::TunnelStream;
 
@@ -89,12 +89,8 @@ impl WarmPool {
             if at.elapsed() >= WARM_USABLE || !alive(&mut stream) {
                 continue;
             }
-            let start = Chunk {
-                start: true,
-                ..Chunk::default()
-            };
-            // The queue is new and empty, so only a closed stream refuses.
-            if stream.outbound.try_send(start).is_ok() {
+            // Only a stream that went away refuses.
+            if stream.outbound.start() {
                 return Some(stream);
             }
         }

@@ -7,8 +7,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use dashmap::DashMap;
+use proxy_common::pump::Outbound;
 use proxy_proto::Chunk;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 use tonic::Streaming;
 
 use super::agent::ControlQueue;
@@ -19,8 +20,8 @@ use super::{AgentGone, AgentHandle, Clusters, LimitError};
 pub struct TunnelStream {
     /// Chunks from the agent (its upstream's bytes).
     pub inbound: Streaming<Chunk>,
-    /// Chunks to the agent (the client's bytes).
-    pub outbound: mpsc::Sender<Chunk>,
+    /// Chunks to the agent (the client's bytes, read from its socket by the stream's body).
+    pub outbound: Outbound,
 }
 
 /// How the agent answered a dial request.
