@@ -300,8 +300,18 @@ impl OutboundBody {
             .reader
             .poll_read_buf(cx, &mut (&mut self.buf).limit(now))
         {
-            // Not readable yet, or the pump took the socket back (it is ending the stream).
-            None | Some(Poll::Pending) => return Ok(()),
+            Some(Poll::Pending) => {
+                if self.buf.is_empty() && self.want == MIN_READ {
+                    // An idle connection holds no buffer while it waits: the next poll comes
+                    // when the socket is readable, and allocates then. (A bulk transfer, whose
+                    // reads are larger, keeps its buffer: freeing and faulting back 64 KiB at
+                    // every drained socket would cost more than it saves.)
+                    self.buf = BytesMut::new();
+                }
+                return Ok(());
+            }
+            // The pump took the socket back (it is ending the stream).
+            None => return Ok(()),
             Some(Poll::Ready(res)) => res?,
         };
         self.want = if n == now {

@@ -51,6 +51,7 @@ async fn the_prefix_goes_first_then_socket_bytes_with_the_credit_we_grant() {
     tx.attach(slot, bytes::Bytes::from_static(b"early"), counts.clone());
     assert_eq!(&ready(&mut body).data[..], b"early");
     assert!(poll(&mut body).is_none(), "the socket has nothing yet");
+    assert_eq!(body.buf.capacity(), 0, "an idle connection holds no read buffer");
     client.write_all(b"hello").await.unwrap();
     tx.grant(MIN_WINDOW + 5).unwrap();
     let chunk = ready(&mut body);
