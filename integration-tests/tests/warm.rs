@@ -291,6 +291,39 @@ async fn a_warm_connection_the_upstream_closed_is_never_handed_out() {
     assert_eq!(metric(s, "proxy_server_warm_connects_total").await, 0.0);
 }
 
+/// A client that sends its first bytes right behind its CONNECT (they reach the server as the
+/// warm stream is handed out) gets every one of them through, on every connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bytes_pipelined_behind_the_connect_cross_a_warm_connection_intact() {
+    let up = Echo::start().await;
+    let bed = Testbed::builder(&["alpha"])
+        .agent("alpha", up.addr)
+        .start()
+        .await;
+    let s = bed.server.admin_addr;
+    const CONNECTIONS: usize = 200;
+    for i in 0..CONNECTIONS {
+        let mut client = TcpStream::connect(bed.frontend()).await.unwrap();
+        let payload = format!("request {i}");
+        let head = format!("CONNECT alpha:443 HTTP/1.1\r\nHost: alpha:443\r\n\r\n{payload}");
+        client.write_all(head.as_bytes()).await.unwrap();
+        let expected = format!("HTTP/1.1 200 Connection established\r\n\r\n{payload}");
+        let mut got = vec![0u8; expected.len()];
+        tokio::time::timeout(Duration::from_secs(5), client.read_exact(&mut got))
+            .await
+            .unwrap_or_else(|_| {
+                panic!("connection {i}: the echo of the pipelined bytes never came")
+            })
+            .unwrap();
+        assert_eq!(String::from_utf8_lossy(&got), expected, "connection {i}");
+    }
+    let warm = metric(s, "proxy_server_warm_connects_total").await;
+    assert!(
+        warm >= (CONNECTIONS / 2) as f64,
+        "only {warm} of {CONNECTIONS} connections were warm: the test did not test warm ones"
+    );
+}
+
 fn warm_request(
     chunks: Vec<Chunk>,
 ) -> (

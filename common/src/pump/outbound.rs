@@ -335,7 +335,7 @@ impl OutboundBody {
 }
 
 fn is_empty(chunk: &Chunk) -> bool {
-    chunk.data.is_empty() && !chunk.fin && !chunk.start && chunk.credit == 0
+    chunk.data.is_empty() && !chunk.fin && chunk.credit == 0
 }
 
 impl Stream for OutboundBody {
@@ -346,7 +346,14 @@ impl Stream for OutboundBody {
         let mut chunk = Chunk::default();
         let peer_limit = {
             let mut state = this.shared.lock();
-            chunk.start = std::mem::take(&mut state.start);
+            if std::mem::take(&mut state.start) {
+                // Alone: an agent waiting for its warm stream to be handed out reads this chunk
+                // for `start` only, so bytes or credit riding with it would be lost.
+                return Poll::Ready(Some(Chunk {
+                    start: true,
+                    ..Chunk::default()
+                }));
+            }
             chunk.credit = std::mem::take(&mut state.grant);
             if state.closing {
                 return Poll::Ready((!is_empty(&chunk)).then_some(chunk));

@@ -51,7 +51,11 @@ async fn the_prefix_goes_first_then_socket_bytes_with_the_credit_we_grant() {
     tx.attach(slot, bytes::Bytes::from_static(b"early"), counts.clone());
     assert_eq!(&ready(&mut body).data[..], b"early");
     assert!(poll(&mut body).is_none(), "the socket has nothing yet");
-    assert_eq!(body.buf.capacity(), 0, "an idle connection holds no read buffer");
+    assert_eq!(
+        body.buf.capacity(),
+        0,
+        "an idle connection holds no read buffer"
+    );
     client.write_all(b"hello").await.unwrap();
     tx.grant(MIN_WINDOW + 5).unwrap();
     let chunk = ready(&mut body);
@@ -133,4 +137,28 @@ async fn a_body_gone_before_fin_is_a_closed_tunnel() {
     assert!(matches!(tx.grant(1), Err(PumpError::TunnelClosed)));
     let sent = tx.sent().now_or_never().expect("done at once");
     assert!(matches!(sent, Err(PumpError::TunnelClosed)), "{sent:?}");
+}
+
+#[tokio::test]
+async fn a_warm_streams_start_goes_out_alone_before_queued_credit_and_bytes() {
+    let (tx, mut body) = outbound();
+    assert!(poll(&mut body).is_none());
+    let (mut client, slot) = socket();
+    client.write_all(b"request").await.unwrap();
+    // As the server hands out a warm stream: start, then the client's socket and first grant.
+    assert!(tx.start());
+    tx.attach(slot, bytes::Bytes::new(), Arc::default());
+    tx.grant(MIN_WINDOW + 1).unwrap();
+    let start = ready(&mut body);
+    assert!(start.start, "{start:?}");
+    assert!(
+        start.data.is_empty() && start.credit == 0 && !start.fin,
+        "the agent reads this chunk for start only: {start:?}"
+    );
+    let next = ready(&mut body);
+    assert_eq!(
+        (&next.data[..], next.credit),
+        (&b"request"[..], MIN_WINDOW + 1)
+    );
+    assert!(!next.start);
 }
