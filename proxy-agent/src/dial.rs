@@ -32,58 +32,88 @@ pub struct DialEnv {
 }
 
 /// Handles dial `dial_id` for `destination` (empty: the upstream) from the tunnel of `env`.
+///
+/// Opening and carrying run boxed, each made in its own statement, so the connection's task
+/// holds only a pointer: a connection idling for hours keeps `carry`'s state alone, not room
+/// for the dial and the stream open before it (a future is as large as its largest state).
 pub async fn serve_dial(env: DialEnv, dial_id: u64, destination: &str, cancel: CancellationToken) {
-    let DialEnv {
-        mut client,
-        control,
-        shared,
-        budget,
-        warm,
-    } = env;
-    let (shared, budget) = (&*shared, &budget);
     let started = Instant::now();
     // Counted from the moment the dial arrives, so a draining agent waits for dials still
     // being set up, not only for connections already carrying bytes.
-    let _active = shared.active_connection();
+    let _active = env.shared.active_connection();
+    let open = Box::pin(open(&env, dial_id, destination, &cancel, started));
+    let Some((socket, tx, inbound)) = open.await else {
+        return;
+    };
+    let span = tracing::debug_span!("dial", dial.id = dial_id);
+    let carry = Box::pin(tracing::Instrument::instrument(
+        carry(
+            &env.shared,
+            socket,
+            tx,
+            inbound,
+            &env.budget,
+            &cancel,
+            started,
+        ),
+        span,
+    ));
+    carry.await;
+}
+
+/// Dials the upstream and opens the connection's `Data` stream; a failure is reported to the
+/// server (`None`).
+async fn open(
+    env: &DialEnv,
+    dial_id: u64,
+    destination: &str,
+    cancel: &CancellationToken,
+    started: Instant,
+) -> Option<(TcpStream, pump::Outbound, tonic::Streaming<Chunk>)> {
+    let DialEnv {
+        client,
+        control,
+        shared,
+        warm,
+        ..
+    } = env;
     let upstream = match shared.config.destination(destination) {
         Ok(dest) => dest,
         Err(reason) => {
-            return report_failure(shared, &control, &cancel, dial_id, "not_allowed", reason).await;
+            report_failure(shared, control, cancel, dial_id, "not_allowed", reason).await;
+            return None;
         }
     };
     let socket = tokio::select! {
-        () = cancel.cancelled() => return,
+        () = cancel.cancelled() => return None,
         res = dial_upstream(shared, upstream, started) => match res {
             Ok(socket) => socket,
             Err(failure) => {
-                if let Some(warm) = warm.filter(|_| upstream == shared.config.upstream) {
+                if let Some(warm) = warm.as_ref().filter(|_| upstream == shared.config.upstream) {
                     warm.upstream_failed();
                 }
-                return report_failure(shared, &control, &cancel, dial_id, failure.kind, failure.reason).await;
+                report_failure(shared, control, cancel, dial_id, failure.kind, failure.reason).await;
+                return None;
             }
         },
     };
     let (tx, body) = pump::outbound();
     let mut req = Request::new(body);
     req.metadata_mut().insert(DIAL_ID_HEADER, dial_id.into());
+    let mut client = client.clone();
     let opened = tokio::select! {
-        () = cancel.cancelled() => return,
+        () = cancel.cancelled() => return None,
         res = client.data(req) => res,
     };
-    let inbound = match opened {
-        Ok(resp) => resp.into_inner(),
+    match opened {
+        Ok(resp) => Some((socket, tx, resp.into_inner())),
         Err(status) => {
             // Reported so the CONNECT fails now with 502, not at its dial timeout.
             let reason = format!("opening the tunnel stream failed: {}", status.message());
-            return report_failure(shared, &control, &cancel, dial_id, "other", reason).await;
+            report_failure(shared, control, cancel, dial_id, "other", reason).await;
+            None
         }
-    };
-    let span = tracing::debug_span!("dial", dial.id = dial_id);
-    tracing::Instrument::instrument(
-        carry(shared, socket, tx, inbound, budget, &cancel, started),
-        span,
-    )
-    .await;
+    }
 }
 
 /// Splices an upstream connection and its data stream until both sides are done, then logs

@@ -264,7 +264,10 @@ impl Pool {
                         // agent never sees both at zero in between.
                         let active = self.shared.active_connection();
                         drop(idle);
-                        return self.carry(socket, tx, inbound, active).await;
+                        // Boxed, in its own statement: the task keeps room only for the state
+                        // it is in (see `crate::dial::serve_dial`).
+                        let carry = Box::pin(self.carry(socket, tx, inbound, active));
+                        return carry.await;
                     }
                     // The server drops the ones it would no longer hand out: that is expiry.
                     _ if made.elapsed() >= proxy_proto::WARM_USABLE => break "expired",
