@@ -145,7 +145,8 @@ impl RecvWindow {
             consumed: 0,
             waited: Duration::ZERO,
             starved: false,
-            grants: std::collections::VecDeque::with_capacity(GRANT_HISTORY),
+            // Allocated at the first grant: an idle connection never makes one.
+            grants: std::collections::VecDeque::new(),
             min_rtt: None,
             round_start: None,
             per_rtt: None,

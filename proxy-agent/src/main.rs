@@ -3,9 +3,8 @@
 
 // mimalloc instead of glibc malloc: tunneled bytes travel in 2–64 KiB buffers allocated and
 // freed on different threads, and glibc returned those pages to the kernel and faulted them
-// back in at a high rate (about a tenth of the CPU in a bulk profile). Not in proxy-server: there
-// mimalloc cost ~60 KiB of memory per connected agent against glibc's ~38 (bench, 1,000 agents),
-// and the server's job is to hold thousands of agents.
+// back in at a high rate (about a tenth of the CPU in a bulk profile). The server uses it too,
+// built without huge pages (see the workspace Cargo.toml).
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

@@ -2,6 +2,14 @@
 //! or `proxy-server kubeconfig` to write the connected clusters' kubeconfig.
 #![forbid(unsafe_code)]
 
+// mimalloc instead of glibc malloc, as in the agent: chunk buffers are allocated on one thread
+// and freed on another, and glibc returned their pages to the kernel and faulted them back in
+// (bulk down was about 3 Gbit/s faster with mimalloc). Built with `no_thp` (workspace
+// Cargo.toml): with huge pages mimalloc held ~60 KiB per idle agent where glibc holds ~39; without
+// them ~40 (bench, 1,000 and 5,000 agents).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use anyhow::Context;
 use clap::Parser;
 use proxy_server::config::Command;
