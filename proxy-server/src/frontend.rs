@@ -77,6 +77,8 @@ struct Opened<S> {
     early: BytesMut,
     dialed: Dialed,
     cluster: String,
+    /// When its request began (after TLS).
+    started: Instant,
     /// How long the tunnel took to open.
     connect_time: Duration,
 }
@@ -141,7 +143,6 @@ pub async fn serve(
 /// connection idling for hours would keep room for its TLS handshake, head and dial steps too
 /// (measured: 10 of an idle connection's 16 KiB on the server).
 async fn handle(frontend: &Frontend, tcp: TcpStream, admission: Admission) {
-    let started = Instant::now();
     if let Err(err) = proxy_common::net::configure(&tcp, frontend.keepalive) {
         tracing::debug!(%err, "cannot set socket options");
     }
@@ -149,18 +150,18 @@ async fn handle(frontend: &Frontend, tcp: TcpStream, admission: Admission) {
     // so `Box::pin(future).await` in one would keep room for the unboxed future in this one.
     match &frontend.tls {
         None => {
-            let open = Box::pin(frontend.open(tcp, None, admission, started));
+            let open = Box::pin(frontend.open(tcp, None, admission));
             let Some(opened) = open.await else { return };
-            let carry = Box::pin(frontend.carry(opened, started));
+            let carry = Box::pin(frontend.carry(opened));
             carry.await;
         }
         Some(tls) => {
             let open = Box::pin(async {
                 let (stream, cn) = frontend.handshake(tls, tcp, &admission).await?;
-                frontend.open(stream, cn, admission, started).await
+                frontend.open(stream, cn, admission).await
             });
             let Some(opened) = open.await else { return };
-            let carry = Box::pin(frontend.carry(opened, started));
+            let carry = Box::pin(frontend.carry(opened));
             carry.await;
         }
     }
@@ -238,11 +239,12 @@ impl Frontend {
         mut client: S,
         cert_cn: Option<String>,
         admission: Admission,
-        started: Instant,
     ) -> Option<Opened<S>>
     where
         S: AsyncRead + AsyncWrite + Abort + Unpin + Send + 'static,
     {
+        // After the TLS handshake, as the tunnel's open time counts from the request.
+        let started = Instant::now();
         let req = match self.read_head(&mut client, admission).await {
             Ok(Some(req)) => req,
             Ok(None) => return None,
@@ -290,6 +292,7 @@ impl Frontend {
                 early,
                 dialed,
                 cluster,
+                started,
                 connect_time,
             })
     }
@@ -425,8 +428,8 @@ impl Frontend {
     }
 
     /// Splices the client and its tunnel stream until both sides are done, the agent leaves or
-    /// the server shuts down, then logs the connection. `started`: when the client came.
-    async fn carry<S>(&self, opened: Opened<S>, started: Instant)
+    /// the server shuts down, then logs the connection.
+    async fn carry<S>(&self, opened: Opened<S>)
     where
         S: AsyncRead + AsyncWrite + Abort + Unpin + Send + 'static,
     {
@@ -435,6 +438,7 @@ impl Frontend {
             early,
             dialed,
             cluster,
+            started,
             connect_time,
         } = opened;
         let cluster = cluster.as_str();
