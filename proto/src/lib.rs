@@ -6,6 +6,13 @@ pub mod codec;
 
 tonic::include_proto!("proxy.tunnel.v1");
 
+/// HTTP/2 path of the `Control` stream, as tonic's generated server routes it (the agent opens
+/// its streams on h2 directly).
+pub const CONTROL_PATH: &str = "/proxy.tunnel.v1.Tunnel/Control";
+
+/// HTTP/2 path of a `Data` stream.
+pub const DATA_PATH: &str = "/proxy.tunnel.v1.Tunnel/Data";
+
 /// Request metadata key carrying the dial id on a `Data` stream.
 pub const DIAL_ID_HEADER: &str = "x-dial-id";
 

@@ -1,22 +1,17 @@
-//! The agent's HTTP/2 connection to a server, as a tower service tonic's generated client can
-//! use.
+//! The agent's HTTP/2 connection to a server, on h2 directly (see [`crate::grpc`] for why).
 //!
-//! tonic's own `Channel` puts a `tower::Buffer` in front of the connection: every new stream (one
-//! per tunneled connection) is handed to a worker task first, one more task hop on the path of
-//! every CONNECT. It also does not expose HTTP/2 `max_frame_size`, which leaves the server's
-//! bytes in 16 KiB frames. This is a thin `Service` over hyper's HTTP/2 client connection instead:
-//! the caller's task opens the stream itself.
+//! The connection is driven by one task, which also keeps it alive with pings; streams are
+//! opened by the tasks that use them.
 
-use std::future::Future;
-use std::pin::Pin;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
-use hyper::client::conn::http2::{self, SendRequest};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use h2::client::{self, SendRequest};
+use proxy_common::pump::{self, Outbound, OutboundBody};
+use proxy_proto::{Chunk, ServerMessage};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_util::sync::CancellationToken;
-use tonic::body::Body;
+
+use crate::grpc::{Frame, Inbound};
 
 /// HTTP/2 settings of the agent's side of a tunnel.
 #[derive(Debug, Clone, Copy)]
@@ -31,57 +26,132 @@ pub struct Settings {
     pub keepalive_timeout: Duration,
 }
 
+/// Largest header block accepted from the server (hyper's default, which the agent used before).
+const MAX_HEADER_LIST: u32 = 16 * 1024;
+
 /// A cloneable handle that opens streams on one HTTP/2 connection.
 #[derive(Debug, Clone)]
 pub struct H2Channel {
-    send: SendRequest<Body>,
+    send: SendRequest<Frame>,
+}
+
+/// A `Data` stream just opened: the pump's handle on its sending half, the body that reads the
+/// upstream socket into it, the h2 stream that body is written to, and what the server sends.
+pub struct DataStream {
+    /// The pump's hold on the sending half.
+    pub tx: Outbound,
+    /// The sending half's messages, read from the socket once the pump attaches it.
+    pub body: OutboundBody,
+    /// Where [`crate::grpc::pipe`] writes them.
+    pub send: h2::SendStream<Frame>,
+    /// The server's chunks.
+    pub inbound: Inbound<Chunk>,
+}
+
+impl std::fmt::Debug for DataStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DataStream").finish_non_exhaustive()
+    }
 }
 
 impl H2Channel {
     /// Runs the HTTP/2 handshake over `io`; the connection is driven by a task that ends when
-    /// the connection does or when `close` fires.
+    /// the connection does, when a ping goes unanswered for `keepalive_timeout`, or when
+    /// `close` fires. Every stream on it fails then.
     pub async fn handshake<IO>(
         io: IO,
         settings: Settings,
         close: CancellationToken,
-    ) -> Result<Self, hyper::Error>
+    ) -> Result<Self, h2::Error>
     where
         IO: AsyncRead + AsyncWrite + Send + Unpin + 'static,
     {
-        let (send, conn) = http2::Builder::new(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .initial_stream_window_size(settings.stream_window)
+        let (send, mut conn) = client::Builder::new()
+            .initial_window_size(settings.stream_window)
             .initial_connection_window_size(settings.connection_window)
             .max_frame_size(proxy_proto::MAX_FRAME)
-            .keep_alive_interval(settings.keepalive_interval)
-            .keep_alive_timeout(settings.keepalive_timeout)
-            .keep_alive_while_idle(true)
-            .handshake(TokioIo::new(io))
+            .max_header_list_size(MAX_HEADER_LIST)
+            .enable_push(false)
+            .handshake::<_, Frame>(io)
             .await?;
+        let ping = conn.ping_pong();
         tokio::spawn(async move {
             tokio::select! {
-                res = conn => {
+                res = &mut conn => {
                     if let Err(err) = res {
                         tracing::debug!(%err, "tunnel connection ended");
                     }
+                }
+                reason = keepalive(ping, settings) => {
+                    tracing::debug!(reason, "tunnel connection dropped");
                 }
                 () = close.cancelled() => {}
             }
         });
         Ok(Self { send })
     }
-}
 
-impl tower::Service<http::Request<Body>> for H2Channel {
-    type Response = http::Response<hyper::body::Incoming>;
-    type Error = hyper::Error;
-    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.send.poll_ready(cx)
+    /// Opens the `Control` stream.
+    pub async fn open_control(
+        &self,
+    ) -> Result<(h2::SendStream<Frame>, Inbound<ServerMessage>), h2::Error> {
+        let (send, response) = self.open(proxy_proto::CONTROL_PATH, None).await?;
+        Ok((send, Inbound::new(response)))
     }
 
-    fn call(&mut self, req: http::Request<Body>) -> Self::Future {
-        Box::pin(self.send.send_request(req))
+    /// Opens a `Data` stream carrying `header` (the dial id, or the warm mark). Only the request
+    /// goes out: the server's answer is awaited by reading the stream.
+    pub async fn open_data(
+        &self,
+        header: (&'static str, http::HeaderValue),
+    ) -> Result<DataStream, h2::Error> {
+        let (send, response) = self.open(proxy_proto::DATA_PATH, Some(header)).await?;
+        let (tx, body) = pump::outbound();
+        Ok(DataStream {
+            tx,
+            body,
+            send,
+            inbound: Inbound::new(response),
+        })
+    }
+
+    async fn open(
+        &self,
+        path: &'static str,
+        header: Option<(&'static str, http::HeaderValue)>,
+    ) -> Result<(h2::SendStream<Frame>, client::ResponseFuture), h2::Error> {
+        // Waits while the server's stream limit is reached.
+        let mut send = self.send.clone().ready().await?;
+        // The authority is only a label: the connection is already made.
+        let mut request = http::Request::post(format!("https://proxy-server{path}"))
+            .header(http::header::CONTENT_TYPE, "application/grpc")
+            .header(http::header::TE, "trailers")
+            .body(())
+            .expect("a valid request");
+        if let Some((name, value)) = header {
+            request.headers_mut().insert(name, value);
+        }
+        let (response, send) = send.send_request(request, false)?;
+        Ok((send, response))
+    }
+}
+
+/// Pings every `keepalive_interval`; returns why the connection should be dropped (a ping
+/// unanswered within `keepalive_timeout`, or the connection gone).
+async fn keepalive(ping: Option<h2::PingPong>, settings: Settings) -> &'static str {
+    let Some(mut ping) = ping else {
+        return std::future::pending().await;
+    };
+    loop {
+        tokio::time::sleep(settings.keepalive_interval).await;
+        if ping.send_ping(h2::Ping::opaque()).is_err() {
+            return "ping failed";
+        }
+        let pong = std::future::poll_fn(|cx| ping.poll_pong(cx));
+        match tokio::time::timeout(settings.keepalive_timeout, pong).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(_)) => return "ping failed",
+            Err(_) => return "ping unanswered",
+        }
     }
 }

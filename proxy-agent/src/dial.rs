@@ -6,21 +6,19 @@ use std::time::Instant;
 use bytes::Bytes;
 use proxy_common::error::chain;
 use proxy_common::pump::{self, ByteCounts, Role};
-use proxy_proto::tunnel_client::TunnelClient;
-use proxy_proto::{AgentMessage, Chunk, DIAL_ID_HEADER, DialFailed, agent_message};
+use proxy_proto::{AgentMessage, DIAL_ID_HEADER, DialFailed, agent_message};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use tonic::Request;
 
 use crate::Shared;
-use crate::channel::H2Channel;
+use crate::channel::{DataStream, H2Channel};
 
 /// What serving a dial needs from its tunnel.
 #[derive(Clone)]
 pub struct DialEnv {
-    /// The tunnel's gRPC client (data streams are opened on it).
-    pub client: TunnelClient<H2Channel>,
+    /// The tunnel's HTTP/2 connection (data streams are opened on it).
+    pub channel: H2Channel,
     /// The tunnel's control stream (dial failures).
     pub control: mpsc::Sender<AgentMessage>,
     /// Agent state.
@@ -42,20 +40,12 @@ pub async fn serve_dial(env: DialEnv, dial_id: u64, destination: &str, cancel: C
     // being set up, not only for connections already carrying bytes.
     let _active = env.shared.active_connection();
     let open = Box::pin(open(&env, dial_id, destination, &cancel, started));
-    let Some((socket, tx, inbound)) = open.await else {
+    let Some((socket, stream)) = open.await else {
         return;
     };
     let span = tracing::debug_span!("dial", dial.id = dial_id);
     let carry = Box::pin(tracing::Instrument::instrument(
-        carry(
-            &env.shared,
-            socket,
-            tx,
-            inbound,
-            &env.budget,
-            &cancel,
-            started,
-        ),
+        carry(&env.shared, socket, stream, &env.budget, &cancel, started),
         span,
     ));
     carry.await;
@@ -69,9 +59,9 @@ async fn open(
     destination: &str,
     cancel: &CancellationToken,
     started: Instant,
-) -> Option<(TcpStream, pump::Outbound, tonic::Streaming<Chunk>)> {
+) -> Option<(TcpStream, DataStream)> {
     let DialEnv {
-        client,
+        channel,
         control,
         shared,
         warm,
@@ -97,19 +87,15 @@ async fn open(
             }
         },
     };
-    let (tx, body) = pump::outbound();
-    let mut req = Request::new(body);
-    req.metadata_mut().insert(DIAL_ID_HEADER, dial_id.into());
-    let mut client = client.clone();
     let opened = tokio::select! {
         () = cancel.cancelled() => return None,
-        res = client.data(req) => res,
+        res = channel.open_data((DIAL_ID_HEADER, dial_id.into())) => res,
     };
     match opened {
-        Ok(resp) => Some((socket, tx, resp.into_inner())),
-        Err(status) => {
+        Ok(stream) => Some((socket, stream)),
+        Err(err) => {
             // Reported so the CONNECT fails now with 502, not at its dial timeout.
-            let reason = format!("opening the tunnel stream failed: {}", status.message());
+            let reason = format!("opening the tunnel stream failed: {err}");
             report_failure(shared, control, cancel, dial_id, "other", reason).await;
             None
         }
@@ -121,16 +107,21 @@ async fn open(
 pub async fn carry(
     shared: &Shared,
     socket: TcpStream,
-    tx: pump::Outbound,
-    inbound: tonic::Streaming<Chunk>,
+    stream: DataStream,
     budget: &std::sync::Arc<proxy_common::flow::Budget>,
     cancel: &CancellationToken,
     started: Instant,
 ) {
+    let DataStream {
+        tx,
+        body,
+        send,
+        inbound,
+    } = stream;
     let (to_upstream, from_upstream) = shared.metrics.byte_counters();
     // The pump's "sent" is what it read from the upstream socket.
     let counts = std::sync::Arc::new(ByteCounts::with_metrics(from_upstream, to_upstream));
-    let result = pump::splice(
+    let splice = pump::splice(
         socket,
         Bytes::new(),
         tx,
@@ -139,8 +130,21 @@ pub async fn carry(
         &counts,
         budget,
         cancel,
-    )
-    .await;
+    );
+    // The sending half runs in this task too. When it fails (the server reset the stream, the
+    // connection is gone) the body is dropped, which the pump learns as a closed tunnel; when
+    // the pump ends, the body ends and the stream with it.
+    let sending = async {
+        tokio::select! {
+            res = crate::grpc::pipe(body, send, crate::grpc::encode_chunk) => {
+                if let Err(err) = res {
+                    tracing::debug!(%err, "sending half of the tunnel stream failed");
+                }
+            }
+            () = cancel.cancelled() => {}
+        }
+    };
+    let (result, ()) = tokio::join!(splice, sending);
     let (from_upstream, to_upstream) = counts.get();
     let outcome = match &result {
         Ok(()) => "ok".to_owned(),

@@ -7,10 +7,7 @@ use std::time::Duration;
 
 use proxy_common::error::chain;
 use proxy_common::readahead::ReadAhead;
-use proxy_proto::tunnel_client::TunnelClient;
-use proxy_proto::{
-    AgentMessage, Drain, MAX_MESSAGE, REGISTER_TIMEOUT, Register, agent_message, server_message,
-};
+use proxy_proto::{AgentMessage, Drain, REGISTER_TIMEOUT, Register, agent_message, server_message};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio_rustls::TlsConnector;
@@ -23,6 +20,7 @@ use crate::Shared;
 use crate::backoff::Backoff;
 use crate::channel::{H2Channel, Settings};
 use crate::config::ServerTarget;
+use crate::grpc::Inbound;
 use crate::http_proxy::ProxyError;
 
 /// Time allowed for TCP + TLS + HTTP/2 setup to a server.
@@ -39,6 +37,9 @@ pub enum SessionError {
     /// The server refused the registration; its reason.
     #[error("server refused registration: {0}")]
     Refused(String),
+    /// The control stream could not be opened (the connection failed).
+    #[error("cannot open the control stream")]
+    Open(#[source] h2::Error),
     /// The control stream failed.
     #[error("control stream failed")]
     Stream(#[source] tonic::Status),
@@ -64,7 +65,7 @@ pub enum ConnectError {
     Tls(#[source] std::io::Error),
     /// The HTTP/2 handshake.
     #[error("http/2")]
-    Http2(#[source] hyper::Error),
+    Http2(#[source] h2::Error),
     /// All of it took longer than [`CONNECT_TIMEOUT`].
     #[error("timed out after {0:?}")]
     Timeout(Duration),
@@ -246,9 +247,9 @@ struct Tunnel {
     server_count: u32,
     /// The server takes warm streams (`Registered.features`).
     warm: bool,
-    client: TunnelClient<H2Channel>,
+    channel: H2Channel,
     control: mpsc::Sender<AgentMessage>,
-    inbound: tonic::Streaming<proxy_proto::ServerMessage>,
+    inbound: Inbound<proxy_proto::ServerMessage>,
     // Closes the HTTP/2 connection when the tunnel is dropped, whichever way it ends.
     _close_connection: tokio_util::sync::DropGuard,
 }
@@ -263,11 +264,6 @@ async fn establish(
     let connection = life.close.child_token();
     let close_connection = connection.clone().drop_guard();
     let channel = connect(server, shared, connection).await?;
-    // The authority is only a label in the request URI: the connection is already made.
-    let origin = http::Uri::from_static("https://proxy-server");
-    let mut client = TunnelClient::with_origin(channel, origin)
-        .max_decoding_message_size(MAX_MESSAGE)
-        .max_encoding_message_size(MAX_MESSAGE);
     let (control, control_rx) = mpsc::channel(CONTROL_QUEUE);
     let register = AgentMessage {
         msg: Some(agent_message::Msg::Register(Register {
@@ -286,15 +282,21 @@ async fn establish(
     control
         .try_send(register)
         .map_err(|_| SessionError::Protocol("control queue full".into()))?;
+    let (send, mut inbound) = channel.open_control().await.map_err(SessionError::Open)?;
+    // Writes the control queue into the stream until every sender is gone (the tunnel ended)
+    // or the connection fails; bounded by the connection, which the tunnel closes on drop.
+    tokio::spawn(async move {
+        let messages = ReceiverStream::new(control_rx);
+        if let Err(err) = crate::grpc::pipe(messages, send, crate::grpc::encode).await {
+            tracing::debug!(%err, "control stream's sending half ended");
+        }
+    });
     // A server that accepts the stream but never answers must not hold this session forever.
-    let opened = tokio::time::timeout(
-        REGISTER_TIMEOUT,
-        client.control(ReceiverStream::new(control_rx)),
-    )
-    .await
-    .map_err(|_| SessionError::Protocol("no answer to the registration in time".into()))?;
-    let mut inbound = match opened {
-        Ok(resp) => resp.into_inner(),
+    let opened = tokio::time::timeout(REGISTER_TIMEOUT, inbound.opened())
+        .await
+        .map_err(|_| SessionError::Protocol("no answer to the registration in time".into()))?;
+    match opened {
+        Ok(()) => {}
         Err(status)
             if matches!(
                 status.code(),
@@ -304,7 +306,7 @@ async fn establish(
             return Err(SessionError::Refused(status.message().to_owned()));
         }
         Err(status) => return Err(SessionError::Stream(status)),
-    };
+    }
     let first = tokio::time::timeout(REGISTER_TIMEOUT, inbound.message())
         .await
         .map_err(|_| SessionError::Protocol("no registration answer in time".into()))?
@@ -315,7 +317,7 @@ async fn establish(
             warm: r.features.iter().any(|f| f == proxy_proto::FEATURE_WARM),
             server_id: r.server_id,
             server_count: r.server_count,
-            client,
+            channel,
             control,
             inbound,
             _close_connection: close_connection,
@@ -336,7 +338,7 @@ impl Tunnel {
         let Self {
             addr,
             server_id,
-            client,
+            channel,
             control,
             mut inbound,
             _close_connection,
@@ -353,7 +355,7 @@ impl Tunnel {
         let warm = (warm && shared.config.warm_connections > 0).then(|| {
             let target = Arc::new(crate::warm::WarmTarget::new(shared.config.warm_connections));
             let pool = crate::warm::Pool {
-                client: client.clone(),
+                channel: channel.clone(),
                 shared: shared.clone(),
                 budget: budget.clone(),
                 target: target.clone(),
@@ -368,7 +370,7 @@ impl Tunnel {
             server_id: &server_id,
             held,
             env: crate::dial::DialEnv {
-                client,
+                channel,
                 control,
                 shared: shared.clone(),
                 budget,

@@ -23,17 +23,14 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use proxy_common::error::chain;
-use proxy_common::pump::Outbound;
-use proxy_proto::tunnel_client::TunnelClient;
 use proxy_proto::{Chunk, WARM_HEADER, WARM_MAX_AGE};
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tonic::{Request, Streaming};
 
 use crate::Shared;
-use crate::channel::H2Channel;
+use crate::channel::{DataStream, H2Channel};
 
 /// After a warm connection could not be made (upstream down, stream refused), wait this long
 /// before the next try: dial requests still work, and report the failure to the client.
@@ -139,7 +136,7 @@ impl Drop for Idle {
 /// What one tunnel's warm connections need.
 pub struct Pool {
     /// The tunnel's gRPC client.
-    pub client: TunnelClient<H2Channel>,
+    pub channel: H2Channel,
     /// Agent state.
     pub shared: Arc<Shared>,
     /// The tunnel's flow-control budget.
@@ -211,34 +208,20 @@ impl Pool {
                 return Err(OpenError::Upstream(failure.reason));
             }
         };
-        let (tx, body) = proxy_common::pump::outbound();
-        let mut req = Request::new(body);
-        req.metadata_mut().insert(
-            WARM_HEADER,
-            tonic::metadata::MetadataValue::from_static("1"),
-        );
-        let inbound = self
-            .client
-            .clone()
-            .data(req)
+        // Only the request goes out: the server's acceptance is awaited by `hold`, so warm
+        // connections are made back to back, not one per round trip to the server.
+        let stream = self
+            .channel
+            .open_data((WARM_HEADER, http::HeaderValue::from_static("1")))
             .await
-            .map_err(OpenError::Stream)?
-            .into_inner();
-        Ok(Warm {
-            socket,
-            tx,
-            inbound,
-        })
+            .map_err(OpenError::Stream)?;
+        Ok(Warm { socket, stream })
     }
 
     /// Waits, idle, until the server hands the connection to a client, then carries it;
     /// closes it unused when `flushed` (the flush token as it was before its dial) fires.
     async fn hold(&self, warm: Warm, idle: Idle, flushed: CancellationToken) {
-        let Warm {
-            socket,
-            tx,
-            mut inbound,
-        } = warm;
+        let Warm { socket, mut stream } = warm;
         let made = Instant::now();
         let expires = tokio::time::sleep(WARM_MAX_AGE);
         tokio::pin!(expires);
@@ -258,7 +241,7 @@ impl Pool {
                     Ok(0) | Err(_) => break "upstream_closed",
                     Ok(_) => watching = false,
                 },
-                msg = inbound.message() => match msg {
+                msg = stream.inbound.message() => match msg {
                     Ok(Some(Chunk { start: true, .. })) => {
                         // Counted as active before it stops counting as idle, so a draining
                         // agent never sees both at zero in between.
@@ -266,8 +249,21 @@ impl Pool {
                         drop(idle);
                         // Boxed, in its own statement: the task keeps room only for the state
                         // it is in (see `crate::dial::serve_dial`).
-                        let carry = Box::pin(self.carry(socket, tx, inbound, active));
+                        let carry = Box::pin(self.carry(socket, stream, active));
                         return carry.await;
+                    }
+                    Err(status) if !stream.inbound.accepted() => {
+                        // Refused (e.g. the server's limit of warm streams): still counted as
+                        // idle for a while, so the pool does not dial the upstream again and
+                        // again for streams the server will refuse.
+                        tracing::debug!(reason = %chain(&status), "the server refused a warm stream");
+                        drop((socket, stream));
+                        self.target.retired();
+                        tokio::select! {
+                            () = self.session.cancelled() => {}
+                            () = tokio::time::sleep(RETRY_AFTER) => {}
+                        }
+                        return;
                     }
                     // The server drops the ones it would no longer hand out: that is expiry.
                     _ if made.elapsed() >= proxy_proto::WARM_USABLE => break "expired",
@@ -288,27 +284,13 @@ impl Pool {
     }
 
     /// The handed-out connection, spliced like a dialed one.
-    async fn carry(
-        &self,
-        socket: TcpStream,
-        tx: Outbound,
-        inbound: Streaming<Chunk>,
-        _active: crate::CountGuard,
-    ) {
+    async fn carry(&self, socket: TcpStream, stream: DataStream, _active: crate::CountGuard) {
         let started = Instant::now();
         self.shared.metrics.warm_claimed.inc();
         let cancel = self.session.child_token();
         let span = tracing::debug_span!("warm");
         tracing::Instrument::instrument(
-            crate::dial::carry(
-                &self.shared,
-                socket,
-                tx,
-                inbound,
-                &self.budget,
-                &cancel,
-                started,
-            ),
+            crate::dial::carry(&self.shared, socket, stream, &self.budget, &cancel, started),
             span,
         )
         .await;
@@ -321,14 +303,13 @@ enum OpenError {
     /// The upstream could not be reached; the dial's reason.
     #[error("{0}")]
     Upstream(String),
-    /// The server did not take the warm stream.
+    /// The stream could not be opened (the connection is gone).
     #[error("opening a warm stream failed")]
-    Stream(#[source] tonic::Status),
+    Stream(#[source] h2::Error),
 }
 
 /// A warm connection: the upstream socket and its stream.
 struct Warm {
     socket: TcpStream,
-    tx: Outbound,
-    inbound: Streaming<Chunk>,
+    stream: DataStream,
 }
