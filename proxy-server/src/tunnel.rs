@@ -212,9 +212,20 @@ fn data_response(body: OutboundBody) -> Response<DataResponse> {
     Response::new(body.map(Ok as fn(Chunk) -> Result<Chunk, Status>))
 }
 
+/// A `Control` stream's response: the agent's control queue, unboxed.
+type ControlResponse = futures_util::stream::Map<
+    ReceiverStream<Box<ServerMessage>>,
+    fn(Box<ServerMessage>) -> Result<ServerMessage, Status>,
+>;
+
+fn control_response(rx: mpsc::Receiver<Box<ServerMessage>>) -> Response<ControlResponse> {
+    let unbox: fn(Box<ServerMessage>) -> Result<ServerMessage, Status> = |msg| Ok(*msg);
+    Response::new(ReceiverStream::new(rx).map(unbox))
+}
+
 #[tonic::async_trait]
 impl Tunnel for TunnelService {
-    type ControlStream = ReceiverStream<Result<ServerMessage, Status>>;
+    type ControlStream = ControlResponse;
     type DataStream = DataResponse;
 
     async fn control(
@@ -247,14 +258,14 @@ impl Tunnel for TunnelService {
             let declined = ServerMessage {
                 msg: Some(server_message::Msg::AlreadyHeld(answer)),
             };
-            tx.try_send(Ok(declined))
+            tx.try_send(Box::new(declined))
                 .map_err(|_| Status::internal("control queue full"))?;
-            return Ok(Response::new(ReceiverStream::new(rx)));
+            return Ok(control_response(rx));
         }
         let registered = ServerMessage {
             msg: Some(server_message::Msg::Registered(answer)),
         };
-        tx.try_send(Ok(registered))
+        tx.try_send(Box::new(registered))
             .map_err(|_| Status::internal("control queue full at registration"))?;
         let (upstream_ca, upstream_server_name) = kubeconfig_facts(&reg);
         let info = AgentInfo {
@@ -288,7 +299,7 @@ impl Tunnel for TunnelService {
             self.ping_interval,
             closed,
         ));
-        Ok(Response::new(ReceiverStream::new(rx)))
+        Ok(control_response(rx))
     }
 
     async fn data(

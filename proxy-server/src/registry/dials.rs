@@ -158,7 +158,7 @@ impl Drop for DialGuard {
             // Best effort, never waiting in a destructor: with the control queue full the agent
             // still finds out when it opens the data stream and the server refuses it.
             let cancel = crate::tunnel::to_agent::cancel_dial(self.id);
-            if agent.try_send(Ok(cancel)).is_ok() {
+            if agent.try_send(Box::new(cancel)).is_ok() {
                 self.clusters.metrics.dials_cancelled.inc();
             }
         }

@@ -8,7 +8,6 @@ use proxy_proto::{DialCancel, ServerMessage, server_message::Msg};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tonic::Status;
 
 use super::*;
 use crate::config::Limits;
@@ -35,7 +34,7 @@ fn clusters() -> (Arc<Clusters>, Arc<Metrics>) {
     (Arc::new(Clusters::new(limits(), metrics.clone())), metrics)
 }
 
-type ControlRx = mpsc::Receiver<Result<ServerMessage, Status>>;
+type ControlRx = mpsc::Receiver<Box<ServerMessage>>;
 
 /// Agent `id` of `cluster` on connection `conn_id`, understanding `features`, and the other end
 /// of its control queue.
@@ -232,7 +231,7 @@ async fn an_abandoned_dial_is_forgotten_counted_and_cancelled_at_the_agent() {
         (0, 0)
     );
     assert_eq!(metrics.dials_cancelled.get(), 1);
-    let sent = control.try_recv().unwrap().unwrap();
+    let sent = control.try_recv().unwrap();
     assert_eq!(sent.msg, Some(Msg::CancelDial(DialCancel { dial_id: id })));
     // A late answer finds nothing.
     let late = clusters.complete_dial(id, 1, DialOutcome::Failed("late".to_owned()));
