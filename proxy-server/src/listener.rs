@@ -38,8 +38,13 @@ pub struct AgentConn {
 }
 
 /// A TLS connection from an agent.
+///
+/// The TLS stream is boxed: tonic's connection future keeps a dead copy of what it was handed
+/// besides the live one inside the HTTP/2 connection (a future does not reuse the room of what
+/// it captured), and rustls' connection state is most of it: 1.2 KiB more per connected agent
+/// unboxed.
 pub struct AgentIo {
-    inner: TlsStream<ReadAhead<TcpStream>>,
+    inner: Box<TlsStream<ReadAhead<TcpStream>>>,
     conn: AgentConn,
 }
 
@@ -215,7 +220,7 @@ async fn handshake(
             )
         })?;
     Ok(AgentIo {
-        inner: tls,
+        inner: Box::new(tls),
         conn: AgentConn { id, addr, cn },
     })
 }

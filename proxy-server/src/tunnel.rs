@@ -344,92 +344,99 @@ impl Tunnel for TunnelService {
 }
 
 /// Reads the agent's control messages until its stream ends, then drops its registration.
-async fn serve_control(
+///
+/// A function returning an `async move` block rather than an `async fn`: an async fn's future
+/// keeps its arguments twice (as passed, and as the locals its body uses), and this one is held
+/// for every connected agent.
+fn serve_control(
     mut inbound: Streaming<AgentMessage>,
     registration: Registration,
     clusters: Arc<Clusters>,
     mut fleet: tokio::sync::watch::Receiver<u32>,
     ping_interval: Duration,
     closed: CancellationToken,
-) {
-    let info = registration.agent().info.clone();
-    let agent = registration.agent().clone();
-    // The count sent with the registration is the one seen now.
-    fleet.borrow_and_update();
-    let mut pings = tokio::time::interval(ping_interval);
-    pings.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    // The ping waiting for its pong: (sequence number, sent at).
-    let mut waiting: Option<(u64, tokio::time::Instant)> = None;
-    let mut seq = 0;
-    let reason = loop {
-        let late = waiting.map(|(_, sent)| sent + PONG_LATE);
-        let msg = tokio::select! {
-            () = closed.cancelled() => break "server shutting down".to_owned(),
-            Ok(()) = fleet.changed() => {
-                let count = *fleet.borrow_and_update();
-                // Best effort: an agent whose control queue is full learns the count from its
-                // next registration.
-                if !agent.try_send(to_agent::fleet(count)) {
-                    tracing::debug!(cluster = %info.cluster, agent.id = %info.agent_id, "control queue full: fleet update not sent");
+) -> impl std::future::Future<Output = ()> + Send {
+    async move {
+        let agent = registration.agent().clone();
+        // Read through the handle rather than cloned: the future is smaller.
+        let info = &agent.info;
+        // The count sent with the registration is the one seen now.
+        fleet.borrow_and_update();
+        let mut pings = tokio::time::interval(ping_interval);
+        pings.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // The ping waiting for its pong: (sequence number, sent at).
+        let mut waiting: Option<(u64, tokio::time::Instant)> = None;
+        let mut seq = 0;
+        let reason = loop {
+            let late = waiting.map(|(_, sent)| sent + PONG_LATE);
+            let msg = tokio::select! {
+                () = closed.cancelled() => break "server shutting down".to_owned(),
+                Ok(()) = fleet.changed() => {
+                    let count = *fleet.borrow_and_update();
+                    // Best effort: an agent whose control queue is full learns the count from its
+                    // next registration.
+                    if !agent.try_send(to_agent::fleet(count)) {
+                        tracing::debug!(cluster = %info.cluster, agent.id = %info.agent_id, "control queue full: fleet update not sent");
+                    }
+                    continue;
                 }
-                continue;
-            }
-            _ = pings.tick(), if info.features.ping && waiting.is_none() => {
-                seq += 1;
-                let now = tokio::time::Instant::now();
-                waiting = Some((seq, now));
-                agent.set_ping_outstanding(Some(now.into_std()));
-                // Best effort: a full control queue is itself a sign the agent is behind.
-                agent.try_send(to_agent::ping(seq));
-                clusters.purge_warm(&agent);
-                continue;
-            }
-            () = tokio::time::sleep_until(late.unwrap_or_else(tokio::time::Instant::now)),
-                if late.is_some() && agent.unresponsive_since().is_none() => {
-                tracing::warn!(cluster = %info.cluster, agent.id = %info.agent_id, late_ms = PONG_LATE.as_millis() as u64, "agent did not answer a ping in time: new connections avoid it until it does");
-                agent.set_unresponsive(waiting.map(|(_, sent)| sent.into_std()));
-                continue;
-            }
-            msg = inbound.message() => msg,
-        };
-        match msg {
-            Ok(Some(AgentMessage {
-                msg: Some(agent_message::Msg::Pong(pong)),
-            })) => {
-                if waiting.is_some_and(|(s, _)| s == pong.seq) {
-                    waiting = None;
-                    agent.set_ping_outstanding(None);
-                    if agent.unresponsive_since().is_some() {
-                        tracing::info!(cluster = %info.cluster, agent.id = %info.agent_id, "agent answers pings again");
-                        agent.set_unresponsive(None);
+                _ = pings.tick(), if info.features.ping && waiting.is_none() => {
+                    seq += 1;
+                    let now = tokio::time::Instant::now();
+                    waiting = Some((seq, now));
+                    agent.set_ping_outstanding(Some(now.into_std()));
+                    // Best effort: a full control queue is itself a sign the agent is behind.
+                    agent.try_send(to_agent::ping(seq));
+                    clusters.purge_warm(&agent);
+                    continue;
+                }
+                () = tokio::time::sleep_until(late.unwrap_or_else(tokio::time::Instant::now)),
+                    if late.is_some() && agent.unresponsive_since().is_none() => {
+                    tracing::warn!(cluster = %info.cluster, agent.id = %info.agent_id, late_ms = PONG_LATE.as_millis() as u64, "agent did not answer a ping in time: new connections avoid it until it does");
+                    agent.set_unresponsive(waiting.map(|(_, sent)| sent.into_std()));
+                    continue;
+                }
+                msg = inbound.message() => msg,
+            };
+            match msg {
+                Ok(Some(AgentMessage {
+                    msg: Some(agent_message::Msg::Pong(pong)),
+                })) => {
+                    if waiting.is_some_and(|(s, _)| s == pong.seq) {
+                        waiting = None;
+                        agent.set_ping_outstanding(None);
+                        if agent.unresponsive_since().is_some() {
+                            tracing::info!(cluster = %info.cluster, agent.id = %info.agent_id, "agent answers pings again");
+                            agent.set_unresponsive(None);
+                        }
                     }
                 }
-            }
-            Ok(Some(AgentMessage {
-                msg: Some(agent_message::Msg::DialFailed(failed)),
-            })) => {
-                if let Err(err) = clusters.complete_dial(
-                    failed.dial_id,
-                    info.conn_id,
-                    DialOutcome::Failed(truncate(failed.reason, MAX_REASON)),
-                ) {
-                    tracing::debug!(cluster = %info.cluster, %err, "dial failure for no pending dial");
+                Ok(Some(AgentMessage {
+                    msg: Some(agent_message::Msg::DialFailed(failed)),
+                })) => {
+                    if let Err(err) = clusters.complete_dial(
+                        failed.dial_id,
+                        info.conn_id,
+                        DialOutcome::Failed(truncate(failed.reason, MAX_REASON)),
+                    ) {
+                        tracing::debug!(cluster = %info.cluster, %err, "dial failure for no pending dial");
+                    }
                 }
+                Ok(Some(AgentMessage {
+                    msg: Some(agent_message::Msg::Drain(_)),
+                })) => {
+                    agent.set_draining();
+                    // Its warm streams end now, so the agent closes their upstream connections and
+                    // is not kept waiting for them while it drains.
+                    clusters.close_warm(&agent);
+                    tracing::info!(cluster = %info.cluster, agent.id = %info.agent_id, "agent draining: new connections go to other agents of the cluster");
+                }
+                Ok(Some(_)) => break "protocol violation: unexpected control message".to_owned(),
+                Ok(None) => break "control stream closed by agent".to_owned(),
+                Err(status) => break format!("control stream failed: {}", status.message()),
             }
-            Ok(Some(AgentMessage {
-                msg: Some(agent_message::Msg::Drain(_)),
-            })) => {
-                agent.set_draining();
-                // Its warm streams end now, so the agent closes their upstream connections and
-                // is not kept waiting for them while it drains.
-                clusters.close_warm(&agent);
-                tracing::info!(cluster = %info.cluster, agent.id = %info.agent_id, "agent draining: new connections go to other agents of the cluster");
-            }
-            Ok(Some(_)) => break "protocol violation: unexpected control message".to_owned(),
-            Ok(None) => break "control stream closed by agent".to_owned(),
-            Err(status) => break format!("control stream failed: {}", status.message()),
-        }
-    };
-    drop(registration);
-    tracing::info!(cluster = %info.cluster, agent.id = %info.agent_id, agent.addr = %info.addr, %reason, "agent disconnected");
+        };
+        drop(registration);
+        tracing::info!(cluster = %info.cluster, agent.id = %info.agent_id, agent.addr = %info.addr, %reason, "agent disconnected");
+    }
 }
