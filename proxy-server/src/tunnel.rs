@@ -348,6 +348,10 @@ impl Tunnel for TunnelService {
 /// A function returning an `async move` block rather than an `async fn`: an async fn's future
 /// keeps its arguments twice (as passed, and as the locals its body uses), and this one is held
 /// for every connected agent.
+#[allow(
+    clippy::manual_async_fn,
+    reason = "an async fn stores its arguments twice (see above)"
+)]
 fn serve_control(
     mut inbound: Streaming<AgentMessage>,
     registration: Registration,
