@@ -72,7 +72,11 @@ pub struct AgentHandle {
     draining: AtomicBool,
     budget: Arc<proxy_common::flow::Budget>,
     /// Since when a ping has gone unanswered too long, if it has (see `tunnel::PONG_LATE`).
-    unresponsive: tokio::sync::watch::Sender<Option<Instant>>,
+    /// Not a `watch`: that allocates its shared state, a third of a KiB per connected agent,
+    /// where this lives inline in the handle.
+    unresponsive: std::sync::Mutex<Option<Instant>>,
+    /// Woken when the agent becomes unresponsive (dials waiting on it fail at once).
+    became_unresponsive: tokio::sync::Notify,
     /// Streams the agent opened ahead of demand (see [`crate::warm`]).
     pub(super) warm: crate::warm::WarmPool,
     /// When the ping now waiting for its pong was sent, if one is.
@@ -99,7 +103,8 @@ impl AgentHandle {
             closed,
             draining: AtomicBool::new(false),
             budget,
-            unresponsive: tokio::sync::watch::Sender::new(None),
+            unresponsive: std::sync::Mutex::new(None),
+            became_unresponsive: tokio::sync::Notify::new(),
             warm: crate::warm::WarmPool::default(),
             ping_sent: std::sync::Mutex::new(None),
         }
@@ -122,23 +127,41 @@ impl AgentHandle {
 
     /// Marks the agent as not answering pings since `since` (`None`: it answers again).
     pub fn set_unresponsive(&self, since: Option<Instant>) {
-        self.unresponsive.send_if_modified(|now| {
-            let changed = now.is_some() != since.is_some();
+        let became = {
+            let mut now = self.unresponsive_lock();
+            let became = now.is_none() && since.is_some();
             *now = since;
-            changed
-        });
+            became
+        };
+        if became {
+            self.became_unresponsive.notify_waiters();
+        }
     }
 
     /// Since when the agent has not answered a ping in time, if so.
     pub fn unresponsive_since(&self) -> Option<Instant> {
-        *self.unresponsive.borrow()
+        *self.unresponsive_lock()
     }
 
     /// Resolves once the agent stops answering pings in time.
     pub async fn until_unresponsive(&self) {
-        let mut rx = self.unresponsive.subscribe();
-        // The sender lives as long as `self`, so this cannot fail while borrowed.
-        let _ = rx.wait_for(Option::is_some).await;
+        loop {
+            // Registered before the check, so a change between the two is not missed.
+            let became = self.became_unresponsive.notified();
+            tokio::pin!(became);
+            became.as_mut().enable();
+            if self.unresponsive_since().is_some() {
+                return;
+            }
+            became.await;
+        }
+    }
+
+    fn unresponsive_lock(&self) -> std::sync::MutexGuard<'_, Option<Instant>> {
+        // Held only to read or write the instant.
+        self.unresponsive
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     fn ping_sent(&self) -> std::sync::MutexGuard<'_, Option<Instant>> {
