@@ -330,3 +330,60 @@ async fn a_silent_agent_is_passed_over_fast_and_without_another_the_answer_is_50
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// A server that freezes (its TCP connection stays open, nothing is answered) is noticed by the
+/// agent's own HTTP/2 pings: within the keepalive interval and timeout the agent drops that
+/// tunnel, closes the upstream connections it carried, stops reporting ready, and registers
+/// again once the server answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_drops_the_tunnel_of_a_server_that_stopped_answering() {
+    let source = SourceServer::start().await.unwrap();
+    let bed = Testbed::builder(&["alpha"])
+        .agent("alpha", source.addr)
+        .agent_args(&[
+            "--keepalive-interval",
+            "300ms",
+            "--keepalive-timeout",
+            "300ms",
+        ])
+        .start()
+        .await;
+    let agent = bed.agents[0].admin_addr;
+    let ready = || async move {
+        integration_tests::procs::admin_get(agent, "/readyz")
+            .await
+            .is_ok_and(|(status, _)| status == 200)
+    };
+    let mut tunnel = connect(bed.frontend(), "alpha:443")
+        .await
+        .unwrap()
+        .tunnel()
+        .unwrap();
+    let mut buf = vec![0u8; 1 << 20];
+    tunnel.read_exact(&mut buf).await.unwrap();
+    let upstream = source.conns()[0].clone();
+
+    bed.server.proc.signal("STOP");
+    let frozen = Instant::now();
+    let upstream_closed = wait_closed(&upstream, Duration::from_secs(5)).await;
+    integration_tests::eventually(
+        "the agent stops reporting ready",
+        Duration::from_secs(5),
+        || async move { !ready().await },
+    )
+    .await;
+    let noticed = frozen.elapsed();
+    eprintln!(
+        "frozen server: upstream closed after {upstream_closed:?}, not ready after {noticed:?}"
+    );
+    // Interval + timeout is 0.6 s; TCP's own keepalive would take a minute.
+    assert!(
+        noticed < Duration::from_secs(3),
+        "noticed after {noticed:?}"
+    );
+
+    bed.server.proc.signal("CONT");
+    integration_tests::eventually("the agent registers again", Duration::from_secs(10), ready)
+        .await;
+    drop(tunnel);
+}
