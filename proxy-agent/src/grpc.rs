@@ -3,7 +3,7 @@
 //! Why not tonic's client over hyper: hyper spawns two tasks for every stream the agent opens (one
 //! pipes the request body into h2, one waits for the response head), and hands the stream's
 //! opening to its connection task through a queue. A tunneled connection then cost three tasks
-//! and three wake-ups to open, and its idle state was spread over three futures. Here the task
+//! to open, and its idle state was spread over three futures. Here the task
 //! that serves the connection opens the stream, writes into it ([`pipe`]) and reads from it
 //! ([`Inbound`]) itself. The wire format is unchanged: the same requests, 5-byte length-prefixed
 //! protobuf messages and `grpc-status` trailers that tonic's server expects and sends.
