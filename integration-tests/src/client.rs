@@ -56,6 +56,23 @@ pub async fn connect(proxy: SocketAddr, target: &str) -> anyhow::Result<ConnectR
     Ok(ConnectReply::Refused { status, body })
 }
 
+/// A tunnel to `target` whose upstream streams to the client (an `upstream::SourceServer`),
+/// returned once its first MiB arrived: a connection known to be carrying bytes. Panics on any
+/// failure.
+pub async fn streaming_tunnel(proxy: SocketAddr, target: &str) -> TcpStream {
+    let mut tunnel = connect(proxy, target)
+        .await
+        .expect("CONNECT")
+        .tunnel()
+        .expect("a tunnel");
+    let mut buf = vec![0u8; 1 << 20];
+    tunnel
+        .read_exact(&mut buf)
+        .await
+        .expect("the upstream's first MiB");
+    tunnel
+}
+
 /// Reads an HTTP/1.1 response head; returns the status and the head's text.
 pub async fn read_response_head<S: AsyncRead + Unpin>(s: &mut S) -> anyhow::Result<(u16, String)> {
     let mut head = Vec::new();

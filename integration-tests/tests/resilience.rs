@@ -36,13 +36,7 @@ async fn killing_an_agent_closes_its_connections_on_both_sides_and_a_new_one_ser
     // Owned by the test, which kills it.
     let agent = bed.start_agent("alpha", source.addr).await;
 
-    let mut tunnel = connect(bed.frontend(), "alpha:443")
-        .await
-        .unwrap()
-        .tunnel()
-        .unwrap();
-    let mut buf = vec![0u8; 1 << 20];
-    tunnel.read_exact(&mut buf).await.unwrap();
+    let tunnel = integration_tests::client::streaming_tunnel(bed.frontend(), "alpha:443").await;
     let upstream = source.conns()[0].clone();
     assert!(upstream.written.load(Ordering::Relaxed) > 0);
 
@@ -59,12 +53,7 @@ async fn killing_an_agent_closes_its_connections_on_both_sides_and_a_new_one_ser
         ConnectReply::Tunnel(_) => panic!("served by a dead agent"),
     }
     let _again = bed.start_agent("alpha", source.addr).await;
-    let mut tunnel = connect(bed.frontend(), "alpha:443")
-        .await
-        .unwrap()
-        .tunnel()
-        .unwrap();
-    tunnel.read_exact(&mut buf).await.unwrap();
+    integration_tests::client::streaming_tunnel(bed.frontend(), "alpha:443").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -135,13 +124,7 @@ async fn an_agent_that_stops_answering_pings_is_dropped_with_its_connections() {
         .start()
         .await;
     let agent = &bed.agents[0];
-    let mut tunnel = connect(bed.frontend(), "alpha:443")
-        .await
-        .unwrap()
-        .tunnel()
-        .unwrap();
-    let mut buf = vec![0u8; 1 << 20];
-    tunnel.read_exact(&mut buf).await.unwrap();
+    let tunnel = integration_tests::client::streaming_tunnel(bed.frontend(), "alpha:443").await;
 
     // A frozen agent keeps its TCP connection open but answers nothing.
     agent.proc.signal("STOP");
@@ -175,7 +158,7 @@ async fn an_agent_that_stops_answering_pings_is_dropped_with_its_connections() {
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
         if let ConnectReply::Tunnel(mut t) = connect(bed.frontend(), "alpha:443").await.unwrap() {
-            t.read_exact(&mut buf).await.unwrap();
+            t.read_exact(&mut vec![0u8; 1 << 20]).await.unwrap();
             break;
         }
         assert!(
@@ -354,13 +337,7 @@ async fn an_agent_drops_the_tunnel_of_a_server_that_stopped_answering() {
             .await
             .is_ok_and(|(status, _)| status == 200)
     };
-    let mut tunnel = connect(bed.frontend(), "alpha:443")
-        .await
-        .unwrap()
-        .tunnel()
-        .unwrap();
-    let mut buf = vec![0u8; 1 << 20];
-    tunnel.read_exact(&mut buf).await.unwrap();
+    let tunnel = integration_tests::client::streaming_tunnel(bed.frontend(), "alpha:443").await;
     let upstream = source.conns()[0].clone();
 
     bed.server.proc.signal("STOP");

@@ -86,13 +86,7 @@ async fn a_tunnel_whose_client_vanished_mid_download_is_freed() {
         .start()
         .await;
 
-    let mut tunnel = connect(bed.frontend(), "alpha:443")
-        .await
-        .unwrap()
-        .tunnel()
-        .unwrap();
-    let mut buf = vec![0u8; 1 << 20];
-    tunnel.read_exact(&mut buf).await.unwrap();
+    let tunnel = integration_tests::client::streaming_tunnel(bed.frontend(), "alpha:443").await;
     // Vanishes while the server is sending: its data is never acknowledged, so keepalive
     // (which waits for an idle connection) never starts; TCP_USER_TIMEOUT ends it.
     let _gone = Blackhole::between(tunnel.local_addr().unwrap(), bed.frontend());
