@@ -16,7 +16,10 @@ use integration_tests::{AgentProc, Bed, ServerProc, eventually};
 struct Squid {
     addr: SocketAddr,
     dir: tempfile::TempDir,
-    _child: tokio::process::Child,
+    /// squid's service name, the prefix of its shared-memory segments in `/dev/shm`: unique per
+    /// instance, or two tests' squids running at once collide there ("File exists").
+    name: String,
+    child: tokio::process::Child,
 }
 
 impl Squid {
@@ -57,8 +60,9 @@ http_access allow CONNECT agent_port\nhttp_access deny all\n",
             cache = path("cache.log"),
         );
         std::fs::write(path("squid.conf"), config).unwrap();
+        let name = format!("t{}p{}", std::process::id(), addr.port());
         let child = tokio::process::Command::new("squid")
-            .args(["-N", "-f", &path("squid.conf")])
+            .args(["-N", "-n", &name, "-f", &path("squid.conf")])
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .kill_on_drop(true)
@@ -76,7 +80,8 @@ http_access allow CONNECT agent_port\nhttp_access deny all\n",
         Self {
             addr,
             dir,
-            _child: child,
+            name,
+            child,
         }
     }
 
@@ -86,6 +91,22 @@ http_access allow CONNECT agent_port\nhttp_access deny all\n",
 
     fn log_path(&self) -> PathBuf {
         self.dir.path().join("access.log")
+    }
+}
+
+impl Drop for Squid {
+    /// Killed, squid cannot remove its shared-memory segments: they are removed here (unlinking
+    /// is fine while it may still have them mapped).
+    fn drop(&mut self) {
+        let _ = self.child.start_kill();
+        let prefix = format!("{}-", self.name);
+        if let Ok(entries) = std::fs::read_dir("/dev/shm") {
+            for entry in entries.flatten() {
+                if entry.file_name().to_string_lossy().starts_with(&prefix) {
+                    let _ = std::fs::remove_file(entry.path());
+                }
+            }
+        }
     }
 }
 
