@@ -84,6 +84,13 @@ fn bad_flags_are_refused_clearly() {
     let (code, err) = run(base("localhost:8091", &["--upstream", "kubernetes"]));
     assert_eq!(code, Some(1));
     assert!(err.contains("--upstream"), "{err}");
+    // A server holds at most 64 warm streams per agent connection: more would only be refused.
+    let (code, err) = run(base("localhost:8091", &["--warm-connections", "65"]));
+    assert_eq!(code, Some(1));
+    assert!(
+        err.contains("--warm-connections \"65\": at most 64"),
+        "{err}"
+    );
     // Each probe is a TLS handshake on some server: a fleet of agents must not hammer it.
     let (code, err) = run(base("localhost:8091", &["--server-probe-interval", "10ms"]));
     assert_eq!(code, Some(1));
