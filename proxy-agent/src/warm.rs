@@ -135,7 +135,7 @@ impl Drop for Idle {
 
 /// What one tunnel's warm connections need.
 pub struct Pool {
-    /// The tunnel's gRPC client.
+    /// The tunnel's HTTP/2 connection (warm streams are opened on it).
     pub channel: H2Channel,
     /// Agent state.
     pub shared: Arc<Shared>,

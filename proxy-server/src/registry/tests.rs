@@ -171,6 +171,33 @@ async fn draining_agents_are_not_picked_while_another_answers() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_dial_waiting_on_an_agent_learns_at_once_when_it_stops_answering() {
+    let handle = Arc::new(agent("alpha", "a1", 1));
+    let waiting = tokio::spawn({
+        let handle = handle.clone();
+        async move { handle.until_unresponsive().await }
+    });
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert!(!waiting.is_finished(), "resolved while the agent answers");
+    // Answering again changes nothing for the waiter.
+    handle.set_unresponsive(None);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(!waiting.is_finished());
+    handle.set_unresponsive(Some(std::time::Instant::now()));
+    tokio::time::timeout(Duration::from_millis(1), waiting)
+        .await
+        .expect("woken when the agent stopped answering")
+        .unwrap();
+    // Already unresponsive: a new waiter does not wait.
+    tokio::time::timeout(Duration::from_millis(1), handle.until_unresponsive())
+        .await
+        .expect("an unresponsive agent is seen at once");
+    assert!(handle.unresponsive_since().is_some());
+    handle.set_unresponsive(None);
+    assert!(handle.unresponsive_since().is_none());
+}
+
+#[tokio::test(start_paused = true)]
 async fn pending_dials_fail_when_their_agent_leaves() {
     let (clusters, _) = clusters();
     let a1 = register(&clusters, "alpha", "a1", 1);
