@@ -6,6 +6,7 @@ pub mod admin;
 pub mod error;
 pub mod flow;
 pub mod gate;
+pub mod grpc;
 pub mod net;
 pub mod pump;
 pub mod readahead;

@@ -25,6 +25,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::Status;
 
 use crate::flow::{Budget, Overrun, RecvWindow};
+use crate::grpc::{Finish, Frame, Inbound};
 
 mod outbound;
 
@@ -144,12 +145,89 @@ pub enum Role {
 /// How long a finished connection waits for the other side to end its half of the stream.
 pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// One `Data` stream of the tunnel, both halves, as the end that carries a connection holds it:
+/// the pump's handle on the sending half, the body that reads the local socket into it, the h2
+/// stream that body is written to, and what the peer sends.
+pub struct DataStream {
+    /// The pump's hold on the sending half.
+    pub tx: Outbound,
+    /// The sending half's messages, read from the socket once the pump attaches it.
+    pub body: OutboundBody,
+    /// Where [`crate::grpc::pipe`] writes them.
+    pub send: h2::SendStream<Frame>,
+    /// The peer's chunks.
+    pub inbound: Inbound<Chunk>,
+}
+
+impl DataStream {
+    /// A stream whose sending half is `send` and receiving half `inbound`.
+    pub fn new(send: h2::SendStream<Frame>, inbound: Inbound<Chunk>) -> Self {
+        let (tx, body) = outbound();
+        Self {
+            tx,
+            body,
+            send,
+            inbound,
+        }
+    }
+}
+
+impl std::fmt::Debug for DataStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DataStream").finish_non_exhaustive()
+    }
+}
+
+/// Carries `socket` over `stream` (see [`splice`]) with the stream's sending half in the same
+/// task: the body reads the socket when [`crate::grpc::pipe`] asks it for a message, and writes
+/// it into the h2 stream, so a chunk crosses no task on its way to the connection. When the
+/// sending half fails (the peer reset the stream, the connection is gone) the body is dropped,
+/// which the pump learns as a closed tunnel; when the pump ends, the body ends and the stream
+/// with it (with trailers on the server's side).
+#[allow(clippy::too_many_arguments)]
+pub async fn carry<S>(
+    socket: S,
+    prefix: Bytes,
+    stream: DataStream,
+    role: Role,
+    counts: &Arc<ByteCounts>,
+    budget: &Arc<Budget>,
+    cancel: &CancellationToken,
+) -> Result<(), PumpError>
+where
+    S: AsyncRead + AsyncWrite + Abort + Send + Unpin + 'static,
+{
+    let DataStream {
+        tx,
+        body,
+        send,
+        inbound,
+    } = stream;
+    let finish = match role {
+        Role::Agent => Finish::Request,
+        Role::Server => Finish::Response,
+    };
+    let spliced = splice(socket, prefix, tx, inbound, role, counts, budget, cancel);
+    let sending = async {
+        tokio::select! {
+            res = crate::grpc::pipe(body, send, crate::grpc::encode_chunk, finish) => {
+                if let Err(err) = res {
+                    tracing::debug!(%err, "sending half of the tunnel stream failed");
+                }
+            }
+            () = cancel.cancelled() => {}
+        }
+    };
+    let (result, ()) = tokio::join!(spliced, sending);
+    result
+}
+
 /// Moves bytes between `socket` and the tunnel until both directions have finished, one fails,
 /// or `cancel` fires. `prefix` holds bytes already read from the socket (pipelined after a
 /// CONNECT head); they are sent first.
 ///
-/// The sending direction runs in `tx`'s body, which hyper polls (see [`outbound`]); this
-/// future runs the receiving direction and waits for both.
+/// The sending direction runs in `tx`'s body, which [`carry`] polls beside this (see
+/// [`outbound`]); this future runs the receiving direction and waits for both.
 ///
 /// After both directions finished, the stream halves are closed in a fixed order (agent's end
 /// first, then the server's), never dropped while the other side may still be sending: an HTTP/2
@@ -157,9 +235,8 @@ pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 /// the connection's last bytes. On failure both halves are dropped at once, which the other
 /// side sees as an abort.
 ///
-/// `rx` is the stream's inbound half, a `tonic::Streaming<Chunk>` in both binaries. It is taken
-/// as any stream of chunks so that the unit tests can feed it from a channel: a `Streaming` can
-/// only be built over an encoded HTTP body.
+/// `rx` is the stream's inbound half, an [`Inbound`] in both binaries. It is taken as any stream
+/// of chunks so that the unit tests can feed it from a channel.
 #[allow(clippy::too_many_arguments)]
 pub async fn splice<S, I>(
     socket: S,

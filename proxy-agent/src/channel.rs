@@ -1,4 +1,5 @@
-//! The agent's HTTP/2 connection to a server, on h2 directly (see [`crate::grpc`] for why).
+//! The agent's HTTP/2 connection to a server, on h2 directly (see [`proxy_common::grpc`] for
+//! why).
 //!
 //! The connection is driven by one task, which also keeps it alive with pings; streams are
 //! opened by the tasks that use them.
@@ -6,12 +7,11 @@
 use std::time::Duration;
 
 use h2::client::{self, SendRequest};
-use proxy_common::pump::{self, Outbound, OutboundBody};
-use proxy_proto::{Chunk, ServerMessage};
+use proxy_common::grpc::{Frame, Inbound};
+use proxy_common::pump::DataStream;
+use proxy_proto::ServerMessage;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_util::sync::CancellationToken;
-
-use crate::grpc::{Frame, Inbound};
 
 /// HTTP/2 settings of the agent's side of a tunnel.
 #[derive(Debug, Clone, Copy)]
@@ -33,25 +33,6 @@ const MAX_HEADER_LIST: u32 = 16 * 1024;
 #[derive(Debug, Clone)]
 pub struct H2Channel {
     send: SendRequest<Frame>,
-}
-
-/// A `Data` stream just opened: the pump's handle on its sending half, the body that reads the
-/// upstream socket into it, the h2 stream that body is written to, and what the server sends.
-pub struct DataStream {
-    /// The pump's hold on the sending half.
-    pub tx: Outbound,
-    /// The sending half's messages, read from the socket once the pump attaches it.
-    pub body: OutboundBody,
-    /// Where [`crate::grpc::pipe`] writes them.
-    pub send: h2::SendStream<Frame>,
-    /// The server's chunks.
-    pub inbound: Inbound<Chunk>,
-}
-
-impl std::fmt::Debug for DataStream {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("DataStream").finish_non_exhaustive()
-    }
 }
 
 impl H2Channel {
@@ -110,13 +91,7 @@ impl H2Channel {
         header: (&'static str, http::HeaderValue),
     ) -> Result<DataStream, h2::Error> {
         let (send, response) = self.open(proxy_proto::DATA_PATH, Some(header)).await?;
-        let (tx, body) = pump::outbound();
-        Ok(DataStream {
-            tx,
-            body,
-            send,
-            inbound: Inbound::new(response),
-        })
+        Ok(DataStream::new(send, Inbound::new(response)))
     }
 
     async fn open(
@@ -159,3 +134,7 @@ async fn keepalive(ping: Option<h2::PingPong>, settings: Settings) -> &'static s
         }
     }
 }
+
+#[cfg(test)]
+#[path = "channel_tests.rs"]
+mod tests;

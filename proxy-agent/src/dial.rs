@@ -5,14 +5,14 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use proxy_common::error::chain;
-use proxy_common::pump::{self, ByteCounts, Role};
+use proxy_common::pump::{self, ByteCounts, DataStream, Role};
 use proxy_proto::{AgentMessage, DIAL_ID_HEADER, DialFailed, agent_message};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::Shared;
-use crate::channel::{DataStream, H2Channel};
+use crate::channel::H2Channel;
 
 /// What serving a dial needs from its tunnel.
 #[derive(Clone)]
@@ -112,39 +112,19 @@ pub async fn carry(
     cancel: &CancellationToken,
     started: Instant,
 ) {
-    let DataStream {
-        tx,
-        body,
-        send,
-        inbound,
-    } = stream;
     let (to_upstream, from_upstream) = shared.metrics.byte_counters();
     // The pump's "sent" is what it read from the upstream socket.
     let counts = std::sync::Arc::new(ByteCounts::with_metrics(from_upstream, to_upstream));
-    let splice = pump::splice(
+    let result = pump::carry(
         socket,
         Bytes::new(),
-        tx,
-        inbound,
+        stream,
         Role::Agent,
         &counts,
         budget,
         cancel,
-    );
-    // The sending half runs in this task too. When it fails (the server reset the stream, the
-    // connection is gone) the body is dropped, which the pump learns as a closed tunnel; when
-    // the pump ends, the body ends and the stream with it.
-    let sending = async {
-        tokio::select! {
-            res = crate::grpc::pipe(body, send, crate::grpc::encode_chunk) => {
-                if let Err(err) = res {
-                    tracing::debug!(%err, "sending half of the tunnel stream failed");
-                }
-            }
-            () = cancel.cancelled() => {}
-        }
-    };
-    let (result, ()) = tokio::join!(splice, sending);
+    )
+    .await;
     let (from_upstream, to_upstream) = counts.get();
     let outcome = match &result {
         Ok(()) => "ok".to_owned(),

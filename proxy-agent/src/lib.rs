@@ -8,7 +8,6 @@ pub mod channel;
 pub mod config;
 pub mod dial;
 pub mod fleet;
-pub mod grpc;
 pub mod http_proxy;
 pub mod metrics;
 pub mod session;

@@ -20,8 +20,8 @@ use crate::Shared;
 use crate::backoff::Backoff;
 use crate::channel::{H2Channel, Settings};
 use crate::config::ServerTarget;
-use crate::grpc::Inbound;
 use crate::http_proxy::ProxyError;
+use proxy_common::grpc::Inbound;
 
 /// Time allowed for TCP + TLS + HTTP/2 setup to a server.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -287,7 +287,14 @@ async fn establish(
     // or the connection fails; bounded by the connection, which the tunnel closes on drop.
     tokio::spawn(async move {
         let messages = ReceiverStream::new(control_rx);
-        if let Err(err) = crate::grpc::pipe(messages, send, crate::grpc::encode).await {
+        if let Err(err) = proxy_common::grpc::pipe(
+            messages,
+            send,
+            proxy_common::grpc::encode,
+            proxy_common::grpc::Finish::Request,
+        )
+        .await
+        {
             tracing::debug!(%err, "control stream's sending half ended");
         }
     });

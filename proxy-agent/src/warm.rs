@@ -23,6 +23,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use proxy_common::error::chain;
+use proxy_common::pump::DataStream;
 use proxy_proto::{Chunk, WARM_HEADER, WARM_MAX_AGE};
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
@@ -30,7 +31,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::Shared;
-use crate::channel::{DataStream, H2Channel};
+use crate::channel::H2Channel;
 
 /// After a warm connection could not be made (upstream down, stream refused), wait this long
 /// before the next try: dial requests still work, and report the failure to the client.

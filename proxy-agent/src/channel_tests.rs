@@ -1,23 +1,18 @@
-//! The gRPC framing on its own, and against a real h2 server over an in-memory pipe: what tonic's
-//! server sends (trailers-only refusals, messages split across frames, statuses in trailers,
-//! resets) must read as tonic's client read it.
+//! The agent's channel against a real h2 server over an in-memory pipe: what tonic's server sends
+//! (trailers-only refusals, messages split across frames, statuses in trailers, resets) must read
+//! as tonic's client read it, and the pipe must write what tonic's server reads.
 
 use std::time::Duration;
 
-use bytes::{Buf, BufMut, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 use futures_util::StreamExt;
 use prost::Message;
-use proxy_proto::{AgentMessage, Chunk, MAX_MESSAGE, agent_message};
+use proxy_common::grpc::{Finish, encode, pipe};
+use proxy_proto::{AgentMessage, Chunk, agent_message};
 use tokio_util::sync::CancellationToken;
 use tonic::Code;
 
-use super::{Frame, Received, encode, encode_chunk, pipe};
-use crate::channel::{H2Channel, Settings};
-
-fn flat(frame: Frame) -> Bytes {
-    let mut frame = frame;
-    frame.copy_to_bytes(frame.remaining())
-}
+use super::{H2Channel, Settings};
 
 fn chunk(data: &[u8]) -> Chunk {
     Chunk {
@@ -29,97 +24,10 @@ fn chunk(data: &[u8]) -> Chunk {
     }
 }
 
-/// The message behind a gRPC prefix, checked.
-fn unprefix(bytes: &Bytes) -> Bytes {
-    assert_eq!(bytes[0], 0, "not compressed");
-    let len = u32::from_be_bytes(bytes[1..5].try_into().unwrap()) as usize;
-    assert_eq!(
-        bytes.len(),
-        5 + len,
-        "the prefix announces the message's length"
-    );
-    bytes.slice(5..)
-}
-
-#[test]
-fn a_chunk_encoded_without_copying_its_payload_decodes_as_prost_encodes_it() {
-    for data in [&b""[..], b"x", &[7u8; 300], &vec![1u8; 64 * 1024]] {
-        let original = chunk(data);
-        let frame = encode_chunk(original.clone());
-        // The payload is the second part, the very same bytes.
-        assert_eq!(frame.last_ref().len(), data.len());
-        let decoded = Chunk::decode(unprefix(&flat(frame))).unwrap();
-        assert_eq!(decoded, original);
-        assert_eq!(
-            flat(encode(original.clone())).len(),
-            flat(encode_chunk(original)).len(),
-            "same size as prost's own encoding"
-        );
-    }
-}
-
 fn prefixed(msg: &Chunk) -> Bytes {
-    flat(encode(msg.clone()))
-}
-
-#[test]
-fn messages_split_anywhere_or_sharing_a_frame_decode_whole() {
-    let a = chunk(&[1u8; 1000]);
-    let b = chunk(b"second");
-    let mut wire = BytesMut::new();
-    wire.extend_from_slice(&prefixed(&a));
-    wire.extend_from_slice(&prefixed(&b));
-    let wire = wire.freeze();
-    // Every split point, including inside the prefix.
-    for cut in 0..wire.len() {
-        let mut received = Received::default();
-        let mut got = Vec::new();
-        for part in [wire.slice(..cut), wire.slice(cut..)] {
-            if part.is_empty() {
-                continue;
-            }
-            received.push(part);
-            while let Some(msg) = received.decode::<Chunk>().unwrap() {
-                got.push(msg);
-            }
-        }
-        assert_eq!(got, vec![a.clone(), b.clone()], "cut at {cut}");
-        assert!(
-            received.is_empty(),
-            "nothing left over after a cut at {cut}"
-        );
-    }
-}
-
-#[test]
-fn a_whole_message_in_one_frame_is_decoded_in_place() {
-    let a = chunk(&[9u8; 4096]);
-    let frame = prefixed(&a);
-    let start = frame.as_ptr() as usize;
-    let mut received = Received::default();
-    received.push(frame.clone());
-    let got = received.decode::<Chunk>().unwrap().unwrap();
-    let at = got.data.as_ptr() as usize;
-    assert!(
-        (start..start + frame.len()).contains(&at),
-        "the payload is a slice of the received frame"
-    );
-}
-
-#[test]
-fn an_oversized_or_compressed_message_is_refused_before_it_is_gathered() {
-    let mut received = Received::default();
-    let mut head = BytesMut::new();
-    head.put_u8(0);
-    head.put_u32(MAX_MESSAGE as u32 + 1);
-    received.push(head.freeze());
-    let err = received.decode::<Chunk>().unwrap_err();
-    assert_eq!(err.code(), Code::ResourceExhausted);
-
-    let mut received = Received::default();
-    received.push(Bytes::from_static(&[1, 0, 0, 0, 1, 0]));
-    let err = received.decode::<Chunk>().unwrap_err();
-    assert_eq!(err.code(), Code::Unimplemented);
+    let mut frame = encode(msg.clone());
+    let len = bytes::Buf::remaining(&frame);
+    bytes::Buf::copy_to_bytes(&mut frame, len)
 }
 
 fn settings() -> Settings {
@@ -262,7 +170,7 @@ async fn the_pipe_writes_each_message_then_ends_the_stream() {
         })
         .collect();
     let stream = futures_util::stream::iter(messages.clone());
-    pipe(stream, send, encode).await.unwrap();
+    pipe(stream, send, encode, Finish::Request).await.unwrap();
     let mut wire = done_rx.await.expect("the server saw the end of the stream");
     let mut got = Vec::new();
     while !wire.is_empty() {
@@ -284,9 +192,12 @@ async fn a_stream_reset_by_the_server_ends_the_pipe_even_while_it_has_nothing_to
     .await;
     let (send, _inbound) = channel.open_control().await.unwrap();
     let idle = futures_util::stream::pending::<AgentMessage>();
-    let res = tokio::time::timeout(Duration::from_secs(5), pipe(idle, send, encode))
-        .await
-        .expect("the pipe ends on the reset");
+    let res = tokio::time::timeout(
+        Duration::from_secs(5),
+        pipe(idle, send, encode, Finish::Request),
+    )
+    .await
+    .expect("the pipe ends on the reset");
     assert!(res.is_err());
 }
 

@@ -1,12 +1,15 @@
-//! gRPC over h2 directly: the framing of the agent's streams, without tonic's client stack.
+//! gRPC over h2 directly: the framing of the tunnel's streams, on both ends, without tonic's
+//! client and server stacks.
 //!
-//! Why not tonic's client over hyper: hyper spawns two tasks for every stream the agent opens (one
-//! pipes the request body into h2, one waits for the response head), and hands the stream's
-//! opening to its connection task through a queue. A tunneled connection then cost three tasks
-//! to open, and its idle state was spread over three futures. Here the task
-//! that serves the connection opens the stream, writes into it ([`pipe`]) and reads from it
-//! ([`Inbound`]) itself. The wire format is unchanged: the same requests, 5-byte length-prefixed
-//! protobuf messages and `grpc-status` trailers that tonic's server expects and sends.
+//! Why not tonic over hyper: hyper spawns a task for every stream. Its client spawns two per
+//! stream the agent opens (one pipes the request body into h2, one waits for the response head)
+//! and opens each through its connection task's queue; its server runs each stream's service and
+//! response body in a task of its own, so every byte a CONNECT client sent crossed that task on
+//! its way to the agent's connection. Here the task that serves a tunneled connection opens or
+//! accepts its stream, writes into it ([`pipe`]) and reads from it ([`Inbound`]) itself. The wire
+//! format is tonic's: the same requests, 5-byte length-prefixed protobuf messages and
+//! `grpc-status` trailers (or a trailers-only response for a refusal), so agents and servers
+//! built on tonic interoperate with these.
 
 use std::future::{Future, poll_fn};
 use std::marker::PhantomData;
@@ -70,8 +73,17 @@ fn put_prefix(buf: &mut BytesMut, len: usize) {
     buf.put_u32(u32::try_from(len).expect("messages are far below 4 GiB"));
 }
 
+/// How the sending half of a stream ends once its messages did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Finish {
+    /// A request (the agent's half): an empty DATA frame with END_STREAM.
+    Request,
+    /// A response (the server's half): trailers with `grpc-status: 0`.
+    Response,
+}
+
 /// Writes `messages` into `send` until the stream of messages ends (then ends the HTTP/2
-/// stream) or the stream fails.
+/// stream as `finish` says) or the stream fails.
 ///
 /// Like hyper's body pipe: a message is taken only when the last one was handed to h2, and
 /// handed over only once the stream has send capacity, so h2 buffers at most one message per
@@ -81,6 +93,7 @@ pub async fn pipe<S, M>(
     mut messages: S,
     mut send: SendStream<Frame>,
     encode: fn(M) -> Frame,
+    finish: Finish,
 ) -> Result<(), h2::Error>
 where
     S: Stream<Item = M> + Unpin,
@@ -108,7 +121,12 @@ where
                     waiting = Some(encode(msg));
                 }
                 None => {
-                    send.send_data(Bytes::new().chain(Bytes::new()), true)?;
+                    match finish {
+                        Finish::Request => {
+                            send.send_data(Bytes::new().chain(Bytes::new()), true)?
+                        }
+                        Finish::Response => send.send_trailers(trailers(&Status::ok("")))?,
+                    }
                     return Poll::Ready(Ok(()));
                 }
             }
@@ -135,9 +153,10 @@ fn wait_capacity(
     Ok(())
 }
 
-/// The receiving half of a stream the agent opened: the server's messages, decoded, as
-/// `tonic::Streaming` yields them (`Err` with the status the server or the connection ended
-/// the stream with).
+/// The receiving half of a stream: the peer's messages, decoded, as `tonic::Streaming` yields
+/// them (`Err` with the status the peer or the connection ended the stream with). On the agent
+/// it starts with the response head ([`Inbound::new`]), on the server with the request's body
+/// ([`Inbound::from_request`]).
 pub struct Inbound<M> {
     state: State,
     received: Received,
@@ -179,6 +198,16 @@ impl<M: Message + Default> Inbound<M> {
             state: State::Opening(response),
             received: Received::default(),
             accepted: false,
+            _message: PhantomData,
+        }
+    }
+
+    /// The request body of a stream the server accepted.
+    pub fn from_request(body: RecvStream) -> Self {
+        Self {
+            state: State::Body(body),
+            received: Received::default(),
+            accepted: true,
             _message: PhantomData,
         }
     }
@@ -367,6 +396,43 @@ fn message_len(buf: &[u8]) -> Result<Option<usize>, Status> {
 
 fn decode_message<M: Message + Default>(msg: Bytes) -> Result<M, Status> {
     M::decode(msg).map_err(|err| Status::internal(format!("undecodable message: {err}")))
+}
+
+/// The head of a response that accepts a stream; its messages follow.
+pub fn accepted_head() -> http::Response<()> {
+    let mut head = http::Response::new(());
+    head.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/grpc"),
+    );
+    head
+}
+
+/// Refuses a stream with `status` in a trailers-only response, as tonic's server does: the
+/// status travels in the head, and the stream ends with it.
+pub fn refuse<B: Buf>(mut respond: h2::server::SendResponse<B>, status: &Status) {
+    let mut head = accepted_head();
+    if status.add_header(head.headers_mut()).is_err() {
+        head.headers_mut()
+            .insert(GRPC_STATUS, http::HeaderValue::from(Code::Internal as i32));
+    }
+    // A stream the peer already reset needs no answer.
+    let _ = respond.send_response(head, true);
+}
+
+/// Ends the response of a stream the server accepted with `status`, in its trailers.
+pub fn end_with<B: Buf>(send: &mut SendStream<B>, status: &Status) {
+    let _ = send.send_trailers(trailers(status));
+}
+
+const GRPC_STATUS: http::HeaderName = http::HeaderName::from_static("grpc-status");
+
+fn trailers(status: &Status) -> http::HeaderMap {
+    let mut map = http::HeaderMap::new();
+    if status.add_header(&mut map).is_err() {
+        map.insert(GRPC_STATUS, http::HeaderValue::from(Code::Internal as i32));
+    }
+    map
 }
 
 /// The gRPC status of an HTTP/2 failure (a reset, a lost connection), as tonic maps it.
