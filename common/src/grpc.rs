@@ -387,8 +387,9 @@ fn message_len(buf: &[u8]) -> Result<Option<usize>, Status> {
     }
     let len = u32::from_be_bytes([prefix[1], prefix[2], prefix[3], prefix[4]]) as usize;
     if len > MAX_MESSAGE {
-        return Err(Status::resource_exhausted(format!(
-            "message of {len} bytes is over the limit of {MAX_MESSAGE}"
+        // tonic's code and words, which clients of the server have seen until now.
+        return Err(Status::out_of_range(format!(
+            "message length too large: found {len} bytes, the limit is: {MAX_MESSAGE} bytes"
         )));
     }
     Ok(Some(len))
@@ -396,6 +397,45 @@ fn message_len(buf: &[u8]) -> Result<Option<usize>, Status> {
 
 fn decode_message<M: Message + Default>(msg: Bytes) -> Result<M, Status> {
     M::decode(msg).map_err(|err| Status::internal(format!("undecodable message: {err}")))
+}
+
+/// A stream the agent opened on the server, not answered yet: accepting it sends the response
+/// head, refusing it a trailers-only response.
+pub struct Offered {
+    respond: h2::server::SendResponse<Frame>,
+    body: RecvStream,
+}
+
+impl std::fmt::Debug for Offered {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Offered")
+            .field("stream", &self.respond.stream_id())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Offered {
+    /// The stream whose request body is `body`, answered through `respond`.
+    pub fn new(body: RecvStream, respond: h2::server::SendResponse<Frame>) -> Self {
+        Self { respond, body }
+    }
+
+    /// Sends the response head: the stream's halves, or `None` if the peer already reset it.
+    pub fn accept<M: Message + Default>(mut self) -> Option<(SendStream<Frame>, Inbound<M>)> {
+        let send = self.respond.send_response(accepted_head(), false).ok()?;
+        Some((send, Inbound::from_request(self.body)))
+    }
+
+    /// The request body and the handle the response goes through, for a stream read before it
+    /// is answered (a control stream's registration).
+    pub fn into_parts(self) -> (RecvStream, h2::server::SendResponse<Frame>) {
+        (self.body, self.respond)
+    }
+
+    /// Refuses the stream with `status`.
+    pub fn refuse(self, status: &Status) {
+        refuse(self.respond, status);
+    }
 }
 
 /// The head of a response that accepts a stream; its messages follow.
@@ -420,11 +460,6 @@ pub fn refuse<B: Buf>(mut respond: h2::server::SendResponse<B>, status: &Status)
     let _ = respond.send_response(head, true);
 }
 
-/// Ends the response of a stream the server accepted with `status`, in its trailers.
-pub fn end_with<B: Buf>(send: &mut SendStream<B>, status: &Status) {
-    let _ = send.send_trailers(trailers(status));
-}
-
 const GRPC_STATUS: http::HeaderName = http::HeaderName::from_static("grpc-status");
 
 fn trailers(status: &Status) -> http::HeaderMap {
@@ -433,6 +468,31 @@ fn trailers(status: &Status) -> http::HeaderMap {
         map.insert(GRPC_STATUS, http::HeaderValue::from(Code::Internal as i32));
     }
     map
+}
+
+/// Pings the peer every `interval`; returns why the connection should be dropped: a ping
+/// unanswered within `timeout`, or the connection gone. Never returns without `ping` (it was
+/// taken already).
+pub async fn keepalive(
+    ping: Option<h2::PingPong>,
+    interval: std::time::Duration,
+    timeout: std::time::Duration,
+) -> &'static str {
+    let Some(mut ping) = ping else {
+        return std::future::pending().await;
+    };
+    loop {
+        tokio::time::sleep(interval).await;
+        if ping.send_ping(h2::Ping::opaque()).is_err() {
+            return "ping failed";
+        }
+        let pong = poll_fn(|cx| ping.poll_pong(cx));
+        match tokio::time::timeout(timeout, pong).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(_)) => return "ping failed",
+            Err(_) => return "ping unanswered",
+        }
+    }
 }
 
 /// The gRPC status of an HTTP/2 failure (a reset, a lost connection), as tonic maps it.

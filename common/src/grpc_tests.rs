@@ -109,7 +109,7 @@ fn an_oversized_or_compressed_message_is_refused_before_it_is_gathered() {
     head.put_u32(MAX_MESSAGE as u32 + 1);
     received.push(head.freeze());
     let err = received.decode::<Chunk>().unwrap_err();
-    assert_eq!(err.code(), Code::ResourceExhausted);
+    assert_eq!(err.code(), Code::OutOfRange);
 
     let mut received = Received::default();
     received.push(Bytes::from_static(&[1, 0, 0, 0, 1, 0]));

@@ -151,6 +151,15 @@ async fn agent_refuses_destinations_it_was_not_given() {
         dials,
         seen: seen_tx,
     };
+    // tonic serves in-memory pipes; each is relayed to an agent's TLS connection.
+    let incoming = tokio_stream::wrappers::ReceiverStream::new(incoming).map(|io| {
+        let (mut ours, theirs) = tokio::io::duplex(64 * 1024);
+        let mut tls = io.tls;
+        tokio::spawn(async move {
+            let _ = tokio::io::copy_bidirectional(&mut tls, &mut ours).await;
+        });
+        Ok::<_, std::io::Error>(theirs)
+    });
     tokio::spawn(
         tonic::transport::Server::builder()
             .add_service(TunnelServer::new(service))

@@ -336,3 +336,144 @@ async fn a_frame_over_the_frame_size_limit_is_refused_and_registers_nothing() {
     }
     alpha_still_served(&bed.server).await;
 }
+
+/// The `grpc-status` a response head carries: a trailers-only refusal.
+fn head_status(response: &http::Response<h2::RecvStream>) -> Option<&str> {
+    response
+        .headers()
+        .get("grpc-status")
+        .and_then(|v| v.to_str().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_that_are_not_tunnel_calls_are_refused_and_the_connection_serves_on() {
+    let bed = Testbed::builder(&["alpha", "beta"])
+        .banner_agent("alpha", "alpha-upstream")
+        .start()
+        .await;
+    let tls = rogue::tls_connect(bed.pki(), "beta", bed.server.agent_addr)
+        .await
+        .unwrap();
+    let (send, conn) = h2::client::handshake(tls).await.unwrap();
+    tokio::spawn(conn);
+    let call = |method: http::Method, path: &str, content_type: &str| {
+        http::Request::builder()
+            .method(method)
+            .uri(format!("https://proxy-server{path}"))
+            .header("content-type", content_type)
+            .body(())
+            .unwrap()
+    };
+    let requests = [
+        // A method the service does not have.
+        (
+            call(
+                http::Method::POST,
+                "/proxy.tunnel.v1.Tunnel/Steal",
+                "application/grpc",
+            ),
+            "12",
+        ),
+        // Not gRPC at all.
+        (
+            call(
+                http::Method::GET,
+                proxy_proto::DATA_PATH,
+                "application/grpc",
+            ),
+            "12",
+        ),
+        (
+            call(http::Method::POST, proxy_proto::DATA_PATH, "text/plain"),
+            "12",
+        ),
+        // A data stream that names no dial.
+        (
+            call(
+                http::Method::POST,
+                proxy_proto::DATA_PATH,
+                "application/grpc",
+            ),
+            "3",
+        ),
+    ];
+    for (request, want) in requests {
+        let what = format!("{} {}", request.method(), request.uri().path());
+        let mut send = send.clone().ready().await.unwrap();
+        let (response, _body) = send.send_request(request, false).unwrap();
+        let response = tokio::time::timeout(Duration::from_secs(5), response)
+            .await
+            .unwrap_or_else(|_| panic!("{what}: no answer"))
+            .unwrap();
+        assert_eq!(response.status(), 200, "{what}");
+        assert_eq!(head_status(&response), Some(want), "{what}: {response:?}");
+        assert!(response.body().is_end_stream(), "{what}: trailers-only");
+    }
+    // None of it cost the connection, or anyone else.
+    let mut again = send.ready().await.expect("the connection still serves");
+    let request = call(http::Method::POST, "/nope", "application/grpc");
+    let (response, _body) = again.send_request(request, false).unwrap();
+    assert_eq!(head_status(&response.await.unwrap()), Some("12"));
+    alpha_still_served(&bed.server).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_connection_that_never_speaks_http2_or_stops_answering_pings_is_dropped() {
+    let bed = Testbed::builder(&["alpha", "beta"])
+        .server_args(&[
+            "--handshake-timeout",
+            "1s",
+            "--keepalive-interval",
+            "500ms",
+            "--keepalive-timeout",
+            "500ms",
+        ])
+        .banner_agent("alpha", "alpha-upstream")
+        .start()
+        .await;
+    // TLS, then silence: the HTTP/2 preface never comes.
+    let mut silent = rogue::tls_connect(bed.pki(), "beta", bed.server.agent_addr)
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let mut got = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), silent.read_to_end(&mut got))
+        .await
+        .expect("a connection without an HTTP/2 preface was kept open")
+        .ok();
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(900),
+        "closed after {took:?}, before its deadline"
+    );
+
+    // The preface and settings, then nothing read or answered: the server's pings go unanswered.
+    let mut deaf = rogue::tls_connect(bed.pki(), "beta", bed.server.agent_addr)
+        .await
+        .unwrap();
+    let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    out.extend_from_slice(&[0, 0, 0, 0x4, 0, 0, 0, 0, 0]);
+    deaf.write_all(&out).await.unwrap();
+    let started = Instant::now();
+    let mut got = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), deaf.read_to_end(&mut got))
+        .await
+        .expect("a connection that answers no ping was kept open")
+        .ok();
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(900),
+        "closed after {took:?}, before a ping was late"
+    );
+    // It was pinged: a PING frame (type 6) is among what the server sent.
+    let mut rest = &got[..];
+    let mut pinged = false;
+    while rest.len() >= 9 {
+        let len = u32::from_be_bytes([0, rest[0], rest[1], rest[2]]) as usize;
+        pinged |= rest[3] == 0x6;
+        rest = &rest[(9 + len).min(rest.len())..];
+    }
+    assert!(pinged, "no PING in {got:?}");
+    // The agent that answers is not affected.
+    alpha_still_served(&bed.server).await;
+}

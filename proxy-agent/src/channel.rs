@@ -67,7 +67,7 @@ impl H2Channel {
                         tracing::debug!(%err, "tunnel connection ended");
                     }
                 }
-                reason = keepalive(ping, settings) => {
+                reason = proxy_common::grpc::keepalive(ping, settings.keepalive_interval, settings.keepalive_timeout) => {
                     tracing::debug!(reason, "tunnel connection dropped");
                 }
                 () = close.cancelled() => {}
@@ -112,26 +112,6 @@ impl H2Channel {
         }
         let (response, send) = send.send_request(request, false)?;
         Ok((send, response))
-    }
-}
-
-/// Pings every `keepalive_interval`; returns why the connection should be dropped (a ping
-/// unanswered within `keepalive_timeout`, or the connection gone).
-async fn keepalive(ping: Option<h2::PingPong>, settings: Settings) -> &'static str {
-    let Some(mut ping) = ping else {
-        return std::future::pending().await;
-    };
-    loop {
-        tokio::time::sleep(settings.keepalive_interval).await;
-        if ping.send_ping(h2::Ping::opaque()).is_err() {
-            return "ping failed";
-        }
-        let pong = std::future::poll_fn(|cx| ping.poll_pong(cx));
-        match tokio::time::timeout(settings.keepalive_timeout, pong).await {
-            Ok(Ok(_)) => {}
-            Ok(Err(_)) => return "ping failed",
-            Err(_) => return "ping unanswered",
-        }
     }
 }
 

@@ -94,7 +94,8 @@ pub struct Args {
     pub keepalive_timeout: Duration,
     /// Time a client or agent has from its connection being accepted to finish its TLS
     /// handshake and, for a client, to send its complete CONNECT head (one deadline for both;
-    /// a client that is too slow gets 408).
+    /// a client that is too slow gets 408). An agent then has as long again for its HTTP/2
+    /// preface.
     #[arg(long, env = "PROXY_SERVER_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub handshake_timeout: Duration,
     /// Most connections of each listener (agents', clients') that may be in their TLS handshake

@@ -452,11 +452,10 @@ impl Frontend {
         let conn_cancel = agent.closed().child_token();
         let (to_cluster, from_cluster) = self.metrics.byte_counters(cluster);
         let counts = Arc::new(ByteCounts::with_metrics(to_cluster, from_cluster));
-        let result = pump::splice(
+        let result = pump::carry(
             client,
             early.freeze(),
-            stream.outbound,
-            stream.inbound,
+            *stream,
             Role::Server,
             &counts,
             agent.budget(),

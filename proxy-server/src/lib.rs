@@ -6,6 +6,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod agent_conn;
 pub mod auth;
 pub mod config;
 pub mod connect;
@@ -23,8 +24,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use proxy_common::error::{BoxError, chain};
-use proxy_proto::MAX_MESSAGE;
-use proxy_proto::tunnel_server::TunnelServer;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -32,9 +31,7 @@ use tokio_util::task::TaskTracker;
 
 pub use config::{Args, Config, ConfigError};
 
-/// Most concurrent streams (tunneled connections plus the control stream) one agent
-/// connection may open. hyper's default of 200 would cap a cluster's connections.
-pub const MAX_STREAMS_PER_AGENT: u32 = 16 * 1024;
+pub use agent_conn::MAX_STREAMS_PER_AGENT;
 
 use proxy_common::shutdown::CLOSE_GRACE as SHUTDOWN_GRACE;
 
@@ -68,9 +65,6 @@ pub enum ServerError {
     /// A task of the server panicked.
     #[error("server task failed")]
     Task(#[source] tokio::task::JoinError),
-    /// The gRPC server failed.
-    #[error("agent listener failed")]
-    Transport(#[from] tonic::transport::Error),
     /// A listener stopped serving before shutdown: the process stops rather than run on
     /// half deaf while `/readyz` says all is well.
     #[error("the {which} listener stopped unexpectedly")]
@@ -202,7 +196,7 @@ struct Lifecycle {
 
 /// The running listener tasks; each is `None` once it has been awaited.
 struct Tasks {
-    grpc: Option<JoinHandle<Result<(), tonic::transport::Error>>>,
+    grpc: Option<JoinHandle<()>>,
     frontend: Option<JoinHandle<()>>,
     admin: Option<JoinHandle<()>>,
 }
@@ -375,15 +369,15 @@ fn serve_agents(
     clusters: Arc<registry::Clusters>,
     fleet: Arc<fleet::Fleet>,
     metrics: &Arc<metrics::Metrics>,
-) -> impl std::future::Future<Output = Result<(), tonic::transport::Error>> + use<> {
-    let service = tunnel::TunnelService::new(
+) -> impl std::future::Future<Output = ()> + use<> {
+    let service = Arc::new(tunnel::TunnelService::new(
         clusters,
         fleet,
         config.window_budget,
         config.keepalive_interval,
         life.close.clone(),
         life.tasks.clone(),
-    );
+    ));
     let limited = {
         let metrics = metrics.clone();
         move || metrics.handshake_limited("agent")
@@ -401,19 +395,18 @@ fn serve_agents(
         life.shutdown.clone(),
         life.close.clone(),
     );
-    tonic::transport::Server::builder()
-        .http2_keepalive_interval(Some(config.keepalive_interval))
-        .http2_keepalive_timeout(Some(config.keepalive_timeout))
-        .initial_stream_window_size(proxy_proto::STREAM_WINDOW)
-        .initial_connection_window_size(proxy_proto::CONNECTION_WINDOW)
-        .max_concurrent_streams(MAX_STREAMS_PER_AGENT)
-        .max_frame_size(Some(proxy_proto::MAX_FRAME))
-        .add_service(
-            TunnelServer::new(service)
-                .max_decoding_message_size(MAX_MESSAGE)
-                .max_encoding_message_size(MAX_MESSAGE),
-        )
-        .serve_with_incoming_shutdown(incoming, life.close.clone().cancelled_owned())
+    let settings = agent_conn::Settings {
+        keepalive_interval: config.keepalive_interval,
+        keepalive_timeout: config.keepalive_timeout,
+        handshake_timeout: config.limits.handshake_timeout,
+    };
+    agent_conn::serve(
+        incoming,
+        service,
+        settings,
+        life.close.clone(),
+        life.tasks.clone(),
+    )
 }
 
 /// Waits for shutdown, or for a listener to stop serving on its own (an error, a panic): then
@@ -430,7 +423,7 @@ async fn until_stopped(life: &Lifecycle, tasks: &mut Tasks) -> Option<ServerErro
         () = life.shutdown.cancelled() => None,
         res = grpc => {
             tasks.grpc = None;
-            Some(listener_stopped("agent", res))
+            Some(listener_stopped::<std::convert::Infallible>("agent", res.map(Ok)))
         }
         res = frontend => {
             tasks.frontend = None;
@@ -465,10 +458,10 @@ async fn drain(config: &Config, life: &Lifecycle, tasks: Tasks) -> Result<(), Se
     let result = match tasks.grpc {
         None => Ok(()),
         Some(grpc) => match tokio::time::timeout(SHUTDOWN_GRACE, grpc).await {
-            Ok(Ok(res)) => res.map_err(ServerError::from),
+            Ok(Ok(())) => Ok(()),
             Ok(Err(join)) => Err(ServerError::Task(join)),
             Err(_) => {
-                tracing::warn!("agent connections did not close in time");
+                tracing::warn!("the agent listener did not stop in time");
                 Ok(())
             }
         },

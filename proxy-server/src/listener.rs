@@ -1,29 +1,24 @@
 //! The agent listener: accepts TCP, runs each mutual-TLS handshake in its own task under a
 //! timeout (a peer that never finishes its handshake holds up nobody), and hands finished
-//! connections, tagged with the agent's certificate CN, to the gRPC server.
+//! connections, tagged with the agent's certificate CN, to [`crate::agent_conn`].
 
 use std::io;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use proxy_common::gate::Gate;
 use proxy_common::readahead::ReadAhead;
 use proxy_common::reload::Reloadable;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
-use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tonic::transport::server::Connected;
 
-/// Finished handshakes waiting for the gRPC server to pick them up.
+/// Finished handshakes waiting for [`crate::agent_conn::serve`] to pick them up.
 const ACCEPTED_QUEUE: usize = 64;
 
 /// Facts about an agent's TLS connection, attached to every request it makes.
@@ -37,67 +32,25 @@ pub struct AgentConn {
     pub cn: String,
 }
 
-/// A TLS connection from an agent.
+/// A TLS connection from an agent, and what is known of it.
 ///
-/// The TLS stream is boxed: tonic's connection future keeps a dead copy of what it was handed
-/// besides the live one inside the HTTP/2 connection (a future does not reuse the room of what
-/// it captured), and rustls' connection state is most of it: 1.2 KiB more per connected agent
-/// unboxed.
+/// The TLS stream is boxed: the connection's task then holds a pointer while it waits for the
+/// HTTP/2 handshake, rather than a second copy of rustls' state (about 1.2 KiB) beside the one
+/// inside the HTTP/2 connection (a future does not reuse the room of what it captured).
 pub struct AgentIo {
-    inner: Box<TlsStream<ReadAhead<TcpStream>>>,
-    conn: AgentConn,
-}
-
-impl Connected for AgentIo {
-    type ConnectInfo = AgentConn;
-    fn connect_info(&self) -> AgentConn {
-        self.conn.clone()
-    }
-}
-
-impl AsyncRead for AgentIo {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for AgentIo {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
-    }
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
-    }
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
+    /// The verified TLS stream.
+    pub tls: Box<TlsStream<ReadAhead<TcpStream>>>,
+    /// Who is on it.
+    pub conn: AgentConn,
 }
 
 /// Accepts agents on `listener` until `shutdown`; yields their verified TLS connections.
 /// The TLS configuration is read anew for every connection, so a reloaded certificate applies to
 /// the next agent that connects.
 ///
-/// The stream itself stays open until `close`: tonic starts its graceful shutdown (GOAWAY to
-/// every agent) when the stream ends, and a GOAWAY during the drain would make agents fail the
-/// data streams of dials still in flight.
+/// The queue itself stays open until `close`, like the agent connections (which end with a
+/// GOAWAY only then): a GOAWAY during the drain would make agents fail the data streams of
+/// dials still in flight.
 ///
 /// The agent listener and what its handshakes need.
 pub struct AgentListener<L> {
@@ -123,7 +76,7 @@ pub fn incoming<L>(
     agents: AgentListener<L>,
     shutdown: CancellationToken,
     close: CancellationToken,
-) -> ReceiverStream<io::Result<AgentIo>>
+) -> mpsc::Receiver<AgentIo>
 where
     L: Fn() + Clone + Send + 'static,
 {
@@ -187,7 +140,7 @@ where
                     },
                 };
                 drop(ticket);
-                let _ = tx.send(Ok(io)).await;
+                let _ = tx.send(io).await;
             });
         }
         // New agents are refused from here on (the listener is closed).
@@ -195,7 +148,7 @@ where
         close.cancelled().await;
         drop(tx);
     });
-    ReceiverStream::new(rx)
+    rx
 }
 
 async fn handshake(
@@ -220,7 +173,7 @@ async fn handshake(
             )
         })?;
     Ok(AgentIo {
-        inner: Box::new(tls),
+        tls: Box::new(tls),
         conn: AgentConn { id, addr, cn },
     })
 }

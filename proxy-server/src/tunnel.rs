@@ -1,25 +1,24 @@
 //! The gRPC `Tunnel` service agents talk to: the control stream (registration, dial failures)
-//! and the per-connection data streams.
+//! and the per-connection data streams. Served on h2 directly by [`crate::agent_conn`].
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use futures_util::StreamExt;
-use proxy_common::pump::{OutboundBody, outbound};
-use proxy_proto::tunnel_server::Tunnel;
+use proxy_common::grpc::{Finish, Inbound, Offered};
 use proxy_proto::{
-    AgentMessage, Chunk, DIAL_ID_HEADER, Register, Registered, ServerMessage, agent_message,
+    AgentMessage, DIAL_ID_HEADER, Register, Registered, ServerMessage, agent_message,
     server_message,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tonic::{Request, Response, Status, Streaming};
+use tonic::Status;
 
 use crate::fleet::Fleet;
 use crate::listener::AgentConn;
-use crate::registry::{AgentHandle, AgentInfo, Clusters, DialOutcome, Registration, TunnelStream};
+use crate::registry::{AgentHandle, AgentInfo, Clusters, DialOutcome, Registration};
 
 /// Control messages queued towards one agent (dial requests); a full queue makes CONNECTs wait,
 /// within their dial timeout.
@@ -66,13 +65,6 @@ impl TunnelService {
             tasks,
         }
     }
-}
-
-fn agent_conn<T>(req: &Request<T>) -> Result<AgentConn, Status> {
-    req.extensions()
-        .get::<AgentConn>()
-        .cloned()
-        .ok_or_else(|| Status::internal("connection has no agent identity"))
 }
 
 /// Longest dial-failure reason passed on to clients, logs and the status page.
@@ -204,47 +196,45 @@ pub mod to_agent {
     }
 }
 
-/// A `Data` stream's response: the body that reads the client's socket (see
-/// `proxy_common::pump::outbound`), as gRPC messages.
-type DataResponse = futures_util::stream::Map<OutboundBody, fn(Chunk) -> Result<Chunk, Status>>;
+impl TunnelService {
+    /// Serves a `Control` stream the agent on `conn` opened: its registration, then its control
+    /// messages both ways until the stream or the agent's registration ends. Runs in a task of
+    /// its own (it waits for the registration), the one task a connected agent costs besides its
+    /// connection's.
+    pub fn spawn_control(self: &Arc<Self>, conn: AgentConn, offered: Offered) {
+        self.tasks
+            .clone()
+            .spawn(self.clone().control(conn, offered));
+    }
 
-fn data_response(body: OutboundBody) -> Response<DataResponse> {
-    Response::new(body.map(Ok as fn(Chunk) -> Result<Chunk, Status>))
-}
-
-/// A `Control` stream's response: the agent's control queue, unboxed.
-type ControlResponse = futures_util::stream::Map<
-    ReceiverStream<Box<ServerMessage>>,
-    fn(Box<ServerMessage>) -> Result<ServerMessage, Status>,
->;
-
-fn control_response(rx: mpsc::Receiver<Box<ServerMessage>>) -> Response<ControlResponse> {
-    let unbox: fn(Box<ServerMessage>) -> Result<ServerMessage, Status> = |msg| Ok(*msg);
-    Response::new(ReceiverStream::new(rx).map(unbox))
-}
-
-#[tonic::async_trait]
-impl Tunnel for TunnelService {
-    type ControlStream = ControlResponse;
-    type DataStream = DataResponse;
-
-    async fn control(
-        &self,
-        req: Request<Streaming<AgentMessage>>,
-    ) -> Result<Response<Self::ControlStream>, Status> {
-        let conn = agent_conn(&req)?;
-        let mut inbound = req.into_inner();
-        let first = tokio::time::timeout(proxy_proto::REGISTER_TIMEOUT, inbound.message())
+    async fn control(self: Arc<Self>, conn: AgentConn, offered: Offered) {
+        // Read before it is answered: a refusal goes in the response head (trailers-only), as
+        // tonic's server sent it, so a client sees it as the call's own failure.
+        let (body, mut respond) = offered.into_parts();
+        let mut inbound = Inbound::<AgentMessage>::from_request(body);
+        let refuse = |respond, status: Status| proxy_common::grpc::refuse(respond, &status);
+        let first = match tokio::time::timeout(proxy_proto::REGISTER_TIMEOUT, inbound.message())
             .await
-            .map_err(|_| Status::deadline_exceeded("no registration received in time"))??;
+        {
+            Ok(Ok(first)) => first,
+            Ok(Err(status)) => {
+                tracing::debug!(agent.addr = %conn.addr, reason = status.message(), "control stream failed before its registration");
+                return refuse(respond, status);
+            }
+            Err(_) => {
+                return refuse(
+                    respond,
+                    Status::deadline_exceeded("no registration received in time"),
+                );
+            }
+        };
         let reg = match registration(first, &conn.cn) {
             Ok(reg) => reg,
             Err(status) => {
                 tracing::warn!(agent.addr = %conn.addr, cn = %conn.cn, reason = status.message(), "agent registration refused");
-                return Err(status);
+                return refuse(respond, status);
             }
         };
-
         let (tx, rx) = mpsc::channel(CONTROL_QUEUE);
         let answer = Registered {
             server_id: self.fleet.server_id.clone(),
@@ -258,15 +248,24 @@ impl Tunnel for TunnelService {
             let declined = ServerMessage {
                 msg: Some(server_message::Msg::AlreadyHeld(answer)),
             };
-            tx.try_send(Box::new(declined))
-                .map_err(|_| Status::internal("control queue full"))?;
-            return Ok(control_response(rx));
+            let _ = tx.try_send(Box::new(declined));
+            drop(tx);
+            let Ok(send) = respond.send_response(proxy_common::grpc::accepted_head(), false) else {
+                return;
+            };
+            let _ = proxy_common::grpc::pipe(
+                ReceiverStream::new(rx),
+                send,
+                UNBOX_ENCODE,
+                Finish::Response,
+            )
+            .await;
+            return;
         }
         let registered = ServerMessage {
             msg: Some(server_message::Msg::Registered(answer)),
         };
-        tx.try_send(Box::new(registered))
-            .map_err(|_| Status::internal("control queue full at registration"))?;
+        let _ = tx.try_send(Box::new(registered));
         let (upstream_ca, upstream_server_name) = kubeconfig_facts(&reg);
         let info = AgentInfo {
             cluster: reg.cluster,
@@ -280,68 +279,81 @@ impl Tunnel for TunnelService {
             features: crate::registry::Features::from_names(&reg.features),
         };
         let closed = self.close.child_token();
-        let registration = self
-            .clusters
-            .register(AgentHandle::new(
-                info,
-                tx,
-                closed.clone(),
-                proxy_common::flow::Budget::new(self.window_budget),
-            ))
-            .map_err(|err| Status::already_exists(err.to_string()))?;
+        let registration = match self.clusters.register(AgentHandle::new(
+            info,
+            tx,
+            closed.clone(),
+            proxy_common::flow::Budget::new(self.window_budget),
+        )) {
+            Ok(registration) => registration,
+            Err(err) => {
+                // The registration answer queued above is not sent: the refusal is all.
+                return refuse(respond, Status::already_exists(err.to_string()));
+            }
+        };
+        // An agent that reset the stream meanwhile leaves the registry as `registration` drops.
+        let Ok(send) = respond.send_response(proxy_common::grpc::accepted_head(), false) else {
+            return;
+        };
         let agent = registration.agent().info.clone();
         tracing::info!(cluster = %agent.cluster, agent.id = %agent.agent_id, agent.addr = %agent.addr, agent.version = %agent.version, "agent registered");
-        self.tasks.spawn(serve_control(
-            inbound,
-            registration,
-            self.clusters.clone(),
-            self.fleet.subscribe(),
-            self.ping_interval,
-            closed,
-        ));
-        Ok(control_response(rx))
+        drop(agent);
+        // The queue's senders live as long as the agent's handle, which dials may still hold
+        // after the agent left: its messages go out until the control stream ends here.
+        let ended = CancellationToken::new();
+        let messages = std::pin::pin!(ReceiverStream::new(rx).take_until(ended.cancelled()));
+        let sending = proxy_common::grpc::pipe(messages, send, UNBOX_ENCODE, Finish::Response);
+        let serving = async {
+            serve_control(
+                inbound,
+                registration,
+                self.clusters.clone(),
+                self.fleet.subscribe(),
+                self.ping_interval,
+                closed,
+            )
+            .await;
+            ended.cancel();
+        };
+        let (sent, ()) = tokio::join!(sending, serving);
+        if let Err(err) = sent {
+            tracing::debug!(%err, "control stream's sending half failed");
+        }
     }
 
-    async fn data(
-        &self,
-        req: Request<Streaming<Chunk>>,
-    ) -> Result<Response<Self::DataStream>, Status> {
-        let conn = agent_conn(&req)?;
-        if req.metadata().contains_key(proxy_proto::WARM_HEADER) {
-            let (outbound, body) = outbound();
-            let stream = TunnelStream {
-                inbound: req.into_inner(),
-                outbound,
-            };
-            self.clusters.add_warm(conn.id, stream).map_err(|err| {
+    /// Takes a `Data` stream the agent on connection `conn_id` opened: a warm one into its pool,
+    /// or the answer to a dial. Synchronous, run by the connection's own task: a data stream
+    /// costs no task on the server until a CONNECT carries it.
+    pub fn data(&self, conn_id: u64, headers: &http::HeaderMap, offered: Offered) {
+        if headers.contains_key(proxy_proto::WARM_HEADER) {
+            if let Err((err, offered)) = self.clusters.add_warm(conn_id, offered) {
                 use crate::warm::WarmRefused;
-                match err {
+                let status = match err {
                     WarmRefused::Full => Status::resource_exhausted(err.to_string()),
                     WarmRefused::Closed => Status::unavailable(err.to_string()),
                     WarmRefused::Unregistered => Status::failed_precondition(err.to_string()),
-                }
-            })?;
-            return Ok(data_response(body));
+                };
+                offered.refuse(&status);
+            }
+            return;
         }
-        let dial_id = req
-            .metadata()
+        let Some(dial_id) = headers
             .get(DIAL_ID_HEADER)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok())
-            .ok_or_else(|| {
-                Status::invalid_argument(format!("missing or invalid {DIAL_ID_HEADER}"))
-            })?;
-        let (outbound, body) = outbound();
-        let stream = TunnelStream {
-            inbound: req.into_inner(),
-            outbound,
+        else {
+            let status = Status::invalid_argument(format!("missing or invalid {DIAL_ID_HEADER}"));
+            return offered.refuse(&status);
         };
-        self.clusters
-            .complete_dial(dial_id, conn.id, DialOutcome::Connected(Box::new(stream)))
-            .map_err(|err| Status::not_found(err.to_string()))?;
-        Ok(data_response(body))
+        if let Err((err, offered)) = self.clusters.accept_dial(dial_id, conn_id, offered) {
+            offered.refuse(&Status::not_found(err.to_string()));
+        }
     }
 }
+
+/// Encodes a queued control message (boxed in the queue: see `CONTROL_QUEUE`'s users).
+const UNBOX_ENCODE: fn(Box<ServerMessage>) -> proxy_common::grpc::Frame =
+    |msg| proxy_common::grpc::encode(*msg);
 
 /// Reads the agent's control messages until its stream ends, then drops its registration.
 ///
@@ -353,7 +365,7 @@ impl Tunnel for TunnelService {
     reason = "an async fn stores its arguments twice (see above)"
 )]
 fn serve_control(
-    mut inbound: Streaming<AgentMessage>,
+    mut inbound: Inbound<AgentMessage>,
     registration: Registration,
     clusters: Arc<Clusters>,
     mut fleet: tokio::sync::watch::Receiver<u32>,

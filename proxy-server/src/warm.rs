@@ -15,6 +15,7 @@ use std::time::Instant;
 
 use futures_util::FutureExt;
 use prometheus_client::metrics::gauge::Gauge;
+use proxy_common::grpc::Offered;
 use proxy_proto::WARM_USABLE;
 
 use crate::registry::TunnelStream;
@@ -64,19 +65,27 @@ impl WarmPool {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Holds `stream` for a future CONNECT; `held` counts warm streams across agents.
-    pub fn add(&self, stream: TunnelStream, held: &Gauge) -> Result<(), WarmRefused> {
+    /// Accepts `offered` and holds it for a future CONNECT, or gives it back with the reason it
+    /// is refused; `held` counts warm streams across agents. Accepted under the pool's lock, so
+    /// a stream is never accepted and then refused: the agent reads a refusal in the response
+    /// head, and paces its retries by it.
+    pub fn add(&self, offered: Offered, held: &Gauge) -> Result<(), (WarmRefused, Offered)> {
         let mut inner = self.lock();
         if inner.closed {
-            return Err(WarmRefused::Closed);
+            return Err((WarmRefused::Closed, offered));
         }
         // Dead and stale ones go first, so they never count against the bound.
         inner.purge(held);
         if inner.streams.len() >= MAX_WARM_PER_AGENT {
-            return Err(WarmRefused::Full);
+            return Err((WarmRefused::Full, offered));
         }
-        inner.streams.push_back((Instant::now(), stream));
-        held.inc();
+        // One the agent reset meanwhile is not held.
+        if let Some((send, inbound)) = offered.accept() {
+            inner
+                .streams
+                .push_back((Instant::now(), TunnelStream::new(send, inbound)));
+            held.inc();
+        }
         Ok(())
     }
 
@@ -90,7 +99,7 @@ impl WarmPool {
                 continue;
             }
             // Only a stream that went away refuses.
-            if stream.outbound.start() {
+            if stream.tx.start() {
                 return Some(stream);
             }
         }
@@ -136,5 +145,6 @@ impl Inner {
 /// before `start`, and a stream it ended (the upstream closed, or it retired the stream) is
 /// seen as ended here without waiting.
 fn alive(stream: &mut TunnelStream) -> bool {
-    !stream.outbound.is_closed() && stream.inbound.message().now_or_never().is_none()
+    let reset = std::future::poll_fn(|cx| stream.send.poll_reset(cx)).now_or_never();
+    reset.is_none() && stream.inbound.message().now_or_never().is_none()
 }

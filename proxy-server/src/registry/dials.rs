@@ -7,22 +7,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use dashmap::DashMap;
-use proxy_common::pump::Outbound;
-use proxy_proto::Chunk;
+use proxy_common::grpc::Offered;
+pub use proxy_common::pump::DataStream as TunnelStream;
 use tokio::sync::oneshot;
-use tonic::Streaming;
 
 use super::agent::ControlQueue;
 use super::{AgentGone, AgentHandle, Clusters, LimitError};
-
-/// Both directions of one tunneled connection's `Data` stream, as the server sees them.
-#[derive(Debug)]
-pub struct TunnelStream {
-    /// Chunks from the agent (its upstream's bytes).
-    pub inbound: Streaming<Chunk>,
-    /// Chunks to the agent (the client's bytes, read from its socket by the stream's body).
-    pub outbound: Outbound,
-}
 
 /// How the agent answered a dial request.
 #[derive(Debug)]
@@ -103,15 +93,49 @@ impl Clusters {
         conn_id: u64,
         outcome: DialOutcome,
     ) -> Result<(), DialLookupError> {
+        self.take_dial(dial_id, conn_id)?
+            .send(outcome)
+            .map_err(|_| DialLookupError::Abandoned(dial_id))
+    }
+
+    /// Answers dial `dial_id` with the data stream `offered`, which the agent opened for it on
+    /// connection `conn_id`: the stream is accepted (its response head sent) only once the dial
+    /// is known to be waiting, so an unknown or abandoned dial's stream is refused with a status
+    /// instead of being accepted and then reset.
+    pub fn accept_dial(
+        &self,
+        dial_id: u64,
+        conn_id: u64,
+        offered: Offered,
+    ) -> Result<(), (DialLookupError, Offered)> {
+        let reply = match self.take_dial(dial_id, conn_id) {
+            Ok(reply) => reply,
+            Err(err) => return Err((err, offered)),
+        };
+        if reply.is_closed() {
+            return Err((DialLookupError::Abandoned(dial_id), offered));
+        }
+        // A stream the agent reset meanwhile is dropped with the reply: the client's dial fails
+        // at once, as when the agent leaves.
+        if let Some((send, inbound)) = offered.accept() {
+            let stream = TunnelStream::new(send, inbound);
+            // If the client gave up since, the stream is dropped (reset) with the answer.
+            let _ = reply.send(DialOutcome::Connected(Box::new(stream)));
+        }
+        Ok(())
+    }
+
+    fn take_dial(
+        &self,
+        dial_id: u64,
+        conn_id: u64,
+    ) -> Result<oneshot::Sender<DialOutcome>, DialLookupError> {
         let (_, pending) = self
             .dials
             .pending
             .remove_if(&dial_id, |_, p| p.conn_id == conn_id)
             .ok_or(DialLookupError::Unknown(dial_id))?;
-        pending
-            .reply
-            .send(outcome)
-            .map_err(|_| DialLookupError::Abandoned(dial_id))
+        Ok(pending.reply)
     }
 
     /// Number of dials waiting for an agent's answer.

@@ -2,19 +2,19 @@
 //! connection it came on), and handing one out only while its agent answers pings. The pools
 //! themselves are in [`crate::warm`]; this keeps their gauge and the agent lookup in one place.
 
+use proxy_common::grpc::Offered;
+
 use super::{AgentHandle, Clusters, TunnelStream};
 use crate::warm::{PING_SLACK, WarmRefused};
 
 impl Clusters {
-    /// Holds a warm stream the agent on connection `conn_id` opened.
-    pub fn add_warm(&self, conn_id: u64, stream: TunnelStream) -> Result<(), WarmRefused> {
-        let agent = self
-            .agents
-            .by_conn
-            .get(&conn_id)
-            .map(|a| a.clone())
-            .ok_or(WarmRefused::Unregistered)?;
-        agent.warm.add(stream, &self.metrics.warm_streams)
+    /// Accepts and holds a warm stream the agent on connection `conn_id` opened, or gives it
+    /// back with the reason it is refused.
+    pub fn add_warm(&self, conn_id: u64, offered: Offered) -> Result<(), (WarmRefused, Offered)> {
+        let Some(agent) = self.agents.by_conn.get(&conn_id).map(|a| a.clone()) else {
+            return Err((WarmRefused::Unregistered, offered));
+        };
+        agent.warm.add(offered, &self.metrics.warm_streams)
     }
 
     /// One of `agent`'s warm streams, already told it is taken; `None` if it has none ready,
