@@ -50,7 +50,8 @@ struct Args {
     #[arg(long)]
     baseline_bin_dir: Option<PathBuf>,
     /// Run only scenarios whose name contains this (several alternatives separated by `|`,
-    /// e.g. `bulk, 1 connection|latency`).
+    /// e.g. `bulk, 1 connection|latency`); an alternative ending in `$` must end the name
+    /// (`agents, 1000 agents$` is not the 3-replica variant).
     #[arg(long)]
     only: Option<String>,
     /// Internal: serve the upstream and print its address (the harness runs it as a child
@@ -76,7 +77,16 @@ impl Args {
     fn wants(&self, name: &str) -> bool {
         self.only
             .as_deref()
-            .is_none_or(|only| only.split('|').any(|o| name.contains(o)))
+            .is_none_or(|only| only.split('|').any(|o| matches(name, o)))
+    }
+}
+
+/// Whether scenario `name` matches one `--only` alternative: contains it, or ends with it if it
+/// ends in `$`.
+fn matches(name: &str, alternative: &str) -> bool {
+    match alternative.strip_suffix('$') {
+        Some(tail) => name.ends_with(tail),
+        None => name.contains(alternative),
     }
 }
 
@@ -312,4 +322,19 @@ async fn main() -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn an_only_alternative_ending_in_a_dollar_must_end_the_name() {
+        let name = "agents, 1000 agents, 3 replicas";
+        assert!(super::matches(name, "agents, 1000 agents"));
+        assert!(!super::matches(name, "agents, 1000 agents$"));
+        assert!(super::matches(
+            "agents, 1000 agents",
+            "agents, 1000 agents$"
+        ));
+        assert!(super::matches(name, "3 replicas$"));
+    }
 }

@@ -2,12 +2,13 @@
 //! socket itself.
 //!
 //! Why not a channel: with a task reading the socket and an `mpsc` queue into the body, every
-//! chunk crossed two tasks before reaching HTTP/2 (the reader's, then the one hyper polls the
-//! body in), and on a small request each crossing is a wake-up and often a context switch. Here
-//! hyper's own stream task reads the socket when it polls the body, so a chunk is read, encoded
-//! and handed to HTTP/2 in one go. The socket is still read only while the peer has granted
-//! credit (and hyper only polls while HTTP/2 has room), so the connection's window keeps bounding
-//! what is read ahead.
+//! chunk crossed two tasks before reaching HTTP/2 (the reader's, then the one polling the body),
+//! and on a small request each crossing is a wake-up and often a context switch. Here the task
+//! that writes the stream ([`crate::grpc::pipe`], run by [`super::carry`] in the connection's
+//! own task) reads the socket when it polls the body, so a chunk is read, encoded and handed to
+//! HTTP/2 in one go. The socket is still read only while the peer has granted credit (and the
+//! pipe only polls while HTTP/2 has room), so the connection's window keeps bounding what is
+//! read ahead.
 //!
 //! [`Outbound`] is the pump's hold on the body: it attaches the socket once there is one (a
 //! warm stream exists before its client), passes on the credit the peer grants, queues the
@@ -29,7 +30,7 @@ use tokio_util::sync::CancellationToken;
 use super::{ByteCounts, MIN_READ, PumpError};
 use crate::flow::MIN_WINDOW;
 
-/// A new `Data` stream's sending half: the handle for the pump and the body for hyper.
+/// A new `Data` stream's sending half: the handle for the pump and the body for the pipe.
 pub fn outbound() -> (Outbound, OutboundBody) {
     let shared = Arc::new(Shared {
         state: Mutex::new(State {
@@ -98,7 +99,7 @@ impl<R: AsyncRead + Send + Unpin> Source for ReaderSlot<R> {
 struct Shared {
     state: Mutex<State>,
     /// Fired when the body will send nothing more of its own: it sent `fin`, the socket read
-    /// failed, or hyper dropped the body.
+    /// failed, or the pipe dropped the body.
     sending_done: CancellationToken,
 }
 
@@ -111,7 +112,7 @@ impl Shared {
 
 /// What the handle and the body share.
 struct State {
-    /// The task polling the body (hyper's stream task), woken when there is something to send.
+    /// The task polling the body, woken when there is something to send.
     waker: Option<Waker>,
     /// `Chunk.start` is to go out (a warm stream was handed out).
     start: bool,
@@ -123,7 +124,7 @@ struct State {
     source: Option<Attached>,
     /// The handle is gone: send what is queued, then end the stream.
     closing: bool,
-    /// hyper dropped the body (the stream ended or was reset).
+    /// The pipe dropped the body (the stream ended or was reset).
     body_gone: bool,
     fin_sent: bool,
     /// Why reading the socket failed.
@@ -170,7 +171,7 @@ impl Outbound {
         true
     }
 
-    /// Whether hyper dropped the body: the stream ended or was reset.
+    /// Whether the pipe dropped the body: the stream ended or was reset.
     pub fn is_closed(&self) -> bool {
         self.shared.lock().body_gone
     }
@@ -236,7 +237,7 @@ impl Drop for Outbound {
     }
 }
 
-/// The body hyper sends on the `Data` stream: control first, then bytes read from the socket.
+/// The body sent on the `Data` stream: control first, then bytes read from the socket.
 pub struct OutboundBody {
     shared: Arc<Shared>,
     source: Option<Attached>,
