@@ -73,6 +73,11 @@ struct Args {
 }
 
 impl Args {
+    /// Whether `--contenders` lets contender `name` run.
+    fn runs(&self, name: &str) -> bool {
+        self.contenders.is_empty() || self.contenders.iter().any(|c| c == name)
+    }
+
     /// Whether `--only` lets scenario `name` run.
     fn wants(&self, name: &str) -> bool {
         self.only
@@ -117,8 +122,7 @@ async fn start_all(
     missing: &mut Vec<(String, String)>,
 ) -> anyhow::Result<Vec<Running>> {
     let suffix = if wan.is_some() { "+wan" } else { "" };
-    let wanted =
-        |name: &str| args.contenders.is_empty() || args.contenders.iter().any(|c| c == name);
+    let wanted = |name: &str| args.runs(name);
     let mut running = Vec::new();
     if wanted("direct") {
         running.push(contenders::direct(upstream, wan).await?);
@@ -239,7 +243,13 @@ async fn main() -> anyhow::Result<()> {
             results.push(run_scenario(scenario, &wan, rounds).await);
         }
     }
-    // Agent scale has one contender: the peers have no per-cluster routing to compare.
+    // Agent scale compares builds of the project only (the peers have no per-cluster routing):
+    // the proxy and, with --baseline-bin-dir, the baseline build, interleaved round by round.
+    let mut builds = vec![("proxy", args.bin_dir.as_path())];
+    if let Some(dir) = args.baseline_bin_dir.as_deref() {
+        builds.push(("baseline", dir));
+    }
+    builds.retain(|(name, _)| args.runs(name));
     for (name, agents, servers) in catalog::agents(args.smoke) {
         if !args.wants(name) {
             continue;
@@ -250,21 +260,26 @@ async fn main() -> anyhow::Result<()> {
         } else {
             (Duration::from_secs(10), 200)
         };
-        let mut outcomes = Vec::new();
+        let mut by_build: Vec<(String, Vec<Outcome>)> = builds
+            .iter()
+            .map(|(b, _)| ((*b).to_owned(), Vec::new()))
+            .collect();
         for round in 0..rounds {
-            let run = async {
-                match servers {
-                    1 => agents::agent_scale(&args.bin_dir, upstream, agents, idle, connects).await,
-                    _ => replicas::agent_scale(&args.bin_dir, upstream, agents).await,
-                }
-            };
-            let outcome = match tokio::time::timeout(SCENARIO_TIMEOUT, run).await {
-                Ok(Ok(sample)) => Outcome::Sample(sample),
-                Ok(Err(e)) => Outcome::Failed(format!("{e:#}")),
-                Err(_) => Outcome::Failed(format!("no result within {SCENARIO_TIMEOUT:?}")),
-            };
-            eprintln!("   round {round} proxy: {outcome:?}");
-            outcomes.push(outcome);
+            for ((build, bin_dir), (_, outcomes)) in builds.iter().zip(&mut by_build) {
+                let run = async {
+                    match servers {
+                        1 => agents::agent_scale(bin_dir, upstream, agents, idle, connects).await,
+                        _ => replicas::agent_scale(bin_dir, upstream, agents).await,
+                    }
+                };
+                let outcome = match tokio::time::timeout(SCENARIO_TIMEOUT, run).await {
+                    Ok(Ok(sample)) => Outcome::Sample(sample),
+                    Ok(Err(e)) => Outcome::Failed(format!("{e:#}")),
+                    Err(_) => Outcome::Failed(format!("no result within {SCENARIO_TIMEOUT:?}")),
+                };
+                eprintln!("   round {round} {build}: {outcome:?}");
+                outcomes.push(outcome);
+            }
         }
         results.push(ScenarioResult {
             name,
@@ -274,7 +289,7 @@ async fn main() -> anyhow::Result<()> {
                 "server KiB/agent/replica"
             },
             higher_is_better: false,
-            by_contender: vec![("proxy".to_owned(), outcomes)],
+            by_contender: by_build,
         });
     }
     let not_implemented = Vec::new();
