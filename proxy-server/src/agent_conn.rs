@@ -56,69 +56,77 @@ pub async fn serve(
     }
 }
 
-async fn serve_connection(
+/// Serves one agent connection. A function returning an `async move` block rather than an
+/// `async fn` (which keeps its arguments twice: as passed and as its body's locals), and the
+/// close deadline boxed only once it runs: this future is held for every connected agent.
+#[allow(
+    clippy::manual_async_fn,
+    reason = "an async fn stores its arguments twice (see above)"
+)]
+fn serve_connection(
     io: AgentIo,
     service: Arc<TunnelService>,
     settings: Settings,
     close: CancellationToken,
-) {
-    let AgentIo { tls, conn } = io;
-    let handshake = h2::server::Builder::new()
-        .initial_window_size(proxy_proto::STREAM_WINDOW)
-        .initial_connection_window_size(proxy_proto::CONNECTION_WINDOW)
-        .max_concurrent_streams(MAX_STREAMS_PER_AGENT)
-        .max_frame_size(proxy_proto::MAX_FRAME)
-        .max_header_list_size(MAX_HEADER_LIST)
-        .handshake::<_, Frame>(tls);
-    let mut h2 = match tokio::time::timeout(settings.handshake_timeout, handshake).await {
-        Ok(Ok(h2)) => h2,
-        Ok(Err(err)) => {
-            tracing::warn!(agent.addr = %conn.addr, %err, "agent's HTTP/2 handshake failed");
-            return;
-        }
-        Err(_) => {
-            tracing::warn!(agent.addr = %conn.addr, "agent's HTTP/2 handshake timed out");
-            return;
-        }
-    };
-    let keepalive = proxy_common::grpc::keepalive(
-        h2.ping_pong(),
-        settings.keepalive_interval,
-        settings.keepalive_timeout,
-    );
-    let mut keepalive = std::pin::pin!(keepalive);
-    let mut deadline = std::pin::pin!(tokio::time::sleep(Duration::ZERO));
-    let mut closing = false;
-    let mut goaway_sent = false;
-    loop {
-        tokio::select! {
-            next = h2.accept() => match next {
-                Some(Ok((request, respond))) => route(&service, &conn, request, respond),
-                Some(Err(err)) => {
-                    tracing::debug!(agent.addr = %conn.addr, %err, "agent connection failed");
+) -> impl std::future::Future<Output = ()> + Send {
+    async move {
+        // Borrowed in place, not moved out: a moved field would take room in the future twice.
+        let conn = &io.conn;
+        let handshake = h2::server::Builder::new()
+            .initial_window_size(proxy_proto::STREAM_WINDOW)
+            .initial_connection_window_size(proxy_proto::CONNECTION_WINDOW)
+            .max_concurrent_streams(MAX_STREAMS_PER_AGENT)
+            .max_frame_size(proxy_proto::MAX_FRAME)
+            .max_header_list_size(MAX_HEADER_LIST)
+            .handshake::<_, Frame>(io.tls);
+        let mut h2 = match tokio::time::timeout(settings.handshake_timeout, handshake).await {
+            Ok(Ok(h2)) => h2,
+            Ok(Err(err)) => {
+                tracing::warn!(agent.addr = %conn.addr, %err, "agent's HTTP/2 handshake failed");
+                return;
+            }
+            Err(_) => {
+                tracing::warn!(agent.addr = %conn.addr, "agent's HTTP/2 handshake timed out");
+                return;
+            }
+        };
+        let keepalive = proxy_common::grpc::keepalive(
+            h2.ping_pong(),
+            settings.keepalive_interval,
+            settings.keepalive_timeout,
+        );
+        let mut keepalive = std::pin::pin!(keepalive);
+        // Set once the server closes: how long streams under way may still finish.
+        let mut closing: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
+        let mut goaway_sent = false;
+        loop {
+            tokio::select! {
+                next = h2.accept() => match next {
+                    Some(Ok((request, respond))) => route(&service, conn, request, respond),
+                    Some(Err(err)) => {
+                        tracing::debug!(agent.addr = %conn.addr, %err, "agent connection failed");
+                        break;
+                    }
+                    None => break,
+                },
+                reason = &mut keepalive => {
+                    tracing::info!(agent.addr = %conn.addr, reason, "agent connection dropped");
                     break;
                 }
-                None => break,
-            },
-            reason = &mut keepalive => {
-                tracing::info!(agent.addr = %conn.addr, reason, "agent connection dropped");
-                break;
+                () = close.cancelled(), if closing.is_none() => {
+                    closing = Some(Box::pin(tokio::time::sleep(CLOSE_GRACE)));
+                }
+                () = async { closing.as_mut().expect("branch enabled while closing").await },
+                    if closing.is_some() => {
+                    tracing::debug!(agent.addr = %conn.addr, "agent connection did not close in time");
+                    break;
+                }
             }
-            () = close.cancelled(), if !closing => {
-                closing = true;
-                deadline
-                    .as_mut()
-                    .reset(tokio::time::Instant::now() + CLOSE_GRACE);
+            if closing.is_some() && !goaway_sent {
+                // Streams under way may finish; the agents' registrations end now anyway.
+                h2.graceful_shutdown();
+                goaway_sent = true;
             }
-            () = &mut deadline, if closing => {
-                tracing::debug!(agent.addr = %conn.addr, "agent connection did not close in time");
-                break;
-            }
-        }
-        if closing && !goaway_sent {
-            // Streams under way may finish; the agents' registrations end now anyway.
-            h2.graceful_shutdown();
-            goaway_sent = true;
         }
     }
 }

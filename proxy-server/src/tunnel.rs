@@ -201,13 +201,20 @@ impl TunnelService {
     /// messages both ways until the stream or the agent's registration ends. Runs in a task of
     /// its own (it waits for the registration), the one task a connected agent costs besides its
     /// connection's.
+    ///
+    /// The task is held for every connected agent, so its future is kept small: the admission
+    /// and the serving are two futures one after the other (`then`), and the serving is built
+    /// from combinators rather than `async` blocks, each of which would keep a second copy of
+    /// what it captured beside the future it awaits.
     pub fn spawn_control(self: &Arc<Self>, conn: AgentConn, offered: Offered) {
-        self.tasks
-            .clone()
-            .spawn(self.clone().control(conn, offered));
+        use futures_util::FutureExt;
+        let task = self.clone().admit(conn, offered).then(serve);
+        self.tasks.clone().spawn(task);
     }
 
-    async fn control(self: Arc<Self>, conn: AgentConn, offered: Offered) {
+    /// Reads and checks the registration, answers it and enters the agent into the registry;
+    /// `None` if the stream ended meanwhile (answered with a refusal where it is still open).
+    async fn admit(self: Arc<Self>, conn: AgentConn, offered: Offered) -> Option<Admitted> {
         // Read before it is answered: a refusal goes in the response head (trailers-only), as
         // tonic's server sent it, so a client sees it as the call's own failure.
         let (body, mut respond) = offered.into_parts();
@@ -219,20 +226,23 @@ impl TunnelService {
             Ok(Ok(first)) => first,
             Ok(Err(status)) => {
                 tracing::debug!(agent.addr = %conn.addr, reason = status.message(), "control stream failed before its registration");
-                return refuse(respond, status);
+                refuse(respond, status);
+                return None;
             }
             Err(_) => {
-                return refuse(
+                refuse(
                     respond,
                     Status::deadline_exceeded("no registration received in time"),
                 );
+                return None;
             }
         };
         let reg = match registration(first, &conn.cn) {
             Ok(reg) => reg,
             Err(status) => {
                 tracing::warn!(agent.addr = %conn.addr, cn = %conn.cn, reason = status.message(), "agent registration refused");
-                return refuse(respond, status);
+                refuse(respond, status);
+                return None;
             }
         };
         let (tx, rx) = mpsc::channel(CONTROL_QUEUE);
@@ -250,9 +260,9 @@ impl TunnelService {
             };
             let _ = tx.try_send(Box::new(declined));
             drop(tx);
-            let Ok(send) = respond.send_response(proxy_common::grpc::accepted_head(), false) else {
-                return;
-            };
+            let send = respond
+                .send_response(proxy_common::grpc::accepted_head(), false)
+                .ok()?;
             let _ = proxy_common::grpc::pipe(
                 ReceiverStream::new(rx),
                 send,
@@ -260,7 +270,7 @@ impl TunnelService {
                 Finish::Response,
             )
             .await;
-            return;
+            return None;
         }
         let registered = ServerMessage {
             msg: Some(server_message::Msg::Registered(answer)),
@@ -288,37 +298,26 @@ impl TunnelService {
             Ok(registration) => registration,
             Err(err) => {
                 // The registration answer queued above is not sent: the refusal is all.
-                return refuse(respond, Status::already_exists(err.to_string()));
+                refuse(respond, Status::already_exists(err.to_string()));
+                return None;
             }
         };
         // An agent that reset the stream meanwhile leaves the registry as `registration` drops.
-        let Ok(send) = respond.send_response(proxy_common::grpc::accepted_head(), false) else {
-            return;
-        };
-        let agent = registration.agent().info.clone();
-        tracing::info!(cluster = %agent.cluster, agent.id = %agent.agent_id, agent.addr = %agent.addr, agent.version = %agent.version, "agent registered");
-        drop(agent);
-        // The queue's senders live as long as the agent's handle, which dials may still hold
-        // after the agent left: its messages go out until the control stream ends here.
-        let ended = CancellationToken::new();
-        let messages = std::pin::pin!(ReceiverStream::new(rx).take_until(ended.cancelled()));
-        let sending = proxy_common::grpc::pipe(messages, send, UNBOX_ENCODE, Finish::Response);
-        let serving = async {
-            serve_control(
-                inbound,
-                registration,
-                self.clusters.clone(),
-                self.fleet.subscribe(),
-                self.ping_interval,
-                closed,
-            )
-            .await;
-            ended.cancel();
-        };
-        let (sent, ()) = tokio::join!(sending, serving);
-        if let Err(err) = sent {
-            tracing::debug!(%err, "control stream's sending half failed");
-        }
+        let send = respond
+            .send_response(proxy_common::grpc::accepted_head(), false)
+            .ok()?;
+        let info = &registration.agent().info;
+        tracing::info!(cluster = %info.cluster, agent.id = %info.agent_id, agent.addr = %info.addr, agent.version = %info.version, "agent registered");
+        Some(Admitted {
+            send,
+            queue: rx,
+            inbound,
+            registration,
+            clusters: self.clusters.clone(),
+            fleet: self.fleet.subscribe(),
+            ping_interval: self.ping_interval,
+            closed,
+        })
     }
 
     /// Takes a `Data` stream the agent on connection `conn_id` opened: a warm one into its pool,
@@ -355,7 +354,62 @@ impl TunnelService {
 const UNBOX_ENCODE: fn(Box<ServerMessage>) -> proxy_common::grpc::Frame =
     |msg| proxy_common::grpc::encode(*msg);
 
-/// Reads the agent's control messages until its stream ends, then drops its registration.
+/// A registered agent's control stream, and what serving it needs.
+struct Admitted {
+    send: h2::SendStream<proxy_common::grpc::Frame>,
+    /// The agent's control queue (its senders are in the agent's handle).
+    queue: mpsc::Receiver<Box<ServerMessage>>,
+    inbound: Inbound<AgentMessage>,
+    registration: Registration,
+    clusters: Arc<Clusters>,
+    fleet: tokio::sync::watch::Receiver<u32>,
+    ping_interval: Duration,
+    /// Cancelled when this agent must go (shutdown, or replaced).
+    closed: CancellationToken,
+}
+
+/// Carries a registered agent's control messages both ways until its stream or its
+/// registration ends; nothing for an agent not admitted.
+fn serve(admitted: Option<Admitted>) -> impl std::future::Future<Output = ()> + Send {
+    use futures_util::future::{Either, FutureExt};
+    let Some(Admitted {
+        send,
+        queue,
+        inbound,
+        registration,
+        clusters,
+        fleet,
+        ping_interval,
+        closed,
+    }) = admitted
+    else {
+        return Either::Left(std::future::ready(()));
+    };
+    // The queue's senders live as long as the agent's handle, which dials may still hold after
+    // the agent left: its messages go out until the control stream ends, told by `ended`.
+    let (ended, end) = tokio::sync::oneshot::channel::<std::convert::Infallible>();
+    let messages = ReceiverStream::new(queue).take_until(end);
+    let sending = proxy_common::grpc::pipe(messages, send, UNBOX_ENCODE, Finish::Response);
+    let serving = serve_control(
+        inbound,
+        registration,
+        clusters,
+        fleet,
+        ping_interval,
+        closed,
+        ended,
+    );
+    Either::Right(
+        futures_util::future::join(sending, serving).map(|(sent, ())| {
+            if let Err(err) = sent {
+                tracing::debug!(%err, "control stream's sending half failed");
+            }
+        }),
+    )
+}
+
+/// Reads the agent's control messages until its stream ends, then drops its registration and
+/// `ended` (which ends the sending half).
 ///
 /// A function returning an `async move` block rather than an `async fn`: an async fn's future
 /// keeps its arguments twice (as passed, and as the locals its body uses), and this one is held
@@ -371,6 +425,7 @@ fn serve_control(
     mut fleet: tokio::sync::watch::Receiver<u32>,
     ping_interval: Duration,
     closed: CancellationToken,
+    ended: tokio::sync::oneshot::Sender<std::convert::Infallible>,
 ) -> impl std::future::Future<Output = ()> + Send {
     async move {
         let agent = registration.agent().clone();
@@ -453,6 +508,7 @@ fn serve_control(
             }
         };
         drop(registration);
+        drop(ended);
         tracing::info!(cluster = %info.cluster, agent.id = %info.agent_id, agent.addr = %info.addr, %reason, "agent disconnected");
     }
 }
