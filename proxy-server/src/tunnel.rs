@@ -10,8 +10,6 @@ use proxy_proto::{
     AgentMessage, DIAL_ID_HEADER, Register, Registered, ServerMessage, agent_message,
     server_message,
 };
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic::Status;
@@ -245,7 +243,7 @@ impl TunnelService {
                 return None;
             }
         };
-        let (tx, rx) = mpsc::channel(CONTROL_QUEUE);
+        let (tx, rx) = crate::registry::control::channel(CONTROL_QUEUE);
         let answer = Registered {
             server_id: self.fleet.server_id.clone(),
             server_count: self.fleet.count(),
@@ -263,13 +261,7 @@ impl TunnelService {
             let send = respond
                 .send_response(proxy_common::grpc::accepted_head(), false)
                 .ok()?;
-            let _ = proxy_common::grpc::pipe(
-                ReceiverStream::new(rx),
-                send,
-                UNBOX_ENCODE,
-                Finish::Response,
-            )
-            .await;
+            let _ = proxy_common::grpc::pipe(rx, send, UNBOX_ENCODE, Finish::Response).await;
             return None;
         }
         let registered = ServerMessage {
@@ -358,7 +350,7 @@ const UNBOX_ENCODE: fn(Box<ServerMessage>) -> proxy_common::grpc::Frame =
 struct Admitted {
     send: h2::SendStream<proxy_common::grpc::Frame>,
     /// The agent's control queue (its senders are in the agent's handle).
-    queue: mpsc::Receiver<Box<ServerMessage>>,
+    queue: crate::registry::control::Receiver<Box<ServerMessage>>,
     inbound: Inbound<AgentMessage>,
     registration: Registration,
     clusters: Arc<Clusters>,
@@ -388,7 +380,7 @@ fn serve(admitted: Option<Admitted>) -> impl std::future::Future<Output = ()> + 
     // The queue's senders live as long as the agent's handle, which dials may still hold after
     // the agent left: its messages go out until the control stream ends, told by `ended`.
     let (ended, end) = tokio::sync::oneshot::channel::<std::convert::Infallible>();
-    let messages = ReceiverStream::new(queue).take_until(end);
+    let messages = queue.take_until(end);
     let sending = proxy_common::grpc::pipe(messages, send, UNBOX_ENCODE, Finish::Response);
     let serving = serve_control(
         inbound,

@@ -10,7 +10,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 use proxy_proto::ServerMessage;
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 /// What the server knows of a connected agent.
@@ -56,10 +55,10 @@ impl Features {
     }
 }
 
-/// The queue of control messages towards one agent. Messages are boxed: a queue allocates its
-/// first block of 32 slots when it is made, and slots of whole `ServerMessage`s were 2.5 KiB per
-/// connected agent for a queue that is almost always empty.
-pub(super) type ControlQueue = mpsc::Sender<Box<ServerMessage>>;
+/// The queue of control messages towards one agent (see [`super::control`]). Messages are
+/// boxed: a waiting message then takes a pointer's room in the queue's buffer, not a whole
+/// `ServerMessage`'s.
+pub type ControlQueue = super::control::Sender<Box<ServerMessage>>;
 
 /// A connected agent: where to send dial requests, and the token that closes everything it
 /// carries.

@@ -10,6 +10,7 @@
 
 mod agent;
 mod agents;
+pub mod control;
 mod dials;
 mod limits;
 mod stats;
