@@ -4,7 +4,9 @@
 //! Not `tokio::sync::mpsc`: its shared state is cache-padded (half a KiB) and it allocates a
 //! first block of 32 slots up front, together 0.8 KiB for every connected agent, for a queue
 //! that is almost always empty. This one is one small allocation, and its buffer grows only
-//! while messages wait and is given back once they are gone.
+//! while messages wait and is given back once they are gone. Room is a `Semaphore` of one permit
+//! per free slot, as in tokio's own queue: senders waiting for room are served first come,
+//! first served, and a `try_send` cannot take a slot a waiting sender is owed.
 
 use std::collections::VecDeque;
 use std::pin::Pin;
@@ -12,17 +14,15 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
 
 use futures_util::Stream;
-use tokio::sync::Notify;
+use tokio::sync::{Semaphore, TryAcquireError};
 
 /// A buffer that grew beyond this many messages is given back once it is empty again.
 const KEEP: usize = 4;
 
 struct Shared<T> {
     state: Mutex<State<T>>,
-    /// Senders waiting for room, woken whenever a message leaves a full queue or the receiver
-    /// goes.
-    room: Notify,
-    capacity: usize,
+    /// A permit per free slot; closed when the receiver goes.
+    room: Semaphore,
 }
 
 struct State<T> {
@@ -44,8 +44,7 @@ pub fn channel<T>(capacity: usize) -> (Sender<T>, Receiver<T>) {
             closed: false,
             reader: None,
         }),
-        room: Notify::new(),
-        capacity,
+        room: Semaphore::new(capacity),
     });
     (
         Sender {
@@ -79,33 +78,29 @@ pub enum TrySendError {
 impl<T> Sender<T> {
     /// Queues `msg` if there is room.
     pub fn try_send(&self, msg: T) -> Result<(), TrySendError> {
-        self.try_send_or_keep(msg).map_err(|(_, err)| err)
+        match self.shared.room.try_acquire() {
+            Ok(permit) => permit.forget(),
+            Err(TryAcquireError::NoPermits) => return Err(TrySendError::Full),
+            Err(TryAcquireError::Closed) => return Err(TrySendError::Closed),
+        }
+        self.push(msg).map_err(|_| TrySendError::Closed)
     }
 
     /// Queues `msg`, waiting while the queue is full; `Err` with the message if the receiver
-    /// is gone.
+    /// is gone. Dropped while waiting, it gives up its place in the line and sends nothing.
     pub async fn send(&self, msg: T) -> Result<(), T> {
-        let mut msg = msg;
-        loop {
-            // Made before the queue is looked at, so a message leaving after the look (and
-            // its `notify_waiters`) still wakes this sender.
-            let room = self.shared.room.notified();
-            match self.try_send_or_keep(msg) {
-                Ok(()) => return Ok(()),
-                Err((kept, TrySendError::Closed)) => return Err(kept),
-                Err((kept, TrySendError::Full)) => msg = kept,
-            }
-            room.await;
+        match self.shared.room.acquire().await {
+            Ok(permit) => permit.forget(),
+            Err(_closed) => return Err(msg),
         }
+        self.push(msg)
     }
 
-    fn try_send_or_keep(&self, msg: T) -> Result<(), (T, TrySendError)> {
+    /// Queues `msg` into the slot whose permit the caller took.
+    fn push(&self, msg: T) -> Result<(), T> {
         let mut state = self.shared.lock();
         if state.closed {
-            return Err((msg, TrySendError::Closed));
-        }
-        if state.items.len() >= self.shared.capacity {
-            return Err((msg, TrySendError::Full));
+            return Err(msg);
         }
         state.items.push_back(msg);
         let reader = state.reader.take();
@@ -155,7 +150,11 @@ impl<T> Receiver<T> {
     /// The next queued message, if one is (tests).
     #[cfg(test)]
     pub fn try_recv(&mut self) -> Option<T> {
-        self.shared.lock().items.pop_front()
+        let msg = self.shared.lock().items.pop_front();
+        if msg.is_some() {
+            self.shared.room.add_permits(1);
+        }
+        msg
     }
 }
 
@@ -165,27 +164,23 @@ impl<T> Stream for Receiver<T> {
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<T>> {
         let shared = &self.shared;
         let mut state = shared.lock();
-        let was_full = state.items.len() >= shared.capacity;
         match state.items.pop_front() {
             Some(msg) => {
-                if state.items.is_empty() && state.items.capacity() > KEEP {
-                    state.items = VecDeque::new();
-                }
+                let freed = (state.items.is_empty() && state.items.capacity() > KEEP)
+                    .then(|| std::mem::take(&mut state.items));
                 drop(state);
-                if was_full {
-                    shared.room.notify_waiters();
-                }
+                drop(freed);
+                shared.room.add_permits(1);
                 Poll::Ready(Some(msg))
             }
             None if state.senders == 0 => Poll::Ready(None),
             None => {
-                if !state
-                    .reader
-                    .as_ref()
-                    .is_some_and(|w| w.will_wake(cx.waker()))
-                {
-                    state.reader = Some(cx.waker().clone());
-                }
+                let stale = match &state.reader {
+                    Some(w) if w.will_wake(cx.waker()) => None,
+                    _ => state.reader.replace(cx.waker().clone()),
+                };
+                drop(state);
+                drop(stale);
                 Poll::Pending
             }
         }
@@ -200,7 +195,8 @@ impl<T> Drop for Receiver<T> {
         let dropped = std::mem::take(&mut state.items);
         drop(state);
         drop(dropped);
-        self.shared.room.notify_waiters();
+        // Senders waiting for room get `Err` now.
+        self.shared.room.close();
     }
 }
 
@@ -225,16 +221,19 @@ mod tests {
         let waiting = tokio::time::timeout(Duration::from_millis(50), rx.next()).await;
         assert!(waiting.is_err(), "the stream ended with a sender left");
         let reader = tokio::spawn(async move { rx.next().await });
-        tokio::task::yield_now().await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(!reader.is_finished());
         tx2.try_send(3).unwrap();
-        assert_eq!(reader.await.unwrap(), Some(3));
+        let got = tokio::time::timeout(Duration::from_secs(5), reader).await;
+        assert_eq!(got.expect("receiver not woken").unwrap(), Some(3));
     }
 
     #[tokio::test]
     async fn the_last_sender_leaving_wakes_a_waiting_receiver() {
         let (tx, mut rx) = channel::<u8>(4);
         let reader = tokio::spawn(async move { rx.next().await });
-        tokio::task::yield_now().await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(!reader.is_finished());
         drop(tx);
         let end = tokio::time::timeout(Duration::from_secs(5), reader).await;
         assert_eq!(end.expect("receiver not woken").unwrap(), None);
@@ -280,6 +279,78 @@ mod tests {
         }
         got.sort_unstable();
         assert_eq!(got, (0..=20).collect::<Vec<_>>());
+    }
+
+    #[tokio::test]
+    async fn waiting_senders_are_served_in_the_order_they_came_and_try_send_cannot_jump_the_line() {
+        let (tx, mut rx) = channel(1);
+        tx.try_send(0).unwrap();
+        let mut waiting = Vec::new();
+        for i in 1..=3 {
+            let tx = tx.clone();
+            waiting.push(tokio::spawn(async move { tx.send(i).await }));
+            // In line before the next one comes.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // One more in line, then gone: its place passes on, nothing of it is sent.
+        let quitter = {
+            let tx = tx.clone();
+            tokio::spawn(async move { tx.send(100).await })
+        };
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        quitter.abort();
+        let _ = quitter.await;
+        let last = {
+            let tx = tx.clone();
+            tokio::spawn(async move { tx.send(4).await })
+        };
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(rx.next().await, Some(0));
+        // The slot just freed is owed to the first sender in line.
+        assert_eq!(tx.try_send(99), Err(TrySendError::Full));
+        for expected in 1..=4 {
+            let got = tokio::time::timeout(Duration::from_secs(5), rx.next()).await;
+            assert_eq!(
+                got.expect("a waiting sender was never woken"),
+                Some(expected)
+            );
+        }
+        for sender in waiting.into_iter().chain([last]) {
+            assert_eq!(sender.await.unwrap(), Ok(()));
+        }
+        assert_eq!(rx.try_recv(), None);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn senders_on_many_threads_get_every_message_through_in_order() {
+        const SENDERS: u32 = 8;
+        const EACH: u32 = 2_000;
+        let (tx, rx) = channel(4);
+        for s in 0..SENDERS {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                for i in 0..EACH {
+                    if i % 3 == 0 {
+                        // Mixed with try_send, retried: both paths under contention.
+                        while tx.try_send((s, i)) == Err(TrySendError::Full) {
+                            tokio::task::yield_now().await;
+                        }
+                    } else {
+                        tx.send((s, i)).await.unwrap();
+                    }
+                }
+            });
+        }
+        drop(tx);
+        let got: Vec<(u32, u32)> = tokio::time::timeout(Duration::from_secs(30), rx.collect())
+            .await
+            .expect("the queue stalled");
+        assert_eq!(got.len(), (SENDERS * EACH) as usize);
+        let mut next = vec![0; SENDERS as usize];
+        for (s, i) in got {
+            assert_eq!(i, next[s as usize], "sender {s}'s messages out of order");
+            next[s as usize] += 1;
+        }
     }
 
     #[tokio::test]
