@@ -84,13 +84,17 @@ impl Frontend {
     ) -> Result<Box<TunnelStream>, Refusal> {
         let mut pending = self.clusters.begin_dial(agent).map_err(limited)?;
         let answer = async {
-            agent
-                .send(crate::tunnel::to_agent::dial(pending.id()))
-                .await
-                .map_err(|_| Ended::Gone)?;
             // An agent that leaves between being picked and the dial being recorded could never
             // answer; its closing ends the wait at once. One that stops answering pings ends it
-            // too, long before the dial timeout.
+            // too, long before the dial timeout. Both also end a wait for room in its control
+            // queue, which a stuck agent stops draining.
+            tokio::select! {
+                sent = agent.send(crate::tunnel::to_agent::dial(pending.id())) => {
+                    sent.map_err(|_| Ended::Gone)?;
+                }
+                () = agent.closed().cancelled() => return Err(Ended::Gone),
+                () = agent.until_unresponsive() => return Err(Ended::Unresponsive),
+            }
             tokio::select! {
                 outcome = pending.outcome() => outcome.map_err(|_| Ended::Gone),
                 () = agent.closed().cancelled() => Err(Ended::Gone),
