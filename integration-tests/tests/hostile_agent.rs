@@ -477,3 +477,76 @@ async fn an_agent_connection_that_never_speaks_http2_or_stops_answering_pings_is
     // The agent that answers is not affected.
     alpha_still_served(&bed.server).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_control_stream_the_agent_never_lets_the_server_answer_on_is_reset_not_kept() {
+    use prost::Message;
+    let bed = Testbed::builder(&["alpha", "beta"])
+        .banner_agent("alpha", "alpha-upstream")
+        .start()
+        .await;
+    let tls = rogue::tls_connect(bed.pki(), "beta", bed.server.agent_addr)
+        .await
+        .unwrap();
+    // A stream window of 0: the server may send headers but not one byte of a message.
+    let (send, conn) = h2::client::Builder::new()
+        .initial_window_size(0)
+        .handshake::<_, Bytes>(tls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let request = http::Request::builder()
+        .method(http::Method::POST)
+        .uri(format!("https://proxy-server{}", proxy_proto::CONTROL_PATH))
+        .header("content-type", "application/grpc")
+        .body(())
+        .unwrap();
+    let mut send = send.ready().await.unwrap();
+    let (response, mut body) = send.send_request(request, false).unwrap();
+    let register = rogue::register("beta", "rogue").encode_to_vec();
+    let mut framed = vec![0];
+    framed.extend_from_slice(&u32::try_from(register.len()).unwrap().to_be_bytes());
+    framed.extend_from_slice(&register);
+    // The registration, then the end of the agent's half: the registration is over at once.
+    body.send_data(Bytes::from(framed), true).unwrap();
+    let response = tokio::time::timeout(Duration::from_secs(5), response)
+        .await
+        .expect("no answer to the registration")
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(head_status(&response), None, "refused: {response:?}");
+    let metric = |cluster: &str| format!("proxy_server_agents{{cluster=\"{cluster}\"}}");
+    integration_tests::eventually(
+        "beta registered and gone again",
+        Duration::from_secs(5),
+        || async {
+            integration_tests::procs::metric_opt(bed.server.admin_addr, &metric("beta"))
+                .await
+                .unwrap_or(0.0)
+                == 0.0
+        },
+    )
+    .await;
+    // The server's half cannot send its answer. It gives up within its close grace (5 s) and
+    // resets the stream, instead of holding it (and a task) while the connection lives.
+    let started = Instant::now();
+    let mut received = response.into_body();
+    let end = tokio::time::timeout(Duration::from_secs(15), received.data())
+        .await
+        .expect("the server kept a control stream it can never answer on");
+    match end {
+        Some(Err(err)) => assert_eq!(err.reason(), Some(h2::Reason::CANCEL), "{err}"),
+        other => panic!("expected a reset, got {other:?}"),
+    }
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_secs(3),
+        "reset after {took:?}: the last messages had no time to go out"
+    );
+    // The connection still serves, and so does everyone else.
+    assert!(
+        send.ready().await.is_ok(),
+        "the connection was lost with the stream"
+    );
+    alpha_still_served(&bed.server).await;
+}

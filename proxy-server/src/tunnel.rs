@@ -14,6 +14,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic::Status;
 
+mod halves;
+
 use crate::fleet::Fleet;
 use crate::listener::AgentConn;
 use crate::registry::{AgentHandle, AgentInfo, Clusters, DialOutcome, Registration};
@@ -363,7 +365,7 @@ struct Admitted {
 /// Carries a registered agent's control messages both ways until its stream or its
 /// registration ends; nothing for an agent not admitted.
 fn serve(admitted: Option<Admitted>) -> impl std::future::Future<Output = ()> + Send {
-    use futures_util::future::{Either, FutureExt};
+    use futures_util::future::Either;
     let Some(Admitted {
         send,
         queue,
@@ -391,13 +393,7 @@ fn serve(admitted: Option<Admitted>) -> impl std::future::Future<Output = ()> + 
         closed,
         ended,
     );
-    Either::Right(
-        futures_util::future::join(sending, serving).map(|(sent, ())| {
-            if let Err(err) = sent {
-                tracing::debug!(%err, "control stream's sending half failed");
-            }
-        }),
-    )
+    Either::Right(halves::Halves::new(sending, serving))
 }
 
 /// Reads the agent's control messages until its stream ends, then drops its registration and
