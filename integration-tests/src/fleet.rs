@@ -126,7 +126,7 @@ impl Haproxy {
         // another, as a production load balancer would.
         let config = format!(
             "global\n  maxconn 4000\n\
-defaults\n  mode tcp\n  timeout connect 2s\n  timeout client 1h\n  timeout server 1h\n  retries 3\n  option redispatch 1\n\
+defaults\n  log stdout format raw local0\n  option tcplog\n  mode tcp\n  timeout connect 2s\n  timeout client 1h\n  timeout server 1h\n  retries 3\n  option redispatch 1\n\
 frontend agents\n  bind {agents}\n  default_backend agents\n\
 backend agents\n  balance roundrobin\n  option httpchk GET /healthz\n{agent_servers}\
 frontend clients\n  bind {clients}\n  default_backend clients\n\

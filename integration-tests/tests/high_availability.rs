@@ -310,6 +310,10 @@ async fn connects_keep_working_while_replicas_are_killed_and_rolled() {
         "3s",
         "--shutdown-grace",
         "5s",
+        // Longer than HAProxy's health-check interval (300 ms): it stops sending clients to a
+        // draining replica before that replica's listener closes.
+        "--shutdown-delay",
+        "1s",
     ];
     let mut mesh = Mesh::start(&CLUSTERS, 2, 3, &server_flags, &[]).await;
     mesh.wait_full_mesh(&CLUSTERS, 2, Duration::from_secs(10))
@@ -400,6 +404,18 @@ async fn connects_keep_working_while_replicas_are_killed_and_rolled() {
         count("roll"),
         count("after")
     );
+    if !bad.is_empty() {
+        // HAProxy's termination flags (`option tcplog`) say which side ended a cut connection.
+        let lb_logs = mesh.lb.logs();
+        let unusual: Vec<&str> = lb_logs
+            .lines()
+            .filter(|l| l.contains(" clients clients/") && !l.contains(" -- "))
+            .collect();
+        eprintln!(
+            "HAProxy lines of client connections that did not end cleanly:\n{}",
+            unusual.join("\n")
+        );
+    }
     assert!(results.len() >= 100, "too few CONNECTs to mean anything");
     assert!(count("roll") >= 50, "too few CONNECTs during the roll");
     // No replica ever answered an error: no 503 for a cluster whose agents had not arrived.

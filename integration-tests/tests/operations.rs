@@ -607,6 +607,63 @@ async fn sigterm_lets_open_transfers_finish_and_refuses_new_connects() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn during_the_shutdown_delay_readiness_fails_but_connects_still_get_their_tunnel() {
+    let banner = BannerServer::start("alpha-upstream").await.unwrap();
+    let mut bed = Testbed::builder(&["alpha"])
+        .server_args(&["--shutdown-delay", "3s"])
+        .agent("alpha", banner.addr)
+        .start()
+        .await;
+    bed.server.proc.signal("TERM");
+    let signalled = Instant::now();
+    eventually("readiness fails", Duration::from_secs(2), || async {
+        admin_get(bed.server.admin_addr, "/readyz?verbose")
+            .await
+            .is_ok_and(|(status, body)| status == 503 && body.contains("draining"))
+    })
+    .await;
+    // Inside the delay a CONNECT is still served end to end: a load balancer that has not yet
+    // seen the failed probe sends clients here, and they must not be cut.
+    let mut served = 0;
+    while signalled.elapsed() < Duration::from_millis(2_000) {
+        let tunnel = connect(bed.frontend(), "alpha:443")
+            .await
+            .unwrap()
+            .tunnel()
+            .unwrap();
+        let mut rd = BufReader::new(tunnel);
+        let mut line = String::new();
+        rd.read_line(&mut line).await.unwrap();
+        assert_eq!(line, "alpha-upstream\n");
+        rd.get_mut().write_all(b"ping\n").await.unwrap();
+        line.clear();
+        rd.read_line(&mut line).await.unwrap();
+        assert_eq!(line, "ping\n", "the tunnel carries data during the delay");
+        served += 1;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(served >= 5, "only {served} CONNECTs during the delay");
+    // Then the listener closes, and with nothing open the server exits.
+    eventually(
+        "frontend stops accepting after the delay",
+        Duration::from_secs(5),
+        || async {
+            tokio::net::TcpStream::connect(bed.frontend())
+                .await
+                .is_err()
+        },
+    )
+    .await;
+    assert!(
+        signalled.elapsed() >= Duration::from_secs(3),
+        "listener closed before --shutdown-delay: {:?}",
+        signalled.elapsed()
+    );
+    let status = bed.server.proc.wait(Duration::from_secs(10)).await.unwrap();
+    assert!(status.success(), "exit status {status}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_still_open_when_the_grace_ends_are_closed_and_the_server_exits() {
     let source = SourceServer::start().await.unwrap();
     let mut bed = Testbed::builder(&["alpha"])

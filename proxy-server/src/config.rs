@@ -129,6 +129,12 @@ pub struct Args {
     /// kubeconfigs (default: http:// or https:// and --frontend-addr).
     #[arg(long, env = "PROXY_SERVER_PUBLIC_URL")]
     pub public_url: Option<String>,
+    /// On SIGTERM, how long the frontend still accepts CONNECTs while `/readyz` already fails,
+    /// so load balancers and Kubernetes endpoints stop sending clients here before the listener
+    /// closes (a client a load balancer sends to a closed listener is cut, not retried). Set it
+    /// longer than the load balancer's health-check interval.
+    #[arg(long, env = "PROXY_SERVER_SHUTDOWN_DELAY", default_value = "0s", value_parser = humantime::parse_duration)]
+    pub shutdown_delay: Duration,
     /// On SIGTERM, how long open tunneled connections may continue before they are closed.
     #[arg(long, env = "PROXY_SERVER_SHUTDOWN_GRACE", default_value = "30s", value_parser = humantime::parse_duration)]
     pub shutdown_grace: Duration,
@@ -295,6 +301,8 @@ pub struct Config {
     pub connect_ports: Vec<u16>,
     /// The proxy URL written into kubeconfigs; `None`: derived from the bound frontend address.
     pub public_url: Option<String>,
+    /// See [`Args::shutdown_delay`].
+    pub shutdown_delay: Duration,
     /// See [`Args::shutdown_grace`].
     pub shutdown_grace: Duration,
     /// This server's id.
@@ -381,6 +389,7 @@ impl Config {
                 args.connect_ports.clone()
             },
             public_url: public_url(args)?,
+            shutdown_delay: bounded("shutdown-delay", args.shutdown_delay)?,
             shutdown_grace: bounded("shutdown-grace", args.shutdown_grace)?,
             server_count: server_count(args)?,
             warmup: bounded("warmup", args.warmup)?,

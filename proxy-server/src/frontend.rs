@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::{BufMut, BytesMut};
+use futures_util::FutureExt as _;
 use http::StatusCode;
 use proxy_common::error::chain;
 use proxy_common::pump::{self, Abort, ByteCounts, PumpError, Role};
@@ -93,46 +94,83 @@ pub async fn serve(
     tracker: TaskTracker,
 ) {
     loop {
-        // A place in the gate first: while it is full of young handshakes, new clients wait
-        // in the kernel's backlog.
-        let mut ticket = tokio::select! {
+        let next = tokio::select! {
             () = shutdown.cancelled() => break,
-            ticket = frontend.gate.admit() => ticket,
+            next = next_client(&listener, &frontend.gate) => next,
         };
-        let (stream, addr) = tokio::select! {
-            () = shutdown.cancelled() => break,
-            res = listener.accept() => match res {
-                Ok(conn) => conn,
-                Err(err) => {
-                    tracing::warn!(%err, "frontend accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
-        let frontend = frontend.clone();
-        let cancel = close.child_token();
-        let span = tracing::info_span!(
-            "connect",
-            client.addr = %addr,
-            cluster = tracing::field::Empty,
-            identity = tracing::field::Empty,
-        );
-        ticket.renew();
-        let admission = Admission {
-            ticket,
-            deadline: tokio::time::Instant::now() + frontend.limits.handshake_timeout,
-        };
-        tracker.spawn(
-            async move {
-                tokio::select! {
-                    () = handle(&frontend, stream, admission) => {}
-                    () = cancel.cancelled() => {}
-                }
-            }
-            .instrument(span),
-        );
+        spawn_client(next, &frontend, &close, &tracker);
     }
+    // Closing the listener resets the clients the kernel has already accepted for it, which
+    // a TCP load balancer cannot retry (to it they were connected): they are served first.
+    // Clients arriving after the close are refused, which load balancers do retry elsewhere.
+    // The accept is a plain syscall: tokio's would see only readiness its reactor has
+    // already been told of.
+    let mut drained = 0usize;
+    if let Ok(listener) = listener.into_std() {
+        while let Some(ticket) = frontend.gate.admit().now_or_never() {
+            let Ok((stream, addr)) = listener.accept() else {
+                break;
+            };
+            let stream = stream
+                .set_nonblocking(true)
+                .and_then(|()| TcpStream::from_std(stream));
+            match stream {
+                Ok(stream) => spawn_client((ticket, stream, addr), &frontend, &close, &tracker),
+                Err(err) => tracing::warn!(%err, "frontend accept failed"),
+            }
+            drained += 1;
+        }
+    }
+    tracing::info!(drained, "frontend listener closed");
+}
+
+/// The next client: a place in the gate first (while it is full of young handshakes, new
+/// clients wait in the kernel's backlog), then the accept.
+async fn next_client(
+    listener: &TcpListener,
+    gate: &Arc<proxy_common::gate::Gate>,
+) -> (proxy_common::gate::Ticket, TcpStream, std::net::SocketAddr) {
+    let ticket = gate.admit().await;
+    loop {
+        match listener.accept().await {
+            Ok((stream, addr)) => return (ticket, stream, addr),
+            Err(err) => {
+                tracing::warn!(%err, "frontend accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+/// Runs one accepted client in `tracker`, until it ends or `close` fires.
+fn spawn_client(
+    (mut ticket, stream, addr): (proxy_common::gate::Ticket, TcpStream, std::net::SocketAddr),
+    frontend: &Arc<Frontend>,
+    close: &CancellationToken,
+    tracker: &TaskTracker,
+) {
+    let frontend = frontend.clone();
+    let cancel = close.child_token();
+    let span = tracing::info_span!(
+        "connect",
+        client.addr = %addr,
+        cluster = tracing::field::Empty,
+        identity = tracing::field::Empty,
+    );
+    ticket.renew();
+    let admission = Admission {
+        ticket,
+        deadline: tokio::time::Instant::now() + frontend.limits.handshake_timeout,
+    };
+    tracker.spawn(
+        async move {
+            tokio::select! {
+                () = handle(&frontend, stream, admission) => {}
+                () = cancel.cancelled() => {}
+            }
+        }
+        .instrument(span),
+    );
 }
 
 /// One client, in its own task: TLS (when configured) under the admission deadline, the

@@ -22,6 +22,7 @@ pub mod warm;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use proxy_common::error::{BoxError, chain};
 use tokio::net::TcpListener;
@@ -242,7 +243,7 @@ pub async fn run(
         frontend: Some(tokio::spawn(frontend::serve(
             listeners.frontend,
             Arc::new(frontend_of(&config, &clusters, &metrics, &fleet)),
-            life.shutdown.clone(),
+            frontend_intake(&life, config.shutdown_delay),
             life.close.clone(),
             life.connections.clone(),
         ))),
@@ -265,6 +266,30 @@ pub async fn run(
     let result = drain(&config, &life, tasks).await;
     tracing::info!("proxy-server stopped");
     failure.map_or(result, Err)
+}
+
+/// The token that closes the frontend listener: `--shutdown-delay` after shutdown begins.
+/// Readiness fails at once, but a load balancer notices only at its next health check and
+/// sends clients here until then; a listener closed under it resets them (TCP load balancers
+/// retry only refused connects, not connections the kernel had already accepted).
+fn frontend_intake(life: &Lifecycle, delay: Duration) -> CancellationToken {
+    let intake = CancellationToken::new();
+    let (shutdown, close, stop) = (life.shutdown.clone(), life.close.clone(), intake.clone());
+    life.tasks.spawn(async move {
+        shutdown.cancelled().await;
+        if !delay.is_zero() {
+            tracing::info!(
+                ?delay,
+                "draining: still accepting CONNECTs until load balancers see /readyz fail"
+            );
+        }
+        tokio::select! {
+            () = tokio::time::sleep(delay) => {}
+            () = close.cancelled() => {}
+        }
+        stop.cancel();
+    });
+    intake
 }
 
 /// Metrics, the cluster registry, the fleet, and the watchers that re-read certificates, keys,
@@ -440,7 +465,12 @@ async fn until_stopped(life: &Lifecycle, tasks: &mut Tasks) -> Option<ServerErro
 
 /// The drain: open connections get `--shutdown-grace`, then `close` ends everything, and each
 /// task gets [`SHUTDOWN_GRACE`] to finish. The gRPC server's own error, if any, is the result.
-async fn drain(config: &Config, life: &Lifecycle, tasks: Tasks) -> Result<(), ServerError> {
+async fn drain(config: &Config, life: &Lifecycle, mut tasks: Tasks) -> Result<(), ServerError> {
+    // The grace starts once the frontend stopped accepting (after `--shutdown-delay`): what it
+    // accepted meanwhile is tracked in `connections` too.
+    if let Some(frontend) = tasks.frontend.take() {
+        let _ = tokio::time::timeout(config.shutdown_delay + SHUTDOWN_GRACE, frontend).await;
+    }
     life.connections.close();
     let open = life.connections.len();
     tracing::info!(open, grace = ?config.shutdown_grace, "draining");
@@ -466,8 +496,8 @@ async fn drain(config: &Config, life: &Lifecycle, tasks: Tasks) -> Result<(), Se
             }
         },
     };
-    for task in [tasks.frontend, tasks.admin].into_iter().flatten() {
-        let _ = tokio::time::timeout(SHUTDOWN_GRACE, task).await;
+    if let Some(admin) = tasks.admin {
+        let _ = tokio::time::timeout(SHUTDOWN_GRACE, admin).await;
     }
     life.tasks.close();
     if tokio::time::timeout(SHUTDOWN_GRACE, life.tasks.wait())
