@@ -543,6 +543,20 @@ async fn json_logs_carry_one_access_line_per_connection() {
     );
 }
 
+/// Waits (up to 5 s) until the server's frontend refuses connections: its listener closed.
+async fn frontend_closes(bed: &Testbed) {
+    eventually(
+        "frontend stops accepting",
+        Duration::from_secs(5),
+        || async {
+            tokio::net::TcpStream::connect(bed.frontend())
+                .await
+                .is_err()
+        },
+    )
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_lets_open_transfers_finish_and_refuses_new_connects() {
     const LEN: u64 = 64 * MIB;
@@ -563,16 +577,7 @@ async fn sigterm_lets_open_transfers_finish_and_refuses_new_connects() {
     bed.server.proc.signal("TERM");
     let signalled = Instant::now();
     // New CONNECTs are refused while the transfer goes on, and readiness fails.
-    eventually(
-        "frontend stops accepting",
-        Duration::from_secs(5),
-        || async {
-            tokio::net::TcpStream::connect(bed.frontend())
-                .await
-                .is_err()
-        },
-    )
-    .await;
+    frontend_closes(&bed).await;
     let (status, body) = admin_get(bed.server.admin_addr, "/readyz?verbose")
         .await
         .unwrap();
@@ -644,16 +649,7 @@ async fn during_the_shutdown_delay_readiness_fails_but_connects_still_get_their_
     }
     assert!(served >= 5, "only {served} CONNECTs during the delay");
     // Then the listener closes, and with nothing open the server exits.
-    eventually(
-        "frontend stops accepting after the delay",
-        Duration::from_secs(5),
-        || async {
-            tokio::net::TcpStream::connect(bed.frontend())
-                .await
-                .is_err()
-        },
-    )
-    .await;
+    frontend_closes(&bed).await;
     assert!(
         signalled.elapsed() >= Duration::from_secs(3),
         "listener closed before --shutdown-delay: {:?}",
