@@ -434,7 +434,8 @@ impl Frontend {
 
     /// Tells the client its tunnel is open, and counts the connection: only once the `200` is
     /// out, as a tunnel the client never got is not an `ok`. False if the client left first
-    /// (counted and logged).
+    /// (counted and logged). The dial itself succeeded either way, so its time is recorded
+    /// first: a client that reads the status page right after its `200` sees its dial.
     async fn reply_established<S: AsyncWrite + Unpin>(
         &self,
         client: &mut S,
@@ -442,6 +443,13 @@ impl Frontend {
         warm: bool,
         connect_time: Duration,
     ) -> bool {
+        self.clusters.record_dial(cluster, Ok(connect_time));
+        self.metrics
+            .dial_duration
+            .get_or_create(&ClusterLabel {
+                cluster: cluster.to_owned(),
+            })
+            .observe(connect_time.as_secs_f64());
         if let Err(err) = client.write_all(ESTABLISHED).await {
             self.metrics.count(cluster, Outcome::ClientLeft);
             tracing::info!(
@@ -455,13 +463,6 @@ impl Frontend {
         if warm {
             self.metrics.warm_connects.inc();
         }
-        self.clusters.record_dial(cluster, Ok(connect_time));
-        self.metrics
-            .dial_duration
-            .get_or_create(&ClusterLabel {
-                cluster: cluster.to_owned(),
-            })
-            .observe(connect_time.as_secs_f64());
         true
     }
 
