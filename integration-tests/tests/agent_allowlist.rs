@@ -143,6 +143,8 @@ async fn agent_refuses_destinations_it_was_not_given() {
             gate: proxy_common::gate::Gate::new(proxy_common::gate::DEFAULT_CAP),
             limited: || {},
             tasks: tokio_util::task::TaskTracker::new(),
+            // Handshakes on this test's runtime: its relays copy the TLS streams here.
+            shards: std::sync::Arc::new(proxy_server::shards::Shards::start(0).unwrap()),
         },
         shutdown.clone(),
         shutdown.clone(),

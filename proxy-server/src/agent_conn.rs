@@ -47,12 +47,13 @@ pub async fn serve(
     tasks: TaskTracker,
 ) {
     while let Some(io) = incoming.recv().await {
-        tasks.spawn(serve_connection(
-            io,
-            service.clone(),
-            settings,
-            close.clone(),
-        ));
+        // On the shard its socket was moved to (see `crate::shards`).
+        let shard = io.lease.as_ref().map(|lease| lease.shard().clone());
+        let conn = serve_connection(io, service.clone(), settings, close.clone());
+        match shard {
+            Some(shard) => shard.spawn(&tasks, conn),
+            None => drop(tasks.spawn(conn)),
+        }
     }
 }
 

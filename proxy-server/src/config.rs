@@ -197,6 +197,11 @@ pub struct Args {
     /// it uses the cores it is given; see README, "Threads".
     #[arg(long, env = "PROXY_SERVER_WORKER_THREADS", value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub worker_threads: Option<u16>,
+    /// Shard threads for agent connections and the CONNECTs they carry (default: one per CPU;
+    /// 0: everything on the worker threads). An agent and its tunneled connections share one
+    /// thread, so their messages need no thread hand-off; see README, "Threads".
+    #[arg(long, env = "PROXY_SERVER_SHARDS", value_parser = clap::value_parser!(u16).range(0..=1024))]
+    pub shards: Option<u16>,
 }
 
 /// Subcommands.
@@ -315,6 +320,8 @@ pub struct Config {
     pub window_budget: u64,
     /// See [`Args::tcp_keepalive`].
     pub tcp_keepalive: Option<proxy_common::net::Keepalive>,
+    /// See [`Args::shards`]; the default resolved to the CPU count.
+    pub shards: usize,
 }
 
 fn invalid(flag: &'static str, reason: impl Into<String>) -> ConfigError {
@@ -395,6 +402,10 @@ impl Config {
             warmup: bounded("warmup", args.warmup)?,
             window_budget: args.window_budget,
             tcp_keepalive: args.tcp_keepalive.0,
+            shards: args.shards.map_or_else(
+                || std::thread::available_parallelism().map_or(1, std::num::NonZero::get),
+                usize::from,
+            ),
             server_id: args
                 .server_id
                 .clone()

@@ -71,6 +71,16 @@ struct Admission {
 /// A client's connection over TLS.
 type FrontendTls = tokio_rustls::server::TlsStream<proxy_common::readahead::ReadAhead<TcpStream>>;
 
+/// A client whose request was read and authorized, and the agent picked for it.
+struct Admitted {
+    /// What the client sent after its head: forwarded first.
+    early: BytesMut,
+    cluster: String,
+    agent: Arc<crate::registry::AgentHandle>,
+    /// When its request began (after TLS).
+    started: Instant,
+}
+
 /// A client whose tunnel is open (`200` sent): what carrying it needs.
 struct Opened<S> {
     client: S,
@@ -149,8 +159,6 @@ fn spawn_client(
     close: &CancellationToken,
     tracker: &TaskTracker,
 ) {
-    let frontend = frontend.clone();
-    let cancel = close.child_token();
     let span = tracing::info_span!(
         "connect",
         client.addr = %addr,
@@ -162,45 +170,101 @@ fn spawn_client(
         ticket,
         deadline: tokio::time::Instant::now() + frontend.limits.handshake_timeout,
     };
-    tracker.spawn(
-        async move {
-            tokio::select! {
-                () = handle(&frontend, stream, admission) => {}
-                () = cancel.cancelled() => {}
-            }
-        }
-        .instrument(span),
-    );
+    let client = Client {
+        frontend: frontend.clone(),
+        cancel: close.child_token(),
+        tracker: tracker.clone(),
+    };
+    tracker.spawn(client.handle(stream, admission).instrument(span));
 }
 
-/// One client, in its own task: TLS (when configured) under the admission deadline, the
-/// tunnel opened, then carried until both sides are done.
-///
-/// The task itself stays small: opening and carrying each run boxed, and only a pointer lives
-/// in the task. A future is as large as its largest state, so without the boxes a tunneled
-/// connection idling for hours would keep room for its TLS handshake, head and dial steps too
-/// (measured: 10 of an idle connection's 16 KiB on the server).
-async fn handle(frontend: &Frontend, tcp: TcpStream, admission: Admission) {
-    if let Err(err) = proxy_common::net::configure(&tcp, frontend.keepalive) {
-        tracing::debug!(%err, "cannot set socket options");
-    }
-    // Each box is made in its own statement: a temporary lives to the end of its statement,
-    // so `Box::pin(future).await` in one would keep room for the unboxed future in this one.
-    match &frontend.tls {
-        None => {
-            let open = Box::pin(frontend.open(tcp, None, admission));
-            let Some(opened) = open.await else { return };
-            let carry = Box::pin(frontend.carry(opened));
-            carry.await;
+/// What a client's task needs to go on elsewhere: on its agent's shard.
+struct Client {
+    frontend: Arc<Frontend>,
+    /// Ends the connection (the server closes).
+    cancel: CancellationToken,
+    /// Where the connection is tracked, on whichever thread it runs.
+    tracker: TaskTracker,
+}
+
+impl Client {
+    /// One client, in its own task: TLS (when configured) under the admission deadline, the
+    /// request admitted, then on its agent's shard (see [`crate::shards`]) the tunnel opened and
+    /// carried until both sides are done.
+    ///
+    /// The task itself stays small: each step runs boxed, and only a pointer lives in the task.
+    /// A future is as large as its largest state, so without the boxes a tunneled connection
+    /// idling for hours would keep room for its TLS handshake, head and dial steps too
+    /// (measured: 10 of an idle connection's 16 KiB on the server).
+    async fn handle(self, mut tcp: TcpStream, admission: Admission) {
+        if let Err(err) = proxy_common::net::configure(&tcp, self.frontend.keepalive) {
+            tracing::debug!(%err, "cannot set socket options");
         }
-        Some(tls) => {
-            let open = Box::pin(async {
-                let (stream, cn) = frontend.handshake(tls, tcp, &admission).await?;
-                frontend.open(stream, cn, admission).await
-            });
+        // Each box is made in its own statement: a temporary lives to the end of its
+        // statement, so `Box::pin(future).await` in one would keep room for the unboxed future
+        // in this one.
+        match self.frontend.tls.clone() {
+            None => {
+                let admit = Box::pin(self.frontend.admit(&mut tcp, None, admission));
+                let Some(admitted) = self.until_closed(admit).await.flatten() else {
+                    return;
+                };
+                match admitted.agent.home().cloned() {
+                    // The socket moves too: its readiness then wakes the shard's thread.
+                    Some(home) if !home.is_current() => {
+                        let tracker = self.tracker.clone();
+                        let span = tracing::Span::current();
+                        home.spawn_moved(&tracker, tcp, move |tcp| {
+                            self.tunnel(tcp, admitted).instrument(span)
+                        });
+                    }
+                    _ => self.tunnel(tcp, admitted).await,
+                }
+            }
+            Some(tls) => {
+                let admit = Box::pin(async {
+                    let (mut stream, cn) = self.frontend.handshake(&tls, tcp, &admission).await?;
+                    let admitted = self.frontend.admit(&mut stream, cn, admission).await?;
+                    Some((stream, admitted))
+                });
+                let Some((stream, admitted)) = self.until_closed(admit).await.flatten() else {
+                    return;
+                };
+                match admitted.agent.home().cloned() {
+                    // The TLS stream keeps its socket in this runtime's reactor (rustls' state
+                    // cannot be taken apart and rebuilt), so only the client's reads wake this
+                    // thread first; the agent's side is all on the shard.
+                    Some(home) if !home.is_current() => {
+                        let tracker = self.tracker.clone();
+                        let span = tracing::Span::current();
+                        home.spawn(&tracker, self.tunnel(stream, admitted).instrument(span));
+                    }
+                    _ => self.tunnel(stream, admitted).await,
+                }
+            }
+        }
+    }
+
+    /// Opens the tunnel of an admitted client and carries it, until it ends or the server
+    /// closes.
+    async fn tunnel<S>(self, client: S, admitted: Admitted)
+    where
+        S: AsyncRead + AsyncWrite + Abort + Unpin + Send + 'static,
+    {
+        let work = async {
+            let open = Box::pin(self.frontend.connect(client, admitted));
             let Some(opened) = open.await else { return };
-            let carry = Box::pin(frontend.carry(opened));
+            let carry = Box::pin(self.frontend.carry(opened));
             carry.await;
+        };
+        self.until_closed(work).await;
+    }
+
+    /// `work`, unless the server closes first (`None`).
+    async fn until_closed<T>(&self, work: impl std::future::Future<Output = T>) -> Option<T> {
+        tokio::select! {
+            out = work => Some(out),
+            () = self.cancel.cancelled() => None,
         }
     }
 }
@@ -269,21 +333,21 @@ impl Frontend {
         }
     }
 
-    /// Reads the client's head, the cluster it names and who it is, dials, and answers `200`.
-    /// Each step that ends the connection counts and logs its outcome once. `None`: the
-    /// connection ended.
-    async fn open<S>(
+    /// Reads the client's head, the cluster it names and who it is, and picks an agent of the
+    /// cluster (waiting for one, see `--agent-wait`). Each step that ends the connection counts
+    /// and logs its outcome once. `None`: the connection ended.
+    async fn admit<S>(
         &self,
-        mut client: S,
+        client: &mut S,
         cert_cn: Option<String>,
         admission: Admission,
-    ) -> Option<Opened<S>>
+    ) -> Option<Admitted>
     where
-        S: AsyncRead + AsyncWrite + Abort + Unpin + Send + 'static,
+        S: AsyncRead + AsyncWrite + Unpin,
     {
         // After the TLS handshake, as the tunnel's open time counts from the request.
         let started = Instant::now();
-        let req = match self.read_head(&mut client, admission).await {
+        let req = match self.read_head(client, admission).await {
             Ok(Some(req)) => req,
             Ok(None) => return None,
             Err(refusal) => {
@@ -308,19 +372,52 @@ impl Frontend {
         tracing::Span::current().record("identity", identity.as_str());
         let mut early = BytesMut::from(&req.leftover[..]);
         drop(req);
-        let dialed = match self
-            .dial_watching(&mut client, &mut early, &cluster, label)
-            .await
-        {
-            Some(Ok(dialed)) => dialed,
-            Some(Err(refusal)) => {
-                // Read again, not reused: the dial may have waited for the cluster's first
-                // agent, or seen its last one leave.
+        let picked = self
+            .watching(client, &mut early, label, self.pick_agent(&cluster))
+            .await?;
+        match picked {
+            Ok(agent) => Some(Admitted {
+                early,
+                cluster,
+                agent,
+                started,
+            }),
+            Err(refusal) => {
+                // Read again, not reused: the pick may have waited for the cluster's first
+                // agent.
+                self.refuse(client, self.metric_label(&cluster), refusal)
+                    .await;
+                None
+            }
+        }
+    }
+
+    /// Has the admitted client's agent dial (or hand over a warm stream), and answers `200`.
+    /// `None`: the connection ended (counted and logged).
+    async fn connect<S>(&self, mut client: S, admitted: Admitted) -> Option<Opened<S>>
+    where
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
+        let Admitted {
+            mut early,
+            cluster,
+            agent,
+            started,
+        } = admitted;
+        let label = self.metric_label(&cluster);
+        let dial = self.dial(agent, &cluster);
+        let dialed = match self.watching(&mut client, &mut early, label, dial).await? {
+            Ok(dialed) => dialed,
+            Err(refusal) => {
+                if matches!(refusal.outcome, Outcome::DialFailed | Outcome::DialTimeout) {
+                    self.clusters.record_dial(&cluster, Err(&refusal.reason));
+                }
+                // Read again, not reused: the dial may have seen the cluster's last agent
+                // leave.
                 self.refuse(client, self.metric_label(&cluster), refusal)
                     .await;
                 return None;
             }
-            None => return None,
         };
         let connect_time = started.elapsed();
         self.reply_established(&mut client, &cluster, dialed.warm, connect_time)
@@ -401,18 +498,19 @@ impl Frontend {
         }
     }
 
-    /// Dials for `cluster` while watching the client: one that leaves cancels the dial (here,
-    /// and at the agent), so no upstream connection is made for a client that is gone. What it
-    /// sends meanwhile is kept in `early`. `None`: it left (counted under `label`, and logged).
-    async fn dial_watching<S: AsyncRead + Unpin>(
+    /// Runs `step` (the agent's pick, or its dial) while watching the client: one that leaves
+    /// cancels the step (a dial here and at the agent), so no upstream connection is made for a
+    /// client that is gone. What it sends meanwhile is kept in `early`. `None`: it left
+    /// (counted under `label`, and logged).
+    async fn watching<S: AsyncRead + Unpin, T>(
         &self,
         client: &mut S,
         early: &mut BytesMut,
-        cluster: &str,
         label: &str,
-    ) -> Option<Result<Dialed, Refusal>> {
-        let dialed = tokio::select! {
-            dialed = self.dial(cluster) => dialed,
+        step: impl std::future::Future<Output = T>,
+    ) -> Option<T> {
+        tokio::select! {
+            done = step => Some(done),
             left = client_left(client, early) => {
                 self.metrics.count(label, Outcome::ClientLeft);
                 let how = left.map_or_else(|err| err.to_string(), |()| "closed".to_owned());
@@ -421,15 +519,9 @@ impl Frontend {
                     how,
                     "client left while its dial was under way: dial cancelled"
                 );
-                return None;
+                None
             }
-        };
-        if let Err(refusal) = &dialed
-            && matches!(refusal.outcome, Outcome::DialFailed | Outcome::DialTimeout)
-        {
-            self.clusters.record_dial(cluster, Err(&refusal.reason));
         }
-        Some(dialed)
     }
 
     /// Tells the client its tunnel is open, and counts the connection: only once the `200` is

@@ -16,6 +16,7 @@ pub mod kubeconfig_command;
 pub mod listener;
 pub mod metrics;
 pub mod registry;
+pub mod shards;
 pub mod status;
 pub mod tunnel;
 pub mod warm;
@@ -60,6 +61,9 @@ pub enum ServerError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    /// Starting the shard threads failed.
+    #[error("cannot start the shard threads")]
+    Shards(#[source] std::io::Error),
     /// Installing the SIGHUP handler failed.
     #[error("cannot install the SIGHUP handler")]
     Signal(#[source] std::io::Error),
@@ -217,6 +221,8 @@ pub async fn run(
         tasks: TaskTracker::new(),
     };
     let core = build_core(&config, &life).await?;
+    // Stopped after the drain, when the last clone goes.
+    let shards = Arc::new(shards::Shards::start(config.shards).map_err(ServerError::Shards)?);
     // Cancelled when a listener stops before shutdown: readiness fails at once.
     let listener_lost = CancellationToken::new();
     let status = Arc::new(status::Status {
@@ -254,6 +260,7 @@ pub async fn run(
             clusters,
             fleet,
             &metrics,
+            shards.clone(),
         ))),
     };
     tracing::info!(server.id = %config.server_id, "proxy-server started");
@@ -264,6 +271,8 @@ pub async fn run(
         life.shutdown.cancel();
     }
     let result = drain(&config, &life, tasks).await;
+    // Only now: what runs on the shards has ended (or had its grace).
+    drop(shards);
     tracing::info!("proxy-server stopped");
     failure.map_or(result, Err)
 }
@@ -394,6 +403,7 @@ fn serve_agents(
     clusters: Arc<registry::Clusters>,
     fleet: Arc<fleet::Fleet>,
     metrics: &Arc<metrics::Metrics>,
+    shards: Arc<shards::Shards>,
 ) -> impl std::future::Future<Output = ()> + use<> {
     let service = Arc::new(tunnel::TunnelService::new(
         clusters,
@@ -416,6 +426,7 @@ fn serve_agents(
             gate: proxy_common::gate::Gate::new(config.limits.max_handshakes),
             limited,
             tasks: life.tasks.clone(),
+            shards,
         },
         life.shutdown.clone(),
         life.close.clone(),

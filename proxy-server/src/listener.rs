@@ -42,6 +42,8 @@ pub struct AgentIo {
     pub tls: Box<TlsStream<ReadAhead<TcpStream>>>,
     /// Who is on it.
     pub conn: AgentConn,
+    /// The shard it runs on (`None` without shards: the main runtime).
+    pub lease: Option<crate::shards::Lease>,
 }
 
 /// Accepts agents on `listener` until `shutdown`; yields their verified TLS connections.
@@ -68,6 +70,8 @@ pub struct AgentListener<L> {
     pub limited: L,
     /// Where the accept loop and each handshake run, so shutdown can wait for them.
     pub tasks: TaskTracker,
+    /// Where each connection lives from its handshake on.
+    pub shards: Arc<crate::shards::Shards>,
 }
 
 /// At most `gate`'s cap of handshakes run at once (see [`proxy_common::gate`]); `limited` is
@@ -88,6 +92,7 @@ where
         gate,
         limited,
         tasks,
+        shards,
     } = agents;
     let (tx, rx) = mpsc::channel(ACCEPTED_QUEUE);
     let next_id = Arc::new(AtomicU64::new(1));
@@ -116,12 +121,14 @@ where
             let id = next_id.fetch_add(1, Ordering::Relaxed);
             let shutdown = shutdown.clone();
             let limited = limited.clone();
-            handshakes.spawn(async move {
+            let lease = shards.assign();
+            let shard = lease.as_ref().map(|lease| lease.shard().clone());
+            let handshake = move |tcp: TcpStream| async move {
                 let handshake = tokio::time::timeout(
                     handshake_timeout,
                     handshake(acceptor, tcp, addr, id, keepalive),
                 );
-                let io = tokio::select! {
+                let mut io = tokio::select! {
                     () = shutdown.cancelled() => return,
                     () = ticket.evicted().cancelled() => {
                         tracing::debug!(agent.addr = %addr, "closed in its TLS handshake: the handshake gate was full (see --max-handshakes)");
@@ -140,8 +147,13 @@ where
                     },
                 };
                 drop(ticket);
+                io.lease = lease;
                 let _ = tx.send(io).await;
-            });
+            };
+            match shard {
+                Some(shard) => shard.spawn_moved(&handshakes, tcp, handshake),
+                None => drop(handshakes.spawn(handshake(tcp))),
+            }
         }
         // New agents are refused from here on (the listener is closed).
         drop(listener);
@@ -175,5 +187,6 @@ async fn handshake(
     Ok(AgentIo {
         tls: Box::new(tls),
         conn: AgentConn { id, addr, cn },
+        lease: None,
     })
 }

@@ -30,11 +30,14 @@ pub(super) struct Dialed {
 }
 
 impl Frontend {
-    /// Finds an agent for `cluster`, takes a connection slot, and has the agent dial its
+    /// Takes a connection slot for `cluster`, and has `agent` (picked for it) dial its
     /// upstream (or hands over one of its warm streams). The slot is taken only once the cluster
     /// is known to be registered, so metric labels never carry a name a client made up.
-    pub(super) async fn dial(&self, cluster: &str) -> Result<Dialed, Refusal> {
-        let agent = self.pick_agent(cluster).await?;
+    pub(super) async fn dial(
+        &self,
+        agent: Arc<AgentHandle>,
+        cluster: &str,
+    ) -> Result<Dialed, Refusal> {
         let slot = self.clusters.open_connection(cluster).map_err(limited)?;
         // A warm stream, if the agent has one ready: its upstream connection is already made.
         // Not from a draining agent (its pool is closed): that one still serves dials.
@@ -57,7 +60,7 @@ impl Frontend {
 
     /// An agent of `cluster` that answers the server, waited for (see `--agent-wait`) while
     /// none is connected.
-    async fn pick_agent(&self, cluster: &str) -> Result<Arc<AgentHandle>, Refusal> {
+    pub(super) async fn pick_agent(&self, cluster: &str) -> Result<Arc<AgentHandle>, Refusal> {
         let arriving = self.fleet.warmup_left().is_some();
         let wait = self
             .clusters

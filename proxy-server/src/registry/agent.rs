@@ -80,6 +80,8 @@ pub struct AgentHandle {
     pub(super) warm: crate::warm::WarmPool,
     /// When the ping now waiting for its pong was sent, if one is.
     ping_sent: std::sync::Mutex<Option<Instant>>,
+    /// The shard its connection runs on, where the CONNECTs it carries run too.
+    home: Option<crate::shards::Shard>,
 }
 
 /// The agent's control stream is gone.
@@ -89,7 +91,7 @@ pub struct AgentGone;
 
 impl AgentHandle {
     /// A handle sending control messages on `control`; `closed` is cancelled when the agent
-    /// leaves. The connections it carries grow their windows out of `budget`.
+    /// leaves. Made on the agent's shard (see [`Self::home`]). The connections it carries grow their windows out of `budget`.
     pub fn new(
         info: AgentInfo,
         control: ControlQueue,
@@ -106,7 +108,14 @@ impl AgentHandle {
             became_unresponsive: tokio::sync::Notify::new(),
             warm: crate::warm::WarmPool::default(),
             ping_sent: std::sync::Mutex::new(None),
+            home: crate::shards::Shard::current(),
         }
+    }
+
+    /// The shard the agent's connection runs on (`None` without shards). Registered from its
+    /// control stream's task, which runs there.
+    pub fn home(&self) -> Option<&crate::shards::Shard> {
+        self.home.as_ref()
     }
 
     /// The flow-control budget of this agent's connection.

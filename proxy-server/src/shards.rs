@@ -1,0 +1,252 @@
+//! Shards: threads that each run a single-threaded runtime, where agent connections live together
+//! with the CONNECTs they carry.
+//!
+//! Why: a tunneled connection's work passes between three tasks on the server (the client's, the
+//! agent connection's, and for a dial the control stream's). On a work-stealing runtime each
+//! wake-up may land on another thread, and a thread hand-off (futex, context switch) costs more
+//! than the work it hands over: a single-worker server set up new connections 50 % faster than the
+//! default one (BENCHMARKS.md, session 18). An agent's HTTP/2 connection is one task, so its
+//! traffic is bound to one thread at a time anyway; keeping the CONNECTs it carries on the same
+//! thread costs no parallelism it had, and many agents spread over all shards. The one hand-off
+//! left is the CONNECT's, once, when its request head names the cluster (see
+//! [`Shard::spawn_moved`]).
+//!
+//! Agents are assigned to the shard with the fewest agents at their TCP accept; the TLS handshake
+//! already runs there.
+
+use std::cell::RefCell;
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use tokio::runtime::Handle;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// The shard threads. Dropping it stops them; tasks still on them are dropped there.
+#[derive(Debug)]
+pub struct Shards {
+    shards: Box<[Shard]>,
+    stop: CancellationToken,
+}
+
+/// One shard: its runtime, and how many agents live on it. A pointer: every registered agent
+/// keeps its shard.
+#[derive(Debug, Clone)]
+pub struct Shard(Arc<ShardInner>);
+
+#[derive(Debug)]
+struct ShardInner {
+    index: usize,
+    handle: Handle,
+    agents: AtomicUsize,
+}
+
+/// An agent connection's place on a shard: counted there until dropped.
+#[derive(Debug)]
+pub struct Lease {
+    shard: Shard,
+}
+
+thread_local! {
+    /// The shard this thread runs, on shard threads.
+    static CURRENT: RefCell<Option<Shard>> = const { RefCell::new(None) };
+}
+
+impl Shards {
+    /// Starts `count` shard threads; none (`count` 0) keeps everything on the caller's runtime.
+    pub fn start(count: usize) -> std::io::Result<Self> {
+        let stop = CancellationToken::new();
+        let mut shards = Vec::with_capacity(count);
+        for index in 0..count {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let shard = Shard(Arc::new(ShardInner {
+                index,
+                handle: runtime.handle().clone(),
+                agents: AtomicUsize::new(0),
+            }));
+            let (me, stop) = (shard.clone(), stop.clone());
+            std::thread::Builder::new()
+                .name(format!("proxy-shard-{index}"))
+                .spawn(move || {
+                    CURRENT.with(|current| *current.borrow_mut() = Some(me));
+                    runtime.block_on(stop.cancelled());
+                    // What is still there (only after the server's own drain) is dropped here.
+                    drop(runtime);
+                    CURRENT.with(|current| current.borrow_mut().take());
+                })?;
+            shards.push(shard);
+        }
+        Ok(Self {
+            shards: shards.into(),
+            stop,
+        })
+    }
+
+    /// A place for a new agent connection: the shard with the fewest agents. `None` without
+    /// shards.
+    pub fn assign(&self) -> Option<Lease> {
+        let shard = self
+            .shards
+            .iter()
+            .min_by_key(|s| s.0.agents.load(Ordering::Relaxed))?;
+        shard.0.agents.fetch_add(1, Ordering::Relaxed);
+        Some(Lease {
+            shard: shard.clone(),
+        })
+    }
+
+    /// How many shards there are.
+    pub fn len(&self) -> usize {
+        self.shards.len()
+    }
+
+    /// Whether there are none (everything runs on the main runtime).
+    pub fn is_empty(&self) -> bool {
+        self.shards.is_empty()
+    }
+}
+
+impl Drop for Shards {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+impl Shard {
+    /// The shard the calling thread runs, if it is a shard thread.
+    pub fn current() -> Option<Shard> {
+        CURRENT.with(|current| current.borrow().clone())
+    }
+
+    /// Whether the calling thread is this shard's.
+    pub fn is_current(&self) -> bool {
+        CURRENT.with(|current| {
+            current
+                .borrow()
+                .as_ref()
+                .is_some_and(|c| Arc::ptr_eq(&c.0, &self.0))
+        })
+    }
+
+    /// Runs `task` on this shard, tracked by `tracker`.
+    pub fn spawn<F>(&self, tracker: &TaskTracker, task: F)
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        drop(tracker.spawn_on(task, &self.0.handle));
+    }
+
+    /// Moves `socket` to this shard and runs `task` with it there, tracked by `tracker`. The
+    /// socket is taken out of the calling runtime's reactor and registered with the shard's, so
+    /// its readiness wakes the shard's thread and no other. If it cannot be moved, `task` never
+    /// runs and the socket closes (logged).
+    pub fn spawn_moved<F, Fut>(&self, tracker: &TaskTracker, socket: tokio::net::TcpStream, task: F)
+    where
+        F: FnOnce(tokio::net::TcpStream) -> Fut + Send + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let socket = match socket.into_std() {
+            Ok(socket) => socket,
+            Err(err) => {
+                tracing::warn!(%err, "cannot move a connection to its shard");
+                return;
+            }
+        };
+        self.spawn(tracker, async move {
+            match tokio::net::TcpStream::from_std(socket) {
+                Ok(socket) => task(socket).await,
+                Err(err) => tracing::warn!(%err, "cannot move a connection to its shard"),
+            }
+        });
+    }
+
+    /// Index among the shards (for logs).
+    pub fn index(&self) -> usize {
+        self.0.index
+    }
+}
+
+impl Lease {
+    /// The shard.
+    pub fn shard(&self) -> &Shard {
+        &self.shard
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.shard.0.agents.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn agents_go_to_the_least_loaded_shard_and_tasks_run_there() {
+        let shards = Shards::start(2).unwrap();
+        let a = shards.assign().unwrap();
+        let b = shards.assign().unwrap();
+        assert_ne!(a.shard().index(), b.shard().index());
+        let a_index = a.shard().index();
+        drop(a);
+        let c = shards.assign().unwrap();
+        assert_eq!(c.shard().index(), a_index, "the emptied shard is picked");
+        let tracker = TaskTracker::new();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let shard = c.shard().clone();
+        c.shard().spawn(&tracker, async move {
+            let _ = tx.send((shard.is_current(), Shard::current().map(|s| s.index())));
+        });
+        assert_eq!(rx.await.unwrap(), (true, Some(a_index)));
+        assert!(Shard::current().is_none(), "the test's thread is no shard");
+        tracker.close();
+        tracker.wait().await;
+    }
+
+    #[tokio::test]
+    async fn a_moved_socket_is_served_on_its_shard_with_nothing_lost() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let shards = Shards::start(1).unwrap();
+        let lease = shards.assign().unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut client = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (served, _) = listener.accept().await.unwrap();
+        // Sent before the move: still there after it.
+        client.write_all(b"ping").await.unwrap();
+        let tracker = TaskTracker::new();
+        let shard = lease.shard().clone();
+        lease
+            .shard()
+            .spawn_moved(&tracker, served, move |mut socket| async move {
+                assert!(shard.is_current());
+                let mut buf = [0; 4];
+                socket.read_exact(&mut buf).await.unwrap();
+                assert_eq!(&buf, b"ping");
+                socket.write_all(b"pong").await.unwrap();
+            });
+        let mut buf = [0; 4];
+        client.read_exact(&mut buf).await.unwrap();
+        assert_eq!(&buf, b"pong");
+        tracker.close();
+        tracker.wait().await;
+        assert_eq!(
+            client.read(&mut buf).await.unwrap(),
+            0,
+            "closed once its task ended"
+        );
+    }
+
+    #[test]
+    fn no_shards_assign_nothing() {
+        let shards = Shards::start(0).unwrap();
+        assert!(shards.is_empty());
+        assert!(shards.assign().is_none());
+    }
+}
