@@ -246,13 +246,13 @@ pub async fn run(
             admin,
             life.close.clone(),
         ))),
-        frontend: Some(tokio::spawn(frontend::serve(
+        frontend: Some(spawn_frontend(
+            &shards,
             listeners.frontend,
             Arc::new(frontend_of(&config, &clusters, &metrics, &fleet)),
             frontend_intake(&life, config.shutdown_delay),
-            life.close.clone(),
-            life.connections.clone(),
-        ))),
+            &life,
+        )?),
         grpc: Some(tokio::spawn(serve_agents(
             &config,
             listeners.agent,
@@ -275,6 +275,28 @@ pub async fn run(
     drop(shards);
     tracing::info!("proxy-server stopped");
     failure.map_or(result, Err)
+}
+
+/// Runs the CONNECT frontend: on the first shard when there are shards. Its clients' tasks
+/// start there, so a client whose agent lives there too (with one agent per server, every
+/// client) goes from accept to close on one thread; others move to their agent's shard once
+/// (see [`shards`]). Waking a sleeping thread costs more than the work it is handed: one
+/// hand-off per connection cost 65 µs of a new connection's 300 (BENCHMARKS.md, session 24).
+fn spawn_frontend(
+    shards: &shards::Shards,
+    listener: TcpListener,
+    frontend: Arc<frontend::Frontend>,
+    intake: CancellationToken,
+    life: &Lifecycle,
+) -> Result<JoinHandle<()>, ServerError> {
+    let (close, connections) = (life.close.clone(), life.connections.clone());
+    let serve = move |listener| frontend::serve(listener, frontend, intake, close, connections);
+    match shards.first() {
+        Some(shard) => shard
+            .spawn_listening(listener, serve)
+            .map_err(ServerError::Shards),
+        None => Ok(tokio::spawn(serve(listener))),
+    }
 }
 
 /// The token that closes the frontend listener: `--shutdown-delay` after shutdown begins.

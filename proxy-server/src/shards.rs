@@ -98,6 +98,11 @@ impl Shards {
         })
     }
 
+    /// The shard the CONNECT listener accepts on (see [`Shard::spawn_listening`]).
+    pub fn first(&self) -> Option<&Shard> {
+        self.shards.first()
+    }
+
     /// How many shards there are.
     pub fn len(&self) -> usize {
         self.shards.len()
@@ -161,6 +166,28 @@ impl Shard {
                 Err(err) => tracing::warn!(%err, "cannot move a connection to its shard"),
             }
         });
+    }
+
+    /// Moves `listener` to this shard and runs `serve` with it there. Its accepted sockets are
+    /// then in the shard's reactor from the start, and the tasks `serve` spawns run here: a
+    /// client whose agent lives on this shard is served by one thread from accept to close.
+    pub fn spawn_listening<F, Fut>(
+        &self,
+        listener: tokio::net::TcpListener,
+        serve: F,
+    ) -> std::io::Result<tokio::task::JoinHandle<()>>
+    where
+        F: FnOnce(tokio::net::TcpListener) -> Fut + Send + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let listener = listener.into_std()?;
+        Ok(self.0.handle.spawn(async move {
+            match tokio::net::TcpListener::from_std(listener) {
+                Ok(listener) => serve(listener).await,
+                // The listener task ends: the server stops, saying which listener stopped.
+                Err(err) => tracing::error!(%err, "cannot move a listener to its shard"),
+            }
+        }))
     }
 
     /// Index among the shards (for logs).
