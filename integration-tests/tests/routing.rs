@@ -12,6 +12,40 @@ fn refused(reply: ConnectReply) -> (u16, String) {
     }
 }
 
+/// With agents on every shard and CONNECTs accepted on the first, a client moves to its agent's
+/// shard once its head names the cluster; with `--shards 0` everything stays on the worker
+/// threads. Either way every cluster answers with its own API server, under concurrent clients.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_reach_agents_on_every_shard_and_without_shards() {
+    let clusters = ["alpha", "beta", "gamma"];
+    for shards in ["3", "0"] {
+        let bed = Testbed::builder(&clusters)
+            .server_args(&["--shards", shards])
+            .member("alpha")
+            .member("beta")
+            .member("gamma")
+            .start()
+            .await;
+        let gets = clusters.iter().cycle().take(30).map(|cluster| {
+            let bed = &bed;
+            async move {
+                let got = get_via_proxy(bed.frontend(), bed.pki(), cluster, "/version").await;
+                (*cluster, got)
+            }
+        });
+        for (cluster, got) in futures_util::future::join_all(gets).await {
+            let (status, body) =
+                got.unwrap_or_else(|err| panic!("{cluster}, --shards {shards}: {err:#}"));
+            let body = String::from_utf8_lossy(&body);
+            assert_eq!(status, 200, "{cluster}, --shards {shards}: {body}");
+            assert!(
+                body.contains(&format!("+{cluster}")),
+                "{cluster} answered {body}"
+            );
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_cluster_reaches_its_own_api_server_and_never_the_other() {
     let bed = Testbed::builder(&["alpha", "beta"])
