@@ -195,7 +195,9 @@ impl Client {
     /// The task itself stays small: each step runs boxed, and only a pointer lives in the task.
     /// A future is as large as its largest state, so without the boxes a tunneled connection
     /// idling for hours would keep room for its TLS handshake, head and dial steps too
-    /// (measured: 10 of an idle connection's 16 KiB on the server).
+    /// (measured: 10 of an idle connection's 16 KiB on the server). The tunnel step is boxed
+    /// too: inline, the TLS arm's stream (rustls' state, over 4 KB) would size the task of
+    /// every plain client as well (measured: 9.9 instead of 5.4 KiB per idle connection).
     async fn handle(self, mut tcp: TcpStream, admission: Admission) {
         if let Err(err) = proxy_common::net::configure(&tcp, self.frontend.keepalive) {
             tracing::debug!(%err, "cannot set socket options");
@@ -218,7 +220,10 @@ impl Client {
                             self.tunnel(tcp, admitted).instrument(span)
                         });
                     }
-                    _ => self.tunnel(tcp, admitted).await,
+                    _ => {
+                        let tunnel = Box::pin(self.tunnel(tcp, admitted));
+                        tunnel.await;
+                    }
                 }
             }
             Some(tls) => {
@@ -239,7 +244,10 @@ impl Client {
                         let span = tracing::Span::current();
                         home.spawn(&tracker, self.tunnel(stream, admitted).instrument(span));
                     }
-                    _ => self.tunnel(stream, admitted).await,
+                    _ => {
+                        let tunnel = Box::pin(self.tunnel(stream, admitted));
+                        tunnel.await;
+                    }
                 }
             }
         }

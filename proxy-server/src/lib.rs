@@ -277,7 +277,8 @@ pub async fn run(
     failure.map_or(result, Err)
 }
 
-/// Runs the CONNECT frontend: on the first shard when there are shards. Its clients' tasks
+/// Runs the CONNECT frontend: on the first shard when there are shards and the frontend has no
+/// TLS. Its clients' tasks
 /// start there, so a client whose agent lives there too (with one agent per server, every
 /// client) goes from accept to close on one thread; others move to their agent's shard once
 /// (see [`shards`]). Waking a sleeping thread costs more than the work it is handed: one
@@ -290,8 +291,11 @@ fn spawn_frontend(
     life: &Lifecycle,
 ) -> Result<JoinHandle<()>, ServerError> {
     let (close, connections) = (life.close.clone(), life.connections.clone());
+    // TLS handshakes stay on the worker threads, where they run in parallel: on one shard a
+    // storm of them would queue on one core (and a TLS stream cannot move anyway).
+    let tls = frontend.tls.is_some();
     let serve = move |listener| frontend::serve(listener, frontend, intake, close, connections);
-    match shards.first() {
+    match shards.first().filter(|_| !tls) {
         Some(shard) => shard
             .spawn_listening(listener, serve)
             .map_err(ServerError::Shards),
