@@ -268,9 +268,12 @@ impl Client {
         self.until_closed(work).await;
     }
 
-    /// `work`, unless the server closes first (`None`).
+    /// `work`, unless the server closes first (`None`). The work is polled first: at close the
+    /// agent's tokens fire with the server's, and a tunnel that ends of them then still logs
+    /// and counts its end; work that does not end at once is dropped.
     async fn until_closed<T>(&self, work: impl std::future::Future<Output = T>) -> Option<T> {
         tokio::select! {
+            biased;
             out = work => Some(out),
             () = self.cancel.cancelled() => None,
         }

@@ -23,10 +23,11 @@ use tokio::runtime::Handle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-/// The shard threads. Dropping it stops them; tasks still on them are dropped there.
+/// The shard threads. Dropping it tells them to stop (it does not wait); tasks still on them
+/// are dropped there.
 #[derive(Debug)]
 pub struct Shards {
-    shards: Box<[Shard]>,
+    shards: Vec<Shard>,
     stop: CancellationToken,
 }
 
@@ -55,34 +56,17 @@ thread_local! {
 
 impl Shards {
     /// Starts `count` shard threads; none (`count` 0) keeps everything on the caller's runtime.
+    /// If one cannot start, those already started stop again (see [`Drop`]).
     pub fn start(count: usize) -> std::io::Result<Self> {
-        let stop = CancellationToken::new();
-        let mut shards = Vec::with_capacity(count);
+        let mut started = Self {
+            shards: Vec::with_capacity(count),
+            stop: CancellationToken::new(),
+        };
         for index in 0..count {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
-            let shard = Shard(Arc::new(ShardInner {
-                index,
-                handle: runtime.handle().clone(),
-                agents: AtomicUsize::new(0),
-            }));
-            let (me, stop) = (shard.clone(), stop.clone());
-            std::thread::Builder::new()
-                .name(format!("proxy-shard-{index}"))
-                .spawn(move || {
-                    CURRENT.with(|current| *current.borrow_mut() = Some(me));
-                    runtime.block_on(stop.cancelled());
-                    // What is still there (only after the server's own drain) is dropped here.
-                    drop(runtime);
-                    CURRENT.with(|current| current.borrow_mut().take());
-                })?;
-            shards.push(shard);
+            let shard = start_one(index, started.stop.clone())?;
+            started.shards.push(shard);
         }
-        Ok(Self {
-            shards: shards.into(),
-            stop,
-        })
+        Ok(started)
     }
 
     /// A place for a new agent connection: the shard with the fewest agents. `None` without
@@ -118,6 +102,43 @@ impl Drop for Shards {
     fn drop(&mut self) {
         self.stop.cancel();
     }
+}
+
+/// Starts shard `index`'s thread and waits for its runtime. The runtime is built and dropped on
+/// that thread: built on the caller's, it would be dropped there if the thread could not start,
+/// and dropping a runtime on a thread that runs async code (the server's `run`) panics.
+fn start_one(index: usize, stop: CancellationToken) -> std::io::Result<Shard> {
+    let (started, runtime_ready) = std::sync::mpsc::sync_channel(1);
+    std::thread::Builder::new()
+        .name(format!("proxy-shard-{index}"))
+        .spawn(move || {
+            let runtime = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(runtime) => runtime,
+                Err(err) => {
+                    let _ = started.send(Err(err));
+                    return;
+                }
+            };
+            let me = Shard(Arc::new(ShardInner {
+                index,
+                handle: runtime.handle().clone(),
+                agents: AtomicUsize::new(0),
+            }));
+            CURRENT.with(|current| *current.borrow_mut() = Some(me.clone()));
+            if started.send(Ok(me)).is_ok() {
+                runtime.block_on(stop.cancelled());
+            }
+            // What is still there (only after the server's own drain) is dropped here.
+            drop(runtime);
+            CURRENT.with(|current| current.borrow_mut().take());
+        })?;
+    // A short wait, once, at startup (building a runtime takes microseconds).
+    runtime_ready
+        .recv()
+        .map_err(|_| std::io::Error::other("shard thread ended before its runtime started"))?
 }
 
 impl Shard {

@@ -136,6 +136,10 @@ impl Clusters {
         wait: Duration,
         arriving: bool,
     ) -> Option<Arc<AgentHandle>> {
+        // Most CONNECTs find their agent at once, without the wait list's lock.
+        if let Some(agent) = self.pick(cluster) {
+            return Some(agent);
+        }
         let deadline = Instant::now() + wait;
         loop {
             // Register interest before looking, so a registration between the look and the
