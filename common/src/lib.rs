@@ -76,17 +76,24 @@ pub fn unix_now() -> i64 {
         .map_or(0, |d| d.as_secs() as i64)
 }
 
-/// The Tokio runtime of a binary: `workers` worker threads (`None`: one per CPU).
+/// The Tokio runtime of a binary: `workers` worker threads (`None`: one per CPU); `Some(1)` is a
+/// current-thread runtime, where every task and the I/O driver share the calling thread.
 ///
 /// Every hop of a tunneled byte (socket → pump → HTTP/2 → TLS) is a task wake-up; with more
 /// than one worker, a task woken on one thread also unparks an idle one to steal it, and on a
 /// busy host those futex wake-ups and context switches are most of the kernel time of a
-/// request. One worker does none of that (see README, "Threads").
+/// request. A multi-thread runtime of one worker still hands every task the main future
+/// spawns to that worker; a current-thread runtime hands nothing over (see README, "Threads").
 pub fn runtime(workers: Option<usize>) -> std::io::Result<tokio::runtime::Runtime> {
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    if let Some(n) = workers {
-        builder.worker_threads(n.max(1));
-    }
+    let mut builder = match workers {
+        Some(0 | 1) => tokio::runtime::Builder::new_current_thread(),
+        Some(n) => {
+            let mut builder = tokio::runtime::Builder::new_multi_thread();
+            builder.worker_threads(n);
+            builder
+        }
+        None => tokio::runtime::Builder::new_multi_thread(),
+    };
     builder.enable_all().build()
 }
 

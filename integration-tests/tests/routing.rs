@@ -14,16 +14,21 @@ fn refused(reply: ConnectReply) -> (u16, String) {
 
 /// With agents on every shard and CONNECTs accepted on the first, a client moves to its agent's
 /// shard once its head names the cluster; with `--shards 0` everything stays on the worker
-/// threads. Either way every cluster answers with its own API server, under concurrent clients.
+/// threads. Both binaries' thread models are covered: agents on one thread (their default) or on
+/// a pool, the server's worker threads a pool (its default) or one thread. Either way every
+/// cluster answers with its own API server, under concurrent clients.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clients_reach_agents_on_every_shard_and_without_shards() {
     let clusters = ["alpha", "beta", "gamma"];
-    for shards in ["3", "0"] {
+    for (shards, server_threads, agent_threads) in [("3", "2", "1"), ("0", "1", "3")] {
         let bed = Testbed::builder(&clusters)
-            .server_args(&["--shards", shards])
+            .server_args(&["--shards", shards, "--worker-threads", server_threads])
             .member("alpha")
+            .agent_args(&["--worker-threads", agent_threads])
             .member("beta")
+            .agent_args(&["--worker-threads", agent_threads])
             .member("gamma")
+            .agent_args(&["--worker-threads", agent_threads])
             .start()
             .await;
         let gets = clusters.iter().cycle().take(30).map(|cluster| {
@@ -34,10 +39,10 @@ async fn clients_reach_agents_on_every_shard_and_without_shards() {
             }
         });
         for (cluster, got) in futures_util::future::join_all(gets).await {
-            let (status, body) =
-                got.unwrap_or_else(|err| panic!("{cluster}, --shards {shards}: {err:#}"));
+            let case = format!("{cluster}, --shards {shards}, agent threads {agent_threads}");
+            let (status, body) = got.unwrap_or_else(|err| panic!("{case}: {err:#}"));
             let body = String::from_utf8_lossy(&body);
-            assert_eq!(status, 200, "{cluster}, --shards {shards}: {body}");
+            assert_eq!(status, 200, "{case}: {body}");
             assert!(
                 body.contains(&format!("+{cluster}")),
                 "{cluster} answered {body}"

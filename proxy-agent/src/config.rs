@@ -122,9 +122,10 @@ pub struct Args {
     /// Log format.
     #[arg(long, env = "PROXY_AGENT_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
-    /// Worker threads (default: one per CPU); see README, "Threads".
-    #[arg(long, env = "PROXY_AGENT_WORKER_THREADS", value_parser = clap::value_parser!(u16).range(1..=1024))]
-    pub worker_threads: Option<u16>,
+    /// Threads: 1 (the default) runs everything on one thread; more is a pool of that many
+    /// workers. See README, "Threads".
+    #[arg(long, env = "PROXY_AGENT_WORKER_THREADS", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub worker_threads: u16,
 }
 
 /// Why the flags do not make a usable configuration.

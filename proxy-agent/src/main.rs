@@ -17,7 +17,7 @@ fn main() -> anyhow::Result<()> {
     proxy_common::telemetry::init(args.log_format);
     proxy_common::net::raise_open_files_limit();
     let config = proxy_agent::Config::from_args(&args).context("invalid configuration")?;
-    proxy_common::runtime(args.worker_threads.map(usize::from))?.block_on(async {
+    proxy_common::runtime(Some(args.worker_threads.into()))?.block_on(async {
         let admin = tokio::net::TcpListener::bind(config.admin_addr)
             .await
             .with_context(|| format!("cannot listen on {} (admin)", config.admin_addr))?;

@@ -193,8 +193,8 @@ pub struct Args {
     /// Log format.
     #[arg(long, env = "PROXY_SERVER_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
-    /// Worker threads (default: one per CPU). The server carries every cluster's traffic, so
-    /// it uses the cores it is given; see README, "Threads".
+    /// Worker threads (default: one per CPU; 1: one thread, no pool). The server carries every
+    /// cluster's traffic, so it uses the cores it is given; see README, "Threads".
     #[arg(long, env = "PROXY_SERVER_WORKER_THREADS", value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub worker_threads: Option<u16>,
     /// Shard threads for agent connections and the CONNECTs they carry (default: one per CPU;
