@@ -278,11 +278,11 @@ pub async fn run(
 }
 
 /// Runs the CONNECT frontend: on the first shard when there are shards and the frontend has no
-/// TLS. Its clients' tasks
-/// start there, so a client whose agent lives there too (with one agent per server, every
-/// client) goes from accept to close on one thread; others move to their agent's shard once
-/// (see [`shards`]). Waking a sleeping thread costs more than the work it is handed: one
-/// hand-off per connection cost 65 µs of a new connection's 300 (BENCHMARKS.md, session 24).
+/// TLS. Its clients' tasks start there, so a client whose agent lives there too (with one agent
+/// per server, every client) goes from accept to close on one thread; others move to their
+/// agent's shard once (see [`shards`]). Waking a sleeping thread costs more than the work it is
+/// handed: shards with the accept on the first one took a new connection, one at a time, from
+/// 327 to 250 µs (BENCHMARKS.md, "Shards").
 fn spawn_frontend(
     shards: &shards::Shards,
     listener: TcpListener,
