@@ -220,6 +220,9 @@ pub async fn run(
         connections: TaskTracker::new(),
         tasks: TaskTracker::new(),
     };
+    // Until every listener task runs, an error returns early: the watchers and tasks started
+    // so far then stop with it instead of running on without a server.
+    let stop_on_error = life.close.clone().drop_guard();
     let core = build_core(&config, &life).await?;
     // Stopped after the drain, when the last clone goes.
     let shards = Arc::new(shards::Shards::start(config.shards).map_err(ServerError::Shards)?);
@@ -263,6 +266,7 @@ pub async fn run(
             shards.clone(),
         ))),
     };
+    stop_on_error.disarm();
     tracing::info!(server.id = %config.server_id, "proxy-server started");
     let failure = until_stopped(&life, &mut tasks).await;
     if let Some(err) = &failure {

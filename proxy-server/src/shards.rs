@@ -168,23 +168,27 @@ impl Shard {
     /// Moves `socket` to this shard and runs `task` with it there, tracked by `tracker`. The
     /// socket is taken out of the calling runtime's reactor and registered with the shard's, so
     /// its readiness wakes the shard's thread and no other. If it cannot be moved, `task` never
-    /// runs and the socket closes (logged).
+    /// runs and the socket closes (logged in the caller's span, which names the connection).
     pub fn spawn_moved<F, Fut>(&self, tracker: &TaskTracker, socket: tokio::net::TcpStream, task: F)
     where
         F: FnOnce(tokio::net::TcpStream) -> Fut + Send + 'static,
         Fut: Future<Output = ()> + Send + 'static,
     {
+        let span = tracing::Span::current();
         let socket = match socket.into_std() {
             Ok(socket) => socket,
             Err(err) => {
-                tracing::warn!(%err, "cannot move a connection to its shard");
+                tracing::warn!(%err, shard = self.index(), "cannot move a connection to its shard");
                 return;
             }
         };
+        let shard = self.index();
         self.spawn(tracker, async move {
             match tokio::net::TcpStream::from_std(socket) {
                 Ok(socket) => task(socket).await,
-                Err(err) => tracing::warn!(%err, "cannot move a connection to its shard"),
+                Err(err) => span.in_scope(|| {
+                    tracing::warn!(%err, shard, "cannot move a connection to its shard");
+                }),
             }
         });
     }
