@@ -267,6 +267,7 @@ where
                 Grants {
                     tx: &tx,
                     window: &mut window,
+                    ends_first: role == Role::Agent,
                 }
             )
         )
@@ -314,6 +315,9 @@ where
 struct Grants<'a> {
     tx: &'a Outbound,
     window: &'a mut RecvWindow,
+    /// This side ends the stream first (the agent, see [`Role`]): once the receiving half is
+    /// done, the sending half may end the stream with its `fin`.
+    ends_first: bool,
 }
 
 async fn tunnel_to_socket<I, W>(
@@ -348,6 +352,12 @@ where
         }
         if current.is_none() && fin {
             writer.shutdown().await.map_err(PumpError::LocalWrite)?;
+            if grants.ends_first {
+                // Nothing more is received, so no credit is granted: our `fin`, when it comes,
+                // may end the stream in the same write (one TLS record and one wake-up of the
+                // peer fewer than ending it after the pump learns of the `fin`).
+                grants.tx.receiving_finished();
+            }
             break;
         }
         tokio::select! {

@@ -41,6 +41,7 @@ pub fn outbound() -> (Outbound, OutboundBody) {
             source: None,
             closing: false,
             body_gone: false,
+            end_with_fin: false,
             fin_sent: false,
             failure: None,
         }),
@@ -126,6 +127,8 @@ struct State {
     closing: bool,
     /// The pipe dropped the body (the stream ended or was reset).
     body_gone: bool,
+    /// The receiving half is done and this side ends the stream first: `fin` ends it at once.
+    end_with_fin: bool,
     fin_sent: bool,
     /// Why reading the socket failed.
     failure: Option<io::Error>,
@@ -206,6 +209,13 @@ impl Outbound {
             state.peer_limit = limit;
             state.wake();
         }
+    }
+
+    /// The receiving half is done (its bytes written, the socket's sending side shut) on the
+    /// side that ends the stream first: no credit will be granted any more, so the stream may
+    /// end with our `fin`, queued to h2 in the same poll, rather than when the pump lets go.
+    pub(super) fn receiving_finished(&self) {
+        self.shared.lock().end_with_fin = true;
     }
 
     /// Fires once the body will send nothing more of its own.
@@ -377,6 +387,9 @@ impl Stream for OutboundBody {
             match res {
                 Ok(()) if chunk.fin => {
                     state.fin_sent = true;
+                    // The next poll, which the pipe makes right after queuing this chunk, ends
+                    // the stream.
+                    state.closing |= state.end_with_fin;
                     this.shared.sending_done.cancel();
                 }
                 Ok(()) => {}

@@ -105,6 +105,25 @@ async fn eof_is_a_fin_and_completes_the_sending_half() {
     assert!(poll(&mut body).expect("ends at once").is_none());
 }
 
+/// On the side that ends the stream first, once nothing more is received no credit will be
+/// granted: the stream ends right after the fin, while the pump still holds its handle, so h2
+/// writes both in one flush.
+#[tokio::test]
+async fn after_the_receiving_half_is_done_the_fin_ends_the_stream() {
+    let (tx, mut body) = outbound();
+    let (client, slot) = socket();
+    tx.attach(slot, bytes::Bytes::new(), Arc::default());
+    tx.receiving_finished();
+    assert!(poll(&mut body).is_none(), "nothing to send before the fin");
+    drop(client);
+    assert!(ready(&mut body).fin);
+    assert!(
+        poll(&mut body).expect("ends at once").is_none(),
+        "the stream ends with the fin"
+    );
+    tx.sent().now_or_never().expect("done").unwrap();
+}
+
 #[tokio::test]
 async fn dropping_the_handle_sends_what_is_queued_then_ends_without_fin() {
     let (tx, mut body) = outbound();
