@@ -14,16 +14,62 @@ pub enum LogFormat {
     Json,
 }
 
+/// Most log lines held for a slow stderr before new ones are dropped (and counted): about 3 MB
+/// of typical lines.
+const BUFFERED_LINES: usize = 10_000;
+
+/// Counts the lines dropped because stderr was not read fast enough; set by [`init`].
+static DROPPED: std::sync::OnceLock<tracing_appender::non_blocking::ErrorCounter> =
+    std::sync::OnceLock::new();
+
 /// Installs the global subscriber. Logs go to stderr; stdout is kept for the machine-readable
 /// startup line the binaries print.
-pub fn init(format: LogFormat) {
+///
+/// Lines are written by a thread of their own (`proxy-log`), never by the threads that carry
+/// tunnels: a connection's close is logged at `info`, and a synchronous write to a stderr whose
+/// reader stalls (a log collector behind, a full pipe) would stop every tunnel on that thread.
+/// When [`BUFFERED_LINES`] are waiting, further lines are dropped and counted
+/// ([`DroppedLines`]). Keep the returned guard until exit: dropping it writes what is buffered.
+pub fn init(format: LogFormat) -> tracing_appender::non_blocking::WorkerGuard {
+    let ansi = std::io::stderr().is_terminal();
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(true)
+        .buffered_lines_limit(BUFFERED_LINES)
+        .thread_name("proxy-log")
+        .finish(std::io::stderr());
+    let _ = DROPPED.set(writer.error_counter());
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr);
+        .with_ansi(ansi)
+        .with_writer(writer);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+    guard
+}
+
+/// A Prometheus counter of the log lines dropped because stderr was not read fast enough (see
+/// [`init`]), under the name given (without `_total`).
+#[derive(Debug)]
+pub struct DroppedLines(pub &'static str);
+
+impl prometheus_client::collector::Collector for DroppedLines {
+    fn encode(
+        &self,
+        mut encoder: prometheus_client::encoding::DescriptorEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        use prometheus_client::encoding::EncodeMetric;
+        let dropped = DROPPED.get().map_or(0, |c| c.dropped_lines() as u64);
+        let counter = prometheus_client::metrics::counter::ConstCounter::new(dropped);
+        let metric = encoder.encode_descriptor(
+            self.0,
+            "Log lines dropped because stderr was not read fast enough (logging never blocks a \
+             tunnel: lines are written by a thread of their own)",
+            None,
+            counter.metric_type(),
+        )?;
+        counter.encode(metric)
     }
 }

@@ -50,6 +50,18 @@ impl Proc {
         log: PathBuf,
     ) -> anyhow::Result<(Self, String)> {
         let log_file = std::fs::File::create(&log)?;
+        Self::spawn_to(name, bin, args, log, Stdio::from(log_file)).await
+    }
+
+    /// Like [`Proc::spawn`], with stderr going to `stderr` (`log` is then only where
+    /// [`Proc::logs`] looks).
+    pub async fn spawn_to(
+        name: &str,
+        bin: &Path,
+        args: &[String],
+        log: PathBuf,
+        stderr: Stdio,
+    ) -> anyhow::Result<(Self, String)> {
         let mut child = Command::new(bin)
             .args(args)
             .env(
@@ -61,7 +73,7 @@ impl Proc {
             .env("RUST_LIB_BACKTRACE", "0")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(Stdio::from(log_file))
+            .stderr(stderr)
             .kill_on_drop(true)
             .spawn()
             .with_context(|| format!("starting {}", bin.display()))?;
@@ -158,6 +170,31 @@ impl ServerProc {
         extra: &[&str],
         wrap: impl FnOnce(&Path, &[String]) -> (PathBuf, Vec<String>),
     ) -> anyhow::Result<Self> {
+        Self::start_inner(pki, extra, wrap, None).await
+    }
+
+    /// Like [`ServerProc::start`] (its listeners on free ports), with the server's stderr going
+    /// to `stderr` instead of a log file: e.g. a pipe nobody reads.
+    pub async fn start_with_stderr(
+        pki: &DevPki,
+        extra: &[&str],
+        stderr: Stdio,
+    ) -> anyhow::Result<Self> {
+        Self::start_inner(
+            pki,
+            extra,
+            |bin, args| (bin.to_owned(), args.to_vec()),
+            Some(stderr),
+        )
+        .await
+    }
+
+    async fn start_inner(
+        pki: &DevPki,
+        extra: &[&str],
+        wrap: impl FnOnce(&Path, &[String]) -> (PathBuf, Vec<String>),
+        stderr: Option<Stdio>,
+    ) -> anyhow::Result<Self> {
         let agent = "127.0.0.1:0".to_owned();
         let defaults: [(&str, String); 6] = [
             ("--agent-addr", agent),
@@ -177,7 +214,10 @@ impl ServerProc {
         args.extend(extra.iter().map(|s| (*s).to_owned()));
         let log = unique_log(&pki.dir, "server");
         let (program, args) = wrap(&bin("proxy-server"), &args);
-        let (proc, line) = Proc::spawn("proxy-server", &program, &args, log).await?;
+        let (proc, line) = match stderr {
+            Some(stderr) => Proc::spawn_to("proxy-server", &program, &args, log, stderr).await?,
+            None => Proc::spawn("proxy-server", &program, &args, log).await?,
+        };
         let server = Self {
             agent_addr: field(&line, "agent")?,
             frontend_addr: field(&line, "frontend")?,

@@ -833,3 +833,44 @@ async fn a_connect_accepted_before_sigterm_still_gets_its_tunnel() {
     let status = bed.server.proc.wait(Duration::from_secs(10)).await.unwrap();
     assert!(status.success(), "exit status {status}");
 }
+
+/// Logging never stops traffic. With the server's stderr a pipe nobody reads (a stalled log
+/// collector), every tunneled connection still logs its close at `info`: a synchronous write
+/// would block the thread carrying the tunnels once the pipe's 64 KiB are full (a few hundred
+/// lines). Here connections keep working long past that, and once the buffered lines are at
+/// their limit the server counts what it drops.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stderr_nobody_reads_does_not_stop_tunnels() {
+    let bed = Bed::new(&["alpha"]);
+    let up = BannerServer::start("alpha-upstream").await.unwrap();
+    let (unread, stderr) = std::io::pipe().unwrap();
+    let server = ServerProc::start_with_stderr(&bed.pki, &[], stderr.into())
+        .await
+        .unwrap();
+    let _agent = AgentProc::start_ready(&bed.pki, &[server.agent_addr], "alpha", up.addr)
+        .await
+        .unwrap();
+    // 10,000 lines are buffered before any is dropped; each connection logs at least one.
+    let connections = 12_000;
+    let started = Instant::now();
+    for i in 0..connections {
+        let banner = tokio::time::timeout(
+            Duration::from_secs(10),
+            integration_tests::client::banner_via(server.frontend_addr, "alpha"),
+        )
+        .await
+        .unwrap_or_else(|_| {
+            panic!(
+                "connection {i} hung after {:?}: logging blocked it",
+                started.elapsed()
+            )
+        });
+        assert_eq!(banner, "alpha-upstream", "connection {i}");
+    }
+    let dropped = metric(server.admin_addr, "proxy_server_log_lines_dropped_total").await;
+    assert!(
+        dropped > 0.0,
+        "no line was dropped, so the pipe never filled?"
+    );
+    drop(unread);
+}

@@ -14,7 +14,8 @@ use tokio_util::sync::CancellationToken;
 
 fn main() -> anyhow::Result<()> {
     let args = proxy_agent::Args::parse();
-    proxy_common::telemetry::init(args.log_format);
+    // Held to the end: dropping it writes the log lines still buffered.
+    let _log = proxy_common::telemetry::init(args.log_format);
     proxy_common::net::raise_open_files_limit();
     let config = proxy_agent::Config::from_args(&args).context("invalid configuration")?;
     proxy_common::runtime(Some(args.worker_threads.into()))?.block_on(async {

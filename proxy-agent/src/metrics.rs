@@ -49,6 +49,9 @@ pub struct Metrics {
 impl Metrics {
     /// Creates every metric and registers it in `registry`.
     pub fn new(registry: &mut Registry) -> Self {
+        registry.register_collector(Box::new(proxy_common::telemetry::DroppedLines(
+            "proxy_agent_log_lines_dropped",
+        )));
         let m = Self {
             servers_connected: Gauge::default(),
             known_server_count: Gauge::default(),

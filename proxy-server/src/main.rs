@@ -17,7 +17,8 @@ use tokio_util::sync::CancellationToken;
 
 fn main() -> anyhow::Result<()> {
     let args = proxy_server::Args::parse();
-    proxy_common::telemetry::init(args.log_format);
+    // Held to the end: dropping it writes the log lines still buffered.
+    let _log = proxy_common::telemetry::init(args.log_format);
     proxy_common::net::raise_open_files_limit();
     let runtime = proxy_common::runtime(args.worker_threads.map(usize::from))?;
     if let Some(Command::Kubeconfig { admin_url, out }) = &args.command {

@@ -126,6 +126,9 @@ fn dial_histogram() -> Histogram {
 impl Metrics {
     /// Creates every metric and registers it in `registry`.
     pub fn new(registry: &mut Registry) -> Self {
+        registry.register_collector(Box::new(proxy_common::telemetry::DroppedLines(
+            "proxy_server_log_lines_dropped",
+        )));
         let agents = Family::<ClusterLabel, Gauge>::default();
         registry.register("proxy_server_agents", "Connected agents", agents.clone());
         let connections_active = Family::<ClusterLabel, Gauge>::default();

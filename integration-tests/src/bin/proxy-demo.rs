@@ -31,7 +31,7 @@ const CLUSTERS: [&str; 2] = ["alpha", "beta"];
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    proxy_common::telemetry::init(proxy_common::telemetry::LogFormat::Text);
+    let _log = proxy_common::telemetry::init(proxy_common::telemetry::LogFormat::Text);
     // A demo already running holds the port: say so before touching its certificates.
     drop(
         std::net::TcpListener::bind(&args.frontend_addr).with_context(|| {
