@@ -16,7 +16,8 @@ fn refused(reply: ConnectReply) -> (u16, String) {
 /// shard once its head names the cluster; with `--shards 0` everything stays on the worker
 /// threads. Both binaries' thread models are covered: agents on one thread (their default) or on
 /// a pool, the server's worker threads a pool (its default) or one thread. Either way every
-/// cluster answers with its own API server, under concurrent clients.
+/// cluster answers with its own API server, under concurrent clients, and the agents are spread
+/// one per shard (as `proxy_server_shard_agents` reports).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clients_reach_agents_on_every_shard_and_without_shards() {
     let clusters = ["alpha", "beta", "gamma"];
@@ -31,6 +32,14 @@ async fn clients_reach_agents_on_every_shard_and_without_shards() {
             .agent_args(&["--worker-threads", agent_threads])
             .start()
             .await;
+        // One agent per shard: placed by count. Without shards there is no such series.
+        let admin = bed.server.admin_addr;
+        for shard in 0..3 {
+            let series = format!(r#"proxy_server_shard_agents{{shard="{shard}"}}"#);
+            let agents = integration_tests::procs::metric_opt(admin, &series).await;
+            let expected = (shards == "3").then_some(1.0);
+            assert_eq!(agents, expected, "{series} with --shards {shards}");
+        }
         let gets = clusters.iter().cycle().take(30).map(|cluster| {
             let bed = &bed;
             async move {
@@ -47,6 +56,26 @@ async fn clients_reach_agents_on_every_shard_and_without_shards() {
                 body.contains(&format!("+{cluster}")),
                 "{cluster} answered {body}"
             );
+        }
+        if shards == "3" {
+            // An agent that leaves is no longer counted on its shard.
+            let mut bed = bed;
+            for agent in bed.agents.drain(..) {
+                agent.proc.kill().await;
+            }
+            integration_tests::eventually(
+                "every shard's agent count back to 0",
+                Duration::from_secs(10),
+                || async {
+                    let mut total = 0.0;
+                    for shard in 0..3 {
+                        let series = format!(r#"proxy_server_shard_agents{{shard="{shard}"}}"#);
+                        total += integration_tests::procs::metric(admin, &series).await;
+                    }
+                    total == 0.0
+                },
+            )
+            .await;
         }
     }
 }

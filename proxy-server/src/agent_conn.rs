@@ -71,6 +71,11 @@ fn serve_connection(
     close: CancellationToken,
 ) -> impl std::future::Future<Output = ()> + Send {
     async move {
+        // Named so that the block holds it for the connection's life: an async block captures
+        // only the places it uses, so an unnamed field would be dropped when this function
+        // returns, and the shard would count the agent gone (every agent then went to the
+        // first shard).
+        let _lease = &io.lease;
         // Borrowed in place, not moved out: a moved field would take room in the future twice.
         let conn = &io.conn;
         let handshake = h2::server::Builder::new()

@@ -239,8 +239,9 @@ pub async fn run(
         clusters,
         metrics,
         fleet,
-        prometheus,
+        mut prometheus,
     } = core;
+    prometheus.register_collector(Box::new(shards.agents_gauge()));
     let admin = admin_routes(&config, &life, &fleet, prometheus, status, &listener_lost);
     let mut tasks = Tasks {
         // The admin listener answers through the drain, so probes see it fail readiness.

@@ -82,6 +82,12 @@ impl Shards {
         })
     }
 
+    /// A Prometheus gauge of the agents on each shard, read at every scrape. It holds the shards'
+    /// handles, not the threads: dropping [`Shards`] still stops them.
+    pub fn agents_gauge(&self) -> AgentsPerShard {
+        AgentsPerShard(self.shards.clone())
+    }
+
     /// The shard the CONNECT listener accepts on (see [`Shard::spawn_listening`]).
     pub fn first(&self) -> Option<&Shard> {
         self.shards.first()
@@ -95,6 +101,38 @@ impl Shards {
     /// Whether there are none (everything runs on the main runtime).
     pub fn is_empty(&self) -> bool {
         self.shards.is_empty()
+    }
+}
+
+/// `proxy_server_shard_agents{shard}`: agents are placed by count, so this shows how even the
+/// shards are (and, beside CPU per thread, whether one carries a busy cluster alone).
+#[derive(Debug)]
+pub struct AgentsPerShard(Vec<Shard>);
+
+impl prometheus_client::collector::Collector for AgentsPerShard {
+    fn encode(
+        &self,
+        mut encoder: prometheus_client::encoding::DescriptorEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        use prometheus_client::encoding::EncodeMetric;
+        if self.0.is_empty() {
+            return Ok(());
+        }
+        let mut family = encoder.encode_descriptor(
+            "proxy_server_shard_agents",
+            "Agent connections on each shard thread (--shards)",
+            None,
+            prometheus_client::metrics::MetricType::Gauge,
+        )?;
+        for shard in &self.0 {
+            let agents = shard.0.agents.load(Ordering::Relaxed);
+            let gauge = prometheus_client::metrics::gauge::ConstGauge::new(
+                i64::try_from(agents).unwrap_or(i64::MAX),
+            );
+            let labels = [("shard", shard.0.index.to_string())];
+            gauge.encode(family.encode_family(&labels)?)?;
+        }
+        Ok(())
     }
 }
 
