@@ -105,6 +105,20 @@ impl Proc {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// The log once `count` lines contain `needle`, or after 10 s whatever is there. The
+    /// binaries write their log from a thread of their own, so a line reaches the file a moment
+    /// after the event it reports: a test that saw the event waits here for its line.
+    pub async fn logs_with(&self, needle: &str, count: usize) -> String {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let logs = self.logs();
+            if logs.matches(needle).count() >= count || Instant::now() > deadline {
+                return logs;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Sends a signal by name (`STOP`, `CONT`, `TERM`...).
     pub fn signal(&self, sig: &str) {
         let status = std::process::Command::new("kill")

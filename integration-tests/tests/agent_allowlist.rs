@@ -201,6 +201,7 @@ async fn agent_refuses_destinations_it_was_not_given() {
         0,
         "agent connected to a destination it was not given"
     );
-    assert!(agent.proc.logs().contains("upstream dial failed"));
+    let logs = agent.proc.logs_with("upstream dial failed", 1).await;
+    assert!(logs.contains("upstream dial failed"), "{logs}");
     shutdown.cancel();
 }

@@ -130,7 +130,10 @@ async fn an_agent_reaches_its_server_through_squid_with_credentials_never_logged
         banner_via(server.frontend_addr, "alpha").await,
         "through squid"
     );
-    let logs = agent.proc.logs();
+    let logs = agent
+        .proc
+        .logs_with("reaching this server through an HTTP proxy", 1)
+        .await;
     assert!(
         logs.contains("reaching this server through an HTTP proxy"),
         "{logs}"

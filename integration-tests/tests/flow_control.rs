@@ -358,13 +358,11 @@ async fn a_connections_window_grows_to_fill_a_wan_link_and_the_budget_caps_it() 
         capped > adaptive * 2,
         "the budget did not cap the window: {capped:?} vs {adaptive:?}"
     );
+    let spent = "flow-control budget of this agent connection spent";
+    let logs = server.proc.logs_with(spent, 1).await;
     assert!(
-        server
-            .proc
-            .logs()
-            .contains("flow-control budget of this agent connection spent"),
-        "budget exhaustion not logged:\n{}",
-        server.proc.logs()
+        logs.contains(spent),
+        "budget exhaustion not logged:\n{logs}"
     );
 }
 

@@ -212,7 +212,7 @@ async fn every_replica_gets_every_agent_through_one_load_balanced_address() {
             3.0
         );
         // Landing on a held server is routine: nobody logs a warning or an error for it.
-        let logs = agent.proc.logs();
+        let logs = agent.proc.logs_with("registered with server", 3).await;
         assert!(
             !logs.contains(" WARN ") && !logs.contains("ERROR"),
             "agent logged trouble:\n{logs}"
@@ -221,7 +221,13 @@ async fn every_replica_gets_every_agent_through_one_load_balanced_address() {
         assert_eq!(landed, 3, "one registration per replica:\n{logs}");
     }
     for r in &mesh.replicas {
-        let logs = r.server.as_ref().unwrap().proc.logs();
+        let logs = r
+            .server
+            .as_ref()
+            .unwrap()
+            .proc
+            .logs_with("agent registered", 4)
+            .await;
         assert!(
             !logs.contains(" WARN ") && !logs.contains("ERROR"),
             "server logged trouble:\n{logs}"

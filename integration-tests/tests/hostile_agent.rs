@@ -171,7 +171,8 @@ async fn out_of_order_control_messages_cost_only_that_registration() {
     control.message().await.unwrap().unwrap();
     tx.send(failed).await.unwrap();
     alpha_still_served(&bed.server).await;
-    assert!(bed.server.proc.logs().contains("protocol violation"));
+    let logs = bed.server.proc.logs_with("protocol violation", 1).await;
+    assert!(logs.contains("protocol violation"), "{logs}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -148,7 +148,8 @@ async fn an_agent_that_stops_answering_pings_is_dropped_with_its_connections() {
         refused_after.is_some(),
         "frozen agent still in the registry"
     );
-    assert!(bed.server.proc.logs().contains("agent disconnected"));
+    let logs = bed.server.proc.logs_with("agent disconnected", 1).await;
+    assert!(logs.contains("agent disconnected"), "{logs}");
 
     // Thawed, it notices and comes back by itself.
     agent

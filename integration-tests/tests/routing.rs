@@ -199,12 +199,12 @@ async fn agent_cannot_register_a_cluster_other_than_its_certificate_cn() {
         logs.contains(r#"certificate CN "beta" may not register cluster "alpha""#),
         "reason not logged plainly:\n{logs}"
     );
-    assert!(
-        bed.server
-            .proc
-            .logs()
-            .contains("agent registration refused")
-    );
+    let logs = bed
+        .server
+        .proc
+        .logs_with("agent registration refused", 1)
+        .await;
+    assert!(logs.contains("agent registration refused"), "{logs}");
     let (status, _) = integration_tests::procs::admin_get(impostor.admin_addr, "/readyz")
         .await
         .unwrap();

@@ -207,7 +207,7 @@ async fn allowed_and_denied_matrix_over_the_tls_frontend() {
         .await
             >= 5.0
     );
-    let logs = d.server.proc.logs();
+    let logs = d.server.proc.logs_with("decision=\"forbidden\"", 1).await;
     assert!(
         logs.contains("decision=\"forbidden\"") || logs.contains("decision=forbidden"),
         "decisions not logged"
