@@ -24,6 +24,8 @@ pub fn spawn_signal_handler(root: CancellationToken) -> std::io::Result<()> {
             _ = int.recv() => {}
         }
         tracing::warn!("second signal: exiting now");
+        // `exit` runs no destructors: the log lines still waiting are written first.
+        crate::telemetry::flush();
         std::process::exit(130);
     });
     Ok(())

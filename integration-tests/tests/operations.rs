@@ -836,9 +836,10 @@ async fn a_connect_accepted_before_sigterm_still_gets_its_tunnel() {
 
 /// Logging never stops traffic. With the server's stderr a pipe nobody reads (a stalled log
 /// collector), every tunneled connection still logs its close at `info`: a synchronous write
-/// would block the thread carrying the tunnels once the pipe's 64 KiB are full (a few hundred
-/// lines). Here connections keep working long past that, and once the buffered lines are at
-/// their limit the server counts what it drops.
+/// would block the thread carrying the tunnels once the pipe is full (64 KiB here: a few
+/// hundred lines). Here connections keep working long past that, and once the buffered lines
+/// are at their limit (10,000) the server counts what it drops. Connections continue until it
+/// does, so a larger pipe (1 MiB with 64 KiB pages) only takes longer.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stderr_nobody_reads_does_not_stop_tunnels() {
     let bed = Bed::new(&["alpha"]);
@@ -850,27 +851,82 @@ async fn a_stderr_nobody_reads_does_not_stop_tunnels() {
     let _agent = AgentProc::start_ready(&bed.pki, &[server.agent_addr], "alpha", up.addr)
         .await
         .unwrap();
-    // 10,000 lines are buffered before any is dropped; each connection logs at least one.
-    let connections = 12_000;
     let started = Instant::now();
-    for i in 0..connections {
-        let banner = tokio::time::timeout(
-            Duration::from_secs(10),
-            integration_tests::client::banner_via(server.frontend_addr, "alpha"),
-        )
-        .await
-        .unwrap_or_else(|_| {
-            panic!(
-                "connection {i} hung after {:?}: logging blocked it",
-                started.elapsed()
+    let mut made = 0;
+    loop {
+        for _ in 0..1_000 {
+            let banner = tokio::time::timeout(
+                Duration::from_secs(10),
+                integration_tests::client::banner_via(server.frontend_addr, "alpha"),
             )
-        });
-        assert_eq!(banner, "alpha-upstream", "connection {i}");
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "connection {made} hung after {:?}: logging blocked it",
+                    started.elapsed()
+                )
+            });
+            assert_eq!(banner, "alpha-upstream", "connection {made}");
+            made += 1;
+        }
+        let dropped = metric(server.admin_addr, "proxy_server_log_lines_dropped_total").await;
+        if dropped > 0.0 {
+            break;
+        }
+        assert!(
+            made < 40_000,
+            "{made} connections and no log line dropped: was stderr read after all?"
+        );
     }
-    let dropped = metric(server.admin_addr, "proxy_server_log_lines_dropped_total").await;
-    assert!(
-        dropped > 0.0,
-        "no line was dropped, so the pipe never filled?"
-    );
+    eprintln!("{made} connections, lines dropped once 10,000 waited");
     drop(unread);
+}
+
+/// A second SIGTERM exits at once (130), without the drain, and what the log thread still held
+/// is written first. The server's stderr is a pipe the test reads only after the second
+/// signal, so at the exit the log thread is stuck behind a full pipe with the last lines still
+/// queued: without the flush before `exit`, "second signal: exiting now" never arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_sigterm_exits_at_once_and_keeps_its_last_log_lines() {
+    let bed = Bed::new(&["alpha"]);
+    let up = BannerServer::start("alpha-upstream").await.unwrap();
+    let (mut unread, stderr) = std::io::pipe().unwrap();
+    let mut server =
+        ServerProc::start_with_stderr(&bed.pki, &["--shutdown-grace", "60s"], stderr.into())
+            .await
+            .unwrap();
+    let _agent = AgentProc::start_ready(&bed.pki, &[server.agent_addr], "alpha", up.addr)
+        .await
+        .unwrap();
+    // Enough closed connections (one log line each) to fill the pipe several times over.
+    for _ in 0..1_000 {
+        integration_tests::client::banner_via(server.frontend_addr, "alpha").await;
+    }
+    // An open tunnel keeps the drain waiting for it.
+    let _open = connect(server.frontend_addr, "alpha:443")
+        .await
+        .unwrap()
+        .tunnel()
+        .unwrap();
+    server.proc.signal("TERM");
+    eventually(
+        "draining (readiness fails)",
+        Duration::from_secs(5),
+        || async { admin_get(server.admin_addr, "/readyz").await.unwrap().0 == 503 },
+    )
+    .await;
+    server.proc.signal("TERM");
+    let reader = std::thread::spawn(move || {
+        let mut logs = String::new();
+        let _ = std::io::Read::read_to_string(&mut unread, &mut logs);
+        logs
+    });
+    let status = server.proc.wait(Duration::from_secs(10)).await.unwrap();
+    let logs = reader.join().unwrap();
+    assert_eq!(status.code(), Some(130), "{logs}");
+    assert!(
+        logs.contains("second signal: exiting now"),
+        "the last line was lost; the log ends with:\n{}",
+        &logs[logs.len().saturating_sub(2_000)..]
+    );
 }
