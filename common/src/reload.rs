@@ -131,15 +131,25 @@ impl<T: Send + Sync + 'static> Reloadable<T> {
 /// Changes on every SIGHUP; clone one per watcher.
 pub type Trigger = watch::Receiver<u64>;
 
-/// A trigger that changes on every SIGHUP, for [`Reloadable::spawn_watcher`].
+/// A trigger that changes on every SIGHUP, for [`Reloadable::spawn_watcher`]. Its task ends
+/// once every clone is gone (the watchers stopped), so it does not outlive the server or agent
+/// that asked for it.
 pub fn sighup_trigger() -> std::io::Result<Trigger> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut hup = signal(SignalKind::hangup())?;
     let (tx, rx) = watch::channel(0u64);
     tokio::spawn(async move {
-        while hup.recv().await.is_some() {
-            tracing::info!("SIGHUP: reloading certificates and policy");
-            tx.send_modify(|n| *n += 1);
+        loop {
+            tokio::select! {
+                got = hup.recv() => {
+                    if got.is_none() {
+                        break;
+                    }
+                    tracing::info!("SIGHUP: reloading certificates and policy");
+                    tx.send_modify(|n| *n += 1);
+                }
+                () = tx.closed() => break,
+            }
         }
     });
     Ok(rx)

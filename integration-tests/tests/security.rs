@@ -545,3 +545,47 @@ async fn certificates_rotate_without_restart_old_connections_keep_working() {
     server.proc.signal("TERM");
     let _ = server.proc.wait(Duration::from_secs(10)).await;
 }
+
+/// SIGHUP re-reads the policy at once, also a change the file watcher cannot see: rewritten in
+/// place with the same length and its old modification time (what the watcher compares).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_a_change_the_file_watcher_cannot_see() {
+    let d = door().await;
+    let kubefed = client(&d.bed, None, Some("Bearer kubefed-token".into()));
+    let status = || async {
+        kubefed
+            .connect(d.server.frontend_addr, "alpha:443")
+            .await
+            .unwrap()
+            .0
+            .status
+    };
+    assert_eq!(status().await, 200);
+
+    let path = d.bed.dir.path().join("auth.yaml");
+    let before = std::fs::metadata(&path).unwrap().modified().unwrap();
+    let changed = POLICY.replace("\"kubefed-token\"", "\"kubefed-TOKEN\"");
+    assert_eq!(changed.len(), POLICY.len());
+    {
+        use std::io::{Seek, Write};
+        let mut file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        file.seek(std::io::SeekFrom::Start(0)).unwrap();
+        file.write_all(changed.as_bytes()).unwrap();
+        file.set_modified(before).unwrap();
+    }
+    // Three of the watcher's checks later the old policy is still in force: it saw nothing.
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    assert_eq!(status().await, 200, "the watcher saw the change after all");
+
+    d.server.proc.signal("HUP");
+    let sent = Instant::now();
+    while status().await != 407 {
+        assert!(
+            sent.elapsed() < Duration::from_secs(2),
+            "SIGHUP did not reload the policy:\n{}",
+            d.server.proc.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    eprintln!("reloaded {:?} after SIGHUP", sent.elapsed());
+}
