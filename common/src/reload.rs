@@ -105,26 +105,46 @@ impl<T: Send + Sync + 'static> Reloadable<T> {
     }
 
     /// Watches the files until `shutdown`, rebuilding when one changes or `trigger` changes.
+    ///
+    /// The checks and the rebuild read files, so they run on the blocking pool: the agent runs
+    /// on one thread, and a slow mount would otherwise hold up every tunnel on it.
     pub fn spawn_watcher(&self, mut trigger: Trigger, shutdown: CancellationToken) {
         let this = self.clone();
         tokio::spawn(async move {
-            let mut last = fingerprint(&this.files);
+            let mut last = this.fingerprint().await;
+            let mut signals = true;
             loop {
                 // A watch channel remembers a signal that came while this loop was busy.
                 let forced = tokio::select! {
                     () = shutdown.cancelled() => return,
-                    changed = trigger.changed() => changed.is_ok(),
+                    changed = trigger.changed(), if signals => {
+                        // Its sender gone, the trigger never fires again: poll only.
+                        signals = changed.is_ok();
+                        signals
+                    }
                     () = tokio::time::sleep(RELOAD_INTERVAL) => false,
                 };
-                let now = fingerprint(&this.files);
-                if forced || now != last {
+                let Some(now) = this.fingerprint().await else {
+                    continue;
+                };
+                if forced || Some(&now) != last.as_ref() {
                     // A failed attempt is not retried until the files change again, so a bad
                     // file is logged once, not every interval.
-                    this.reload();
-                    last = now;
+                    let rebuild = this.clone();
+                    let _ = tokio::task::spawn_blocking(move || rebuild.reload()).await;
+                    last = Some(now);
                 }
             }
         });
+    }
+
+    /// The files' fingerprint, read on the blocking pool; `None` if that pool is gone (the
+    /// runtime is shutting down).
+    async fn fingerprint(&self) -> Option<Fingerprint> {
+        let files = self.files.clone();
+        tokio::task::spawn_blocking(move || fingerprint(&files))
+            .await
+            .ok()
     }
 }
 
