@@ -212,15 +212,14 @@ impl Shard {
         F: FnOnce(tokio::net::TcpStream) -> Fut + Send + 'static,
         Fut: Future<Output = ()> + Send + 'static,
     {
-        let span = tracing::Span::current();
+        let (span, shard) = (tracing::Span::current(), self.index());
         let socket = match socket.into_std() {
             Ok(socket) => socket,
             Err(err) => {
-                tracing::warn!(%err, shard = self.index(), "cannot move a connection to its shard");
+                tracing::warn!(%err, shard, "cannot move a connection to its shard");
                 return;
             }
         };
-        let shard = self.index();
         self.spawn(tracker, async move {
             match tokio::net::TcpStream::from_std(socket) {
                 Ok(socket) => task(socket).await,
