@@ -4,7 +4,7 @@
 use std::io;
 use std::time::Duration;
 
-use tokio::net::TcpStream;
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
 /// TCP keepalive: after `idle` without traffic, `probes` probes `interval` apart; a peer that
 /// answers none is gone and the socket fails. The same bound, as TCP_USER_TIMEOUT, ends a
@@ -84,9 +84,37 @@ impl KeepaliveFlag {
 
 /// Sets the socket options of a connection either binary accepted or dialed.
 pub fn configure(stream: &TcpStream, keepalive: Option<Keepalive>) -> io::Result<()> {
-    stream.set_nodelay(true)?;
+    set_options(socket2::SockRef::from(stream), keepalive)
+}
+
+/// Sets the options of [`configure`] on a socket not yet connected, so a dial's completion
+/// carries no option syscalls: on the agent, a warm connection's dial completes just as the
+/// server hands its twin to a client, and its five setsockopt calls came first.
+pub fn configure_unconnected(socket: &TcpSocket, keepalive: Option<Keepalive>) -> io::Result<()> {
+    set_options(socket2::SockRef::from(socket), keepalive)
+}
+
+/// Sets the options of [`configure`] on a listening socket and says whether the connections it
+/// accepts inherit them, so the accept path can skip its six setsockopt calls per connection.
+/// Linux copies a listener's TCP options (no delay, keepalive and its timers, user timeout) to
+/// each socket it accepts (`sock_copy` at accept; the `inherits_the_listeners_options` test
+/// checks it on the machine at hand); elsewhere each accepted socket is configured itself.
+pub fn configure_listener(
+    listener: &TcpListener,
+    keepalive: Option<Keepalive>,
+) -> io::Result<bool> {
+    let socket = socket2::SockRef::from(listener);
+    if keepalive.is_none() {
+        // Accepted sockets must not inherit a keepalive set on the listener by someone else.
+        socket.set_keepalive(false)?;
+    }
+    set_options(socket, keepalive)?;
+    Ok(cfg!(target_os = "linux"))
+}
+
+fn set_options(socket: socket2::SockRef<'_>, keepalive: Option<Keepalive>) -> io::Result<()> {
+    socket.set_tcp_nodelay(true)?;
     if let Some(k) = keepalive {
-        let socket = socket2::SockRef::from(stream);
         socket.set_tcp_keepalive(
             &socket2::TcpKeepalive::new()
                 .with_time(k.idle)
@@ -133,28 +161,74 @@ mod tests {
         assert_eq!(Keepalive::DEFAULT.bound(), Duration::from_secs(60));
     }
 
+    /// Asserts that `socket` has the options [`configure`] sets for `k`.
+    fn assert_options(socket: socket2::SockRef<'_>, k: Keepalive) {
+        assert!(socket.tcp_nodelay().unwrap());
+        assert!(socket.keepalive().unwrap());
+        assert_eq!(socket.tcp_keepalive_time().unwrap(), k.idle);
+        assert_eq!(socket.tcp_keepalive_interval().unwrap(), k.interval);
+        assert_eq!(socket.tcp_keepalive_retries().unwrap(), k.probes);
+        assert_eq!(socket.tcp_user_timeout().unwrap(), Some(k.bound()));
+    }
+
+    /// Not the default, so a socket that merely has the kernel's or [`Keepalive::DEFAULT`]
+    /// fails the check.
+    const ODD: Keepalive = Keepalive {
+        idle: Duration::from_secs(31),
+        interval: Duration::from_secs(11),
+        probes: 4,
+    };
+
     #[tokio::test]
     async fn sets_the_options_on_a_real_socket() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let stream = TcpStream::connect(listener.local_addr().unwrap())
             .await
             .unwrap();
         configure(&stream, Some(Keepalive::DEFAULT)).unwrap();
-        let socket = socket2::SockRef::from(&stream);
-        assert!(socket.keepalive().unwrap());
+        assert_options(socket2::SockRef::from(&stream), Keepalive::DEFAULT);
         assert_eq!(
-            socket.tcp_keepalive_time().unwrap(),
-            Duration::from_secs(30)
-        );
-        assert_eq!(
-            socket.tcp_keepalive_interval().unwrap(),
-            Duration::from_secs(10)
-        );
-        assert_eq!(socket.tcp_keepalive_retries().unwrap(), 3);
-        assert_eq!(
-            socket.tcp_user_timeout().unwrap(),
+            socket2::SockRef::from(&stream).tcp_user_timeout().unwrap(),
             Some(Duration::from_secs(60))
         );
-        assert!(stream.nodelay().unwrap());
+    }
+
+    #[tokio::test]
+    async fn a_dial_keeps_the_options_set_before_it() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let socket = TcpSocket::new_v4().unwrap();
+        configure_unconnected(&socket, Some(ODD)).unwrap();
+        let stream = socket
+            .connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        assert_options(socket2::SockRef::from(&stream), ODD);
+    }
+
+    #[tokio::test]
+    async fn inherits_the_listeners_options() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let inherited = configure_listener(&listener, Some(ODD)).unwrap();
+        assert_eq!(inherited, cfg!(target_os = "linux"));
+        let _client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (accepted, _) = listener.accept().await.unwrap();
+        if inherited {
+            assert_options(socket2::SockRef::from(&accepted), ODD);
+        }
+
+        // Off means off, even if the listener had keepalive before.
+        socket2::SockRef::from(&listener)
+            .set_keepalive(true)
+            .unwrap();
+        configure_listener(&listener, None).unwrap();
+        let _client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (accepted, _) = listener.accept().await.unwrap();
+        let socket = socket2::SockRef::from(&accepted);
+        assert!(!socket.keepalive().unwrap());
+        assert!(socket.tcp_nodelay().unwrap());
     }
 }

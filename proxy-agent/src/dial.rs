@@ -155,8 +155,9 @@ pub async fn dial_upstream(
     upstream: &str,
     started: Instant,
 ) -> Result<TcpStream, DialFailure> {
+    let keepalive = shared.config.tcp_keepalive;
     let dialed =
-        tokio::time::timeout(shared.config.dial_timeout, TcpStream::connect(upstream)).await;
+        tokio::time::timeout(shared.config.dial_timeout, connect(upstream, keepalive)).await;
     let socket = match dialed {
         Ok(Ok(socket)) => socket,
         Ok(Err(err)) => {
@@ -185,10 +186,43 @@ pub async fn dial_upstream(
         .metrics
         .upstream_dial_duration
         .observe(started.elapsed().as_secs_f64());
-    if let Err(err) = proxy_common::net::configure(&socket, shared.config.tcp_keepalive) {
-        tracing::debug!(%err, "cannot set socket options");
-    }
     Ok(socket)
+}
+
+/// Connects to `upstream` (`host:port`), trying each address it resolves to in turn as
+/// [`TcpStream::connect`] does, each socket with its options set before its dial (see
+/// [`proxy_common::net::configure_unconnected`]). The error is the last address's.
+async fn connect(
+    upstream: &str,
+    keepalive: Option<proxy_common::net::Keepalive>,
+) -> std::io::Result<TcpStream> {
+    let mut last = None;
+    for addr in tokio::net::lookup_host(upstream).await? {
+        let socket = if addr.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()
+        } else {
+            tokio::net::TcpSocket::new_v6()
+        };
+        let attempt = match socket {
+            Ok(socket) => {
+                if let Err(err) = proxy_common::net::configure_unconnected(&socket, keepalive) {
+                    tracing::debug!(%err, "cannot set socket options");
+                }
+                socket.connect(addr).await
+            }
+            Err(err) => Err(err),
+        };
+        match attempt {
+            Ok(stream) => return Ok(stream),
+            Err(err) => last = Some(err),
+        }
+    }
+    Err(last.unwrap_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "could not resolve to any address",
+        )
+    }))
 }
 
 async fn report_failure(
