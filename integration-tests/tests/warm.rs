@@ -443,3 +443,71 @@ async fn a_warm_stream_that_speaks_before_it_is_handed_out_is_never_used() {
         0.0
     );
 }
+
+/// Sockets on this machine still dialing `to` (TCP state SYN-SENT), from `/proc/net/tcp`.
+fn dialing(to: SocketAddr) -> usize {
+    let SocketAddr::V4(to) = to else {
+        panic!("IPv4 only")
+    };
+    // The kernel writes the address as the hex of its bytes in memory, the port as hex.
+    let remote = format!(
+        "{:08X}:{:04X}",
+        u32::from_ne_bytes(to.ip().octets()),
+        to.port()
+    );
+    std::fs::read_to_string("/proc/net/tcp")
+        .unwrap()
+        .lines()
+        .skip(1)
+        .filter(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            fields.get(2) == Some(&remote.as_str()) && fields.get(3) == Some(&"02")
+        })
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn warm_connections_handed_out_together_are_replaced_side_by_side() {
+    let up = Echo::start().await;
+    let bed = Testbed::builder(&["alpha"])
+        .agent("alpha", up.addr)
+        .start()
+        .await;
+    let s = bed.server.admin_addr;
+    let f = bed.frontend();
+    // Bursts until four are held (see a_failed_upstream_dial_closes_the_idle_warm_connections).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while metric(s, "proxy_server_warm_streams").await < 4.0 {
+        assert!(Instant::now() < deadline, "never four warm streams");
+        let burst = tokio::join!(
+            connect(f, "alpha:443"),
+            connect(f, "alpha:443"),
+            connect(f, "alpha:443"),
+            connect(f, "alpha:443")
+        );
+        drop(burst);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // From now on a dial of the upstream hangs in SYN-SENT, so each one under way is seen.
+    let _hole = integration_tests::blackhole::Blackhole::to(up.addr);
+    assert_eq!(dialing(up.addr), 0);
+    // Four clients at once. Each takes a warm connection (answered at once), or finds none and
+    // has its own dial sent (which hangs, like the refills): either way, four dials.
+    let clients: Vec<_> = (0..4)
+        .map(|_| {
+            tokio::spawn(tokio::time::timeout(
+                Duration::from_secs(30),
+                connect(f, "alpha:443"),
+            ))
+        })
+        .collect();
+    // One after another, the agent would have one refill under way at a time (plus the
+    // clients' own dials); side by side, all of them.
+    eventually(
+        "four dials of the upstream under way at once",
+        Duration::from_secs(10),
+        || async { dialing(up.addr) >= 4 },
+    )
+    .await;
+    drop(clients);
+}
