@@ -46,6 +46,12 @@ impl<IO> ReadAhead<IO> {
         &self.io
     }
 
+    /// The wrapped I/O object, to change it under whatever sits on top (see the server's
+    /// `shards::Movable`); buffered bytes stay.
+    pub fn get_mut(&mut self) -> &mut IO {
+        &mut self.io
+    }
+
     /// Bytes read from the socket but not yet consumed.
     pub fn buffered(&self) -> usize {
         self.buf.len()

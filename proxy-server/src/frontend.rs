@@ -69,7 +69,8 @@ struct Admission {
 }
 
 /// A client's connection over TLS.
-type FrontendTls = tokio_rustls::server::TlsStream<proxy_common::readahead::ReadAhead<TcpStream>>;
+type FrontendTls =
+    tokio_rustls::server::TlsStream<proxy_common::readahead::ReadAhead<crate::shards::Movable>>;
 
 /// A client whose request was read and authorized, and the agent picked for it.
 struct Admitted {
@@ -252,10 +253,14 @@ impl Client {
                     return;
                 };
                 match admitted.agent.home().cloned() {
-                    // The TLS stream keeps its socket in this runtime's reactor (rustls' state
-                    // cannot be taken apart and rebuilt), so only the client's reads wake this
-                    // thread first; the agent's side is all on the shard.
+                    // The socket moves under the TLS state, which stays as it is.
                     Some(home) if !home.is_current() => {
+                        let mut stream = stream;
+                        if let Err(err) = home.adopt(stream.get_mut().0.get_mut()) {
+                            let shard = home.index();
+                            tracing::warn!(%err, shard, "cannot move a connection to its shard");
+                            return;
+                        }
                         let tracker = self.tracker.clone();
                         let span = tracing::Span::current();
                         home.spawn(&tracker, self.tunnel(stream, admitted).instrument(span));
@@ -331,7 +336,9 @@ impl Frontend {
         admission: &Admission,
     ) -> Option<(FrontendTls, Option<String>)> {
         let acceptor = TlsAcceptor::from(tls.current());
-        let accept = acceptor.accept(proxy_common::readahead::ReadAhead::new(tcp));
+        let accept = acceptor.accept(proxy_common::readahead::ReadAhead::new(
+            crate::shards::Movable::new(tcp),
+        ));
         let accepted = tokio::select! {
             res = tokio::time::timeout_at(admission.deadline, accept) => res,
             () = admission.ticket.evicted().cancelled() => {

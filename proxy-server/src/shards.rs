@@ -16,9 +16,12 @@
 
 use std::cell::RefCell;
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::task::{Context, Poll};
 
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::runtime::Handle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -230,6 +233,22 @@ impl Shard {
         });
     }
 
+    /// Moves the socket in `movable` to this shard's reactor, in place: from now on its
+    /// readiness wakes the shard's thread. It can be called from any thread (the socket is
+    /// registered through the shard's handle), with no await in between, so whatever sits on
+    /// top of it (rustls' state, read-ahead bytes) stays as it is. If the move fails the socket
+    /// is closed, and the connection fails at its next read or write.
+    pub fn adopt(&self, movable: &mut Movable) -> std::io::Result<()> {
+        let socket = movable
+            .0
+            .take()
+            .ok_or_else(|| std::io::Error::other(MOVED_AWAY))?
+            .into_std()?;
+        let _runtime = self.0.handle.enter();
+        movable.0 = Some(tokio::net::TcpStream::from_std(socket)?);
+        Ok(())
+    }
+
     /// Moves `listener` to this shard and runs `serve` with it there. Its accepted sockets are
     /// then in the shard's reactor from the start, and the tasks `serve` spawns run here: a
     /// client whose agent lives on this shard is served by one thread from accept to close.
@@ -268,6 +287,79 @@ impl Lease {
 impl Drop for Lease {
     fn drop(&mut self) {
         self.shard.0.agents.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// What I/O on a [`Movable`] whose move failed reports.
+const MOVED_AWAY: &str = "the connection's socket could not be moved to its shard";
+
+/// A client's socket that can move to another shard's reactor under the layers on top of it
+/// ([`Shard::adopt`]). A TLS client's stream cannot be taken apart and rebuilt (rustls' state),
+/// so its socket is swapped underneath instead: without the move, the socket stayed in the
+/// accepting runtime's reactor and every read by the client woke that runtime's thread
+/// before the shard's.
+#[derive(Debug)]
+pub struct Movable(Option<tokio::net::TcpStream>);
+
+impl Movable {
+    /// `socket`, where it is now.
+    pub fn new(socket: tokio::net::TcpStream) -> Self {
+        Self(Some(socket))
+    }
+
+    fn socket(&mut self) -> std::io::Result<Pin<&mut tokio::net::TcpStream>> {
+        self.0
+            .as_mut()
+            .map(Pin::new)
+            .ok_or_else(|| std::io::Error::other(MOVED_AWAY))
+    }
+}
+
+impl AsyncRead for Movable {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        self.get_mut().socket()?.poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Movable {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        self.get_mut().socket()?.poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        self.get_mut().socket()?.poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.0.as_ref().is_some_and(|s| s.is_write_vectored())
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        self.get_mut().socket()?.poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        self.get_mut().socket()?.poll_shutdown(cx)
+    }
+}
+
+impl proxy_common::pump::Abort for Movable {
+    fn abort(&self) {
+        if let Some(socket) = &self.0 {
+            socket.abort();
+        }
     }
 }
 
@@ -330,6 +422,50 @@ mod tests {
             0,
             "closed once its task ended"
         );
+    }
+
+    /// A socket under a read-ahead buffer (as under TLS) moves to its shard with the buffered
+    /// bytes kept, and works there after the runtime it was accepted on is gone.
+    #[test]
+    fn an_adopted_socket_keeps_its_layers_and_outlives_the_runtime_it_came_from() {
+        use std::io::{Read, Write};
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let shards = Shards::start(1).unwrap();
+        let lease = shards.assign().unwrap();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        client.write_all(b"hello world").unwrap();
+        let accepting = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let mut layered = accepting.block_on(async {
+            let (served, _) = listener.accept().unwrap();
+            served.set_nonblocking(true).unwrap();
+            let served = tokio::net::TcpStream::from_std(served).unwrap();
+            let mut layered = proxy_common::readahead::ReadAhead::new(Movable::new(served));
+            let mut first = [0; 5];
+            layered.read_exact(&mut first).await.unwrap();
+            assert_eq!(&first, b"hello");
+            layered
+        });
+        assert_eq!(layered.buffered(), 6, "the rest was read ahead");
+        lease.shard().adopt(layered.get_mut()).unwrap();
+        // Registered with this runtime still, the socket would now fail (its reactor is gone).
+        drop(accepting);
+        let tracker = TaskTracker::new();
+        let (done, finished) = std::sync::mpsc::channel();
+        lease.shard().spawn(&tracker, async move {
+            let mut rest = [0; 8];
+            layered.read_exact(&mut rest).await.unwrap();
+            layered.write_all(b"pong").await.unwrap();
+            done.send(rest).unwrap();
+        });
+        client.write_all(b"!!").unwrap();
+        let mut pong = [0; 4];
+        client.read_exact(&mut pong).unwrap();
+        assert_eq!(&pong, b"pong");
+        assert_eq!(&finished.recv().unwrap(), b" world!!");
     }
 
     #[test]
