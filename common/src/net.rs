@@ -87,40 +87,87 @@ pub fn configure(stream: &TcpStream, keepalive: Option<Keepalive>) -> io::Result
     set_options(socket2::SockRef::from(stream), keepalive)
 }
 
-/// Sets the options of [`configure`] on a socket not yet connected, so a dial's completion
-/// carries no option syscalls: on the agent, a warm connection's dial completes just as the
-/// server hands its twin to a client, and its five setsockopt calls came first.
+/// Sets the options of [`configure`] on a socket not yet connected except the user timeout
+/// (which would also bound the SYN phase, and fail a dial before `--dial-timeout` as a bare
+/// "timed out"): [`finish_dialed`] sets it once connected. A dial's completion then carries one
+/// option syscall instead of six: on the agent, a warm connection's dial completes just as the
+/// server hands its twin to a client.
 pub fn configure_unconnected(socket: &TcpSocket, keepalive: Option<Keepalive>) -> io::Result<()> {
-    set_options(socket2::SockRef::from(socket), keepalive)
+    let socket = socket2::SockRef::from(socket);
+    socket.set_tcp_nodelay(true)?;
+    if let Some(k) = keepalive {
+        socket.set_tcp_keepalive(&tcp_keepalive(k))?;
+    }
+    Ok(())
 }
 
-/// Sets the options of [`configure`] on a listening socket and says whether the connections it
-/// accepts inherit them, so the accept path can skip its six setsockopt calls per connection.
-/// Linux copies a listener's TCP options (no delay, keepalive and its timers, user timeout) to
-/// each socket it accepts (`sock_copy` at accept; the `inherits_the_listeners_options` test
-/// checks it on the machine at hand); elsewhere each accepted socket is configured itself.
-pub fn configure_listener(
-    listener: &TcpListener,
-    keepalive: Option<Keepalive>,
-) -> io::Result<bool> {
-    let socket = socket2::SockRef::from(listener);
-    if keepalive.is_none() {
-        // Accepted sockets must not inherit a keepalive set on the listener by someone else.
-        socket.set_keepalive(false)?;
+/// The rest of [`configure`] for a socket [`configure_unconnected`] prepared, once connected.
+pub fn finish_dialed(stream: &TcpStream, keepalive: Option<Keepalive>) -> io::Result<()> {
+    if let Some(k) = keepalive {
+        socket2::SockRef::from(stream).set_tcp_user_timeout(Some(k.bound()))?;
     }
-    set_options(socket, keepalive)?;
-    Ok(cfg!(target_os = "linux"))
+    Ok(())
+}
+
+/// Binds a listening socket for `addr` whose accepted connections have the options of
+/// [`configure`] from the start: Linux copies a listener's TCP options (no delay, keepalive and
+/// its timers, user timeout) to each connection as its handshake completes, so they are set
+/// before `listen`, where no connection can be queued without them. The accept path then skips
+/// six setsockopt calls per connection (see [`passes_options`]).
+pub fn bind_listener(
+    addr: std::net::SocketAddr,
+    keepalive: Option<Keepalive>,
+) -> io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    // As `TcpListener::bind`: a restarted server can bind while old connections linger.
+    #[cfg(unix)]
+    socket.set_reuseaddr(true)?;
+    set_options(socket2::SockRef::from(&socket), keepalive)?;
+    socket.bind(addr)?;
+    socket.listen(1024)
+}
+
+/// Whether connections `listener` accepts come with the options of [`configure`] for
+/// `keepalive` already: on Linux, when the listener has exactly those (see [`bind_listener`]; a
+/// listener made elsewhere does not, and its connections are configured one by one).
+pub fn passes_options(listener: &TcpListener, keepalive: Option<Keepalive>) -> bool {
+    if !cfg!(any(target_os = "linux", target_os = "android")) {
+        return false;
+    }
+    let socket = socket2::SockRef::from(listener);
+    let has = || -> io::Result<bool> {
+        let nodelay = socket.tcp_nodelay()?;
+        let on = socket.keepalive()?;
+        let timeout = socket.tcp_user_timeout()?;
+        Ok(nodelay
+            && match keepalive {
+                None => !on && timeout.is_none(),
+                Some(k) => {
+                    on && socket.tcp_keepalive_time()? == k.idle
+                        && socket.tcp_keepalive_interval()? == k.interval
+                        && socket.tcp_keepalive_retries()? == k.probes
+                        && timeout == Some(k.bound())
+                }
+            })
+    };
+    has().unwrap_or(false)
+}
+
+fn tcp_keepalive(k: Keepalive) -> socket2::TcpKeepalive {
+    socket2::TcpKeepalive::new()
+        .with_time(k.idle)
+        .with_interval(k.interval)
+        .with_retries(k.probes)
 }
 
 fn set_options(socket: socket2::SockRef<'_>, keepalive: Option<Keepalive>) -> io::Result<()> {
     socket.set_tcp_nodelay(true)?;
     if let Some(k) = keepalive {
-        socket.set_tcp_keepalive(
-            &socket2::TcpKeepalive::new()
-                .with_time(k.idle)
-                .with_interval(k.interval)
-                .with_retries(k.probes),
-        )?;
+        socket.set_tcp_keepalive(&tcp_keepalive(k))?;
         socket.set_tcp_user_timeout(Some(k.bound()))?;
     }
     Ok(())
@@ -194,41 +241,45 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_dial_keeps_the_options_set_before_it() {
+    async fn a_dial_has_every_option_once_finished() {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let socket = TcpSocket::new_v4().unwrap();
         configure_unconnected(&socket, Some(ODD)).unwrap();
+        assert_eq!(
+            socket2::SockRef::from(&socket).tcp_user_timeout().unwrap(),
+            None,
+            "no user timeout while the SYN is out"
+        );
         let stream = socket
             .connect(listener.local_addr().unwrap())
             .await
             .unwrap();
+        finish_dialed(&stream, Some(ODD)).unwrap();
         assert_options(socket2::SockRef::from(&stream), ODD);
     }
 
     #[tokio::test]
-    async fn inherits_the_listeners_options() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let inherited = configure_listener(&listener, Some(ODD)).unwrap();
-        assert_eq!(inherited, cfg!(target_os = "linux"));
+    async fn a_bound_listener_passes_its_options_even_to_connections_queued_before_accept() {
+        let listener = bind_listener("127.0.0.1:0".parse().unwrap(), Some(ODD)).unwrap();
+        let linux = cfg!(any(target_os = "linux", target_os = "android"));
+        assert_eq!(passes_options(&listener, Some(ODD)), linux);
+        assert!(!passes_options(&listener, Some(Keepalive::DEFAULT)));
+        assert!(!passes_options(&listener, None));
+        // Connected (and queued) before anyone accepts.
         let _client = TcpStream::connect(listener.local_addr().unwrap())
             .await
             .unwrap();
         let (accepted, _) = listener.accept().await.unwrap();
-        if inherited {
+        if linux {
             assert_options(socket2::SockRef::from(&accepted), ODD);
         }
 
-        // Off means off, even if the listener had keepalive before.
-        socket2::SockRef::from(&listener)
-            .set_keepalive(true)
-            .unwrap();
-        configure_listener(&listener, None).unwrap();
-        let _client = TcpStream::connect(listener.local_addr().unwrap())
-            .await
-            .unwrap();
-        let (accepted, _) = listener.accept().await.unwrap();
-        let socket = socket2::SockRef::from(&accepted);
-        assert!(!socket.keepalive().unwrap());
-        assert!(socket.tcp_nodelay().unwrap());
+        let off = bind_listener("127.0.0.1:0".parse().unwrap(), None).unwrap();
+        assert_eq!(passes_options(&off, None), linux);
+        assert!(!passes_options(&off, Some(ODD)));
+        // A listener made elsewhere passes nothing.
+        let plain = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        assert!(!passes_options(&plain, None));
+        assert!(!passes_options(&plain, Some(ODD)));
     }
 }

@@ -340,6 +340,11 @@ where
     // The chunk being written, and how much of it is out.
     let mut current: Option<(Bytes, usize)> = None;
     let mut waiting_since: Option<std::time::Instant> = None;
+    // Bytes written may still sit in a layer above the socket: a TLS stream whose socket was
+    // not writable keeps the record it made, and sends it only when written to or flushed
+    // again. So once nothing is left to write, the writer is flushed (for a plain socket a
+    // no-op), or the last bytes of a burst could wait for the next one.
+    let mut unflushed = false;
     let mut fin = false;
     // Whether the stream may still carry something for us. After the peer's fin it carries only
     // credit for our sending half, which is read even while the bytes before the fin wait for
@@ -362,8 +367,14 @@ where
         }
         tokio::select! {
             biased;
-            res = write_current(writer.as_mut(), &mut current, &mut waiting_since), if current.is_some() => {
+            res = write_current(writer.as_mut(), &mut current, &mut waiting_since, &mut unflushed),
+                if current.is_some() || unflushed =>
+            {
                 let n = res.map_err(PumpError::LocalWrite)?;
+                if n == 0 {
+                    // Flushed.
+                    continue;
+                }
                 if let Some(wait) = waiting_since.take() {
                     grants.window.on_write_waited(wait.elapsed());
                 }
@@ -443,13 +454,20 @@ fn after_fin(chunk: &Chunk, grants: &Grants<'_>) -> Result<(), PumpError> {
 /// (and clears `current`). Progress survives being dropped in a `select!`: it lives in
 /// `current`. Notes in `waiting_since` when the socket first made us wait (its reader is
 /// slower than we are: the signal that shrinks this connection's window).
+/// Writes `current` out (its length once it is all written, which leaves the writer
+/// `unflushed`); with nothing to write, flushes an `unflushed` writer (0).
 async fn write_current<W: AsyncWrite>(
     mut writer: Pin<&mut W>,
     current: &mut Option<(Bytes, usize)>,
     waiting_since: &mut Option<std::time::Instant>,
+    unflushed: &mut bool,
 ) -> io::Result<usize> {
     std::future::poll_fn(|cx| {
         let Some((data, written)) = current.as_mut() else {
+            if *unflushed {
+                std::task::ready!(writer.as_mut().poll_flush(cx))?;
+                *unflushed = false;
+            }
             return Poll::Ready(Ok(0));
         };
         while *written < data.len() {
@@ -465,6 +483,7 @@ async fn write_current<W: AsyncWrite>(
         }
         let n = data.len();
         *current = None;
+        *unflushed = true;
         Poll::Ready(Ok(n))
     })
     .await

@@ -118,6 +118,59 @@ impl Abort for Local {
     }
 }
 
+/// A local socket that holds what is written until it is flushed, as a TLS stream does when
+/// its socket is not writable.
+struct Holding {
+    io: tokio::io::BufWriter<DuplexStream>,
+}
+
+impl AsyncRead for Holding {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Holding {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+}
+
+impl Abort for Holding {
+    fn abort(&self) {}
+}
+
+#[tokio::test]
+async fn bytes_a_layer_above_the_socket_holds_are_flushed_without_waiting_for_more() {
+    let (mut client, io) = tokio::io::duplex(ROOMY);
+    let socket = Holding {
+        io: tokio::io::BufWriter::with_capacity(64 * 1024, io),
+    };
+    let conn = spawn(socket, (), Arc::default(), Role::Server, b"");
+    conn.tunnel.send(data(b"the last event of a burst")).await;
+    let mut got = [0u8; 25];
+    within("the held bytes", client.read_exact(&mut got))
+        .await
+        .unwrap();
+    assert_eq!(&got, b"the last event of a burst");
+}
+
 /// The other end of the tunnel, as `splice` sees it.
 struct Tunnel {
     /// What `splice` sends into the tunnel, as HTTP/2 would take it from the body.

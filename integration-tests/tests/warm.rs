@@ -488,11 +488,16 @@ async fn warm_connections_handed_out_together_are_replaced_side_by_side() {
         drop(burst);
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    // Every refill is done (a dial under way now would hang below and count).
+    eventually("no dial under way", Duration::from_secs(5), || async {
+        dialing(up.addr) == 0
+    })
+    .await;
     // From now on a dial of the upstream hangs in SYN-SENT, so each one under way is seen.
     let _hole = integration_tests::blackhole::Blackhole::to(up.addr);
-    assert_eq!(dialing(up.addr), 0);
-    // Four clients at once. Each takes a warm connection (answered at once), or finds none and
-    // has its own dial sent (which hangs, like the refills): either way, four dials.
+    let warm_before = metric(s, "proxy_server_warm_connects_total").await;
+    // Four clients at once, each given a warm connection (answered at once: a client sent down
+    // the dial path would hang, and make the count below prove nothing).
     let clients: Vec<_> = (0..4)
         .map(|_| {
             tokio::spawn(tokio::time::timeout(
@@ -501,8 +506,13 @@ async fn warm_connections_handed_out_together_are_replaced_side_by_side() {
             ))
         })
         .collect();
-    // One after another, the agent would have one refill under way at a time (plus the
-    // clients' own dials); side by side, all of them.
+    eventually(
+        "all four clients served from the warm pool",
+        Duration::from_secs(10),
+        || async { metric(s, "proxy_server_warm_connects_total").await >= warm_before + 4.0 },
+    )
+    .await;
+    // Their replacements: one after another, one dial would be under way; side by side, four.
     eventually(
         "four dials of the upstream under way at once",
         Duration::from_secs(10),

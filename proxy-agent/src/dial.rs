@@ -213,7 +213,12 @@ async fn connect(
             Err(err) => Err(err),
         };
         match attempt {
-            Ok(stream) => return Ok(stream),
+            Ok(stream) => {
+                if let Err(err) = proxy_common::net::finish_dialed(&stream, keepalive) {
+                    tracing::debug!(%err, "cannot set socket options");
+                }
+                return Ok(stream);
+            }
             Err(err) => last = Some(err),
         }
     }

@@ -247,6 +247,9 @@ impl Pool {
         let open = Box::pin(self.open());
         let opened = tokio::select! {
             () = self.session.cancelled() => return,
+            // Draining: the server takes no more (and holding a refused one would keep the
+            // drain waiting a second).
+            () = self.drain.cancelled() => return,
             res = open => res,
         };
         match opened {

@@ -104,12 +104,8 @@ pub async fn serve(
     close: CancellationToken,
     tracker: TaskTracker,
 ) {
-    // Set once on the listener rather than six syscalls on each client's socket.
-    let inherited = proxy_common::net::configure_listener(&listener, frontend.keepalive)
-        .unwrap_or_else(|err| {
-            tracing::debug!(%err, "cannot set socket options on the frontend listener");
-            false
-        });
+    // A listener bound with the options passes them on: no six syscalls per client.
+    let inherited = proxy_common::net::passes_options(&listener, frontend.keepalive);
     let spawn = |next, frontend: &Arc<Frontend>| {
         spawn_client(next, frontend, inherited, &close, &tracker);
     };
@@ -256,14 +252,23 @@ impl Client {
                     // The socket moves under the TLS state, which stays as it is.
                     Some(home) if !home.is_current() => {
                         let mut stream = stream;
-                        if let Err(err) = home.adopt(stream.get_mut().0.get_mut()) {
-                            let shard = home.index();
-                            tracing::warn!(%err, shard, "cannot move a connection to its shard");
-                            return;
-                        }
+                        let shard = home.index();
+                        let socket = match stream.get_mut().0.get_mut().detach() {
+                            Ok(socket) => socket,
+                            Err(err) => {
+                                tracing::warn!(%err, shard, "cannot move a connection to its shard");
+                                return;
+                            }
+                        };
                         let tracker = self.tracker.clone();
-                        let span = tracing::Span::current();
-                        home.spawn(&tracker, self.tunnel(stream, admitted).instrument(span));
+                        let moved = async move {
+                            if let Err(err) = stream.get_mut().0.get_mut().attach(socket) {
+                                tracing::warn!(%err, shard, "cannot move a connection to its shard");
+                                return;
+                            }
+                            self.tunnel(stream, admitted).await;
+                        };
+                        home.spawn(&tracker, moved.instrument(tracing::Span::current()));
                     }
                     _ => {
                         let tunnel = Box::pin(self.tunnel(stream, admitted));
@@ -576,7 +581,13 @@ impl Frontend {
                 cluster: cluster.to_owned(),
             })
             .observe(connect_time.as_secs_f64());
-        if let Err(err) = client.write_all(ESTABLISHED).await {
+        // Flushed: over TLS the record may otherwise wait in rustls for a socket that was not
+        // writable yet (one just moved to its shard's reactor is not, until its first event).
+        let sent = async {
+            client.write_all(ESTABLISHED).await?;
+            client.flush().await
+        };
+        if let Err(err) = sent.await {
             self.metrics.count(cluster, Outcome::ClientLeft);
             tracing::info!(
                 outcome = Outcome::ClientLeft.label(),

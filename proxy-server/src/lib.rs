@@ -101,9 +101,19 @@ impl Listeners {
                 .await
                 .map_err(|source| ServerError::Bind { what, addr, source })
         }
+        let addr = config.frontend_addr;
+        // With its clients' socket options set before it listens (see `net::bind_listener`).
+        let frontend =
+            proxy_common::net::bind_listener(addr, config.tcp_keepalive).map_err(|source| {
+                ServerError::Bind {
+                    what: "frontend",
+                    addr,
+                    source,
+                }
+            })?;
         Ok(Self {
             agent: bind("agent", config.agent_addr).await?,
-            frontend: bind("frontend", config.frontend_addr).await?,
+            frontend,
             admin: bind("admin", config.admin_addr).await?,
         })
     }
@@ -297,7 +307,8 @@ fn spawn_frontend(
 ) -> Result<JoinHandle<()>, ServerError> {
     let (close, connections) = (life.close.clone(), life.connections.clone());
     // TLS handshakes stay on the worker threads, where they run in parallel: on one shard a
-    // storm of them would queue on one core (and a TLS stream cannot move anyway).
+    // storm of them would queue on one core. After its head a client's socket moves to its
+    // agent's shard under its TLS stream (see `shards::Movable`).
     let tls = frontend.tls.is_some();
     let serve = move |listener| frontend::serve(listener, frontend, intake, close, connections);
     match shards.first().filter(|_| !tls) {

@@ -233,22 +233,6 @@ impl Shard {
         });
     }
 
-    /// Moves the socket in `movable` to this shard's reactor, in place: from now on its
-    /// readiness wakes the shard's thread. It can be called from any thread (the socket is
-    /// registered through the shard's handle), with no await in between, so whatever sits on
-    /// top of it (rustls' state, read-ahead bytes) stays as it is. If the move fails the socket
-    /// is closed, and the connection fails at its next read or write.
-    pub fn adopt(&self, movable: &mut Movable) -> std::io::Result<()> {
-        let socket = movable
-            .0
-            .take()
-            .ok_or_else(|| std::io::Error::other(MOVED_AWAY))?
-            .into_std()?;
-        let _runtime = self.0.handle.enter();
-        movable.0 = Some(tokio::net::TcpStream::from_std(socket)?);
-        Ok(())
-    }
-
     /// Moves `listener` to this shard and runs `serve` with it there. Its accepted sockets are
     /// then in the shard's reactor from the start, and the tasks `serve` spawns run here: a
     /// client whose agent lives on this shard is served by one thread from accept to close.
@@ -294,7 +278,7 @@ impl Drop for Lease {
 const MOVED_AWAY: &str = "the connection's socket could not be moved to its shard";
 
 /// A client's socket that can move to another shard's reactor under the layers on top of it
-/// ([`Shard::adopt`]). A TLS client's stream cannot be taken apart and rebuilt (rustls' state),
+/// ([`Movable::detach`], then [`Movable::attach`] on the shard). A TLS client's stream cannot be taken apart and rebuilt (rustls' state),
 /// so its socket is swapped underneath instead: without the move, the socket stayed in the
 /// accepting runtime's reactor and every read by the client woke that runtime's thread
 /// before the shard's.
@@ -305,6 +289,26 @@ impl Movable {
     /// `socket`, where it is now.
     pub fn new(socket: tokio::net::TcpStream) -> Self {
         Self(Some(socket))
+    }
+
+    /// Takes the socket out of its runtime's reactor, to [`Movable::attach`] it on another
+    /// runtime's thread; I/O fails until then. Whatever sits on top of it (rustls' state,
+    /// read-ahead bytes) stays as it is.
+    pub fn detach(&mut self) -> std::io::Result<std::net::TcpStream> {
+        self.0
+            .take()
+            .ok_or_else(|| std::io::Error::other(MOVED_AWAY))?
+            .into_std()
+    }
+
+    /// Registers `socket` with the reactor of the runtime whose thread this is (a shard's, see
+    /// [`Shard::spawn`]): from now on its readiness wakes that thread. Until the reactor's first
+    /// event for it, the socket counts as not writable: a layer above it that buffers (rustls)
+    /// holds what is written then until it is flushed, so writers on a moved socket flush (the
+    /// `200`, the pump). Without that, a TLS client's `200` could wait forever.
+    pub fn attach(&mut self, socket: std::net::TcpStream) -> std::io::Result<()> {
+        self.0 = Some(tokio::net::TcpStream::from_std(socket)?);
+        Ok(())
     }
 
     fn socket(&mut self) -> std::io::Result<Pin<&mut tokio::net::TcpStream>> {
@@ -427,7 +431,7 @@ mod tests {
     /// A socket under a read-ahead buffer (as under TLS) moves to its shard with the buffered
     /// bytes kept, and works there after the runtime it was accepted on is gone.
     #[test]
-    fn an_adopted_socket_keeps_its_layers_and_outlives_the_runtime_it_came_from() {
+    fn a_moved_socket_keeps_its_layers_and_outlives_the_runtime_it_came_from() {
         use std::io::{Read, Write};
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let shards = Shards::start(1).unwrap();
@@ -450,13 +454,17 @@ mod tests {
             layered
         });
         assert_eq!(layered.buffered(), 6, "the rest was read ahead");
-        lease.shard().adopt(layered.get_mut()).unwrap();
+        // And more waits in the kernel as the socket moves.
+        client.write_all(b"??").unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        let socket = layered.get_mut().detach().unwrap();
         // Registered with this runtime still, the socket would now fail (its reactor is gone).
         drop(accepting);
         let tracker = TaskTracker::new();
         let (done, finished) = std::sync::mpsc::channel();
         lease.shard().spawn(&tracker, async move {
-            let mut rest = [0; 8];
+            layered.get_mut().attach(socket).unwrap();
+            let mut rest = [0; 10];
             layered.read_exact(&mut rest).await.unwrap();
             layered.write_all(b"pong").await.unwrap();
             done.send(rest).unwrap();
@@ -465,7 +473,7 @@ mod tests {
         let mut pong = [0; 4];
         client.read_exact(&mut pong).unwrap();
         assert_eq!(&pong, b"pong");
-        assert_eq!(&finished.recv().unwrap(), b" world!!");
+        assert_eq!(&finished.recv().unwrap(), b" world??!!");
     }
 
     #[test]
