@@ -137,6 +137,33 @@ pub fn loopback(smoke: bool) -> Vec<Scenario> {
     ]
 }
 
+/// Scenarios through a TLS frontend (`https` proxy URL): the project's builds only, as the
+/// peers have none. The figures to set beside them are the plain-CONNECT rows.
+pub fn tls(smoke: bool) -> Vec<Scenario> {
+    let secs = |full: u64| Duration::from_secs(if smoke { 1 } else { full });
+    let (d_lat, d_setup) = (secs(10), secs(5));
+    vec![
+        scenario(
+            "TLS frontend: latency, 1 connection, 2000 req/s",
+            "µs p50",
+            false,
+            Box::new(move |r| Box::pin(scenarios::latency(r, 1, 2_000, d_lat))),
+        ),
+        scenario(
+            "TLS frontend: latency, 64 connections, 10000 req/s",
+            "µs p50",
+            false,
+            Box::new(move |r| Box::pin(scenarios::latency(r, 64, 10_000, d_lat))),
+        ),
+        scenario(
+            "TLS frontend: connection setup, concurrency 1",
+            "conn/s",
+            true,
+            Box::new(move |r| Box::pin(scenarios::setup(r, 1, d_setup))),
+        ),
+    ]
+}
+
 /// Scenarios across the WAN relay, by the path it emulates: latency each way (half the round
 /// trip), and a bottleneck rate where a scenario should measure windows rather than CPU.
 pub fn wan(smoke: bool) -> Vec<(Link, Vec<Scenario>)> {

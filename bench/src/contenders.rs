@@ -78,7 +78,7 @@ fn ours(cmd: &mut Command, name: &str) -> anyhow::Result<()> {
 async fn wait_until_open(entry: &Entry, what: &str) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        if let Ok(mut s) = entry.open().await {
+        if let Ok(mut s) = entry.connect().await {
             // A round trip proves the whole path, not just the entry port.
             s.write_all(b"R").await?;
             s.write_all(&[0u8; crate::upstream::REQUEST]).await?;
@@ -173,6 +173,26 @@ pub async fn proxy(
     wan: Option<Link>,
     baseline: bool,
 ) -> anyhow::Result<Running> {
+    proxy_with(bin_dir, upstream, wan, baseline, false).await
+}
+
+/// [`proxy`] with a TLS frontend (the server's certificate, which the run's proxy CA signed):
+/// clients speak TLS to it, then CONNECT inside. Reported as `proxy+tls` / `baseline+tls`.
+pub async fn proxy_tls(
+    bin_dir: &Path,
+    upstream: SocketAddr,
+    baseline: bool,
+) -> anyhow::Result<Running> {
+    proxy_with(bin_dir, upstream, None, baseline, true).await
+}
+
+async fn proxy_with(
+    bin_dir: &Path,
+    upstream: SocketAddr,
+    wan: Option<Link>,
+    baseline: bool,
+    tls: bool,
+) -> anyhow::Result<Running> {
     let dir = tempfile::tempdir()?;
     let pki = proxy_certs::write_dev_pki(dir.path(), &["bench"])?;
     let s = |p: PathBuf| p.display().to_string();
@@ -184,7 +204,19 @@ pub async fn proxy(
             key: pki.server_key(),
         },
         ["127.0.0.1:0"; 3],
-        &[],
+        &if tls {
+            vec![
+                "--frontend-tls-cert".to_owned(),
+                s(pki.server_cert()),
+                "--frontend-tls-key".to_owned(),
+                s(pki.server_key()),
+            ]
+        } else {
+            Vec::new()
+        }
+        .iter()
+        .map(String::as_str)
+        .collect::<Vec<_>>(),
     )
     .await?;
     let (agent_addr, frontend) = (via_wan(addrs.agent, wan).await?, addrs.frontend);
@@ -212,17 +244,27 @@ pub async fn proxy(
         .args(["--admin-addr", "127.0.0.1:0"])
         .stdout(Stdio::null()),
     )?;
-    let entry = Entry::Connect {
-        proxy: frontend,
-        cluster: "bench".into(),
+    let entry = if tls {
+        Entry::ConnectTls {
+            proxy: frontend,
+            cluster: "bench".into(),
+            tls: crate::entry::trusting(&pki.proxy_ca())?,
+        }
+    } else {
+        Entry::Connect {
+            proxy: frontend,
+            cluster: "bench".into(),
+        }
     };
     wait_until_open(&entry, "proxy").await?;
     Ok(Running {
-        name: match (baseline, wan.is_some()) {
-            (false, false) => "proxy",
-            (false, true) => "proxy+wan",
-            (true, false) => "baseline",
-            (true, true) => "baseline+wan",
+        name: match (baseline, wan.is_some(), tls) {
+            (false, _, true) => "proxy+tls",
+            (true, _, true) => "baseline+tls",
+            (false, false, false) => "proxy",
+            (false, true, false) => "proxy+wan",
+            (true, false, false) => "baseline",
+            (true, true, false) => "baseline+wan",
         },
         entry,
         pids: vec![

@@ -152,6 +152,33 @@ async fn start_all(
     Ok(running)
 }
 
+/// Starts the project's builds (`proxy`, and `baseline` if given) with a TLS frontend; the ones
+/// that cannot start are added to `missing` with the reason.
+async fn start_tls(
+    args: &Args,
+    upstream: std::net::SocketAddr,
+    missing: &mut Vec<(String, String)>,
+) -> Vec<Running> {
+    let builds = [
+        ("proxy", Some(args.bin_dir.as_path())),
+        ("baseline", args.baseline_bin_dir.as_deref()),
+    ];
+    let mut running = Vec::new();
+    for (name, dir) in builds {
+        let Some(dir) = dir.filter(|_| args.runs(name)) else {
+            continue;
+        };
+        match contenders::proxy_tls(dir, upstream, name == "baseline").await {
+            Ok(r) => running.push(r),
+            Err(e) => {
+                eprintln!("contender {name}+tls missing: {e:#}");
+                missing.push((format!("{name}+tls"), format!("{e:#}")));
+            }
+        }
+    }
+    running
+}
+
 /// Runs `scenario` `rounds` times over every contender, interleaved.
 async fn run_scenario(scenario: &Scenario, running: &[Running], rounds: usize) -> ScenarioResult {
     eprintln!("== {}", scenario.name);
@@ -231,6 +258,17 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     drop(running);
+    // TLS frontend: the project's builds, each with a TLS frontend clients speak to first.
+    let group: Vec<Scenario> = catalog::tls(args.smoke)
+        .into_iter()
+        .filter(|s| args.wants(s.name))
+        .collect();
+    if !group.is_empty() {
+        let tls = start_tls(&args, upstream, &mut missing).await;
+        for scenario in &group {
+            results.push(run_scenario(scenario, &tls, rounds).await);
+        }
+    }
     // WAN: the same contenders with latency added each way between their two halves (for
     // direct, between client and upstream), by the userspace relay (no netem here).
     for (path, group) in catalog::wan(args.smoke) {

@@ -4,10 +4,11 @@
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::contenders::{Entry, Running};
+use crate::entry::Conn;
 use crate::sys;
 use crate::upstream::{REQUEST, RESPONSE};
 
@@ -97,7 +98,14 @@ pub(crate) async fn rr_conn(entry: &Entry) -> anyhow::Result<TcpStream> {
     Ok(s)
 }
 
-pub(crate) async fn round_trip(s: &mut TcpStream) -> anyhow::Result<()> {
+/// [`rr_conn`] through whatever the entry is (TLS included).
+pub(crate) async fn rr_any(entry: &Entry) -> anyhow::Result<Conn> {
+    let mut s = entry.connect().await?;
+    s.write_all(b"R").await?;
+    Ok(s)
+}
+
+pub(crate) async fn round_trip<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S) -> anyhow::Result<()> {
     s.write_all(&[7u8; REQUEST]).await?;
     let mut resp = [0u8; RESPONSE];
     s.read_exact(&mut resp).await?;
@@ -120,11 +128,9 @@ pub async fn latency(
     let count = (duration.as_secs_f64() * per_conn) as u64;
     let mut streams = Vec::with_capacity(conns);
     for _ in 0..conns {
-        let mut s = rr_conn(&run.entry).await?;
+        let mut s = rr_any(&run.entry).await?;
         round_trip(&mut s).await?; // warm
-        let s = s.into_std()?;
-        s.set_nonblocking(false)?;
-        streams.push(s);
+        streams.push(s.into_blocking()?);
     }
     let base = Instant::now() + Duration::from_millis(20);
     let mut tasks = Vec::new();
@@ -185,7 +191,7 @@ pub async fn setup(
             let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
             while Instant::now() < deadline {
                 let t = Instant::now();
-                let mut s = rr_conn(&entry).await?;
+                let mut s = rr_any(&entry).await?;
                 round_trip(&mut s).await?;
                 hist.record((t.elapsed().as_micros() as u64).clamp(1, 60_000_000))?;
             }
