@@ -79,12 +79,12 @@ fn concat(chunks: &[Chunk]) -> Vec<u8> {
 
 /// The local socket handed to `splice`: one end of a pipe that records whether `splice` asked
 /// for a reset (a pipe cannot show one; the TCP tests check the reset itself).
-struct Local {
-    io: DuplexStream,
+struct Local<IO = DuplexStream> {
+    io: IO,
     aborted: Arc<AtomicBool>,
 }
 
-impl AsyncRead for Local {
+impl<IO: AsyncRead + Unpin> AsyncRead for Local<IO> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -94,7 +94,7 @@ impl AsyncRead for Local {
     }
 }
 
-impl AsyncWrite for Local {
+impl<IO: AsyncWrite + Unpin> AsyncWrite for Local<IO> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -112,55 +112,20 @@ impl AsyncWrite for Local {
     }
 }
 
-impl Abort for Local {
+impl<IO> Abort for Local<IO> {
     fn abort(&self) {
         self.aborted.store(true, Ordering::SeqCst);
     }
 }
 
-/// A local socket that holds what is written until it is flushed, as a TLS stream does when
-/// its socket is not writable.
-struct Holding {
-    io: tokio::io::BufWriter<DuplexStream>,
-}
-
-impl AsyncRead for Holding {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for Holding {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
-    }
-}
-
-impl Abort for Holding {
-    fn abort(&self) {}
-}
-
 #[tokio::test]
 async fn bytes_a_layer_above_the_socket_holds_are_flushed_without_waiting_for_more() {
     let (mut client, io) = tokio::io::duplex(ROOMY);
-    let socket = Holding {
+    // Holds what is written until it is flushed, as a TLS stream does when its socket is not
+    // writable.
+    let socket = Local {
         io: tokio::io::BufWriter::with_capacity(64 * 1024, io),
+        aborted: Arc::default(),
     };
     let conn = spawn(socket, (), Arc::default(), Role::Server, b"");
     conn.tunnel.send(data(b"the last event of a burst")).await;

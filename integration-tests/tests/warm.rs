@@ -80,6 +80,25 @@ impl Echo {
     }
 }
 
+/// Bursts of four CONNECTs at once until the server (admin `admin`) holds `n` warm streams:
+/// those that find no warm connection each make the agent want one more. (Only the misses
+/// matter: the tunnels are dropped unused. On a loaded machine one burst may be served one by
+/// one, hence more than one burst.)
+async fn grow_warm_pool(admin: SocketAddr, frontend: SocketAddr, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while metric(admin, "proxy_server_warm_streams").await < n as f64 {
+        assert!(Instant::now() < deadline, "never {n} warm streams");
+        let burst = tokio::join!(
+            connect(frontend, "alpha:443"),
+            connect(frontend, "alpha:443"),
+            connect(frontend, "alpha:443"),
+            connect(frontend, "alpha:443")
+        );
+        drop(burst);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 async fn echo_once(s: &mut TcpStream) {
     s.write_all(b"ping").await.unwrap();
     let mut back = [0u8; 4];
@@ -185,22 +204,8 @@ async fn a_failed_upstream_dial_closes_the_idle_warm_connections() {
         .start()
         .await;
     let (s, a) = (bed.server.admin_addr, bed.agents[0].admin_addr);
-    // Bursts of four CONNECTs at once: those that find no warm connection each make the agent
-    // want one more, until at least two are idle. (Only the misses matter here: the tunnels
-    // are dropped unused. On a loaded machine one burst may be served one by one, hence more.)
     let f = bed.frontend();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while metric(s, "proxy_server_warm_streams").await < 2.0 {
-        assert!(Instant::now() < deadline, "never two warm streams");
-        let burst = tokio::join!(
-            connect(f, "alpha:443"),
-            connect(f, "alpha:443"),
-            connect(f, "alpha:443"),
-            connect(f, "alpha:443")
-        );
-        drop(burst);
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    grow_warm_pool(s, f, 2).await;
 
     // The upstream stops accepting; its open connections stay.
     up.stop().await;
@@ -475,19 +480,7 @@ async fn warm_connections_handed_out_together_are_replaced_side_by_side() {
         .await;
     let s = bed.server.admin_addr;
     let f = bed.frontend();
-    // Bursts until four are held (see a_failed_upstream_dial_closes_the_idle_warm_connections).
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while metric(s, "proxy_server_warm_streams").await < 4.0 {
-        assert!(Instant::now() < deadline, "never four warm streams");
-        let burst = tokio::join!(
-            connect(f, "alpha:443"),
-            connect(f, "alpha:443"),
-            connect(f, "alpha:443"),
-            connect(f, "alpha:443")
-        );
-        drop(burst);
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    grow_warm_pool(s, f, 4).await;
     // Every refill is done (a dial under way now would hang below and count).
     eventually("no dial under way", Duration::from_secs(5), || async {
         dialing(up.addr) == 0
