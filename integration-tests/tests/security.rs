@@ -215,6 +215,41 @@ async fn allowed_and_denied_matrix_over_the_tls_frontend() {
     assert!(!logs.contains("kubefed-token"), "a token reached the logs");
 }
 
+/// Clients of the TLS frontend move to their agent's shard after their head; a burst of them,
+/// eight at a time, each gets its `200` at once from a warm connection. The upstream is an API
+/// server, which waits for the client to speak first, so nothing but the `200` itself can bring
+/// it out. (A socket that has just moved is not writable until its first event: unflushed, the
+/// `200` waited in rustls, and some clients of each burst were never answered.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_client_of_a_burst_over_the_tls_frontend_gets_its_200() {
+    let d = door_with(true).await;
+    let c = std::sync::Arc::new(client(&d.bed, Some("ops"), None));
+    let frontend = d.server.frontend_addr;
+    for burst in 0..10 {
+        let clients: Vec<_> = (0..8)
+            .map(|_| {
+                let c = c.clone();
+                tokio::spawn(async move {
+                    tokio::time::timeout(Duration::from_secs(10), c.connect(frontend, "beta:443"))
+                        .await
+                })
+            })
+            .collect();
+        for client in clients {
+            let (answer, _tunnel) = client
+                .await
+                .unwrap()
+                .unwrap_or_else(|_| panic!("burst {burst}: a client was never answered"))
+                .unwrap();
+            assert_eq!(answer.status, 200, "{answer:?}");
+        }
+    }
+    assert!(
+        metric(d.server.admin_addr, "proxy_server_warm_connects_total").await > 0.0,
+        "some came from warm connections"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kubectl_with_a_token_in_proxy_url_works_and_without_it_is_refused() {
     let bed = Testbed::builder(&["alpha"]);
