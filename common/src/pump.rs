@@ -454,8 +454,9 @@ fn after_fin(chunk: &Chunk, grants: &Grants<'_>) -> Result<(), PumpError> {
 /// (and clears `current`). Progress survives being dropped in a `select!`: it lives in
 /// `current`. Notes in `waiting_since` when the socket first made us wait (its reader is
 /// slower than we are: the signal that shrinks this connection's window).
-/// Writes `current` out (its length once it is all written, which leaves the writer
-/// `unflushed`); with nothing to write, flushes an `unflushed` writer (0).
+///
+/// A complete write leaves the writer `unflushed`; called with nothing to write, it flushes an
+/// `unflushed` writer and returns 0.
 async fn write_current<W: AsyncWrite>(
     mut writer: Pin<&mut W>,
     current: &mut Option<(Bytes, usize)>,
