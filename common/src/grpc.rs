@@ -162,6 +162,8 @@ pub struct Inbound<M> {
     received: Received,
     /// The response head arrived and accepted the stream.
     accepted: bool,
+    /// The response head arrived and refused the stream (a trailers-only response).
+    refused: bool,
     _message: PhantomData<fn() -> M>,
 }
 
@@ -198,6 +200,7 @@ impl<M: Message + Default> Inbound<M> {
             state: State::Opening(response),
             received: Received::default(),
             accepted: false,
+            refused: false,
             _message: PhantomData,
         }
     }
@@ -208,6 +211,7 @@ impl<M: Message + Default> Inbound<M> {
             state: State::Body(body),
             received: Received::default(),
             accepted: true,
+            refused: false,
             _message: PhantomData,
         }
     }
@@ -221,6 +225,12 @@ impl<M: Message + Default> Inbound<M> {
     /// tells a refusal from a stream that failed later.
     pub fn accepted(&self) -> bool {
         self.accepted
+    }
+
+    /// Whether the server answered the stream with a refusal: its response head came, with an
+    /// error status. Tells a refusal from a stream that was reset or lost before any answer.
+    pub fn refused(&self) -> bool {
+        self.refused
     }
 
     /// The next message; `Ok(None)` once the server ended the stream cleanly. Cancel-safe.
@@ -241,6 +251,7 @@ impl<M: Message + Default> Inbound<M> {
         };
         if response.status() != http::StatusCode::OK {
             self.state = State::Done;
+            self.refused = true;
             return Poll::Ready(Err(Status::unknown(format!(
                 "the server answered HTTP {}",
                 response.status()
@@ -254,6 +265,7 @@ impl<M: Message + Default> Inbound<M> {
                 self.accepted = true;
                 Ok(())
             } else {
+                self.refused = true;
                 Err(status)
             });
         }

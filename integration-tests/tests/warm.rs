@@ -514,3 +514,141 @@ async fn warm_connections_handed_out_together_are_replaced_side_by_side() {
     .await;
     drop(clients);
 }
+
+/// An agent with `warm_head_at_start` gets no answer to a warm stream while the server holds
+/// it: the head comes when a CONNECT takes the stream, followed by `start` (one write to the
+/// agent instead of two); a refusal still comes at once, as a head with its status.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_warm_streams_head_comes_with_its_start_for_an_agent_that_asks() {
+    let bed = Testbed::builder(&["beta"]).start().await;
+    let s = bed.server.admin_addr;
+
+    // Unregistered on this connection, feature or not: refused in the head, at once.
+    let mut stranger = rogue::client(bed.pki(), "beta", bed.server.agent_addr)
+        .await
+        .unwrap();
+    let (req, _keep) = warm_request(vec![]);
+    let err = tokio::time::timeout(Duration::from_secs(5), stranger.data(req))
+        .await
+        .expect("a refusal waits for nothing")
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+
+    let mut rogue = rogue::client(bed.pki(), "beta", bed.server.agent_addr)
+        .await
+        .unwrap();
+    let mut register = rogue::register("beta", "rogue");
+    if let Some(proxy_proto::agent_message::Msg::Register(r)) = &mut register.msg {
+        r.features = vec![proxy_proto::FEATURE_WARM_HEAD_AT_START.to_owned()];
+    }
+    let (_keep_control, mut control) = rogue::control(&mut rogue, vec![register])
+        .await
+        .unwrap();
+    control.message().await.unwrap().unwrap();
+
+    let (req, tx) = warm_request(vec![]);
+    let mut offer = {
+        let mut rogue = rogue.clone();
+        tokio::spawn(async move { rogue.data(req).await })
+    };
+    eventually("the warm stream is held", Duration::from_secs(5), || async {
+        metric(s, "proxy_server_warm_streams").await == 1.0
+    })
+    .await;
+    // Held, and not answered.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !offer.is_finished(),
+        "the head came before the stream was handed out"
+    );
+
+    // A CONNECT takes it: the head arrives, then `start`, and bytes flow both ways.
+    let frontend = bed.frontend();
+    let client = tokio::spawn(async move {
+        let mut t = connect(frontend, "beta:443")
+            .await
+            .unwrap()
+            .tunnel()
+            .unwrap();
+        t.write_all(b"ping").await.unwrap();
+        let mut back = [0u8; 5];
+        t.read_exact(&mut back).await.unwrap();
+        back
+    });
+    let mut inbound = tokio::time::timeout(Duration::from_secs(5), &mut offer)
+        .await
+        .expect("the head comes once the stream is handed out")
+        .unwrap()
+        .expect("accepted")
+        .into_inner();
+    let first = inbound.message().await.unwrap().unwrap();
+    assert!(first.start, "the first message is start: {first:?}");
+    let mut got = Vec::new();
+    while got.len() < 4 {
+        let chunk = inbound.message().await.unwrap().unwrap();
+        got.extend_from_slice(&chunk.data);
+    }
+    assert_eq!(got, b"ping");
+    tx.send(Chunk {
+        data: bytes::Bytes::from_static(b"hello"),
+        ..Chunk::default()
+    })
+    .await
+    .unwrap();
+    let back = tokio::time::timeout(Duration::from_secs(5), client)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&back, b"hello");
+    assert_eq!(metric(s, "proxy_server_warm_connects_total").await, 1.0);
+}
+
+/// When an agent drains, the server lets go of its warm streams unanswered (the real agent takes
+/// the head with `start`): the agent reads that as the server ending them, not as a refusal, and
+/// closes its idle warm connections at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_draining_agents_idle_warm_connections_end_as_the_server_lets_go() {
+    let up = Echo::start().await;
+    let mut bed = Testbed::builder(&["alpha"])
+        .agent("alpha", up.addr)
+        .start()
+        .await;
+    let (s, a, f) = (
+        bed.server.admin_addr,
+        bed.agents[0].admin_addr,
+        bed.frontend(),
+    );
+    grow_warm_pool(s, f, 2).await;
+    let idle = metric(s, "proxy_server_warm_streams").await;
+    // An open connection keeps the draining agent (and its metrics) up.
+    let mut held = connect(f, "alpha:443").await.unwrap().tunnel().unwrap();
+    echo_once(&mut held).await;
+    eventually("the pool is refilled", Duration::from_secs(5), || async {
+        metric(s, "proxy_server_warm_streams").await >= idle
+    })
+    .await;
+    let idle = metric(s, "proxy_server_warm_streams").await;
+
+    bed.agents[0].proc.signal("TERM");
+    eventually(
+        "the idle warm connections end as ended by the server",
+        Duration::from_secs(5),
+        || async {
+            metric_opt(a, r#"proxy_agent_warm_retired_total{reason="server_ended"}"#)
+                .await
+                .is_some_and(|n| n >= idle)
+                && metric(a, "proxy_agent_warm_connections").await == 0.0
+        },
+    )
+    .await;
+    assert_eq!(metric(s, "proxy_server_warm_streams").await, 0.0);
+    // The held connection still works, and once it ends the agent exits.
+    echo_once(&mut held).await;
+    drop(held);
+    let status = bed.agents[0]
+        .proc
+        .wait(Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert!(status.success(), "agent exit status {status}");
+}

@@ -32,6 +32,13 @@ pub const FEATURE_CANCEL_DIAL: &str = "cancel_dial";
 /// `Register.features`: the agent answers `ServerMessage.ping` with `AgentMessage.pong`.
 pub const FEATURE_PING: &str = "ping";
 
+/// `Register.features`: the agent takes a warm `Data` stream's response head when the stream is
+/// handed out, in the same write as its `start`, instead of when the server holds it. That saves
+/// the agent one wake-up per warm connection (one per CONNECT, when the pool is refilled). Such
+/// an agent tells a refusal (a trailers-only response) from a stream the server let go unused
+/// (a reset) by the answer, not by whether a head came. Without it, the head goes out at once.
+pub const FEATURE_WARM_HEAD_AT_START: &str = "warm_head_at_start";
+
 /// Largest `Chunk` payload a peer sends. Chunks this size amortise per-message costs while
 /// keeping each one well under the gRPC message limit.
 pub const MAX_CHUNK: usize = 64 * 1024;

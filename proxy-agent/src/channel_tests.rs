@@ -93,6 +93,7 @@ async fn a_refusal_in_the_response_head_reads_as_its_status() {
     assert_eq!(err.code(), Code::PermissionDenied);
     assert_eq!(err.message(), "cluster not yours");
     assert!(!inbound.accepted());
+    assert!(inbound.refused());
 }
 
 #[tokio::test]
@@ -137,6 +138,7 @@ async fn an_error_status_in_the_trailers_or_a_reset_fails_the_stream() {
     let err = inbound.message().await.unwrap_err();
     assert_eq!(err.code(), Code::Internal);
     assert!(inbound.accepted(), "accepted, then failed");
+    assert!(!inbound.refused(), "failed after it was accepted: not a refusal");
 
     let channel = served(|_, mut send| async move {
         let mut stream = send.send_response(grpc_head(None), false).unwrap();
@@ -146,6 +148,24 @@ async fn an_error_status_in_the_trailers_or_a_reset_fails_the_stream() {
     let (_send, mut inbound) = channel.open_control().await.unwrap();
     let err = inbound.message().await.unwrap_err();
     assert_eq!(err.code(), Code::Cancelled);
+}
+
+/// A warm stream the server lets go before it answered it (`FEATURE_WARM_HEAD_AT_START`) is
+/// reset with no head: neither accepted nor refused, so the agent does not pace it as a refusal.
+#[tokio::test]
+async fn a_stream_reset_before_any_answer_is_neither_accepted_nor_refused() {
+    let channel = served(|_, mut send| async move {
+        send.send_reset(h2::Reason::CANCEL);
+    })
+    .await;
+    let mut stream = channel
+        .open_data((proxy_proto::WARM_HEADER, http::HeaderValue::from_static("1")))
+        .await
+        .unwrap();
+    let err = stream.inbound.message().await.unwrap_err();
+    assert_eq!(err.code(), Code::Cancelled, "{err:?}");
+    assert!(!stream.inbound.accepted());
+    assert!(!stream.inbound.refused());
 }
 
 #[tokio::test]

@@ -276,6 +276,7 @@ async fn establish(
             features: vec![
                 proxy_proto::FEATURE_CANCEL_DIAL.to_owned(),
                 proxy_proto::FEATURE_PING.to_owned(),
+                proxy_proto::FEATURE_WARM_HEAD_AT_START.to_owned(),
             ],
         })),
     };

@@ -325,10 +325,13 @@ impl Pool {
                         let carry = Box::pin(self.carry(socket, stream, active));
                         return carry.await;
                     }
-                    Err(status) if !stream.inbound.accepted() => {
+                    Err(status) if stream.inbound.refused() => {
                         // Refused (e.g. the server's limit of warm streams): still counted as
                         // idle for a while, so the pool does not dial the upstream again and
-                        // again for streams the server will refuse.
+                        // again for streams the server will refuse. Told by the answer, not by
+                        // a missing head: this agent takes the head with `start`
+                        // (`FEATURE_WARM_HEAD_AT_START`), so a stream the server lets go unused
+                        // (drain, expiry) is reset before any head came, and is not a refusal.
                         tracing::debug!(reason = %chain(&status), "the server refused a warm stream");
                         drop((socket, stream));
                         self.target.retired();

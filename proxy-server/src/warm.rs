@@ -15,8 +15,8 @@ use std::time::Instant;
 
 use futures_util::FutureExt;
 use prometheus_client::metrics::gauge::Gauge;
-use proxy_common::grpc::Offered;
-use proxy_proto::WARM_USABLE;
+use proxy_common::grpc::{Frame, Inbound, Offered, accepted_head};
+use proxy_proto::{Chunk, WARM_USABLE};
 
 use crate::registry::TunnelStream;
 
@@ -53,8 +53,38 @@ pub struct WarmPool {
 
 #[derive(Debug, Default)]
 struct Inner {
-    streams: VecDeque<(Instant, TunnelStream)>,
+    streams: VecDeque<(Instant, Held)>,
     closed: bool,
+}
+
+/// A warm stream while it waits for a CONNECT.
+#[derive(Debug)]
+enum Held {
+    /// Answered when it was held (an agent without `warm_head_at_start`): the stream's halves.
+    Answered(TunnelStream),
+    /// Answered when it is handed out, the head in the same write as `start`: one write to the
+    /// agent, and one wake-up of it, fewer per warm connection. Nothing is built for its
+    /// sending half until then either.
+    Unanswered {
+        respond: h2::server::SendResponse<Frame>,
+        inbound: Inbound<Chunk>,
+    },
+}
+
+impl Held {
+    /// The stream's halves, answered now if they were not; `None` if the agent reset it.
+    fn answer(self) -> Option<TunnelStream> {
+        match self {
+            Self::Answered(stream) => Some(stream),
+            Self::Unanswered {
+                mut respond,
+                inbound,
+            } => {
+                let send = respond.send_response(accepted_head(), false).ok()?;
+                Some(TunnelStream::new(send, inbound))
+            }
+        }
+    }
 }
 
 impl WarmPool {
@@ -68,8 +98,14 @@ impl WarmPool {
     /// Accepts `offered` and holds it for a future CONNECT, or gives it back with the reason it
     /// is refused; `held` counts warm streams across agents. Accepted under the pool's lock, so
     /// a stream is never accepted and then refused: the agent reads a refusal in the response
-    /// head, and paces its retries by it.
-    pub fn add(&self, offered: Offered, held: &Gauge) -> Result<(), (WarmRefused, Offered)> {
+    /// head, and paces its retries by it. With `head_at_start` (the agent's feature) the
+    /// accepting head waits until the stream is handed out.
+    pub fn add(
+        &self,
+        offered: Offered,
+        head_at_start: bool,
+        held: &Gauge,
+    ) -> Result<(), (WarmRefused, Offered)> {
         let mut inner = self.lock();
         if inner.closed {
             return Err((WarmRefused::Closed, offered));
@@ -79,13 +115,21 @@ impl WarmPool {
         if inner.streams.len() >= MAX_WARM_PER_AGENT {
             return Err((WarmRefused::Full, offered));
         }
-        // One the agent reset meanwhile is not held.
-        if let Some((send, inbound)) = offered.accept() {
-            inner
-                .streams
-                .push_back((Instant::now(), TunnelStream::new(send, inbound)));
-            held.inc();
-        }
+        let stream = if head_at_start {
+            let (body, respond) = offered.into_parts();
+            Held::Unanswered {
+                respond,
+                inbound: Inbound::from_request(body),
+            }
+        } else {
+            // One the agent reset meanwhile is not held.
+            let Some((send, inbound)) = offered.accept() else {
+                return Ok(());
+            };
+            Held::Answered(TunnelStream::new(send, inbound))
+        };
+        inner.streams.push_back((Instant::now(), stream));
+        held.inc();
         Ok(())
     }
 
@@ -99,7 +143,9 @@ impl WarmPool {
                 continue;
             }
             // Only a stream that went away refuses.
-            if stream.tx.start() {
+            if let Some(stream) = stream.answer()
+                && stream.tx.start()
+            {
                 return Some(stream);
             }
         }
@@ -144,7 +190,16 @@ impl Inner {
 /// Whether the agent still holds the stream open and has sent nothing on it: it may not send
 /// before `start`, and a stream it ended (the upstream closed, or it retired the stream) is
 /// seen as ended here without waiting.
-fn alive(stream: &mut TunnelStream) -> bool {
-    let reset = std::future::poll_fn(|cx| stream.send.poll_reset(cx)).now_or_never();
-    reset.is_none() && stream.inbound.message().now_or_never().is_none()
+fn alive(stream: &mut Held) -> bool {
+    let (reset, inbound) = match stream {
+        Held::Answered(stream) => (
+            std::future::poll_fn(|cx| stream.send.poll_reset(cx)).now_or_never(),
+            &mut stream.inbound,
+        ),
+        Held::Unanswered { respond, inbound } => (
+            std::future::poll_fn(|cx| respond.poll_reset(cx)).now_or_never(),
+            inbound,
+        ),
+    };
+    reset.is_none() && inbound.message().now_or_never().is_none()
 }

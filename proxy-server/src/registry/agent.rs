@@ -42,6 +42,9 @@ pub struct Features {
     pub cancel_dial: bool,
     /// `ServerMessage.ping`, answered with `AgentMessage.pong`.
     pub ping: bool,
+    /// A warm stream's response head may wait until the stream is handed out
+    /// (`proxy_proto::FEATURE_WARM_HEAD_AT_START`).
+    pub warm_head_at_start: bool,
 }
 
 impl Features {
@@ -51,6 +54,7 @@ impl Features {
         Self {
             cancel_dial: has(proxy_proto::FEATURE_CANCEL_DIAL),
             ping: has(proxy_proto::FEATURE_PING),
+            warm_head_at_start: has(proxy_proto::FEATURE_WARM_HEAD_AT_START),
         }
     }
 }

@@ -241,7 +241,7 @@ async fn an_abandoned_dial_is_forgotten_counted_and_cancelled_at_the_agent() {
     let (clusters, metrics) = clusters();
     let features = Features {
         cancel_dial: true,
-        ping: false,
+        ..Features::default()
     };
     let (handle, mut control) = agent_with("alpha", "a1", 1, features);
     let a1 = clusters.register(handle).unwrap();

@@ -14,7 +14,10 @@ impl Clusters {
         let Some(agent) = self.agents.by_conn.get(&conn_id).map(|a| a.clone()) else {
             return Err((WarmRefused::Unregistered, offered));
         };
-        agent.warm.add(offered, &self.metrics.warm_streams)
+        let head_at_start = agent.info.features.warm_head_at_start;
+        agent
+            .warm
+            .add(offered, head_at_start, &self.metrics.warm_streams)
     }
 
     /// One of `agent`'s warm streams, already told it is taken; `None` if it has none ready,
