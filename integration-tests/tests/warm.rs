@@ -541,9 +541,7 @@ async fn a_warm_streams_head_comes_with_its_start_for_an_agent_that_asks() {
     if let Some(proxy_proto::agent_message::Msg::Register(r)) = &mut register.msg {
         r.features = vec![proxy_proto::FEATURE_WARM_HEAD_AT_START.to_owned()];
     }
-    let (_keep_control, mut control) = rogue::control(&mut rogue, vec![register])
-        .await
-        .unwrap();
+    let (_keep_control, mut control) = rogue::control(&mut rogue, vec![register]).await.unwrap();
     control.message().await.unwrap().unwrap();
 
     let (req, tx) = warm_request(vec![]);
@@ -551,9 +549,11 @@ async fn a_warm_streams_head_comes_with_its_start_for_an_agent_that_asks() {
         let mut rogue = rogue.clone();
         tokio::spawn(async move { rogue.data(req).await })
     };
-    eventually("the warm stream is held", Duration::from_secs(5), || async {
-        metric(s, "proxy_server_warm_streams").await == 1.0
-    })
+    eventually(
+        "the warm stream is held",
+        Duration::from_secs(5),
+        || async { metric(s, "proxy_server_warm_streams").await == 1.0 },
+    )
     .await;
     // Held, and not answered.
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -634,9 +634,12 @@ async fn a_draining_agents_idle_warm_connections_end_as_the_server_lets_go() {
         "the idle warm connections end as ended by the server",
         Duration::from_secs(5),
         || async {
-            metric_opt(a, r#"proxy_agent_warm_retired_total{reason="server_ended"}"#)
-                .await
-                .is_some_and(|n| n >= idle)
+            metric_opt(
+                a,
+                r#"proxy_agent_warm_retired_total{reason="server_ended"}"#,
+            )
+            .await
+            .is_some_and(|n| n >= idle)
                 && metric(a, "proxy_agent_warm_connections").await == 0.0
         },
     )

@@ -138,7 +138,10 @@ async fn an_error_status_in_the_trailers_or_a_reset_fails_the_stream() {
     let err = inbound.message().await.unwrap_err();
     assert_eq!(err.code(), Code::Internal);
     assert!(inbound.accepted(), "accepted, then failed");
-    assert!(!inbound.refused(), "failed after it was accepted: not a refusal");
+    assert!(
+        !inbound.refused(),
+        "failed after it was accepted: not a refusal"
+    );
 
     let channel = served(|_, mut send| async move {
         let mut stream = send.send_response(grpc_head(None), false).unwrap();
@@ -159,7 +162,10 @@ async fn a_stream_reset_before_any_answer_is_neither_accepted_nor_refused() {
     })
     .await;
     let mut stream = channel
-        .open_data((proxy_proto::WARM_HEADER, http::HeaderValue::from_static("1")))
+        .open_data((
+            proxy_proto::WARM_HEADER,
+            http::HeaderValue::from_static("1"),
+        ))
         .await
         .unwrap();
     let err = stream.inbound.message().await.unwrap_err();
