@@ -109,6 +109,7 @@ async fn out_of_order_control_messages_cost_only_that_registration() {
         msg: Some(agent_message::Msg::DialFailed(DialFailed {
             dial_id: 1,
             reason: "x".into(),
+            not_allowed: false,
         })),
     };
     let err = rogue::control(&mut rogue, vec![failed.clone()])

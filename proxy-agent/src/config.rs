@@ -53,8 +53,9 @@ pub struct Args {
     )]
     pub upstream: String,
     /// A further destination servers may ask for (HOST:PORT, repeatable; in the environment,
-    /// separate several with commas). Anything that is neither one of these nor --upstream is
-    /// refused without being resolved or dialed.
+    /// separate several with commas): clients name it with a `Proxy-Destination` header on their
+    /// CONNECT. Anything that is neither one of these nor --upstream is refused (the client gets
+    /// 403) without being resolved or dialed.
     #[arg(
         long = "allow-destination",
         env = "PROXY_AGENT_ALLOW_DESTINATION",

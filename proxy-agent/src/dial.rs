@@ -29,6 +29,9 @@ pub struct DialEnv {
     pub warm: Option<std::sync::Arc<crate::warm::WarmTarget>>,
 }
 
+/// The failure kind of a destination this agent may not dial (also its metric label).
+const NOT_ALLOWED: &str = "not_allowed";
+
 /// Handles dial `dial_id` for `destination` (empty: the upstream) from the tunnel of `env`.
 ///
 /// Opening and carrying run boxed, each made in its own statement, so the connection's task
@@ -70,7 +73,7 @@ async fn open(
     let upstream = match shared.config.destination(destination) {
         Ok(dest) => dest,
         Err(reason) => {
-            report_failure(shared, control, cancel, dial_id, "not_allowed", reason).await;
+            report_failure(shared, control, cancel, dial_id, NOT_ALLOWED, reason).await;
             return None;
         }
     };
@@ -244,6 +247,7 @@ async fn report_failure(
         msg: Some(agent_message::Msg::DialFailed(DialFailed {
             dial_id,
             reason,
+            not_allowed: kind == NOT_ALLOWED,
         })),
     };
     // If the control stream is gone the server fails the dial itself; a full queue is waited

@@ -10,6 +10,12 @@ use crate::auth::Credentials;
 /// Most header lines accepted in a CONNECT request.
 pub const MAX_HEADERS: usize = 64;
 
+/// The header that names a destination in the cluster other than its API server
+/// (`Proxy-Destination: HOST:PORT`); the cluster's agent dials it only if it was allowed to
+/// (`--allow-destination`). A header, not the request target, because the target's host names
+/// the cluster, and a kubeconfig's `proxy-url` gives no other place for one.
+pub const DESTINATION_HEADER: &str = "proxy-destination";
+
 /// A parsed CONNECT request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConnectRequest {
@@ -21,6 +27,9 @@ pub struct ConnectRequest {
     pub leftover: Bytes,
     /// What the `Proxy-Authorization` header presented.
     pub credentials: Credentials,
+    /// The destination a `Proxy-Destination` header named (`None`: the cluster's API server),
+    /// as sent: agents compare it as text.
+    pub destination: Option<String>,
 }
 
 /// Why a request head was refused; each maps to one HTTP status.
@@ -101,12 +110,26 @@ pub fn parse(buf: &[u8], max_head: usize) -> Result<Option<(ConnectRequest, usiz
         (Some(h), None) => Credentials::parse(Some(h.value)),
         (Some(_), Some(_)) => Credentials::Malformed,
     };
+    let mut dest = req
+        .headers
+        .iter()
+        .filter(|h| h.name.eq_ignore_ascii_case(DESTINATION_HEADER));
+    let destination = match (dest.next(), dest.next()) {
+        (None, _) => None,
+        (Some(h), None) => Some(parse_destination(h.value)?),
+        (Some(_), Some(_)) => {
+            return Err(RequestError::Malformed(
+                "more than one Proxy-Destination header".into(),
+            ));
+        }
+    };
     Ok(Some((
         ConnectRequest {
             host,
             port,
             leftover: Bytes::new(),
             credentials,
+            destination,
         },
         head_len,
     )))
@@ -132,6 +155,52 @@ fn parse_authority(target: &str) -> Result<(String, u16), RequestError> {
     Ok((host.to_ascii_lowercase(), port))
 }
 
+/// Longest `Proxy-Destination`: a 253-character name, brackets, colon and port.
+const MAX_DESTINATION: usize = 253 + 2 + 6;
+
+/// Checks a `Proxy-Destination` value: `HOST:PORT`, the host a DNS name, an IPv4 address or a
+/// bracketed IPv6 address. Checked here so an agent is only ever sent something it could
+/// dial, and a typo is a `400` naming it rather than an agent's refusal.
+fn parse_destination(value: &[u8]) -> Result<String, RequestError> {
+    let bad = |why: &str| {
+        RequestError::Malformed(format!(
+            "Proxy-Destination {:?}: {why}",
+            String::from_utf8_lossy(&value[..value.len().min(80)])
+        ))
+    };
+    let text = std::str::from_utf8(value)
+        .map_err(|_| bad("expected HOST:PORT"))?
+        .trim();
+    if text.len() > MAX_DESTINATION {
+        return Err(bad("too long"));
+    }
+    let (host, port) = text
+        .rsplit_once(':')
+        .ok_or_else(|| bad("expected HOST:PORT"))?;
+    port.parse::<u16>()
+        .ok()
+        .filter(|p| *p != 0 && !port.starts_with('+'))
+        .ok_or_else(|| bad("port must be a number from 1 to 65535"))?;
+    let host_ok = match host.strip_prefix('[') {
+        Some(v6) => v6
+            .strip_suffix(']')
+            .is_some_and(|a| a.parse::<std::net::Ipv6Addr>().is_ok()),
+        None => {
+            !host.is_empty()
+                && host.len() <= 253
+                && host
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_'))
+        }
+    };
+    if !host_ok {
+        return Err(bad(
+            "host must be a DNS name, an IPv4 address or a bracketed IPv6 address",
+        ));
+    }
+    Ok(text.to_owned())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -147,6 +216,56 @@ mod tests {
         assert_eq!(req.host, "alpha");
         assert_eq!(req.port, 443);
         assert_eq!(&raw[len..], "xyz");
+    }
+
+    #[test]
+    fn reads_the_destination_header() {
+        let (req, _) = ok("CONNECT alpha:443 HTTP/1.1\r\n\r\n");
+        assert_eq!(req.destination, None);
+        for dest in [
+            "prometheus.monitoring.svc:9090",
+            "Metrics_1.kube-system:443",
+            "10.0.0.1:80",
+            "[fd00::1]:8443",
+        ] {
+            let (req, _) = ok(&format!(
+                "CONNECT alpha:443 HTTP/1.1\r\nproxy-DESTINATION:  {dest} \r\n\r\n"
+            ));
+            assert_eq!(req.destination.as_deref(), Some(dest));
+        }
+    }
+
+    #[test]
+    fn refuses_bad_destinations() {
+        let long = format!("{}:443", "a".repeat(254));
+        for dest in [
+            "",
+            "host",
+            "host:",
+            ":443",
+            "host:0",
+            "host:+80",
+            "host:65536",
+            "a/b:80",
+            "user@host:80",
+            "fd00::1:80",
+            "[fd00::1:80",
+            "[not-v6]:80",
+            "h\u{e9}te:80",
+            long.as_str(),
+        ] {
+            let raw = format!("CONNECT alpha:443 HTTP/1.1\r\nProxy-Destination: {dest}\r\n\r\n");
+            let err = parse(raw.as_bytes(), 4096).unwrap_err();
+            assert!(
+                matches!(&err, RequestError::Malformed(m) if m.contains("Proxy-Destination")),
+                "{dest:?}: {err:?}"
+            );
+        }
+        let twice = "CONNECT alpha:443 HTTP/1.1\r\nProxy-Destination: a:1\r\nProxy-Destination: b:2\r\n\r\n";
+        assert!(matches!(
+            parse(twice.as_bytes(), 4096),
+            Err(RequestError::Malformed(m)) if m.contains("more than one")
+        ));
     }
 
     #[test]

@@ -77,6 +77,8 @@ struct Admitted {
     /// What the client sent after its head: forwarded first.
     early: BytesMut,
     cluster: String,
+    /// What the client asked the agent to dial (`Proxy-Destination`); `None`: its upstream.
+    destination: Option<String>,
     agent: Arc<crate::registry::AgentHandle>,
     /// When its request began (after TLS).
     started: Instant,
@@ -171,6 +173,7 @@ fn spawn_client(
         "connect",
         client.addr = %addr,
         cluster = tracing::field::Empty,
+        destination = tracing::field::Empty,
         identity = tracing::field::Empty,
     );
     ticket.renew();
@@ -396,6 +399,9 @@ impl Frontend {
         };
         let cluster = self.cluster_of(&req.host);
         tracing::Span::current().record("cluster", cluster.as_str());
+        if let Some(destination) = &req.destination {
+            tracing::Span::current().record("destination", destination.as_str());
+        }
         if let Err(refusal) = self.check_target(&req, &cluster) {
             self.refuse(client, "", refusal).await;
             return None;
@@ -410,7 +416,7 @@ impl Frontend {
         };
         tracing::Span::current().record("identity", identity.as_str());
         let mut early = BytesMut::from(&req.leftover[..]);
-        drop(req);
+        let destination = req.destination;
         let picked = self
             .watching(client, &mut early, label, self.pick_agent(&cluster))
             .await?;
@@ -418,6 +424,7 @@ impl Frontend {
             Ok(agent) => Some(Admitted {
                 early,
                 cluster,
+                destination,
                 agent,
                 started,
             }),
@@ -440,11 +447,12 @@ impl Frontend {
         let Admitted {
             mut early,
             cluster,
+            destination,
             agent,
             started,
         } = admitted;
         let label = self.metric_label(&cluster);
-        let dial = self.dial(agent, &cluster);
+        let dial = self.dial(agent, &cluster, destination.as_deref());
         let dialed = match self.watching(&mut client, &mut early, label, dial).await? {
             Ok(dialed) => dialed,
             Err(refusal) => {

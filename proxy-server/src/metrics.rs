@@ -48,6 +48,8 @@ pub enum Outcome {
     Unauthenticated,
     /// Identity not granted the cluster.
     Forbidden,
+    /// The cluster's agent refused the destination the client named (`Proxy-Destination`).
+    DestinationForbidden,
     /// A connection or dial limit was reached.
     Limited,
     /// Malformed, oversized, slow or non-CONNECT request.
@@ -68,6 +70,7 @@ impl Outcome {
             Self::DialTimeout => "dial_timeout",
             Self::Unauthenticated => "unauthenticated",
             Self::Forbidden => "forbidden",
+            Self::DestinationForbidden => "destination_forbidden",
             Self::Limited => "limited",
             Self::BadRequest => "bad_request",
             Self::ClientLeft => "client_left",

@@ -170,11 +170,12 @@ pub mod to_agent {
         ServerMessage { msg: Some(msg) }
     }
 
-    /// Asks the agent to dial its upstream and open a data stream for `dial_id`.
-    pub fn dial(dial_id: u64) -> ServerMessage {
+    /// Asks the agent to dial `destination` (`None`: its upstream) and open a data stream for
+    /// `dial_id`.
+    pub fn dial(dial_id: u64, destination: Option<&str>) -> ServerMessage {
         message(Msg::Dial(DialRequest {
             dial_id,
-            destination: String::new(),
+            destination: destination.unwrap_or_default().to_owned(),
         }))
     }
 
@@ -473,11 +474,14 @@ fn serve_control(
                 Ok(Some(AgentMessage {
                     msg: Some(agent_message::Msg::DialFailed(failed)),
                 })) => {
-                    if let Err(err) = clusters.complete_dial(
-                        failed.dial_id,
-                        info.conn_id,
-                        DialOutcome::Failed(truncate(failed.reason, MAX_REASON)),
-                    ) {
+                    let reason = truncate(failed.reason, MAX_REASON);
+                    let outcome = if failed.not_allowed {
+                        DialOutcome::NotAllowed(reason)
+                    } else {
+                        DialOutcome::Failed(reason)
+                    };
+                    if let Err(err) = clusters.complete_dial(failed.dial_id, info.conn_id, outcome)
+                    {
                         tracing::debug!(cluster = %info.cluster, %err, "dial failure for no pending dial");
                     }
                 }

@@ -30,18 +30,23 @@ pub(super) struct Dialed {
 }
 
 impl Frontend {
-    /// Takes a connection slot for `cluster`, and has `agent` (picked for it) dial its
-    /// upstream (or hands over one of its warm streams). The slot is taken only once the cluster
-    /// is known to be registered, so metric labels never carry a name a client made up.
+    /// Takes a connection slot for `cluster`, and has `agent` (picked for it) dial
+    /// `destination` (`None`: its upstream, or one of its warm streams is handed over). The slot
+    /// is taken only once the cluster is known to be registered, so metric labels never carry a
+    /// name a client made up.
     pub(super) async fn dial(
         &self,
         agent: Arc<AgentHandle>,
         cluster: &str,
+        destination: Option<&str>,
     ) -> Result<Dialed, Refusal> {
         let slot = self.clusters.open_connection(cluster).map_err(limited)?;
         // A warm stream, if the agent has one ready: its upstream connection is already made.
-        // Not from a draining agent (its pool is closed): that one still serves dials.
-        if let Some(stream) = self.clusters.take_warm(&agent) {
+        // Not from a draining agent (its pool is closed): that one still serves dials. Warm
+        // streams reach the upstream only, never another destination.
+        if destination.is_none()
+            && let Some(stream) = self.clusters.take_warm(&agent)
+        {
             return Ok(Dialed {
                 slot,
                 agent,
@@ -49,7 +54,7 @@ impl Frontend {
                 warm: true,
             });
         }
-        let stream = self.ask_agent(&agent, cluster).await?;
+        let stream = self.ask_agent(&agent, cluster, destination).await?;
         Ok(Dialed {
             slot,
             agent,
@@ -78,12 +83,13 @@ impl Frontend {
         }
     }
 
-    /// Asks `agent` to dial its upstream and waits, at most `--dial-timeout`, for the data
-    /// stream of the connection it made.
+    /// Asks `agent` to dial `destination` (`None`: its upstream) and waits, at most
+    /// `--dial-timeout`, for the data stream of the connection it made.
     async fn ask_agent(
         &self,
         agent: &AgentHandle,
         cluster: &str,
+        destination: Option<&str>,
     ) -> Result<Box<TunnelStream>, Refusal> {
         let mut pending = self.clusters.begin_dial(agent).map_err(limited)?;
         let answer = async {
@@ -92,7 +98,7 @@ impl Frontend {
             // too, long before the dial timeout. Both also end a wait for room in its control
             // queue, which a stuck agent stops draining.
             tokio::select! {
-                sent = agent.send(crate::tunnel::to_agent::dial(pending.id())) => {
+                sent = agent.send(crate::tunnel::to_agent::dial(pending.id(), destination)) => {
                     sent.map_err(|_| Ended::Gone)?;
                 }
                 () = agent.closed().cancelled() => return Err(Ended::Gone),
@@ -105,14 +111,20 @@ impl Frontend {
             }
         };
         let agent_id = &agent.info.agent_id;
+        let target = destination.map_or_else(|| "its upstream".to_owned(), |d| format!("{d:?}"));
         match tokio::time::timeout(self.dial_timeout, answer).await {
             Ok(Ok(DialOutcome::Connected(stream))) => Ok(stream),
             Ok(Ok(DialOutcome::Failed(reason))) => Err(Refusal::new(
                 StatusCode::BAD_GATEWAY,
                 Outcome::DialFailed,
                 format!(
-                    "agent {agent_id} of cluster {cluster:?} could not reach its upstream: {reason}"
+                    "agent {agent_id} of cluster {cluster:?} could not reach {target}: {reason}"
                 ),
+            )),
+            Ok(Ok(DialOutcome::NotAllowed(reason))) => Err(Refusal::new(
+                StatusCode::FORBIDDEN,
+                Outcome::DestinationForbidden,
+                format!("agent {agent_id} of cluster {cluster:?} refused: {reason}"),
             )),
             Ok(Err(Ended::Gone)) => Err(Refusal::new(
                 StatusCode::BAD_GATEWAY,
@@ -128,7 +140,7 @@ impl Frontend {
                 StatusCode::GATEWAY_TIMEOUT,
                 Outcome::DialTimeout,
                 format!(
-                    "agent of cluster {cluster:?} did not reach its upstream within {:?}",
+                    "agent of cluster {cluster:?} did not reach {target} within {:?}",
                     self.dial_timeout
                 ),
             )),

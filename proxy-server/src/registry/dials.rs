@@ -22,6 +22,8 @@ pub enum DialOutcome {
     Connected(Box<TunnelStream>),
     /// The agent could not reach its upstream; the agent's reason.
     Failed(String),
+    /// The agent refused the destination the dial named (see `Proxy-Destination`); its reason.
+    NotAllowed(String),
 }
 
 /// Why a dial answer could not be delivered.
