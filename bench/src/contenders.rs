@@ -1,6 +1,6 @@
 //! The contenders, each forwarding client connections to the same upstream: direct TCP, this
-//! project (CONNECT → proxy-server → mTLS gRPC → proxy-agent), rathole (plain TCP transport) and
-//! ssh -R (aes128-gcm).
+//! project (CONNECT → proxy-server → mTLS gRPC → proxy-agent), rathole (plain TCP, and
+//! Noise-encrypted) and ssh -R (aes128-gcm).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -283,24 +283,55 @@ pub fn free_port() -> anyhow::Result<u16> {
     Ok(integration_tests::fleet::free_port())
 }
 
-/// rathole with its plain TCP transport, if `rathole` is installed. With `wan`, its client
-/// reaches its server through the delay relay.
-pub async fn rathole(upstream: SocketAddr, wan: Option<Link>) -> anyhow::Result<Running> {
+/// How rathole's client and server talk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RatholeTransport {
+    /// Plain TCP: no encryption, no authentication of the server (rathole's default).
+    Tcp,
+    /// The Noise protocol (`Noise_NK_25519_ChaChaPoly_BLAKE2s`, rathole's default pattern):
+    /// every byte encrypted and the server authenticated by its key, as our mTLS tunnel does
+    /// (with certificates, and the agent authenticated too). The like-for-like peer: what an
+    /// encrypted tunnel costs, where `Tcp` shows what no encryption costs.
+    Noise,
+}
+
+/// rathole with `transport`, if `rathole` is installed (with the `noise` feature for
+/// [`RatholeTransport::Noise`]; bench/setup.sh builds it so). With `wan`, its client reaches its
+/// server through the delay relay.
+pub async fn rathole(
+    upstream: SocketAddr,
+    wan: Option<Link>,
+    transport: RatholeTransport,
+) -> anyhow::Result<Running> {
     let dir = tempfile::tempdir()?;
     let (control, exposed) = (free_port()?, free_port()?);
     let remote = via_wan(SocketAddr::from(([127, 0, 0, 1], control)), wan).await?;
     let server_cfg = dir.path().join("server.toml");
     let client_cfg = dir.path().join("client.toml");
+    let (server_transport, client_transport) = match transport {
+        RatholeTransport::Tcp => (String::new(), String::new()),
+        RatholeTransport::Noise => {
+            let (private, public) = rathole_keypair().await?;
+            (
+                format!(
+                    "[server.transport]\ntype = \"noise\"\n[server.transport.noise]\nlocal_private_key = \"{private}\"\n"
+                ),
+                format!(
+                    "[client.transport]\ntype = \"noise\"\n[client.transport.noise]\nremote_public_key = \"{public}\"\n"
+                ),
+            )
+        }
+    };
     std::fs::write(
         &server_cfg,
         format!(
-            "[server]\nbind_addr = \"127.0.0.1:{control}\"\n[server.services.up]\ntoken = \"bench\"\nbind_addr = \"127.0.0.1:{exposed}\"\n"
+            "[server]\nbind_addr = \"127.0.0.1:{control}\"\n{server_transport}[server.services.up]\ntoken = \"bench\"\nbind_addr = \"127.0.0.1:{exposed}\"\n"
         ),
     )?;
     std::fs::write(
         &client_cfg,
         format!(
-            "[client]\nremote_addr = \"{remote}\"\n[client.services.up]\ntoken = \"bench\"\nlocal_addr = \"{upstream}\"\n"
+            "[client]\nremote_addr = \"{remote}\"\n{client_transport}[client.services.up]\ntoken = \"bench\"\nlocal_addr = \"{upstream}\"\n"
         ),
     )?;
     let quiet = |c: &mut Command| {
@@ -320,10 +351,11 @@ pub async fn rathole(upstream: SocketAddr, wan: Option<Link>) -> anyhow::Result<
     let entry = Entry::Tcp(SocketAddr::from(([127, 0, 0, 1], exposed)));
     wait_until_open(&entry, "rathole").await?;
     Ok(Running {
-        name: if wan.is_some() {
-            "rathole+wan"
-        } else {
-            "rathole"
+        name: match (transport, wan.is_some()) {
+            (RatholeTransport::Tcp, false) => "rathole",
+            (RatholeTransport::Tcp, true) => "rathole+wan",
+            (RatholeTransport::Noise, false) => "rathole-noise",
+            (RatholeTransport::Noise, true) => "rathole-noise+wan",
         },
         entry,
         pids: vec![
@@ -334,6 +366,33 @@ pub async fn rathole(upstream: SocketAddr, wan: Option<Link>) -> anyhow::Result<
         _children: vec![server, client],
         _dir: Some(dir),
     })
+}
+
+/// A Noise key pair from `rathole --genkey`: (private, public), base64. Fails with rathole's
+/// own message when it was built without the `noise` feature.
+async fn rathole_keypair() -> anyhow::Result<(String, String)> {
+    let out = Command::new("rathole")
+        .arg("--genkey")
+        .output()
+        .await
+        .context("rathole is not installed (bench/setup.sh)")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let key = |label: &str| {
+        let mut lines = text.lines().skip_while(|l| !l.starts_with(label)).skip(1);
+        lines
+            .find(|l| !l.trim().is_empty())
+            .map(|l| l.trim().to_owned())
+    };
+    match (out.status.success(), key("Private Key"), key("Public Key")) {
+        (true, Some(private), Some(public)) => Ok((private, public)),
+        _ => bail!(
+            "rathole --genkey failed (built without the noise feature? bench/setup.sh): {}",
+            String::from_utf8_lossy(&out.stderr)
+                .lines()
+                .last()
+                .unwrap_or("")
+        ),
+    }
 }
 
 /// `ssh -R` to a private sshd on loopback, cipher aes128-gcm@openssh.com, if OpenSSH is

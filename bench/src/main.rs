@@ -23,7 +23,7 @@ use std::time::Duration;
 use clap::Parser;
 
 use catalog::Scenario;
-use contenders::Running;
+use contenders::{RatholeTransport, Running};
 use report::{Outcome, ScenarioResult};
 
 /// Benchmarks this proxy against direct TCP, rathole and ssh -R.
@@ -41,7 +41,7 @@ struct Args {
     /// Rounds per scenario (each round runs every contender once).
     #[arg(long)]
     rounds: Option<usize>,
-    /// Run only these contenders (comma-separated: direct, proxy, baseline, rathole, ssh-R), e.g. to
+    /// Run only these contenders (comma-separated: direct, proxy, baseline, rathole, rathole-noise, ssh-R), e.g. to
     /// profile one of them. The default is all.
     #[arg(long, value_delimiter = ',')]
     contenders: Vec<String>,
@@ -128,7 +128,7 @@ async fn start_all(
         running.push(contenders::direct(upstream, wan).await?);
     }
     let baseline = args.baseline_bin_dir.as_deref();
-    for name in ["proxy", "baseline", "rathole", "ssh-R"]
+    for name in ["proxy", "baseline", "rathole", "rathole-noise", "ssh-R"]
         .into_iter()
         .filter(|n| wanted(n) && (*n != "baseline" || baseline.is_some()))
     {
@@ -138,7 +138,8 @@ async fn start_all(
                 let dir = baseline.expect("filtered above");
                 contenders::proxy(dir, upstream, wan, true).await
             }
-            "rathole" => contenders::rathole(upstream, wan).await,
+            "rathole" => contenders::rathole(upstream, wan, RatholeTransport::Tcp).await,
+            "rathole-noise" => contenders::rathole(upstream, wan, RatholeTransport::Noise).await,
             _ => contenders::ssh(upstream, wan).await,
         };
         match result {
