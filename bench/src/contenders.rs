@@ -385,13 +385,20 @@ async fn rathole_keypair() -> anyhow::Result<(String, String)> {
     };
     match (out.status.success(), key("Private Key"), key("Public Key")) {
         (true, Some(private), Some(public)) => Ok((private, public)),
-        _ => bail!(
-            "rathole --genkey failed (built without the noise feature? bench/setup.sh): {}",
-            String::from_utf8_lossy(&out.stderr)
+        _ => {
+            // rathole reports a missing feature as a panic: keep its message, not the panic's
+            // location and backtrace hint around it.
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            let message: Vec<&str> = stderr
                 .lines()
-                .last()
-                .unwrap_or("")
-        ),
+                .map(str::trim)
+                .filter(|l| !l.is_empty() && !l.starts_with("thread ") && !l.starts_with("note:"))
+                .collect();
+            bail!(
+                "rathole --genkey failed (bench/setup.sh builds it with the noise feature): {}",
+                message.join(" ")
+            )
+        }
     }
 }
 
