@@ -41,8 +41,8 @@ struct Args {
     /// Rounds per scenario (each round runs every contender once).
     #[arg(long)]
     rounds: Option<usize>,
-    /// Run only these contenders (comma-separated: direct, proxy, baseline, rathole, rathole-noise, ssh-R), e.g. to
-    /// profile one of them. The default is all.
+    /// Run only these contenders (comma-separated: direct, proxy, baseline, rathole,
+    /// rathole-noise, ssh-R), e.g. to profile one of them. The default is all.
     #[arg(long, value_delimiter = ',')]
     contenders: Vec<String>,
     /// Also run the proxy built in this folder (e.g. from an older commit) as contender
