@@ -25,8 +25,11 @@ const REGISTER_WITHIN: Duration = Duration::from_secs(120);
 /// Agents the server's admin endpoint reports as connected (sum of `proxy_server_agents`).
 async fn agents_connected(admin: SocketAddr) -> anyhow::Result<u64> {
     let mut s = TcpStream::connect(admin).await?;
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n")
-        .await?;
+    // The admin listener answers only for an IP address, localhost or a name it was given.
+    s.write_all(
+        format!("GET /metrics HTTP/1.1\r\nHost: {admin}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await?;
     let mut body = String::new();
     s.read_to_string(&mut body).await?;
     Ok(body
@@ -65,7 +68,10 @@ pub fn write_pki(dir: &Path, n: usize) -> anyhow::Result<ServerFiles> {
         key: dir.join("server-key.pem"),
     };
     std::fs::write(&files.ca, ca.cert_pem())?;
-    let server = ca.issue("proxy-server", SERVER_NAMES, Usage::Server)?;
+    // The server's certificate comes from a CA of its own, as the server requires.
+    let server_ca = Ca::new("proxy-bench server CA")?;
+    std::fs::write(dir.join("server-ca.pem"), server_ca.cert_pem())?;
+    let server = server_ca.issue("proxy-server", SERVER_NAMES, Usage::Server)?;
     std::fs::write(&files.cert, &server.cert_pem)?;
     std::fs::write(&files.key, &server.key_pem)?;
     for i in 0..n {

@@ -131,7 +131,7 @@ pub async fn start_server(
     ours(&mut cmd, "proxy-server")?;
     let mut server = spawn(
         cmd.args(["--agent-addr", agent, "--frontend-addr", frontend])
-            .args(["--admin-addr", admin])
+            .args(["--admin-addr", admin, "--operator-addr", "127.0.0.1:0"])
             .args(["--agent-tls-cert", &s(&files.cert)])
             .args(["--agent-tls-key", &s(&files.key)])
             .args(["--agent-ca", &s(&files.ca)])
@@ -199,7 +199,7 @@ async fn proxy_with(
     let (server, addrs) = start_server(
         bin_dir,
         &ServerFiles {
-            ca: pki.proxy_ca(),
+            ca: pki.agent_ca(),
             cert: pki.server_cert(),
             key: pki.server_key(),
         },
@@ -237,7 +237,7 @@ async fn proxy_with(
         ])
         .args([
             "--server-ca",
-            &s(pki.proxy_ca()),
+            &s(pki.server_ca()),
             "--upstream",
             &upstream.to_string(),
         ])
@@ -248,7 +248,7 @@ async fn proxy_with(
         Entry::ConnectTls {
             proxy: frontend,
             cluster: "bench".into(),
-            tls: crate::entry::trusting(&pki.proxy_ca())?,
+            tls: crate::entry::trusting(&pki.server_ca())?,
         }
     } else {
         Entry::Connect {

@@ -18,9 +18,9 @@ pub fn identity(dir: &Path, i: usize) -> (std::path::PathBuf, std::path::PathBuf
 }
 
 /// Runs `count` agents against `server` until the process is killed. Identities are in `dir`
-/// (see [`identity`]), the server's CA is `dir/proxy-ca.pem`.
+/// (see [`identity`]), the server's CA is `dir/server-ca.pem`.
 pub async fn run(dir: &Path, count: usize, server: &str, upstream: &str) -> anyhow::Result<()> {
-    let ca = dir.join("proxy-ca.pem");
+    let ca = dir.join("server-ca.pem");
     // Kept: dropping a lifecycle does not stop its agent, but holding them says they live on.
     let mut agents = Vec::with_capacity(count);
     for i in 0..count {

@@ -1,7 +1,10 @@
 //! The development and test PKI, made with rcgen:
 //!
-//! * one proxy CA that signs the server certificate (agent listener) and every agent's client
-//!   certificate, whose Subject CN is the cluster name the agent may register;
+//! * three CAs, one per role, never shared: the server CA signs the server certificate (agent
+//!   listener, frontend), the agent CA every agent's client certificate (Subject CN = the cluster
+//!   name the agent may register), the frontend CA the frontend clients' certificates;
+//! * the role in every leaf certificate too, as a URI SAN ([`role_uri`]), which the server checks
+//!   at every connection;
 //! * per member cluster, an API-server CA and an API-server certificate for
 //!   `kubernetes.default.svc`, standing in for the member's real kube-apiserver.
 //!
@@ -23,6 +26,9 @@ use rcgen::{
 /// A certificate authority that can issue leaf certificates.
 pub struct Ca {
     issuer: CertifiedIssuer<'static, KeyPair>,
+    /// What made it, so the same CA (subject and key) can be signed again by another.
+    params: CertificateParams,
+    key_pem: String,
 }
 
 /// A PEM certificate and its PEM private key.
@@ -60,8 +66,14 @@ impl Ca {
             KeyUsagePurpose::CrlSign,
             KeyUsagePurpose::DigitalSignature,
         ];
-        let issuer = CertifiedIssuer::self_signed(params, KeyPair::generate()?)?;
-        Ok(Self { issuer })
+        let key = KeyPair::generate()?;
+        let key_pem = key.serialize_pem();
+        let issuer = CertifiedIssuer::self_signed(params.clone(), key)?;
+        Ok(Self {
+            issuer,
+            params,
+            key_pem,
+        })
     }
 
     /// The CA certificate as PEM.
@@ -69,7 +81,36 @@ impl Ca {
         self.issuer.pem()
     }
 
-    /// Issues a leaf certificate with Subject CN `cn` and the given DNS names / IP addresses.
+    /// An intermediate CA named `cn`, signed by this one.
+    pub fn intermediate(&self, cn: &str) -> anyhow::Result<Self> {
+        let mut params = CertificateParams::default();
+        params.distinguished_name = dn(cn);
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        params.use_authority_key_identifier_extension = true;
+        let key = KeyPair::generate()?;
+        let key_pem = key.serialize_pem();
+        let issuer = CertifiedIssuer::signed_by(params.clone(), key, &self.issuer)?;
+        Ok(Self {
+            issuer,
+            params,
+            key_pem,
+        })
+    }
+
+    /// This CA (same subject, same key) as signed by `other` instead: a cross-certificate, PEM.
+    /// A chain through it makes this CA's certificates verify under `other` too.
+    pub fn cross_signed_by(&self, other: &Ca) -> anyhow::Result<String> {
+        let key = KeyPair::from_pem(&self.key_pem)?;
+        Ok(self.params.clone().signed_by(&key, &other.issuer)?.pem())
+    }
+
+    /// Issues a leaf certificate with Subject CN `cn` and the given DNS names / IP addresses /
+    /// URIs (anything with `://`).
     pub fn issue(&self, cn: &str, names: &[&str], usage: Usage) -> anyhow::Result<Issued> {
         let mut params = CertificateParams::default();
         params.distinguished_name = dn(cn);
@@ -77,6 +118,7 @@ impl Ca {
             .iter()
             .map(|name| match name.parse::<IpAddr>() {
                 Ok(ip) => Ok(SanType::IpAddress(ip)),
+                Err(_) if name.contains("://") => Ok(SanType::URI((*name).try_into()?)),
                 Err(_) => Ok(SanType::DnsName((*name).try_into()?)),
             })
             .collect::<Result<_, rcgen::Error>>()?;
@@ -95,6 +137,16 @@ impl Ca {
             cert_pem: cert.pem(),
             key_pem: key.serialize_pem(),
         })
+    }
+}
+
+/// The URI SAN that puts a role into a leaf certificate: `spiffe://multicluster-proxy/agent/<cluster>`,
+/// `…/client/<name>`, or `…/server` (`name` empty).
+pub fn role_uri(role: &str, name: &str) -> String {
+    if name.is_empty() {
+        format!("spiffe://multicluster-proxy/{role}")
+    } else {
+        format!("spiffe://multicluster-proxy/{role}/{name}")
     }
 }
 
@@ -122,9 +174,13 @@ pub struct DevPki {
 }
 
 impl DevPki {
-    /// CA that signs the server and agent certificates.
-    pub fn proxy_ca(&self) -> PathBuf {
-        self.dir.join("proxy-ca.pem")
+    /// CA that signs the server's certificate: what agents pass as `--server-ca`.
+    pub fn server_ca(&self) -> PathBuf {
+        self.dir.join("server-ca.pem")
+    }
+    /// CA that signs the agents' client certificates: the server's `--agent-ca`.
+    pub fn agent_ca(&self) -> PathBuf {
+        self.dir.join("agent-ca.pem")
     }
     /// The proxy server's certificate (agent listener).
     pub fn server_cert(&self) -> PathBuf {
@@ -192,29 +248,34 @@ pub fn write_dev_pki(dir: &Path, clusters: &[&str]) -> anyhow::Result<DevPki> {
     let pki = DevPki {
         dir: dir.to_owned(),
     };
-    let proxy_ca = Ca::new("proxy-dev-ca")?;
-    write(&pki.proxy_ca(), &proxy_ca.cert_pem())?;
+    // Three roots, one per role: whoever can sign agents must not be able to mint a server the
+    // agents trust or a frontend client, and the reverse (docs/security.md).
+    let server_ca = Ca::new("proxy-dev-server-ca")?;
+    write(&pki.server_ca(), &server_ca.cert_pem())?;
+    let server_role = role_uri("server", "");
+    let mut server_names = SERVER_NAMES.to_vec();
+    server_names.push(&server_role);
     write_pair(
         dir,
         "server",
-        &proxy_ca.issue("proxy-server", SERVER_NAMES, Usage::Server)?,
+        &server_ca.issue("proxy-server", &server_names, Usage::Server)?,
     )?;
-    // Frontend clients get their own CA: were it the agents' CA, an agent certificate could
-    // authenticate as a client and a client certificate register as an agent.
     let frontend_ca = Ca::new("proxy-dev-frontend-client-ca")?;
     write(&pki.frontend_ca(), &frontend_ca.cert_pem())?;
     for name in DEV_CLIENTS {
         write_pair(
             dir,
             &format!("client-{name}"),
-            &frontend_ca.issue(name, &[], Usage::Client)?,
+            &frontend_ca.issue(name, &[&role_uri("client", name)], Usage::Client)?,
         )?;
     }
+    let agent_ca = Ca::new("proxy-dev-agent-ca")?;
+    write(&pki.agent_ca(), &agent_ca.cert_pem())?;
     for cluster in clusters {
         write_pair(
             dir,
             &format!("agent-{cluster}"),
-            &proxy_ca.issue(cluster, &[], Usage::Client)?,
+            &agent_ca.issue(cluster, &[&role_uri("agent", cluster)], Usage::Client)?,
         )?;
         let api_ca = Ca::new(&format!("{cluster}-apiserver-ca"))?;
         write(&pki.apiserver_ca(cluster), &api_ca.cert_pem())?;

@@ -29,6 +29,9 @@ pub type AdminResponse = Response<Full<Bytes>>;
 /// Extra routes: given the path and query, a response, or `None` for 404.
 pub type Routes = Arc<dyn Fn(&str, Option<&str>) -> Option<AdminResponse> + Send + Sync>;
 
+/// Decides from a request's `Authorization` header whether it may be served.
+pub type Authorize = Arc<dyn Fn(Option<&[u8]>) -> bool + Send + Sync>;
+
 /// What the admin listener serves.
 #[derive(Clone)]
 pub struct Admin {
@@ -40,6 +43,39 @@ pub struct Admin {
     pub routes: Option<Routes>,
     /// TCP keepalive of admin connections.
     pub keepalive: Option<crate::net::Keepalive>,
+    /// Host names a request may name in its `Host` header besides IP addresses and `localhost`
+    /// (lower case). Anything else is refused: a page a browser loaded from another site's name
+    /// that then resolves to us (DNS rebinding) gets nothing.
+    pub hosts: Arc<[String]>,
+    /// When set, every request must carry an `Authorization` it accepts; others get `401`.
+    pub authorize: Option<Authorize>,
+}
+
+/// Whether a `Host` header value names this listener acceptably: an IP address (what probes,
+/// Prometheus and port-forwards use), `localhost`, or one of `allowed`; with or without a port.
+pub fn host_allowed(host: &str, allowed: &[String]) -> bool {
+    let name = if let Some(rest) = host.strip_prefix('[') {
+        // [v6]:port
+        match rest.split_once(']') {
+            Some((ip, port)) if port.is_empty() || port.strip_prefix(':').is_some_and(is_port) => {
+                return ip.parse::<std::net::Ipv6Addr>().is_ok();
+            }
+            _ => return false,
+        }
+    } else {
+        match host.rsplit_once(':') {
+            Some((name, port)) if is_port(port) => name,
+            Some(_) => return false,
+            None => host,
+        }
+    };
+    name.parse::<std::net::Ipv4Addr>().is_ok()
+        || name.eq_ignore_ascii_case("localhost")
+        || allowed.iter().any(|a| a.eq_ignore_ascii_case(name))
+}
+
+fn is_port(text: &str) -> bool {
+    !text.is_empty() && text.len() <= 5 && text.bytes().all(|b| b.is_ascii_digit())
 }
 
 /// Serves the admin endpoints on `listener` until `shutdown` fires.
@@ -82,6 +118,33 @@ pub async fn serve(listener: TcpListener, ready: Admin, shutdown: CancellationTo
 }
 
 fn route(req: &Request<Incoming>, admin: &Admin) -> AdminResponse {
+    let host = req
+        .headers()
+        .get(hyper::header::HOST)
+        .and_then(|h| h.to_str().ok());
+    // No Host at all (an HTTP/1.0 health check, as HAProxy's `option httpchk` sends) is served:
+    // DNS rebinding needs a browser, and browsers always send one.
+    let has_host = req.headers().contains_key(hyper::header::HOST);
+    if has_host && !host.is_some_and(|h| host_allowed(h, &admin.hosts)) {
+        return text(
+            StatusCode::MISDIRECTED_REQUEST,
+            "this listener does not answer for that Host (use its IP address, localhost, or a name it was given)\n".into(),
+        );
+    }
+    if let Some(authorize) = &admin.authorize {
+        let header = req.headers().get(hyper::header::AUTHORIZATION);
+        if !authorize(header.map(hyper::header::HeaderValue::as_bytes)) {
+            let mut resp = text(
+                StatusCode::UNAUTHORIZED,
+                "credentials required: a token of a client with `operator: true` in the auth file (Bearer, or Basic with it as password)\n".into(),
+            );
+            resp.headers_mut().insert(
+                hyper::header::WWW_AUTHENTICATE,
+                hyper::header::HeaderValue::from_static("Basic realm=\"proxy-server operator\""),
+            );
+            return resp;
+        }
+    }
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return text(
             StatusCode::METHOD_NOT_ALLOWED,
@@ -159,4 +222,39 @@ pub fn text(status: StatusCode, body: String) -> AdminResponse {
         hyper::header::HeaderValue::from_static("text/plain; charset=utf-8"),
     );
     resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::host_allowed;
+
+    #[test]
+    fn hosts_are_ip_addresses_localhost_or_named() {
+        let named = ["proxy.example.com".to_owned()];
+        for ok in [
+            "127.0.0.1",
+            "10.1.2.3:8095",
+            "[::1]",
+            "[fd00::1]:8096",
+            "localhost:8096",
+            "LOCALHOST",
+            "proxy.example.com",
+            "Proxy.Example.com:443",
+        ] {
+            assert!(host_allowed(ok, &named), "{ok}");
+        }
+        for bad in [
+            "evil.example",
+            "evil.example:8095",
+            "127.0.0.1.evil.example",
+            "localhost.evil.example",
+            "[::1]x",
+            "[evil]:80",
+            "127.0.0.1:http",
+            "",
+            ":8095",
+        ] {
+            assert!(!host_allowed(bad, &named), "{bad}");
+        }
+    }
 }

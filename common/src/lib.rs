@@ -11,8 +11,10 @@ pub mod net;
 pub mod pump;
 pub mod readahead;
 pub mod reload;
+pub mod roles;
 pub mod shutdown;
 pub mod telemetry;
+pub mod text;
 pub mod tls;
 
 /// A default id for a server or agent process: the host name (as Kubernetes sets it, the pod

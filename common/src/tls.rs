@@ -10,6 +10,7 @@ use rustls::server::WebPkiClientVerifier;
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
 
 use crate::error::{BoxError, chain};
+use crate::roles::Role;
 
 /// ALPN protocol of the tunnel: gRPC runs over HTTP/2.
 const ALPN_H2: &[u8] = b"h2";
@@ -36,6 +37,15 @@ pub enum TlsError {
     Verifier {
         path: PathBuf,
         source: rustls::server::VerifierBuilderError,
+    },
+    /// Two roles' CA bundles are related, so a certificate of one could pass as the other.
+    #[error(
+        "--{flag} and --{other} must be separate CAs ({why}): a certificate of one role could then pass as the other; give each role its own CA (docs/security.md)"
+    )]
+    RolesCross {
+        flag: String,
+        other: String,
+        why: &'static str,
     },
     /// A certificate has no usable Subject CN.
     #[error("certificate {path} has no Subject CN")]
@@ -93,18 +103,60 @@ pub struct CertKeyPaths {
     pub key: PathBuf,
 }
 
+/// A verifier of client certificates signed by `ca`; `optional`: clients may present none.
+fn client_verifier(
+    ca: &Path,
+    optional: bool,
+) -> Result<Arc<dyn rustls::server::danger::ClientCertVerifier>, TlsError> {
+    let roots = Arc::new(load_roots(ca)?);
+    let mut builder = WebPkiClientVerifier::builder_with_provider(roots, provider());
+    if optional {
+        builder = builder.allow_unauthenticated();
+    }
+    builder.build().map_err(|source| TlsError::Verifier {
+        path: ca.to_owned(),
+        source,
+    })
+}
+
+/// A verifier of `role` client certificates signed by `ca` that refuses one also verifying under
+/// any of `others` (their flag and CA file), after checking each of those CAs is unrelated to
+/// `ca` (see [`crate::roles`]). `ca_flag` names `ca` in errors.
+fn role_verifier(
+    role: Role,
+    (ca_flag, ca): (&'static str, &Path),
+    optional: bool,
+    others: &[(&'static str, &Path)],
+) -> Result<Arc<dyn rustls::server::danger::ClientCertVerifier>, TlsError> {
+    let mut other_verifiers = Vec::with_capacity(others.len());
+    for (flag, path) in others {
+        crate::roles::separate((ca_flag, ca), (flag, path))?;
+        other_verifiers.push((*flag, client_verifier(path, false)?));
+    }
+    Ok(Arc::new(crate::roles::RoleVerifier::new(
+        role,
+        client_verifier(ca, optional)?,
+        other_verifiers,
+    )))
+}
+
 /// TLS for a listener whose clients must present a certificate signed by `client_ca`.
 pub fn mtls_server_config(
     identity: &CertKeyPaths,
     client_ca: &Path,
 ) -> Result<ServerConfig, TlsError> {
-    let roots = Arc::new(load_roots(client_ca)?);
-    let verifier = WebPkiClientVerifier::builder_with_provider(roots, provider())
-        .build()
-        .map_err(|source| TlsError::Verifier {
-            path: client_ca.to_owned(),
-            source,
-        })?;
+    agent_listener_config(identity, client_ca, &[])
+}
+
+/// TLS of the agent listener: agents must present a certificate signed by `agent_ca` (the flag
+/// `--agent-ca`) that verifies under none of `others` (the other roles' CAs, by flag) and claims
+/// no other role.
+pub fn agent_listener_config(
+    identity: &CertKeyPaths,
+    agent_ca: &Path,
+    others: &[(&'static str, &Path)],
+) -> Result<ServerConfig, TlsError> {
+    let verifier = role_verifier(Role::Agent, ("agent-ca", agent_ca), false, others)?;
     let mut config = ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()?
         .with_client_cert_verifier(verifier)
@@ -114,27 +166,24 @@ pub fn mtls_server_config(
 }
 
 /// TLS for the CONNECT frontend (HTTP/1.1). With `client_ca`, client certificates signed by it
-/// are verified; they are required unless `cert_optional` (clients may then use a token).
+/// are verified; they are required unless `cert_optional` (clients may then use a token). A
+/// client certificate that also verifies under one of `others` (the other roles' CAs, by flag)
+/// or claims another role is refused.
 pub fn frontend_server_config(
     identity: &CertKeyPaths,
     client_ca: Option<&Path>,
     cert_optional: bool,
+    others: &[(&'static str, &Path)],
 ) -> Result<ServerConfig, TlsError> {
     let builder =
         ServerConfig::builder_with_provider(provider()).with_safe_default_protocol_versions()?;
     let builder = match client_ca {
-        Some(ca) => {
-            let roots = Arc::new(load_roots(ca)?);
-            let mut verifier = WebPkiClientVerifier::builder_with_provider(roots, provider());
-            if cert_optional {
-                verifier = verifier.allow_unauthenticated();
-            }
-            let verifier = verifier.build().map_err(|source| TlsError::Verifier {
-                path: ca.to_owned(),
-                source,
-            })?;
-            builder.with_client_cert_verifier(verifier)
-        }
+        Some(ca) => builder.with_client_cert_verifier(role_verifier(
+            Role::Client,
+            ("frontend-ca", ca),
+            cert_optional,
+            others,
+        )?),
         None => builder.with_no_client_auth(),
     };
     let mut config =

@@ -66,17 +66,20 @@ pub struct ReplicaAddrs {
     pub agent: SocketAddr,
     /// CONNECT listener.
     pub frontend: SocketAddr,
-    /// Admin listener.
+    /// Admin listener (health, metrics).
     pub admin: SocketAddr,
+    /// Operator listener (status page, cluster list).
+    pub operator: SocketAddr,
 }
 
 impl ReplicaAddrs {
-    /// Three free ports on 127.0.0.1.
+    /// Four free ports on 127.0.0.1.
     pub fn free() -> Self {
         Self {
             agent: local(free_port()),
             frontend: local(free_port()),
             admin: local(free_port()),
+            operator: local(free_port()),
         }
     }
 }
@@ -187,10 +190,11 @@ pub async fn start_replica(
     extra: &[&str],
     hosts: Option<&Path>,
 ) -> anyhow::Result<ServerProc> {
-    let (agent, frontend, admin) = (
+    let (agent, frontend, admin, operator) = (
         addrs.agent.to_string(),
         addrs.frontend.to_string(),
         addrs.admin.to_string(),
+        addrs.operator.to_string(),
     );
     let mut args: Vec<&str> = vec![
         "--agent-addr",
@@ -199,6 +203,8 @@ pub async fn start_replica(
         &frontend,
         "--admin-addr",
         &admin,
+        "--operator-addr",
+        &operator,
     ];
     args.extend_from_slice(extra);
     match hosts {
@@ -223,7 +229,7 @@ pub async fn start_replica(
     }
 }
 
-/// The cluster → agent ids a replica lists in `/api/v1/clusters`.
+/// The cluster → agent ids a replica lists in `/api/v1/clusters` (on its operator listener).
 pub async fn clusters_of(admin: SocketAddr) -> anyhow::Result<Vec<(String, Vec<String>)>> {
     let (status, body) = admin_get(admin, "/api/v1/clusters").await?;
     anyhow::ensure!(status == 200, "status {status}: {body}");

@@ -157,8 +157,10 @@ pub struct ServerProc {
     pub agent_addr: SocketAddr,
     /// CONNECT listener.
     pub frontend_addr: SocketAddr,
-    /// Admin listener.
+    /// Admin listener (health, metrics).
     pub admin_addr: SocketAddr,
+    /// Operator listener (status page, cluster list, kubeconfigs).
+    pub operator_addr: SocketAddr,
 }
 
 impl ServerProc {
@@ -210,13 +212,14 @@ impl ServerProc {
         stderr: Option<Stdio>,
     ) -> anyhow::Result<Self> {
         let agent = "127.0.0.1:0".to_owned();
-        let defaults: [(&str, String); 6] = [
+        let defaults: [(&str, String); 7] = [
             ("--agent-addr", agent),
             ("--frontend-addr", "127.0.0.1:0".into()),
             ("--admin-addr", "127.0.0.1:0".into()),
+            ("--operator-addr", "127.0.0.1:0".into()),
             ("--agent-tls-cert", pki.server_cert().display().to_string()),
             ("--agent-tls-key", pki.server_key().display().to_string()),
-            ("--agent-ca", pki.proxy_ca().display().to_string()),
+            ("--agent-ca", pki.agent_ca().display().to_string()),
         ];
         // `extra` may override any default.
         let mut args: Vec<String> = Vec::new();
@@ -236,6 +239,7 @@ impl ServerProc {
             agent_addr: field(&line, "agent")?,
             frontend_addr: field(&line, "frontend")?,
             admin_addr: field(&line, "admin")?,
+            operator_addr: field(&line, "operator")?,
             proc,
         };
         // Alive, not necessarily ready: a replica of a fleet is not ready during its warm-up.
@@ -295,7 +299,7 @@ impl AgentProc {
             "--tls-key".into(),
             pki.agent_key(cert_cluster).display().to_string(),
             "--server-ca".into(),
-            pki.proxy_ca().display().to_string(),
+            pki.server_ca().display().to_string(),
             "--upstream".into(),
             upstream.to_string(),
             "--admin-addr".into(),
@@ -356,9 +360,22 @@ fn unique_log(dir: &Path, stem: &str) -> PathBuf {
 
 /// GETs `path` on an admin listener; returns (status, body).
 pub async fn admin_get(addr: SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
+    admin_request(addr, path, &addr.to_string(), &[]).await
+}
+
+/// GETs `path` on an admin listener naming `host` in its `Host` header, with `headers`
+/// (`Name: value` lines); returns (status, body).
+pub async fn admin_request(
+    addr: SocketAddr,
+    path: &str,
+    host: &str,
+    headers: &[&str],
+) -> anyhow::Result<(u16, String)> {
     let mut s = TcpStream::connect(addr).await?;
+    let extra: String = headers.iter().map(|h| format!("{h}\r\n")).collect();
     s.write_all(
-        format!("GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n").as_bytes(),
+        format!("GET {path} HTTP/1.1\r\nHost: {host}\r\n{extra}Connection: close\r\n\r\n")
+            .as_bytes(),
     )
     .await?;
     let mut out = String::new();

@@ -28,7 +28,7 @@ pub async fn tls_connect(
     };
     let tls = Arc::new(proxy_common::tls::mtls_client_config(
         &identity,
-        &pki.proxy_ca(),
+        &pki.server_ca(),
     )?);
     let tcp = TcpStream::connect(server).await?;
     let name = rustls::pki_types::ServerName::try_from("localhost")?;

@@ -82,7 +82,7 @@ impl Swarm {
                 let life = spawn_agent(
                     &pki.agent_cert(c),
                     &pki.agent_key(c),
-                    &pki.proxy_ca(),
+                    &pki.server_ca(),
                     &server,
                     &upstream,
                     &format!("{c}-agent"),

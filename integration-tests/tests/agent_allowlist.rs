@@ -134,7 +134,7 @@ async fn agent_refuses_destinations_it_was_not_given() {
                 cert: pki.server_cert(),
                 key: pki.server_key(),
             },
-            &pki.proxy_ca(),
+            &pki.agent_ca(),
         )
     })
     .unwrap();
@@ -248,8 +248,9 @@ async fn head_echo(name: &'static str) -> std::net::SocketAddr {
 /// A client names a destination other than the API server with `Proxy-Destination`; the real
 /// server passes it to the cluster's agent, which dials it only if it was allowed. curl reaches
 /// the allowed one (never through a warm stream, which leads to the upstream) and nothing of
-/// the header reaches it; a destination the agent refuses is a `403` carrying the agent's
-/// reason, counted by both; a malformed one is the server's `400`, never sent to the agent.
+/// the header reaches it; a destination the agent refuses is a `403` whose body names neither
+/// the agent's allow-list nor its configuration (the agent's reason goes to the server's log),
+/// counted by both; a malformed one is the server's `400`, never sent to the agent.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clients_reach_the_destinations_their_cluster_agent_was_allowed() {
     let upstream = head_echo("upstream").await;
@@ -316,7 +317,8 @@ async fn clients_reach_the_destinations_their_cluster_agent_was_allowed() {
     let (code, out, err) = curl(Some(&forbidden_addr.to_string()));
     assert_eq!(code, Some(56), "{out} {err}");
     assert!(err.contains("403"), "{err}");
-    // The reason, which curl does not show: the agent's own, naming what it may dial.
+    // The body, which curl does not show: generic. The agent's reason names what it may dial
+    // (its allow-list), which the client must not learn; it is in the server's log instead.
     let answer = integration_tests::client::raw_exchange(
         bed.frontend(),
         format!("CONNECT alpha:443 HTTP/1.1\r\nProxy-Destination: {forbidden_addr}\r\n\r\n")
@@ -325,10 +327,29 @@ async fn clients_reach_the_destinations_their_cluster_agent_was_allowed() {
     .await;
     assert!(answer.starts_with("HTTP/1.1 403"), "{answer}");
     assert!(
-        answer.contains(&format!(
-            "\"{forbidden_addr}\" is not allowed by this agent"
-        )) && answer.contains(&metrics.to_string()),
+        answer.ends_with("\r\n\r\ndestination not allowed for cluster \"alpha\"\n"),
         "{answer}"
+    );
+    for leak in [
+        metrics.to_string(),
+        metrics.port().to_string(),
+        "agent".to_owned(),
+        "--allow-destination".to_owned(),
+    ] {
+        assert!(!answer.contains(&leak), "{leak:?} in {answer}");
+    }
+    let logs = bed
+        .server
+        .proc
+        .logs_with("agent refused the destination", 2)
+        .await;
+    assert!(
+        logs.lines()
+            .any(|l| l.contains("agent refused the destination")
+                && l.contains(&format!(
+                    "\"{forbidden_addr}\" is not allowed by this agent"
+                ))),
+        "{logs}"
     );
     let series =
         r#"proxy_server_connections_total{cluster="alpha",result="destination_forbidden"}"#;

@@ -98,7 +98,7 @@ impl Mesh {
             if r.server.is_none() {
                 continue;
             }
-            let Ok(listed) = clusters_of(r.addrs.admin).await else {
+            let Ok(listed) = clusters_of(r.addrs.operator).await else {
                 return false;
             };
             let names: Vec<&str> = listed.iter().map(|(n, _)| n.as_str()).collect();
@@ -125,7 +125,7 @@ impl Mesh {
                     state.push_str(&format!(
                         "\n{}: {:?}",
                         r.addrs.admin,
-                        clusters_of(r.addrs.admin).await
+                        clusters_of(r.addrs.operator).await
                     ));
                 }
                 let logs: String = self
@@ -190,9 +190,11 @@ async fn every_replica_gets_every_agent_through_one_load_balanced_address() {
             metric(r.addrs.admin, "proxy_server_server_count").await,
             3.0
         );
-        let (_, body) = admin_get(r.addrs.admin, "/api/v1/clusters").await.unwrap();
+        let (_, body) = admin_get(r.addrs.operator, "/api/v1/clusters")
+            .await
+            .unwrap();
         assert!(body.contains("\"server_count\":3"), "{body}");
-        let (_, page) = admin_get(r.addrs.admin, "/").await.unwrap();
+        let (_, page) = admin_get(r.addrs.operator, "/").await.unwrap();
         assert!(page.contains("One of 3 server replica(s)"), "{page}");
     }
     for (_, agent) in &mesh.agents {

@@ -286,3 +286,44 @@ async fn out_of_descriptors_the_admin_listener_backs_off_instead_of_spinning() {
     );
     drop(held);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_member_certificate_cannot_open_more_agents_than_the_cap() {
+    let bed = Testbed::builder(&["alpha"])
+        .server_args(&["--max-agents-per-cluster", "2"])
+        .banner_agent("alpha", "alpha-upstream")
+        .banner_agent("alpha", "alpha-upstream")
+        .start()
+        .await;
+    let upstream = integration_tests::upstream::BannerServer::start("alpha-upstream")
+        .await
+        .unwrap();
+    let third = integration_tests::AgentProc::start(
+        bed.pki(),
+        &[bed.server.agent_addr],
+        "alpha",
+        upstream.addr,
+        &[],
+    )
+    .await
+    .unwrap();
+    // The refusal names the limit, in the agent's own log.
+    let logs = third.proc.logs_with("--max-agents-per-cluster", 1).await;
+    assert!(
+        logs.contains("already has 2 agents connected to this server"),
+        "{logs}"
+    );
+    assert!(
+        third
+            .wait_registered(std::time::Duration::from_millis(300))
+            .await
+            .is_err()
+    );
+    let series = r#"proxy_server_agents{cluster="alpha"}"#;
+    assert_eq!(metric(bed.server.admin_addr, series).await, 2.0);
+    // The first two still carry the cluster.
+    assert_eq!(
+        integration_tests::client::banner_via(bed.frontend(), "alpha").await,
+        "alpha-upstream"
+    );
+}

@@ -250,7 +250,7 @@ async fn status_page_and_json_list_what_is_connected() {
         .tunnel()
         .unwrap();
 
-    let (status, json) = admin_get(bed.server.admin_addr, "/api/v1/clusters")
+    let (status, json) = admin_get(bed.server.operator_addr, "/api/v1/clusters")
         .await
         .unwrap();
     assert_eq!(status, 200);
@@ -271,7 +271,7 @@ async fn status_page_and_json_list_what_is_connected() {
     assert_eq!(clusters[1]["agents"][0]["id"], "beta-one");
     assert_eq!(clusters[1]["agents"][0]["draining"], false);
 
-    let (status, html) = admin_get(bed.server.admin_addr, "/").await.unwrap();
+    let (status, html) = admin_get(bed.server.operator_addr, "/").await.unwrap();
     assert_eq!(status, 200);
     assert!(
         html.contains("http-equiv=\"refresh\""),
@@ -309,7 +309,7 @@ async fn a_cluster_whose_agents_left_is_listed_down_until_the_retention_ends() {
     let alpha = bed.start_agent("alpha", up.addr).await;
     let _beta = bed.start_agent("beta", up.addr).await;
     let clusters = || async {
-        let (status, json) = admin_get(bed.server.admin_addr, "/api/v1/clusters")
+        let (status, json) = admin_get(bed.server.operator_addr, "/api/v1/clusters")
             .await
             .unwrap();
         assert_eq!(status, 200);
@@ -336,7 +336,7 @@ async fn a_cluster_whose_agents_left_is_listed_down_until_the_retention_ends() {
     let since = listed[0]["down_since"].as_f64().unwrap();
     assert!((since - gone_at).abs() < 5.0, "{since} vs {gone_at}");
     assert_eq!(listed[1]["state"], "up");
-    let (_, html) = admin_get(bed.server.admin_addr, "/").await.unwrap();
+    let (_, html) = admin_get(bed.server.operator_addr, "/").await.unwrap();
     assert!(html.contains("1 cluster(s) up, 1 down"), "{html}");
     assert!(html.contains("<b>down</b> since"), "{html}");
     // The metric an alert watches stays, at zero.
@@ -377,9 +377,12 @@ async fn generated_kubeconfigs_work_with_kubectl_and_verify_the_member() {
         .start()
         .await;
     // One cluster, from the admin API.
-    let (status, yaml) = admin_get(bed.server.admin_addr, "/api/v1/clusters/alpha/kubeconfig")
-        .await
-        .unwrap();
+    let (status, yaml) = admin_get(
+        bed.server.operator_addr,
+        "/api/v1/clusters/alpha/kubeconfig",
+    )
+    .await
+    .unwrap();
     assert_eq!(status, 200, "{yaml}");
     assert!(
         yaml.contains("tls-server-name: kubernetes.default.svc")
@@ -422,8 +425,8 @@ async fn generated_kubeconfigs_work_with_kubectl_and_verify_the_member() {
     let out = Command::new(integration_tests::procs::bin("proxy-server"))
         .args([
             "kubeconfig",
-            "--admin-url",
-            &format!("http://{}", bed.server.admin_addr),
+            "--operator-url",
+            &format!("http://{}", bed.server.operator_addr),
             "--out",
         ])
         .arg(&all)
@@ -466,9 +469,12 @@ async fn generated_kubeconfigs_work_with_kubectl_and_verify_the_member() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("namespace/beta-only"));
 
     // A cluster without a reported CA, or none at all, is a clear 404.
-    let (status, body) = admin_get(bed.server.admin_addr, "/api/v1/clusters/gamma/kubeconfig")
-        .await
-        .unwrap();
+    let (status, body) = admin_get(
+        bed.server.operator_addr,
+        "/api/v1/clusters/gamma/kubeconfig",
+    )
+    .await
+    .unwrap();
     assert!(
         status == 404 && body.contains("no agent connected for cluster \"gamma\""),
         "{body}"
@@ -719,7 +725,7 @@ async fn a_draining_agent_hands_new_connections_to_its_sibling_without_failures(
         "server sees the agent draining",
         Duration::from_secs(5),
         || async {
-            let (_, json) = admin_get(bed.server.admin_addr, "/api/v1/clusters")
+            let (_, json) = admin_get(bed.server.operator_addr, "/api/v1/clusters")
                 .await
                 .unwrap();
             json.contains("\"draining\":true")

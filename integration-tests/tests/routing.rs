@@ -149,7 +149,7 @@ async fn unknown_cluster_is_503_naming_it_within_100ms() {
         .await;
     integration_tests::eventually("warm-up over", Duration::from_secs(5), || async {
         let (_, body) =
-            integration_tests::procs::admin_get(bed.server.admin_addr, "/api/v1/clusters")
+            integration_tests::procs::admin_get(bed.server.operator_addr, "/api/v1/clusters")
                 .await
                 .unwrap();
         body.contains("\"warming_up\":false")

@@ -72,7 +72,7 @@ async fn door_with(apis: bool) -> Testbed {
 
 fn client(bed: &Bed, cert: Option<&str>, authorization: Option<String>) -> FrontendClient {
     FrontendClient {
-        tls_ca: Some(bed.pki.proxy_ca()),
+        tls_ca: Some(bed.pki.server_ca()),
         cert: cert.map(|n| (bed.pki.client_cert(n), bed.pki.client_key(n))),
         authorization,
     }
@@ -364,7 +364,7 @@ async fn curl_through_the_https_frontend_with_a_token_and_with_a_client_certific
                 &proxy,
                 "--proxy-cacert",
             ])
-            .arg(d.bed.pki.proxy_ca())
+            .arg(d.bed.pki.server_ca())
             .arg("--cacert")
             .arg(d.bed.pki.apiserver_ca(cluster))
             .args(extra)
@@ -462,7 +462,7 @@ async fn certificates_rotate_without_restart_old_connections_keep_working() {
         for (src, name) in [
             (from.server_cert(), "server.pem"),
             (from.server_key(), "server.key"),
-            (from.proxy_ca(), "ca.pem"),
+            (from.agent_ca(), "ca.pem"),
         ] {
             let tmp = live.join(format!("{name}.tmp"));
             std::fs::copy(src, &tmp).unwrap();
@@ -498,7 +498,7 @@ async fn certificates_rotate_without_restart_old_connections_keep_working() {
         .await
         .unwrap();
     let via = |bed: &Bed| FrontendClient {
-        tls_ca: Some(bed.pki.proxy_ca()),
+        tls_ca: Some(bed.pki.server_ca()),
         ..Default::default()
     };
     let (answer, before) = via(&a)

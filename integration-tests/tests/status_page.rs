@@ -22,7 +22,7 @@ fn cluster(i: usize) -> String {
 
 /// Counts of (up, down) clusters in `/api/v1/clusters`.
 async fn states(server: &ServerProc) -> (usize, usize) {
-    let (_, body) = admin_get(server.admin_addr, "/api/v1/clusters")
+    let (_, body) = admin_get(server.operator_addr, "/api/v1/clusters")
         .await
         .unwrap();
     let doc: serde_json::Value = serde_json::from_str(&body).unwrap();
@@ -130,7 +130,7 @@ async fn five_thousand_clusters_load_filter_and_sort_in_a_real_browser() {
     )
     .await;
 
-    let url = format!("http://{}/", server.admin_addr);
+    let url = format!("http://{}/", server.operator_addr);
     let mut browser = Browser::launch().await.unwrap();
 
     // Loads: best of three, each timed by the browser from navigation start to the end of its

@@ -163,6 +163,9 @@ pub async fn run(
         metrics: Arc::new(prometheus),
         routes: None,
         keepalive: shared.config.tcp_keepalive,
+        // Probes and Prometheus name the pod by its IP address.
+        hosts: Arc::new([]),
+        authorize: None,
     };
     let mut vital = proxy_common::shutdown::Vital::default();
     vital.spawn(

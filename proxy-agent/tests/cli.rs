@@ -59,7 +59,7 @@ fn bad_flags_are_refused_clearly() {
             "--tls-key".to_owned(),
             pki.agent_key("alpha").display().to_string(),
             "--server-ca".to_owned(),
-            pki.proxy_ca().display().to_string(),
+            pki.server_ca().display().to_string(),
         ];
         args.extend(extra.iter().map(|s| (*s).to_owned()));
         args
@@ -122,7 +122,7 @@ fn cluster_defaults_to_the_certificate_cn() {
         .arg("--tls-key")
         .arg(pki.agent_key("alpha"))
         .arg("--server-ca")
-        .arg(pki.proxy_ca())
+        .arg(pki.server_ca())
         .env("RUST_LOG", "info")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())

@@ -7,9 +7,14 @@
 //!   - name: kubefed                 # identity; also matches a client certificate CN
 //!     token: "s3cret-token"         # or token_sha256: <hex>; Bearer, or Basic with it as password
 //!     clusters: ["alpha", "member-*"]
+//!     destinations: ["monitoring.svc:9090"]  # Proxy-Destination targets besides the API server
 //!   - name: ops
 //!     clusters: ["*"]
+//!     operator: true                # may read the operator pages when they are not on loopback
 //! ```
+//!
+//! `destinations` (globs over `host:port`, default none) is checked before any agent is asked;
+//! the agent's own `--allow-destination` must allow it too.
 //!
 //! Tokens are kept only as SHA-256 digests and compared in constant time; they never reach logs
 //! or `Debug` output.
@@ -48,6 +53,12 @@ struct FileFormat {
     clients: Vec<ClientEntry>,
 }
 
+/// The shipped Secret's content until an operator replaces it: `placeholder: <what to do>`.
+#[derive(Deserialize)]
+struct Placeholder {
+    placeholder: String,
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct ClientEntry {
@@ -58,6 +69,10 @@ struct ClientEntry {
     token_sha256: Option<String>,
     #[serde(default)]
     clusters: Vec<String>,
+    #[serde(default)]
+    destinations: Vec<String>,
+    #[serde(default)]
+    operator: bool,
 }
 
 /// One identity's grants.
@@ -65,6 +80,8 @@ struct Client {
     name: String,
     token_digest: Option<[u8; 32]>,
     clusters: Vec<String>,
+    destinations: Vec<String>,
+    operator: bool,
 }
 
 impl std::fmt::Debug for Client {
@@ -73,6 +90,8 @@ impl std::fmt::Debug for Client {
             .field("name", &self.name)
             .field("token", &self.token_digest.map(|_| "<redacted>"))
             .field("clusters", &self.clusters)
+            .field("destinations", &self.destinations)
+            .field("operator", &self.operator)
             .finish()
     }
 }
@@ -181,6 +200,12 @@ impl Policy {
 
     /// Parses policy YAML. Errors never quote a token.
     pub fn parse(text: &str) -> Result<Self, String> {
+        if let Ok(Placeholder { placeholder }) = serde_yaml_ng::from_str::<Placeholder>(text) {
+            return Err(format!(
+                "is the shipped placeholder, not a policy: {}",
+                placeholder.chars().take(200).collect::<String>()
+            ));
+        }
         let file: FileFormat = serde_yaml_ng::from_str(text).map_err(|e| {
             // serde's messages can quote the offending value; keep only where it is.
             match e.location() {
@@ -226,10 +251,19 @@ impl Policy {
                     return Err(format!("{at}: empty cluster pattern"));
                 }
             }
+            for pattern in &entry.destinations {
+                if pattern.is_empty() || !pattern.contains(':') {
+                    return Err(format!(
+                        "{at}: destination pattern {pattern:?} must be host:port (globs allowed)"
+                    ));
+                }
+            }
             clients.push(Client {
                 name: entry.name,
                 token_digest,
                 clusters: entry.clusters,
+                destinations: entry.destinations,
+                operator: entry.operator,
             });
         }
         Ok(Self { clients })
@@ -274,6 +308,31 @@ impl Policy {
                 .ok_or(AuthError::Invalid),
             None => Err(AuthError::Missing),
         }
+    }
+
+    /// Whether `identity` may ask an agent of a cluster it may reach for `destination`
+    /// (`host:port`, as the `Proxy-Destination` header named it).
+    pub fn allows_destination(&self, identity: &str, destination: &str) -> bool {
+        let destination = destination.to_ascii_lowercase();
+        self.clients
+            .iter()
+            .find(|c| c.name == identity)
+            .is_some_and(|c| {
+                c.destinations
+                    .iter()
+                    .any(|p| glob_match(&p.to_ascii_lowercase(), &destination))
+            })
+    }
+
+    /// Whether the holder of `authorization` (an `Authorization` header value: Bearer, or
+    /// Basic with the token as password) is a client marked `operator: true`.
+    pub fn operator(&self, authorization: Option<&[u8]>) -> bool {
+        let creds = Credentials::parse(authorization);
+        if matches!(creds, Credentials::None) {
+            return false;
+        }
+        self.authenticate(&creds, None)
+            .is_ok_and(|name| self.clients.iter().any(|c| c.name == name && c.operator))
     }
 
     /// Whether `identity` may reach `cluster`.
@@ -412,6 +471,44 @@ clients:
         let p = Policy::parse(POLICY).unwrap();
         assert!(!format!("{p:?}").contains("s3cret"));
         assert!(!format!("{:?}", Credentials::Bearer("s3cret".into())).contains("s3cret"));
+    }
+
+    #[test]
+    fn destinations_are_granted_per_client_and_default_to_none() {
+        let p = Policy::parse(
+            "clients:\n  - name: mon\n    token: t1\n    clusters: ['*']\n    destinations: ['prometheus.monitoring.svc:9090', '*.logging.svc:*']\n  - name: plain\n    token: t2\n    clusters: ['*']\n",
+        )
+        .unwrap();
+        assert!(p.allows_destination("mon", "prometheus.monitoring.svc:9090"));
+        assert!(p.allows_destination("mon", "Loki.Logging.svc:3100"));
+        assert!(!p.allows_destination("mon", "prometheus.monitoring.svc:9091"));
+        assert!(!p.allows_destination("plain", "prometheus.monitoring.svc:9090"));
+        assert!(!p.allows_destination("nobody", "prometheus.monitoring.svc:9090"));
+        assert!(Policy::parse("clients:\n  - name: a\n    destinations: ['nohost']\n").is_err());
+    }
+
+    #[test]
+    fn operators_are_marked_clients_with_a_token() {
+        let p = Policy::parse(
+            "clients:\n  - name: ops\n    token: op-token\n    operator: true\n  - name: kubefed\n    token: kf-token\n",
+        )
+        .unwrap();
+        assert!(p.operator(Some(b"Bearer op-token")));
+        // Basic, as a browser sends it: ops:op-token
+        assert!(p.operator(Some(b"Basic b3BzOm9wLXRva2Vu")));
+        assert!(!p.operator(Some(b"Bearer kf-token")), "not an operator");
+        assert!(!p.operator(Some(b"Bearer wrong")));
+        assert!(!p.operator(None));
+    }
+
+    #[test]
+    fn the_shipped_placeholder_is_refused_and_says_so() {
+        let err = Policy::parse(
+            "placeholder: \"replace this Secret with your auth policy: see docs/deploying.md\"\n",
+        )
+        .unwrap_err();
+        assert!(err.contains("shipped placeholder"), "{err}");
+        assert!(err.contains("docs/deploying.md"), "{err}");
     }
 
     #[test]

@@ -69,13 +69,28 @@ pub struct Args {
     /// Allow a frontend on a non-loopback address with no authentication at all.
     #[arg(long, env = "PROXY_SERVER_FRONTEND_ALLOW_UNAUTHENTICATED")]
     pub frontend_allow_unauthenticated: bool,
-    /// Admin listener: /healthz, /readyz, /metrics.
+    /// Admin listener for the platform: /healthz, /livez, /readyz, /metrics only. May listen
+    /// on the pod IP for probes and Prometheus.
     #[arg(
         long,
         env = "PROXY_SERVER_ADMIN_ADDR",
         default_value = "127.0.0.1:8095"
     )]
     pub admin_addr: SocketAddr,
+    /// Operator listener: the status page, /api/v1/clusters and kubeconfigs (the fleet map).
+    /// Loopback by default (reach it with `kubectl port-forward`); on any other address it
+    /// requires the token of a client with `operator: true` in --frontend-auth-file.
+    #[arg(
+        long,
+        env = "PROXY_SERVER_OPERATOR_ADDR",
+        default_value = "127.0.0.1:8096"
+    )]
+    pub operator_addr: SocketAddr,
+    /// Host names the admin and operator listeners answer for, besides IP addresses and
+    /// `localhost` (comma-separated). Requests naming any other Host get 421, so a web page
+    /// cannot reach them through DNS rebinding.
+    #[arg(long, env = "PROXY_SERVER_ADMIN_HOSTS", value_delimiter = ',')]
+    pub admin_hosts: Vec<String>,
     /// How long a CONNECT waits for the agent to reach its upstream before answering 504.
     #[arg(long, env = "PROXY_SERVER_DIAL_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub dial_timeout: Duration,
@@ -118,6 +133,15 @@ pub struct Args {
         default_value_t = 5_000
     )]
     pub max_connections_per_cluster: usize,
+    /// Most agent connections one cluster may hold on this server at once (its replicas); more
+    /// are refused at registration, with a reason the agent logs. Bounds what one member's
+    /// certificate can open.
+    #[arg(
+        long,
+        env = "PROXY_SERVER_MAX_AGENTS_PER_CLUSTER",
+        default_value_t = 16
+    )]
+    pub max_agents_per_cluster: usize,
     /// Most CONNECTs waiting for an agent's dial at once; more get 503.
     #[arg(long, env = "PROXY_SERVER_MAX_PENDING_DIALS", default_value_t = 2_048)]
     pub max_pending_dials: usize,
@@ -210,13 +234,14 @@ pub enum Command {
     /// Write a kubeconfig with a cluster, user and context for every connected cluster (as
     /// reported by a running server's admin listener); fill in the users' credentials.
     Kubeconfig {
-        /// Admin listener of the running server.
+        /// Operator listener (--operator-addr) of the running server.
         #[arg(
             long,
-            env = "PROXY_SERVER_ADMIN_URL",
-            default_value = "http://127.0.0.1:8095"
+            alias = "admin-url",
+            env = "PROXY_SERVER_OPERATOR_URL",
+            default_value = "http://127.0.0.1:8096"
         )]
-        admin_url: String,
+        operator_url: String,
         /// Where to write it (default: standard output).
         #[arg(long, short)]
         out: Option<PathBuf>,
@@ -269,6 +294,8 @@ pub struct Limits {
     pub max_connections_per_cluster: usize,
     /// See [`Args::max_pending_dials`].
     pub max_pending_dials: usize,
+    /// See [`Args::max_agents_per_cluster`].
+    pub max_agents_per_cluster: usize,
     /// See [`Args::down_retention`].
     pub down_retention: Duration,
 }
@@ -280,8 +307,12 @@ pub struct Config {
     pub agent_addr: SocketAddr,
     /// Where to listen for CONNECT clients.
     pub frontend_addr: SocketAddr,
-    /// Where to listen for admin requests.
+    /// Where to listen for admin requests (health, metrics).
     pub admin_addr: SocketAddr,
+    /// Where to listen for operator requests (status page, cluster list, kubeconfigs).
+    pub operator_addr: SocketAddr,
+    /// See [`Args::admin_hosts`]; lower case.
+    pub admin_hosts: Vec<String>,
     /// TLS of the agent listener (mutual: agents must present a certificate).
     pub agent_tls: Reloadable<rustls::ServerConfig>,
     /// Expiry of each loaded certificate, set at every (re)load.
@@ -377,6 +408,13 @@ impl Config {
             agent_addr: args.agent_addr,
             frontend_addr: args.frontend_addr,
             admin_addr: args.admin_addr,
+            operator_addr: operator_addr(args)?,
+            admin_hosts: args
+                .admin_hosts
+                .iter()
+                .map(|h| h.trim().to_ascii_lowercase())
+                .filter(|h| !h.is_empty())
+                .collect(),
             agent_tls,
             cert_expiry,
             frontend_tls,
@@ -418,7 +456,10 @@ fn required(flag: &'static str, v: &Option<PathBuf>) -> Result<PathBuf, ConfigEr
     v.clone().ok_or_else(|| invalid(flag, "required"))
 }
 
-/// The agent listener's mutual TLS, re-read when its files change.
+/// The agent listener's mutual TLS, re-read when its files change. Every (re)load checks the
+/// roles stay apart: the server's certificate and the frontend client CA unrelated to the agent
+/// CA, and (per connection) no agent certificate that also verifies as a frontend client. So the
+/// frontend CA file is watched too: a reload of either re-checks both.
 fn agent_tls(
     args: &Args,
     cert_expiry: &tls::CertExpiry,
@@ -428,21 +469,28 @@ fn agent_tls(
         key: required("agent-tls-key", &args.agent_tls_key)?,
     };
     let agent_ca = required("agent-ca", &args.agent_ca)?;
+    let frontend_ca = args.frontend_ca.clone();
+    let mut files = vec![
+        agent_identity.cert.clone(),
+        agent_identity.key.clone(),
+        agent_ca.clone(),
+    ];
+    files.extend(frontend_ca.iter().cloned());
     let expiry = cert_expiry.clone();
-    Reloadable::load(
-        "agent listener TLS",
-        vec![
-            agent_identity.cert.clone(),
-            agent_identity.key.clone(),
-            agent_ca.clone(),
-        ],
-        move || {
-            let config = tls::mtls_server_config(&agent_identity, &agent_ca)?;
-            tls::record_expiry(&expiry, "agent-listener", &agent_identity.cert);
-            tls::record_expiry(&expiry, "agent-ca", &agent_ca);
-            Ok::<_, tls::TlsError>(config)
-        },
-    )
+    Reloadable::load("agent listener TLS", files, move || {
+        proxy_common::roles::separate(
+            ("agent-tls-cert", &agent_identity.cert),
+            ("agent-ca", &agent_ca),
+        )?;
+        let others: Vec<(&'static str, &std::path::Path)> = frontend_ca
+            .iter()
+            .map(|ca| ("frontend-ca", ca.as_path()))
+            .collect();
+        let config = tls::agent_listener_config(&agent_identity, &agent_ca, &others)?;
+        tls::record_expiry(&expiry, "agent-listener", &agent_identity.cert);
+        tls::record_expiry(&expiry, "agent-ca", &agent_ca);
+        Ok::<_, tls::TlsError>(config)
+    })
     .map_err(ConfigError::AgentTls)
 }
 
@@ -475,10 +523,18 @@ fn frontend_tls(
     };
     let mut files = vec![cert.clone(), key.clone()];
     files.extend(args.frontend_ca.iter().cloned());
+    // Watched too, so a frontend CA reload is checked against the agent CA in force.
+    let agent_ca = required("agent-ca", &args.agent_ca)?;
+    files.push(agent_ca.clone());
     let ca = args.frontend_ca.clone();
     let expiry = cert_expiry.clone();
     let tls = Reloadable::load("frontend TLS", files, move || {
-        let config = tls::frontend_server_config(&identity, ca.as_deref(), cert_optional)?;
+        let config = tls::frontend_server_config(
+            &identity,
+            ca.as_deref(),
+            cert_optional,
+            &[("agent-ca", &agent_ca)],
+        )?;
         tls::record_expiry(&expiry, "frontend", &identity.cert);
         if let Some(ca) = &ca {
             tls::record_expiry(&expiry, "frontend-ca", ca);
@@ -489,24 +545,12 @@ fn frontend_tls(
     Ok(Some(tls))
 }
 
-/// How frontend clients authenticate; refuses a client CA shared with the agents, and an open
-/// frontend on a non-loopback address unless explicitly allowed.
+/// How frontend clients authenticate (the client CA was checked against the agent CA where it
+/// was loaded); refuses an open frontend on a non-loopback address unless explicitly allowed.
 fn frontend_auth(
     args: &Args,
     policy: Option<Reloadable<Policy>>,
 ) -> Result<FrontendAuth, ConfigError> {
-    if let Some(frontend_ca) = &args.frontend_ca {
-        let agents = tls::load_certs(&required("agent-ca", &args.agent_ca)?)
-            .map_err(ConfigError::AgentTls)?;
-        let clients = tls::load_certs(frontend_ca).map_err(ConfigError::FrontendTls)?;
-        if clients.iter().any(|c| agents.contains(c)) {
-            return Err(invalid(
-                "frontend-ca",
-                "shares a CA with --agent-ca: agent certificates could then authenticate as frontend clients, \
-                 and client certificates register as agents. Use a separate CA for frontend clients",
-            ));
-        }
-    }
     let frontend_auth = match (policy, &args.frontend_ca) {
         (Some(policy), _) => FrontendAuth::Policy(policy),
         (None, Some(_)) => FrontendAuth::CertificateRequired,
@@ -528,6 +572,22 @@ fn frontend_auth(
     Ok(frontend_auth)
 }
 
+/// The operator listener holds the fleet map: off loopback it needs the auth file, whose
+/// `operator: true` clients may read it.
+fn operator_addr(args: &Args) -> Result<SocketAddr, ConfigError> {
+    if !args.operator_addr.ip().is_loopback() && args.frontend_auth_file.is_none() {
+        return Err(invalid(
+            "operator-addr",
+            format!(
+                "{} is not a loopback address: the status page and kubeconfigs would be open to anyone who reaches it. \
+                 Keep it on 127.0.0.1 (and use kubectl port-forward), or set --frontend-auth-file with a client marked `operator: true`",
+                args.operator_addr
+            ),
+        ));
+    }
+    Ok(args.operator_addr)
+}
+
 fn limits(args: &Args) -> Result<Limits, ConfigError> {
     Ok(Limits {
         handshake_timeout: positive("handshake-timeout", args.handshake_timeout)?,
@@ -539,6 +599,10 @@ fn limits(args: &Args) -> Result<Limits, ConfigError> {
             args.max_connections_per_cluster,
         )?,
         max_pending_dials: at_least_one("max-pending-dials", args.max_pending_dials)?,
+        max_agents_per_cluster: at_least_one(
+            "max-agents-per-cluster",
+            args.max_agents_per_cluster,
+        )?,
         down_retention: positive("down-retention", args.down_retention)?,
     })
 }

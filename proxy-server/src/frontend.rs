@@ -698,18 +698,25 @@ impl Frontend {
         cluster: &str,
     ) -> Result<String, Refusal> {
         let policy = match &self.auth {
+            // Open on purpose (loopback, or --frontend-allow-unauthenticated): the agent's
+            // --allow-destination alone decides destinations.
             FrontendAuth::Open => {
                 return Ok(cert_cn.map_or_else(|| "anonymous".to_owned(), str::to_owned));
             }
             FrontendAuth::CertificateRequired => {
                 // The TLS handshake already required and verified the certificate.
-                return cert_cn.map(str::to_owned).ok_or_else(|| {
+                let identity = cert_cn.map(str::to_owned).ok_or_else(|| {
                     Refusal::new(
                         StatusCode::PROXY_AUTHENTICATION_REQUIRED,
                         Outcome::Unauthenticated,
                         "a client certificate is required",
                     )
-                });
+                })?;
+                // Destinations are granted per client in the auth file; without one, none.
+                if let Some(destination) = &req.destination {
+                    return Err(destination_refused(&identity, cluster, destination));
+                }
+                return Ok(identity);
             }
             FrontendAuth::Policy(policy) => policy.current(),
         };
@@ -749,6 +756,11 @@ impl Frontend {
                 format!("{identity:?} is not allowed to reach cluster {cluster:?}"),
             ));
         }
+        if let Some(destination) = &req.destination {
+            if !policy.allows_destination(&identity, destination) {
+                return Err(destination_refused(&identity, cluster, destination));
+            }
+        }
         tracing::info!(identity, cluster, decision = "allowed", "access decision");
         Ok(identity)
     }
@@ -763,4 +775,21 @@ impl Frontend {
             None => host.to_owned(),
         }
     }
+}
+
+/// A `Proxy-Destination` the client's grants do not cover: checked before any agent is asked,
+/// answered with a body that names no list or configuration (those go to the log only).
+fn destination_refused(identity: &str, cluster: &str, destination: &str) -> Refusal {
+    tracing::info!(
+        identity,
+        cluster,
+        destination,
+        decision = "destination_forbidden",
+        "access decision: the client's `destinations` in the auth file do not cover it"
+    );
+    Refusal::new(
+        StatusCode::FORBIDDEN,
+        Outcome::DestinationForbidden,
+        format!("destination not allowed for cluster {cluster:?}"),
+    )
 }

@@ -1,5 +1,6 @@
 //! `proxy-server kubeconfig`: fetches the kubeconfig of every connected cluster from a running
-//! server's admin listener and writes it to a file or standard output.
+//! server's operator listener and writes it to a file or standard output, as the server wrote
+//! it (JSON, which kubectl reads as the YAML it also is; see `crate::status`).
 
 use std::path::Path;
 
@@ -15,10 +16,10 @@ use tokio::net::TcpStream;
 #[allow(missing_docs)]
 #[derive(Debug, thiserror::Error)]
 pub enum KubeconfigError {
-    /// The admin URL is not `http://HOST:PORT`.
-    #[error("--admin-url {0:?}: expected http://HOST:PORT")]
+    /// The operator URL is not `http://HOST:PORT`.
+    #[error("--operator-url {0:?}: expected http://HOST:PORT")]
     Url(String),
-    /// The admin listener could not be reached or answered badly.
+    /// The operator listener could not be reached or answered badly.
     #[error("fetching {url}")]
     Fetch { url: String, source: BoxError },
     /// The server answered with an error (e.g. no cluster reported its CA).
@@ -38,13 +39,13 @@ pub enum KubeconfigError {
     },
 }
 
-/// Fetches `/api/v1/kubeconfig` from `admin_url` and writes it to `out` (stdout if `None`).
-pub async fn write(admin_url: &str, out: Option<&Path>) -> Result<(), KubeconfigError> {
-    let authority = admin_url
+/// Fetches `/api/v1/kubeconfig` from `operator_url` and writes it to `out` (stdout if `None`).
+pub async fn write(operator_url: &str, out: Option<&Path>) -> Result<(), KubeconfigError> {
+    let authority = operator_url
         .strip_prefix("http://")
         .map(|rest| rest.trim_end_matches('/'))
         .filter(|a| !a.is_empty() && !a.contains('/'))
-        .ok_or_else(|| KubeconfigError::Url(admin_url.to_owned()))?;
+        .ok_or_else(|| KubeconfigError::Url(operator_url.to_owned()))?;
     let url = format!("http://{authority}/api/v1/kubeconfig");
     let fetch_err = |source: BoxError| KubeconfigError::Fetch {
         url: url.clone(),

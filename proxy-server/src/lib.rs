@@ -37,15 +37,17 @@ pub use agent_conn::MAX_STREAMS_PER_AGENT;
 
 use proxy_common::shutdown::CLOSE_GRACE as SHUTDOWN_GRACE;
 
-/// The server's three listeners, bound before [`run`].
+/// The server's listeners, bound before [`run`].
 #[derive(Debug)]
 pub struct Listeners {
     /// gRPC/mTLS listener for agents.
     pub agent: TcpListener,
     /// HTTP CONNECT listener.
     pub frontend: TcpListener,
-    /// Admin listener.
+    /// Admin listener (health, metrics).
     pub admin: TcpListener,
+    /// Operator listener (status page, cluster list, kubeconfigs).
+    pub operator: TcpListener,
 }
 
 /// Why the server could not start or stopped with an error.
@@ -115,6 +117,7 @@ impl Listeners {
             agent: bind("agent", config.agent_addr).await?,
             frontend,
             admin: bind("admin", config.admin_addr).await?,
+            operator: bind("operator", config.operator_addr).await?,
         })
     }
 
@@ -122,10 +125,11 @@ impl Listeners {
     pub fn describe(&self) -> String {
         let addr = |l: &TcpListener| l.local_addr().map(|a| a.to_string()).unwrap_or_default();
         format!(
-            "proxy-server listening agent={} frontend={} admin={}",
+            "proxy-server listening agent={} frontend={} admin={} operator={}",
             addr(&self.agent),
             addr(&self.frontend),
-            addr(&self.admin)
+            addr(&self.admin),
+            addr(&self.operator)
         )
     }
 }
@@ -252,7 +256,14 @@ pub async fn run(
         mut prometheus,
     } = core;
     prometheus.register_collector(Box::new(shards.agents_gauge()));
-    let admin = admin_routes(&config, &life, &fleet, prometheus, status, &listener_lost);
+    let admin = admin_routes(&config, &life, &fleet, prometheus, &listener_lost);
+    // The operator listener: the same health and metrics, plus the pages that map the fleet.
+    // Not a vital listener: losing it costs people a page, not clients their tunnels.
+    life.tasks.spawn(proxy_common::admin::serve(
+        listeners.operator,
+        operator_routes(&config, admin.clone(), status),
+        life.close.clone(),
+    ));
     let mut tasks = Tasks {
         // The admin listener answers through the drain, so probes see it fail readiness.
         admin: Some(tokio::spawn(proxy_common::admin::serve(
@@ -380,13 +391,38 @@ async fn build_core(config: &Config, life: &Lifecycle) -> Result<Core, ServerErr
     })
 }
 
-/// The admin listener's readiness checks, metrics and pages.
+/// The operator listener: the admin listener's endpoints plus the status page, cluster list and
+/// kubeconfigs; off loopback, only for clients marked `operator: true` in the auth file
+/// (`Config::from_args` refuses it off loopback without one).
+fn operator_routes(
+    config: &Config,
+    admin: proxy_common::admin::Admin,
+    status: Arc<status::Status>,
+) -> proxy_common::admin::Admin {
+    let authorize: Option<proxy_common::admin::Authorize> = match (
+        &config.frontend_auth,
+        config.operator_addr.ip().is_loopback(),
+    ) {
+        (_, true) => None,
+        (config::FrontendAuth::Policy(policy), false) => {
+            let policy = policy.clone();
+            Some(Arc::new(move |header| policy.current().operator(header)))
+        }
+        (_, false) => Some(Arc::new(|_| false)),
+    };
+    proxy_common::admin::Admin {
+        routes: Some(status.routes()),
+        authorize,
+        ..admin
+    }
+}
+
+/// The admin listener's readiness checks and metrics.
 fn admin_routes(
     config: &Config,
     life: &Lifecycle,
     fleet: &Arc<fleet::Fleet>,
     prometheus: prometheus_client::registry::Registry,
-    status: Arc<status::Status>,
     listener_lost: &CancellationToken,
 ) -> proxy_common::admin::Admin {
     let (lost, draining, warming) = (listener_lost.clone(), life.shutdown.clone(), fleet.clone());
@@ -407,8 +443,10 @@ fn admin_routes(
             ("warmup", Arc::new(move || warmup_check(&warming))),
         ],
         metrics: Arc::new(prometheus),
-        routes: Some(status.routes()),
+        routes: None,
         keepalive: config.tcp_keepalive,
+        hosts: config.admin_hosts.clone().into(),
+        authorize: None,
     }
 }
 

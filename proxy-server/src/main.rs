@@ -21,9 +21,9 @@ fn main() -> anyhow::Result<()> {
     let _log = proxy_common::telemetry::init(args.log_format);
     proxy_common::net::raise_open_files_limit();
     let runtime = proxy_common::runtime(args.worker_threads.map(usize::from))?;
-    if let Some(Command::Kubeconfig { admin_url, out }) = &args.command {
+    if let Some(Command::Kubeconfig { operator_url, out }) = &args.command {
         runtime.block_on(proxy_server::kubeconfig_command::write(
-            admin_url,
+            operator_url,
             out.as_deref(),
         ))?;
         return Ok(());

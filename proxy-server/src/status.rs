@@ -57,6 +57,7 @@ impl Status {
     fn route(&self, path: &str) -> Option<AdminResponse> {
         match path {
             "/api/v1/clusters" => Some(respond("application/json", self.json().to_string())),
+            // JSON, which is YAML too: every value quoted (see `kubeconfig`).
             "/api/v1/kubeconfig" => Some(match self.kubeconfig(None) {
                 Ok(yaml) => respond("application/yaml", yaml),
                 Err(why) => text(StatusCode::NOT_FOUND, format!("{why}\n")),

@@ -67,20 +67,15 @@ impl TunnelService {
     }
 }
 
-/// Longest dial-failure reason passed on to clients, logs and the status page.
+/// Longest dial-failure reason passed on to clients, logs and the status page, in bytes.
 pub const MAX_REASON: usize = 512;
 
-/// Cuts `text` to at most `max` bytes, on a character boundary.
-fn truncate(mut text: String, max: usize) -> String {
-    if text.len() > max {
-        let mut end = max;
-        while !text.is_char_boundary(end) {
-            end -= 1;
-        }
-        text.truncate(end);
-        text.push('…');
-    }
-    text
+/// Free-form text from an agent (a dial-failure reason, the status its control stream ended
+/// with) as the server keeps it: printable, on one line, at most [`MAX_REASON`] bytes. Applied
+/// where the text arrives, so logs, the CONNECT client, the status page and its JSON all get
+/// the same safe copy.
+fn agent_text(text: &str) -> String {
+    proxy_common::text::sanitize(text, MAX_REASON)
 }
 
 /// Longest agent id, version or server id string accepted.
@@ -113,17 +108,18 @@ pub fn registration(first: Option<AgentMessage>, cn: &str) -> Result<Register, S
             reg.cluster
         )));
     }
-    if reg.agent_id.is_empty()
-        || reg.agent_id.len() > MAX_AGENT_FIELD
-        || reg.agent_id.chars().any(char::is_control)
+    // Shown as they are in logs and on the status page, so refused rather than rewritten: an
+    // id must read as what it is (no U+202E reversing it, no U+2028 breaking its line).
+    let unprintable = |field: &str| field.chars().any(proxy_common::text::is_unprintable);
+    if reg.agent_id.is_empty() || reg.agent_id.len() > MAX_AGENT_FIELD || unprintable(&reg.agent_id)
     {
         return Err(Status::invalid_argument(format!(
-            "agent id must be 1 to {MAX_AGENT_FIELD} bytes without control characters"
+            "agent id must be 1 to {MAX_AGENT_FIELD} bytes without control, format or line-separator characters"
         )));
     }
-    if reg.version.len() > MAX_AGENT_FIELD || reg.version.chars().any(char::is_control) {
+    if reg.version.len() > MAX_AGENT_FIELD || unprintable(&reg.version) {
         return Err(Status::invalid_argument(format!(
-            "version must be at most {MAX_AGENT_FIELD} bytes without control characters"
+            "version must be at most {MAX_AGENT_FIELD} bytes without control, format or line-separator characters"
         )));
     }
     if reg.held_server_ids.len() > MAX_HELD_SERVERS
@@ -293,7 +289,16 @@ impl TunnelService {
             Ok(registration) => registration,
             Err(err) => {
                 // The registration answer queued above is not sent: the refusal is all.
-                refuse(respond, Status::already_exists(err.to_string()));
+                let status = match &err {
+                    crate::registry::RegisterError::AlreadyRegistered => {
+                        Status::already_exists(err.to_string())
+                    }
+                    crate::registry::RegisterError::TooManyAgents { .. } => {
+                        tracing::warn!(%err, agent.addr = %conn.addr, "agent refused");
+                        Status::resource_exhausted(err.to_string())
+                    }
+                };
+                refuse(respond, status);
                 return None;
             }
         };
@@ -474,7 +479,7 @@ fn serve_control(
                 Ok(Some(AgentMessage {
                     msg: Some(agent_message::Msg::DialFailed(failed)),
                 })) => {
-                    let reason = truncate(failed.reason, MAX_REASON);
+                    let reason = agent_text(&failed.reason);
                     let outcome = if failed.not_allowed {
                         DialOutcome::NotAllowed(reason)
                     } else {
@@ -496,7 +501,10 @@ fn serve_control(
                 }
                 Ok(Some(_)) => break "protocol violation: unexpected control message".to_owned(),
                 Ok(None) => break "control stream closed by agent".to_owned(),
-                Err(status) => break format!("control stream failed: {}", status.message()),
+                Err(status) => {
+                    // The message may be the agent's own (its trailers' grpc-message).
+                    break format!("control stream failed: {}", agent_text(status.message()));
+                }
             }
         };
         drop(registration);

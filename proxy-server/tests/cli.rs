@@ -23,6 +23,9 @@ fn help_lists_every_flag_with_its_environment_variable() {
         "agent-ca",
         "frontend-addr",
         "admin-addr",
+        "operator-addr",
+        "admin-hosts",
+        "max-agents-per-cluster",
         "dial-timeout",
         "agent-wait",
         "keepalive-interval",
@@ -62,7 +65,7 @@ fn missing_or_unreadable_certificates_are_refused_clearly() {
         "--agent-tls-key",
         pki.server_key().to_str().unwrap(),
         "--agent-ca",
-        pki.proxy_ca().to_str().unwrap(),
+        pki.agent_ca().to_str().unwrap(),
     ]);
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
@@ -78,7 +81,7 @@ fn missing_or_unreadable_certificates_are_refused_clearly() {
         "--agent-tls-key",
         pki.agent_key("alpha").to_str().unwrap(),
         "--agent-ca",
-        pki.proxy_ca().to_str().unwrap(),
+        pki.agent_ca().to_str().unwrap(),
     ]);
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("invalid TLS material"));
@@ -96,7 +99,7 @@ fn an_address_in_use_is_reported_with_the_listener_name() {
         "--agent-tls-key",
         pki.server_key().to_str().unwrap(),
         "--agent-ca",
-        pki.proxy_ca().to_str().unwrap(),
+        pki.agent_ca().to_str().unwrap(),
         "--agent-addr",
         "127.0.0.1:0",
         "--admin-addr",
@@ -122,7 +125,7 @@ fn zero_timeouts_are_refused() {
         "--agent-tls-key",
         pki.server_key().to_str().unwrap(),
         "--agent-ca",
-        pki.proxy_ca().to_str().unwrap(),
+        pki.agent_ca().to_str().unwrap(),
         "--dial-timeout",
         "0s",
     ]);
@@ -143,7 +146,7 @@ fn zero_timeouts_are_refused() {
             "--agent-tls-key",
             pki.server_key().to_str().unwrap(),
             "--agent-ca",
-            pki.proxy_ca().to_str().unwrap(),
+            pki.agent_ca().to_str().unwrap(),
             flag,
             "100000000years",
         ]);
@@ -160,7 +163,7 @@ fn zero_timeouts_are_refused() {
 fn an_open_frontend_on_a_public_address_must_be_explicit() {
     let dir = tempfile::tempdir().unwrap();
     let pki = proxy_certs::write_dev_pki(dir.path(), &["alpha"]).unwrap();
-    let (cert, key, ca) = (pki.server_cert(), pki.server_key(), pki.proxy_ca());
+    let (cert, key, ca) = (pki.server_cert(), pki.server_key(), pki.agent_ca());
     let base = [
         "--agent-tls-cert",
         cert.to_str().unwrap(),
@@ -217,7 +220,7 @@ fn a_broken_auth_file_is_refused_at_start_without_echoing_secrets() {
         "--agent-tls-key",
         pki.server_key().to_str().unwrap(),
         "--agent-ca",
-        pki.proxy_ca().to_str().unwrap(),
+        pki.agent_ca().to_str().unwrap(),
         "--frontend-auth-file",
         auth.to_str().unwrap(),
     ]);
@@ -237,13 +240,13 @@ fn frontend_and_agent_certificates_must_come_from_different_cas() {
         "--agent-tls-key",
         pki.server_key().to_str().unwrap(),
         "--agent-ca",
-        pki.proxy_ca().to_str().unwrap(),
+        pki.agent_ca().to_str().unwrap(),
         "--frontend-tls-cert",
         pki.server_cert().to_str().unwrap(),
         "--frontend-tls-key",
         pki.server_key().to_str().unwrap(),
         "--frontend-ca",
-        pki.proxy_ca().to_str().unwrap(),
+        pki.agent_ca().to_str().unwrap(),
     ]);
     assert_eq!(out.status.code(), Some(1), "shared CA accepted");
     let err = String::from_utf8_lossy(&out.stderr);
@@ -257,7 +260,7 @@ fn frontend_and_agent_certificates_must_come_from_different_cas() {
 fn replica_count_flags_are_checked() {
     let dir = tempfile::tempdir().unwrap();
     let pki = proxy_certs::write_dev_pki(dir.path(), &["alpha"]).unwrap();
-    let (cert, key, ca) = (pki.server_cert(), pki.server_key(), pki.proxy_ca());
+    let (cert, key, ca) = (pki.server_cert(), pki.server_key(), pki.agent_ca());
     let with = |extra: &[&str]| {
         let mut args = vec![
             "--agent-tls-cert",

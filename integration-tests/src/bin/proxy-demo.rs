@@ -51,6 +51,8 @@ async fn main() -> anyhow::Result<()> {
         "127.0.0.1:0",
         "--admin-addr",
         "127.0.0.1:0",
+        "--operator-addr",
+        "127.0.0.1:0",
         "--frontend-addr",
         &args.frontend_addr,
         "--agent-tls-cert",
@@ -58,13 +60,14 @@ async fn main() -> anyhow::Result<()> {
         "--agent-tls-key",
         &pki.server_key().display().to_string(),
         "--agent-ca",
-        &pki.proxy_ca().display().to_string(),
+        &pki.agent_ca().display().to_string(),
     ])?;
     let config = proxy_server::Config::from_args(&server_args)?;
     let listeners = proxy_server::Listeners::bind(&config).await?;
     let agent_addr = listeners.agent.local_addr()?;
     let frontend = listeners.frontend.local_addr()?;
-    let admin = listeners.admin.local_addr()?;
+    // The status page, cluster list and kubeconfigs are on the operator listener.
+    let admin = listeners.operator.local_addr()?;
     let server = tokio::spawn(proxy_server::run(config, listeners, shutdown.clone()));
 
     let mut agents = Vec::new();
@@ -81,7 +84,7 @@ async fn main() -> anyhow::Result<()> {
             "--tls-key",
             &pki.agent_key(cluster).display().to_string(),
             "--server-ca",
-            &pki.proxy_ca().display().to_string(),
+            &pki.server_ca().display().to_string(),
             "--upstream",
             &api.addr.to_string(),
             // Reported to the server, so its generated kubeconfigs verify the member.

@@ -7,7 +7,7 @@ use std::time::Instant;
 use http::StatusCode;
 
 use super::Frontend;
-use super::refusal::{Refusal, limited, unavailable, unresponsive};
+use super::refusal::{Refusal, destination_forbidden, limited, unavailable, unresponsive};
 use crate::metrics::Outcome;
 use crate::registry::{AgentHandle, ConnectionSlot, DialOutcome, TunnelStream};
 
@@ -121,11 +121,17 @@ impl Frontend {
                     "agent {agent_id} of cluster {cluster:?} could not reach {target}: {reason}"
                 ),
             )),
-            Ok(Ok(DialOutcome::NotAllowed(reason))) => Err(Refusal::new(
-                StatusCode::FORBIDDEN,
-                Outcome::DestinationForbidden,
-                format!("agent {agent_id} of cluster {cluster:?} refused: {reason}"),
-            )),
+            Ok(Ok(DialOutcome::NotAllowed(reason))) => {
+                // The agent's reason names what it may dial (its --allow-destination list): for
+                // the server's log only. The client learns no more than that the answer is no.
+                tracing::info!(
+                    agent.id = %agent_id,
+                    destination = destination.unwrap_or_default(),
+                    agent.reason = %reason,
+                    "agent refused the destination"
+                );
+                Err(destination_forbidden(cluster))
+            }
             Ok(Err(Ended::Gone)) => Err(Refusal::new(
                 StatusCode::BAD_GATEWAY,
                 Outcome::DialFailed,

@@ -114,6 +114,17 @@ pub(super) fn unresponsive(agent: &AgentHandle, cluster: &str, since: Instant) -
     )
 }
 
+/// The refusal of a `Proxy-Destination` the cluster's agent will not dial. Generic on purpose:
+/// the agent's reason lists what it may dial, and a client allowed one destination must not
+/// learn the cluster's others from a refusal (the reason goes to the server's log instead).
+pub(super) fn destination_forbidden(cluster: &str) -> Refusal {
+    Refusal::new(
+        StatusCode::FORBIDDEN,
+        Outcome::DestinationForbidden,
+        format!("destination not allowed for cluster {cluster:?}"),
+    )
+}
+
 /// The refusal when a limit of the server is reached.
 pub(super) fn limited(limit: LimitError) -> Refusal {
     unavailable(Outcome::Limited, limit.to_string())
@@ -129,6 +140,18 @@ mod tests {
         let r = refusal_for(&err);
         assert_eq!(r.status, StatusCode::BAD_REQUEST);
         assert_eq!(r.reason, "reading the request failed: connection reset");
+    }
+
+    #[test]
+    fn a_refused_destination_says_only_that() {
+        let r = destination_forbidden("alpha");
+        assert_eq!(r.status, StatusCode::FORBIDDEN);
+        let text = String::from_utf8(error_response(&r)).unwrap();
+        assert!(
+            text.starts_with("HTTP/1.1 403 destination not allowed for cluster \"alpha\"\r\n")
+                && text.ends_with("\r\n\r\ndestination not allowed for cluster \"alpha\"\n"),
+            "{text}"
+        );
     }
 
     #[test]

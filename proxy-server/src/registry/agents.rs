@@ -18,10 +18,23 @@ use crate::metrics::ClusterLabel;
 /// reconnect backoff.
 pub const RECONNECT_WINDOW: Duration = Duration::from_secs(30);
 
-/// The connection already carries a registration.
+/// Why an agent was not registered.
 #[derive(Debug, thiserror::Error)]
-#[error("this connection already carries a registration")]
-pub struct AlreadyRegistered;
+pub enum RegisterError {
+    /// The connection already carries a registration.
+    #[error("this connection already carries a registration")]
+    AlreadyRegistered,
+    /// The cluster already has as many agents on this server as it may.
+    #[error(
+        "cluster {cluster:?} already has {max} agents connected to this server (--max-agents-per-cluster): stop the extra agent replicas"
+    )]
+    TooManyAgents {
+        /// The cluster.
+        cluster: String,
+        /// The limit.
+        max: usize,
+    },
+}
 
 /// Registered agents, by cluster and by connection, and the clusters that just lost their last.
 #[derive(Debug, Default)]
@@ -75,16 +88,32 @@ impl Clusters {
     /// Adds an agent. It stays registered until the returned guard is dropped.
     /// One registration per TLS connection: dial answers are matched by connection, so a
     /// second control stream on the same connection could otherwise answer the first's dials.
-    pub fn register(
-        self: &Arc<Self>,
-        agent: AgentHandle,
-    ) -> Result<Registration, AlreadyRegistered> {
+    pub fn register(self: &Arc<Self>, agent: AgentHandle) -> Result<Registration, RegisterError> {
         let agent = Arc::new(agent);
         match self.agents.by_conn.entry(agent.info.conn_id) {
-            dashmap::Entry::Occupied(_) => return Err(AlreadyRegistered),
+            dashmap::Entry::Occupied(_) => return Err(RegisterError::AlreadyRegistered),
             dashmap::Entry::Vacant(slot) => {
                 slot.insert(agent.clone());
             }
+        }
+        {
+            // Checked and joined under the cluster's entry lock, so racing registrations
+            // cannot both take the last place.
+            let mut list = self
+                .agents
+                .by_cluster
+                .entry(agent.info.cluster.clone())
+                .or_default();
+            let max = self.limits.max_agents_per_cluster;
+            if list.len() >= max {
+                drop(list);
+                self.agents.by_conn.remove(&agent.info.conn_id);
+                return Err(RegisterError::TooManyAgents {
+                    cluster: agent.info.cluster.clone(),
+                    max,
+                });
+            }
+            list.push(agent.clone());
         }
         self.metrics
             .agents
@@ -92,11 +121,6 @@ impl Clusters {
                 cluster: agent.info.cluster.clone(),
             })
             .inc();
-        self.agents
-            .by_cluster
-            .entry(agent.info.cluster.clone())
-            .or_default()
-            .push(agent.clone());
         self.agents.departed.remove(&agent.info.cluster);
         self.history.back_up(&agent.info.cluster);
         self.agents.changed.notify_waiters();

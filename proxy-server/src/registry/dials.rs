@@ -20,9 +20,11 @@ pub enum DialOutcome {
     /// The agent reached its upstream and opened the data stream (boxed: it is large and
     /// travels through a oneshot).
     Connected(Box<TunnelStream>),
-    /// The agent could not reach its upstream; the agent's reason.
+    /// The agent could not reach its upstream; the agent's reason, already made printable,
+    /// one line and bounded where it arrived (`proxy_common::text::sanitize`).
     Failed(String),
-    /// The agent refused the destination the dial named (see `Proxy-Destination`); its reason.
+    /// The agent refused the destination the dial named (see `Proxy-Destination`); its reason
+    /// (sanitized as above), which names what the agent may dial: for the server's log only.
     NotAllowed(String),
 }
 

@@ -22,7 +22,7 @@ mod tests;
 use std::sync::Arc;
 
 pub use agent::{AgentGone, AgentHandle, AgentInfo, Features};
-pub use agents::{AlreadyRegistered, RECONNECT_WINDOW, Registration};
+pub use agents::{RECONNECT_WINDOW, RegisterError, Registration};
 pub use dials::{DialGuard, DialLookupError, DialOutcome, TunnelStream};
 pub use limits::{ConnectionSlot, LimitError};
 pub use stats::{ClusterSnapshot, DialStats, RECENT_DIALS};

@@ -20,7 +20,8 @@ pub struct DialStats {
     pub recent_ms: VecDeque<f64>,
     /// Dials that failed (502/504) since the cluster registered.
     pub failures: u64,
-    /// The latest failure: when, and why.
+    /// The latest failure: when, and why (the refusal's reason; any agent text in it was
+    /// sanitized where it arrived).
     pub last_failure: Option<(SystemTime, String)>,
 }
 

@@ -22,6 +22,7 @@ fn limits() -> Limits {
         max_connections: 3,
         max_connections_per_cluster: 2,
         max_pending_dials: 2,
+        max_agents_per_cluster: 16,
         down_retention: DOWN_RETENTION,
     }
 }
@@ -378,4 +379,41 @@ async fn dial_stats_keep_the_latest_dials_and_count_failures() {
         stats.last_failure.map(|(_, why)| why).as_deref(),
         Some("refused")
     );
+}
+
+#[test]
+fn a_cluster_holds_at_most_its_agent_cap_and_a_refused_agent_leaves_nothing() {
+    let metrics = Arc::new(Metrics::new(
+        &mut prometheus_client::registry::Registry::default(),
+    ));
+    let limits = Limits {
+        max_agents_per_cluster: 2,
+        ..limits()
+    };
+    let clusters = Arc::new(Clusters::new(limits, metrics.clone()));
+    let first = register(&clusters, "alpha", "a1", 1);
+    let _second = register(&clusters, "alpha", "a2", 2);
+    let err = clusters.register(agent("alpha", "a3", 3)).unwrap_err();
+    assert!(
+        matches!(err, super::RegisterError::TooManyAgents { max: 2, .. }),
+        "{err}"
+    );
+    assert!(
+        err.to_string().contains("--max-agents-per-cluster"),
+        "{err}"
+    );
+    // The refused one holds no place: not counted, not routable, its connection id free.
+    assert_eq!(clusters.agent_count(), 2);
+    let label = crate::metrics::ClusterLabel {
+        cluster: "alpha".to_owned(),
+    };
+    assert_eq!(metrics.agents.get_or_create(&label).get(), 2);
+    for _ in 0..4 {
+        assert_ne!(picked(&clusters, "alpha").as_deref(), Some("a3"));
+    }
+    // Other clusters are not limited by alpha's agents, and a place freed is taken again.
+    let _beta = register(&clusters, "beta", "b1", 4);
+    drop(first);
+    let _third = register(&clusters, "alpha", "a3", 3);
+    assert_eq!(clusters.agent_count(), 3);
 }

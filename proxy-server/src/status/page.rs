@@ -5,7 +5,8 @@
 //! and sorts those rows in place and refreshes them every few seconds without reloading, so a filter
 //! typed over a fleet of thousands of clusters survives the refresh. The script and style are
 //! separate files so the page can forbid inline script (`Content-Security-Policy`): agent ids and
-//! failure reasons come from agents, and are escaped, but a slip there must not become script.
+//! failure reasons come from agents, and are checked or sanitized where they arrive
+//! (`proxy_common::text`) and escaped here, but a slip there must not become script.
 
 use std::fmt::Write as _;
 use std::time::SystemTime;
