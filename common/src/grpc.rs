@@ -483,12 +483,14 @@ fn trailers(status: &Status) -> http::HeaderMap {
 }
 
 /// Pings the peer every `interval`; returns why the connection should be dropped: a ping
-/// unanswered within `timeout`, or the connection gone. Never returns without `ping` (it was
-/// taken already).
+/// unanswered while nothing at all arrived from the peer for `timeout` (see [`crate::heard`]: a
+/// busy peer on a slow link answers late but is alive), or the connection gone. Never returns
+/// without `ping` (it was taken already).
 pub async fn keepalive(
     ping: Option<h2::PingPong>,
     interval: std::time::Duration,
     timeout: std::time::Duration,
+    heard: crate::heard::Heard,
 ) -> &'static str {
     let Some(mut ping) = ping else {
         return std::future::pending().await;
@@ -498,11 +500,20 @@ pub async fn keepalive(
         if ping.send_ping(h2::Ping::opaque()).is_err() {
             return "ping failed";
         }
-        let pong = poll_fn(|cx| ping.poll_pong(cx));
-        match tokio::time::timeout(timeout, pong).await {
-            Ok(Ok(_)) => {}
-            Ok(Err(_)) => return "ping failed",
-            Err(_) => return "ping unanswered",
+        let mut silence = crate::heard::Silence::new(heard.clone(), timeout);
+        let mut pong = std::pin::pin!(poll_fn(|cx| ping.poll_pong(cx)));
+        loop {
+            tokio::select! {
+                res = &mut pong => match res {
+                    Ok(_) => break,
+                    Err(_) => return "ping failed",
+                },
+                () = tokio::time::sleep_until(silence.next_check()) => {
+                    if silence.silent() {
+                        return "ping unanswered and nothing heard from the peer";
+                    }
+                }
+            }
         }
     }
 }

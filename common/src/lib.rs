@@ -7,6 +7,7 @@ pub mod error;
 pub mod flow;
 pub mod gate;
 pub mod grpc;
+pub mod heard;
 pub mod net;
 pub mod pump;
 pub mod readahead;

@@ -29,6 +29,10 @@ use tokio::time::Instant;
 /// the path has no rate.
 const QUEUE_BYTES: usize = 64 << 20;
 
+/// Receive buffer of a rate-limited relay's sockets (the kernel doubles it): small beside the
+/// emulated queue.
+const LINK_SOCKET_BUFFER: usize = 32 * 1024;
+
 /// An emulated network path: delay each way, and optionally a bottleneck rate.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Link {
@@ -36,6 +40,9 @@ pub struct Link {
     pub one_way: Duration,
     /// Bytes per second the path carries each way; `None`: as fast as the relay goes.
     pub rate: Option<f64>,
+    /// Bytes one direction may hold (in flight plus the bottleneck's buffer); `None`: see
+    /// [`Link::queue_bytes`].
+    pub queue: Option<usize>,
 }
 
 impl Link {
@@ -44,6 +51,7 @@ impl Link {
         Self {
             one_way,
             rate: None,
+            queue: None,
         }
     }
 
@@ -52,13 +60,24 @@ impl Link {
         Self {
             one_way,
             rate: Some(gbit_per_s * 1e9 / 8.0),
+            queue: None,
         }
+    }
+
+    /// The same link with a buffer of `bytes` per direction: a bufferbloated edge uplink (at
+    /// 8 Mbit/s, 1 MiB is about a second of queue).
+    pub fn with_queue(mut self, bytes: usize) -> Self {
+        self.queue = Some(bytes);
+        self
     }
 
     /// Bytes one direction may hold: what is in flight (rate × one way) plus a round trip of
     /// router buffer (the classic rule of thumb), so a sender that overruns the link sees the
     /// queueing delay a real bottleneck adds, and then TCP backpressure.
     fn queue_bytes(&self) -> usize {
+        if let Some(bytes) = self.queue {
+            return bytes;
+        }
         match self.rate {
             None => QUEUE_BYTES,
             Some(rate) => ((rate * 3.0 * self.one_way.as_secs_f64()) as usize).max(1 << 20),
@@ -83,6 +102,14 @@ pub async fn start_path(target: SocketAddr, path: Link) -> anyhow::Result<Socket
                 };
                 let _ = client.set_nodelay(true);
                 let _ = server.set_nodelay(true);
+                if path.rate.is_some() {
+                    // The link's buffer is the queue, not the kernel's: left to autotune, each
+                    // receiving socket would hold megabytes more (seconds at edge rates) before
+                    // TCP backpressure reached the sender, a queue no router has.
+                    for s in [&client, &server] {
+                        let _ = socket2::SockRef::from(s).set_recv_buffer_size(LINK_SOCKET_BUFFER);
+                    }
+                }
                 let (cr, cw) = client.into_split();
                 let (sr, sw) = server.into_split();
                 tokio::join!(pipe(cr, sw, path), pipe(sr, cw, path));

@@ -384,9 +384,16 @@ async fn generated_kubeconfigs_work_with_kubectl_and_verify_the_member() {
     .await
     .unwrap();
     assert_eq!(status, 200, "{yaml}");
-    assert!(
-        yaml.contains("tls-server-name: kubernetes.default.svc")
-            && yaml.contains(&format!("proxy-url: \"http://{}\"", bed.frontend())),
+    // Written as JSON (valid YAML, every string quoted: see status/kubeconfig.rs).
+    let doc: serde_json::Value = serde_json::from_str(&yaml).unwrap();
+    let cluster = &doc["clusters"][0]["cluster"];
+    assert_eq!(
+        cluster["tls-server-name"], "kubernetes.default.svc",
+        "{yaml}"
+    );
+    assert_eq!(
+        cluster["proxy-url"],
+        format!("http://{}", bed.frontend()),
         "{yaml}"
     );
     assert!(!yaml.contains("insecure-skip-tls-verify"));

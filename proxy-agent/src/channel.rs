@@ -37,7 +37,8 @@ pub struct H2Channel {
 
 impl H2Channel {
     /// Runs the HTTP/2 handshake over `io`; the connection is driven by a task that ends when
-    /// the connection does, when a ping goes unanswered for `keepalive_timeout`, or when
+    /// the connection does, when a ping goes unanswered while nothing at all arrived from the
+    /// server for `keepalive_timeout`, or when
     /// `close` fires. Every stream on it fails then.
     pub async fn handshake<IO>(
         io: IO,
@@ -47,6 +48,9 @@ impl H2Channel {
     where
         IO: AsyncRead + AsyncWrite + Send + Unpin + 'static,
     {
+        // Every byte from the server counts as its answer to our pings (see `heard`).
+        let heard = proxy_common::heard::Heard::default();
+        let io = proxy_common::heard::Listening::new(io, heard.clone());
         let (send, mut conn) = client::Builder::new()
             .initial_window_size(settings.stream_window)
             .initial_connection_window_size(settings.connection_window)
@@ -67,7 +71,7 @@ impl H2Channel {
                         tracing::debug!(%err, "tunnel connection ended");
                     }
                 }
-                reason = proxy_common::grpc::keepalive(ping, settings.keepalive_interval, settings.keepalive_timeout) => {
+                reason = proxy_common::grpc::keepalive(ping, settings.keepalive_interval, settings.keepalive_timeout, heard) => {
                     tracing::debug!(reason, "tunnel connection dropped");
                 }
                 () = close.cancelled() => {}

@@ -214,6 +214,7 @@ async fn connect(
                 .map_err(ConnectError::Tcp)?,
         };
         proxy_common::net::configure(&tcp, shared.config.tcp_keepalive)
+            .and_then(|()| proxy_common::net::tunnel_socket(&tcp))
             .map_err(ConnectError::SocketOptions)?;
         let tls = tls
             .connect(server.tls_name.clone(), ReadAhead::new(tcp))

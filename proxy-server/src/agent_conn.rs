@@ -84,7 +84,10 @@ fn serve_connection(
             .max_concurrent_streams(MAX_STREAMS_PER_AGENT)
             .max_frame_size(proxy_proto::MAX_FRAME)
             .max_header_list_size(MAX_HEADER_LIST)
-            .handshake::<_, Frame>(io.tls);
+            .handshake::<_, Frame>(proxy_common::heard::Listening::new(
+                io.tls,
+                conn.heard.clone(),
+            ));
         let mut h2 = match tokio::time::timeout(settings.handshake_timeout, handshake).await {
             Ok(Ok(h2)) => h2,
             Ok(Err(err)) => {
@@ -100,6 +103,7 @@ fn serve_connection(
             h2.ping_pong(),
             settings.keepalive_interval,
             settings.keepalive_timeout,
+            conn.heard.clone(),
         );
         let mut keepalive = std::pin::pin!(keepalive);
         // Set once the server closes: how long streams under way may still finish.

@@ -30,6 +30,8 @@ pub struct AgentConn {
     pub addr: SocketAddr,
     /// Subject CN of the agent's verified client certificate: the only cluster it may serve.
     pub cn: String,
+    /// Reads that brought bytes from the agent: its proof of life (see `proxy_common::heard`).
+    pub heard: proxy_common::heard::Heard,
 }
 
 /// A TLS connection from an agent, and what is known of it.
@@ -171,6 +173,7 @@ async fn handshake(
     keepalive: Option<proxy_common::net::Keepalive>,
 ) -> io::Result<AgentIo> {
     proxy_common::net::configure(&tcp, keepalive)?;
+    proxy_common::net::tunnel_socket(&tcp)?;
     let tls = acceptor.accept(ReadAhead::new(tcp)).await?;
     let cn = tls
         .get_ref()
@@ -186,7 +189,12 @@ async fn handshake(
         })?;
     Ok(AgentIo {
         tls: Box::new(tls),
-        conn: AgentConn { id, addr, cn },
+        conn: AgentConn {
+            id,
+            addr,
+            cn,
+            heard: proxy_common::heard::Heard::default(),
+        },
         lease: None,
     })
 }

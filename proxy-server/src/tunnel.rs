@@ -24,10 +24,13 @@ use crate::registry::{AgentHandle, AgentInfo, Clusters, DialOutcome, Registratio
 /// within their dial timeout.
 pub const CONTROL_QUEUE: usize = 256;
 
-/// A ping unanswered this long marks its agent unresponsive: new CONNECTs go to the cluster's
-/// other agents, or get `503` at once, and dials waiting on it fail, instead of every CONNECT
-/// waiting out `--dial-timeout` until the connection's keepalive drops the agent. A pong
-/// crosses a loaded WAN link in well under a second; a second more is the price of noticing.
+/// An agent that owes a pong and from which nothing at all has arrived for this long is marked
+/// unresponsive: new CONNECTs go to the cluster's other agents, or get `503` at once, and dials
+/// waiting on it fail, instead of every CONNECT waiting out `--dial-timeout` until the
+/// connection's keepalive drops the agent. Silence, not the pong's delay, decides: a busy agent
+/// on a slow, bufferbloated uplink answers seconds late, behind its own data, and every byte
+/// of that data proves it alive (see `proxy_common::heard`). A vanished agent sends nothing and
+/// is passed over within this (plus a quarter) of the ping.
 pub const PONG_LATE: Duration = Duration::from_secs(1);
 
 /// The service implementation.
@@ -317,6 +320,7 @@ impl TunnelService {
             fleet: self.fleet.subscribe(),
             ping_interval: self.ping_interval,
             closed,
+            heard: conn.heard.clone(),
         })
     }
 
@@ -366,6 +370,8 @@ struct Admitted {
     ping_interval: Duration,
     /// Cancelled when this agent must go (shutdown, or replaced).
     closed: CancellationToken,
+    /// What arrives from the agent's connection: its proof of life.
+    heard: proxy_common::heard::Heard,
 }
 
 /// Carries a registered agent's control messages both ways until its stream or its
@@ -381,6 +387,7 @@ fn serve(admitted: Option<Admitted>) -> impl std::future::Future<Output = ()> + 
         fleet,
         ping_interval,
         closed,
+        heard,
     }) = admitted
     else {
         return Either::Left(std::future::ready(()));
@@ -395,7 +402,7 @@ fn serve(admitted: Option<Admitted>) -> impl std::future::Future<Output = ()> + 
         registration,
         clusters,
         fleet,
-        ping_interval,
+        (ping_interval, heard),
         closed,
         ended,
     );
@@ -417,7 +424,7 @@ fn serve_control(
     registration: Registration,
     clusters: Arc<Clusters>,
     mut fleet: tokio::sync::watch::Receiver<u32>,
-    ping_interval: Duration,
+    (ping_interval, heard): (Duration, proxy_common::heard::Heard),
     closed: CancellationToken,
     ended: tokio::sync::oneshot::Sender<std::convert::Infallible>,
 ) -> impl std::future::Future<Output = ()> + Send {
@@ -429,11 +436,12 @@ fn serve_control(
         fleet.borrow_and_update();
         let mut pings = tokio::time::interval(ping_interval);
         pings.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        // The ping waiting for its pong: (sequence number, sent at).
-        let mut waiting: Option<(u64, tokio::time::Instant)> = None;
+        // The ping waiting for its pong (sequence number), and how long the agent has been
+        // silent since it was sent.
+        let mut waiting: Option<(u64, proxy_common::heard::Silence)> = None;
         let mut seq = 0;
         let reason = loop {
-            let late = waiting.map(|(_, sent)| sent + PONG_LATE);
+            let check = waiting.as_ref().map(|(_, silence)| silence.next_check());
             let msg = tokio::select! {
                 () = closed.cancelled() => break "server shutting down".to_owned(),
                 Ok(()) = fleet.changed() => {
@@ -447,18 +455,21 @@ fn serve_control(
                 }
                 _ = pings.tick(), if info.features.ping && waiting.is_none() => {
                     seq += 1;
-                    let now = tokio::time::Instant::now();
-                    waiting = Some((seq, now));
-                    agent.set_ping_outstanding(Some(now.into_std()));
+                    waiting = Some((seq, proxy_common::heard::Silence::new(heard.clone(), PONG_LATE)));
+                    agent.set_ping_outstanding(Some(std::time::Instant::now()));
                     // Best effort: a full control queue is itself a sign the agent is behind.
                     agent.try_send(to_agent::ping(seq));
                     clusters.purge_warm(&agent);
                     continue;
                 }
-                () = tokio::time::sleep_until(late.unwrap_or_else(tokio::time::Instant::now)),
-                    if late.is_some() && agent.unresponsive_since().is_none() => {
-                    tracing::warn!(cluster = %info.cluster, agent.id = %info.agent_id, late_ms = PONG_LATE.as_millis() as u64, "agent did not answer a ping in time: new connections avoid it until it does");
-                    agent.set_unresponsive(waiting.map(|(_, sent)| sent.into_std()));
+                () = tokio::time::sleep_until(check.unwrap_or_else(tokio::time::Instant::now)),
+                    if check.is_some() && agent.unresponsive_since().is_none() => {
+                    let Some((_, silence)) = waiting.as_mut() else { continue };
+                    if silence.silent() {
+                        let quiet = silence.quiet_for();
+                        tracing::warn!(cluster = %info.cluster, agent.id = %info.agent_id, quiet_ms = quiet.as_millis() as u64, "agent owes a pong and sent nothing at all meanwhile: new connections avoid it until it answers");
+                        agent.set_unresponsive(Some(std::time::Instant::now() - quiet));
+                    }
                     continue;
                 }
                 msg = inbound.message() => msg,
@@ -467,7 +478,7 @@ fn serve_control(
                 Ok(Some(AgentMessage {
                     msg: Some(agent_message::Msg::Pong(pong)),
                 })) => {
-                    if waiting.is_some_and(|(s, _)| s == pong.seq) {
+                    if waiting.as_ref().is_some_and(|(s, _)| *s == pong.seq) {
                         waiting = None;
                         agent.set_ping_outstanding(None);
                         if agent.unresponsive_since().is_some() {
