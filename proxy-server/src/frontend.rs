@@ -7,7 +7,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::{BufMut, BytesMut};
-use futures_util::FutureExt as _;
 use http::StatusCode;
 use proxy_common::error::chain;
 use proxy_common::pump::{self, Abort, ByteCounts, PumpError, Role};
@@ -119,16 +118,16 @@ pub async fn serve(
         spawn(next, &frontend);
     }
     // Closing the listener resets the clients the kernel has already accepted for it, which
-    // a TCP load balancer cannot retry (to it they were connected): they are served first.
-    // Clients arriving after the close are refused, which load balancers do retry elsewhere.
-    // The accept is a plain syscall: tokio's would see only readiness its reactor has
-    // already been told of.
+    // a TCP load balancer cannot retry (to it they were connected): they are served first,
+    // every one, each once it has a place in the gate (which frees one within its eviction age
+    // however full it is). Clients arriving after the close are refused, which load balancers
+    // do retry elsewhere. The accept is a plain syscall: tokio's would see only readiness its
+    // reactor has already been told of.
     let mut drained = 0usize;
     if let Ok(listener) = listener.into_std() {
-        while let Some(ticket) = frontend.gate.admit().now_or_never() {
-            let Ok((stream, addr)) = listener.accept() else {
-                break;
-            };
+        // Non-blocking (as tokio left it): `WouldBlock` once the backlog is empty.
+        while let Ok((stream, addr)) = listener.accept() {
+            let ticket = frontend.gate.admit().await;
             let stream = stream
                 .set_nonblocking(true)
                 .and_then(|()| TcpStream::from_std(stream));
@@ -649,9 +648,6 @@ impl Frontend {
         drop(slot);
         self.metrics
             .connection_duration
-            .get_or_create(&ClusterLabel {
-                cluster: cluster.to_owned(),
-            })
             .observe(started.elapsed().saturating_sub(connect_time).as_secs_f64());
         let (to_cluster, from_cluster) = counts.get();
         let outcome = match &result {

@@ -251,7 +251,8 @@ fn frontend_and_agent_certificates_must_come_from_different_cas() {
     assert_eq!(out.status.code(), Some(1), "shared CA accepted");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        err.contains("--frontend-ca: shares a CA with --agent-ca"),
+        err.contains("--agent-ca and --frontend-ca must be separate CAs")
+            && err.contains("the same CA certificate is in both"),
         "{err}"
     );
 }

@@ -62,14 +62,6 @@ impl Agents {
         }
     }
 
-    /// Forgets `cluster` if it still has no agent; `false` if one registered in between
-    /// (re-checked under the map's lock).
-    pub(super) fn remove_if_empty(&self, cluster: &str) -> bool {
-        self.by_cluster
-            .remove_if(cluster, |_, agents| agents.is_empty())
-            .is_some()
-    }
-
     /// Opens `cluster`'s reconnect window now.
     pub(super) fn mark_departed(&self, cluster: &str) {
         self.departed

@@ -67,11 +67,22 @@ impl Clusters {
             })
             .dec();
         if self.agents.leave(agent) {
-            if self.agents.remove_if_empty(cluster) {
+            // Marked down under the cluster's entry lock, only if it is really empty: an agent
+            // registering meanwhile either joins the entry first (then nothing is marked) or
+            // makes a new one after the mark, and clears it (`back_up`). Marked outside, the
+            // mark could land after such a registration and stay.
+            let gone = self.agents.by_cluster.remove_if(cluster, |_, agents| {
+                if agents.is_empty() {
+                    self.agents.mark_departed(cluster);
+                    self.history.mark_down(cluster);
+                }
+                agents.is_empty()
+            });
+            if gone.is_some() {
                 self.history.forget_dials(cluster);
             }
-            self.agents.mark_departed(cluster);
-            self.history.mark_down(cluster, self.limits.down_retention);
+            // Outside the entry lock: it looks clusters up again.
+            self.forget_expired();
         }
         self.dials.fail_all_of(agent.info.conn_id);
         self.agents.changed.notify_waiters();

@@ -71,11 +71,16 @@ impl History {
         self.dials.remove(cluster);
     }
 
-    /// Lists `cluster` as down from now, dropping those down longer than `retention`.
-    pub(super) fn mark_down(&self, cluster: &str, retention: Duration) {
-        self.forget_down(retention);
+    /// Lists `cluster` as down from now (until [`History::forget_down`] drops it).
+    pub(super) fn mark_down(&self, cluster: &str) {
         self.down
             .insert(cluster.to_owned(), (SystemTime::now(), Instant::now()));
+    }
+
+    /// Whether `cluster` is listed as down.
+    #[cfg(test)]
+    pub(super) fn is_down(&self, cluster: &str) -> bool {
+        self.down.contains_key(cluster)
     }
 
     /// `cluster` has an agent again.
@@ -83,9 +88,17 @@ impl History {
         self.down.remove(cluster);
     }
 
-    /// Drops down clusters older than the retention window.
-    fn forget_down(&self, retention: Duration) {
-        self.down.retain(|_, (_, at)| at.elapsed() < retention);
+    /// Drops the clusters down longer than `retention`; returns them.
+    pub(super) fn forget_down(&self, retention: Duration) -> Vec<String> {
+        let mut expired = Vec::new();
+        self.down.retain(|name, (_, at)| {
+            let keep = at.elapsed() < retention;
+            if !keep {
+                expired.push(name.clone());
+            }
+            keep
+        });
+        expired
     }
 }
 
@@ -114,8 +127,18 @@ impl Clusters {
         out
     }
 
+    /// Forgets the clusters down longer than `--down-retention`, and their metric series
+    /// (unless an agent registered meanwhile: its series are live again).
+    pub(super) fn forget_expired(&self) {
+        for cluster in self.history.forget_down(self.limits.down_retention) {
+            if !self.is_registered(&cluster) {
+                self.metrics.forget_cluster(&cluster);
+            }
+        }
+    }
+
     fn down_snapshots(&self) -> Vec<ClusterSnapshot> {
-        self.history.forget_down(self.limits.down_retention);
+        self.forget_expired();
         self.history
             .down
             .iter()

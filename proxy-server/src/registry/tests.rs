@@ -417,3 +417,63 @@ fn a_cluster_holds_at_most_its_agent_cap_and_a_refused_agent_leaves_nothing() {
     let _third = register(&clusters, "alpha", "a3", 3);
     assert_eq!(clusters.agent_count(), 3);
 }
+
+#[test]
+fn a_cluster_whose_agent_came_back_is_never_left_marked_down() {
+    // One agent of alpha comes and goes on one thread while another registers on a second:
+    // each time the second is registered, the cluster must not be marked down, whatever the
+    // interleaving of the first one's departure.
+    let (clusters, _) = clusters();
+    let churn = {
+        let clusters = clusters.clone();
+        std::thread::spawn(move || {
+            for i in 0..20_000u64 {
+                drop(register(&clusters, "alpha", "a1", 1_000_000 + i));
+            }
+        })
+    };
+    let mut stale = 0;
+    for i in 0..2_000u64 {
+        let back = register(&clusters, "alpha", "a2", 2_000_000 + i);
+        // Let the other thread's departures race this registration.
+        std::thread::yield_now();
+        if clusters.history.is_down("alpha") {
+            stale += 1;
+        }
+        drop(back);
+    }
+    churn.join().unwrap();
+    let last = register(&clusters, "alpha", "a2", 3_000_000);
+    assert!(!clusters.history.is_down("alpha"));
+    drop(last);
+    assert_eq!(stale, 0, "alpha marked down while an agent was registered");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_cluster_forgotten_after_its_retention_takes_its_metric_series_along() {
+    let (clusters, metrics) = clusters();
+    let label = crate::metrics::ClusterLabel {
+        cluster: "alpha".to_owned(),
+    };
+    let series = |metrics: &Metrics| metrics.agents.get(&label).is_some();
+    drop(register(&clusters, "alpha", "a1", 1));
+    metrics.dial_duration.get_or_create(&label).observe(0.01);
+    assert!(series(&metrics), "alpha's series while it is listed down");
+    tokio::time::advance(DOWN_RETENTION + Duration::from_secs(1)).await;
+    // Forgotten at the next look (the status page, or another cluster leaving).
+    assert!(clusters.snapshot().iter().all(|c| c.name != "alpha"));
+    assert!(
+        !series(&metrics),
+        "alpha's agent gauge outlived its retention"
+    );
+    assert!(metrics.dial_duration.get(&label).is_none());
+    // A cluster that came back within its retention keeps its series.
+    drop(register(&clusters, "beta", "b1", 2));
+    let _back = register(&clusters, "beta", "b2", 3);
+    tokio::time::advance(DOWN_RETENTION + Duration::from_secs(1)).await;
+    let _ = clusters.snapshot();
+    let beta = crate::metrics::ClusterLabel {
+        cluster: "beta".to_owned(),
+    };
+    assert_eq!(metrics.agents.get(&beta).map(|g| g.get()), Some(1));
+}
