@@ -14,8 +14,8 @@ use tokio::sync::Notify;
 /// The held servers. Locked only for short synchronous sections, never across `.await`.
 #[derive(Debug)]
 pub struct Fleet {
-    /// Server id → the replica count it last reported.
-    held: Mutex<HashMap<String, u32>>,
+    /// Server id → the replica count it last reported, and since when it is held.
+    held: Mutex<HashMap<String, (u32, std::time::Instant)>>,
     changed: Notify,
     connected: Gauge,
     known: Gauge,
@@ -34,7 +34,7 @@ impl Fleet {
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, u32>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, (u32, std::time::Instant)>> {
         // A panic while holding this lock cannot leave the map inconsistent: every section is
         // a single insert, update or remove.
         self.held
@@ -45,6 +45,15 @@ impl Fleet {
     /// Ids of the servers held now, for the registration (so a duplicate is declined).
     pub fn held_ids(&self) -> Vec<String> {
         self.lock().keys().cloned().collect()
+    }
+
+    /// How long the oldest held tunnel has been held (zero if none), for the registration.
+    pub fn held_for(&self) -> std::time::Duration {
+        self.lock()
+            .values()
+            .map(|(_, since)| since.elapsed())
+            .max()
+            .unwrap_or_default()
     }
 
     /// Servers held now.
@@ -70,7 +79,7 @@ impl Fleet {
             if held.contains_key(server_id) {
                 return None;
             }
-            held.insert(server_id.to_owned(), count);
+            held.insert(server_id.to_owned(), (count, std::time::Instant::now()));
             self.publish(&held);
         }
         self.changed.notify_waiters();
@@ -86,7 +95,7 @@ impl Fleet {
         self.changed.notified()
     }
 
-    fn publish(&self, held: &HashMap<String, u32>) {
+    fn publish(&self, held: &HashMap<String, (u32, std::time::Instant)>) {
         self.connected.set(held.len() as i64);
         self.known.set(target_of(held) as i64);
     }
@@ -95,7 +104,7 @@ impl Fleet {
         {
             let mut held = self.lock();
             match held.get_mut(server_id) {
-                Some(c) if *c != count => *c = count,
+                Some((c, _)) if *c != count => *c = count,
                 _ => return,
             }
             self.publish(&held);
@@ -113,8 +122,8 @@ impl Fleet {
     }
 }
 
-fn target_of(held: &HashMap<String, u32>) -> usize {
-    held.values().copied().max().unwrap_or(1).max(1) as usize
+fn target_of(held: &HashMap<String, (u32, std::time::Instant)>) -> usize {
+    held.values().map(|(c, _)| *c).max().unwrap_or(1).max(1) as usize
 }
 
 /// One held server; dropping it lets the server go (the tunnel ended).

@@ -274,6 +274,7 @@ async fn establish(
             upstream_ca: shared.config.upstream_ca_pem(),
             upstream_server_name: shared.config.upstream_server_name.clone(),
             held_server_ids: shared.fleet.held_ids(),
+            held_for_ms: shared.fleet.held_for().as_millis() as u64,
             features: vec![
                 proxy_proto::FEATURE_CANCEL_DIAL.to_owned(),
                 proxy_proto::FEATURE_PING.to_owned(),

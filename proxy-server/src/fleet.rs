@@ -37,6 +37,27 @@ pub struct Fleet {
     source: CountSource,
     started: Instant,
     warmup: Duration,
+    /// What the registrations so far say about the warm-up (see [`Fleet::registered`]).
+    arrivals: std::sync::Mutex<Arrivals>,
+}
+
+/// How long registrations must have paused before a fleet that started together counts as
+/// found: agents of such a fleet reach every replica within a fraction of a second of each
+/// other (one connection attempt each), so a second without a new one means they are all here.
+pub const SETTLE: Duration = Duration::from_secs(1);
+
+/// How much older than this replica an agent's other tunnels may be and still belong to a fleet
+/// that started together (replicas never start at exactly the same instant).
+pub const START_SKEW: Duration = Duration::from_secs(1);
+
+/// The registrations seen during the warm-up.
+#[derive(Debug, Default)]
+struct Arrivals {
+    /// When the last agent registered.
+    last: Option<Instant>,
+    /// An agent arrived holding tunnels older than this replica: the fleet was running before
+    /// it started, and agents find it only as they probe, so its warm-up runs its full length.
+    running_fleet: bool,
 }
 
 impl Fleet {
@@ -52,7 +73,24 @@ impl Fleet {
             source,
             started: Instant::now(),
             warmup,
+            arrivals: std::sync::Mutex::default(),
         }
+    }
+
+    /// An agent registered, having held its oldest other tunnel for `held_for`.
+    pub fn registered(&self, held_for: Duration) {
+        let mut arrivals = self.arrivals_lock();
+        arrivals.last = Some(Instant::now());
+        if held_for > self.started.elapsed() + START_SKEW {
+            arrivals.running_fleet = true;
+        }
+    }
+
+    fn arrivals_lock(&self) -> std::sync::MutexGuard<'_, Arrivals> {
+        // Held only to read or write two fields.
+        self.arrivals
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// How many replicas serve the fleet now (at least 1).
@@ -66,10 +104,20 @@ impl Fleet {
     }
 
     /// Time left of the warm-up window, if it is not over: agents are still finding this
-    /// replica, so a cluster it has not seen yet may well be connected elsewhere.
+    /// replica, so a cluster it has not seen yet may well be connected elsewhere. It ends early
+    /// for a fleet that started together once its agents' registrations have paused for
+    /// [`SETTLE`]: they have all found this replica (its load balancer's clients need not wait
+    /// the whole window with no replica ready).
     pub fn warmup_left(&self) -> Option<Duration> {
         let left = self.warmup.saturating_sub(self.started.elapsed());
-        (!left.is_zero()).then_some(left)
+        if left.is_zero() {
+            return None;
+        }
+        let arrivals = self.arrivals_lock();
+        let settled = arrivals
+            .last
+            .is_some_and(|last| !arrivals.running_fleet && last.elapsed() >= SETTLE);
+        (!settled).then_some(left)
     }
 
     /// Reads the count once now (so the first registrations already see it), then keeps it up
@@ -133,6 +181,38 @@ mod tests {
         assert_eq!(fleet.count(), 3);
         assert!(fleet.warmup_left().is_some());
         tokio::time::sleep(Duration::from_secs(10)).await;
+        assert_eq!(fleet.warmup_left(), None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_fleet_that_started_together_is_ready_once_its_agents_settled() {
+        let fleet = Fleet::new("s".into(), CountSource::Fixed(3), Duration::from_secs(10));
+        // No agent yet: the whole window.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert!(fleet.warmup_left().is_some());
+        // Agents arrive holding tunnels no older than this replica: a cold start.
+        fleet.registered(Duration::ZERO);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        fleet.registered(Duration::from_millis(2_500));
+        tokio::time::sleep(SETTLE - Duration::from_millis(1)).await;
+        assert!(
+            fleet.warmup_left().is_some(),
+            "ended before the arrivals paused"
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        assert_eq!(fleet.warmup_left(), None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_replica_joining_a_running_fleet_waits_its_whole_warmup() {
+        let fleet = Fleet::new("s".into(), CountSource::Fixed(3), Duration::from_secs(10));
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        // An agent that has held the other replicas for an hour: they ran before this one.
+        fleet.registered(Duration::from_secs(3600));
+        fleet.registered(Duration::ZERO);
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        assert!(fleet.warmup_left().is_some());
+        tokio::time::sleep(Duration::from_secs(5)).await;
         assert_eq!(fleet.warmup_left(), None);
     }
 

@@ -271,6 +271,7 @@ impl TunnelService {
         };
         let _ = tx.try_send(Box::new(registered));
         let (upstream_ca, upstream_server_name) = kubeconfig_facts(&reg);
+        let reg_held_for_ms = reg.held_for_ms;
         let info = AgentInfo {
             cluster: reg.cluster,
             agent_id: reg.agent_id,
@@ -311,6 +312,8 @@ impl TunnelService {
             .ok()?;
         let info = &registration.agent().info;
         tracing::info!(cluster = %info.cluster, agent.id = %info.agent_id, agent.addr = %info.addr, agent.version = %info.version, "agent registered");
+        self.fleet
+            .registered(Duration::from_millis(reg_held_for_ms));
         Some(Admitted {
             send,
             queue: rx,
