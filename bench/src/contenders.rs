@@ -118,6 +118,21 @@ pub struct ServerAddrs {
     pub admin: SocketAddr,
 }
 
+/// `--operator-addr` on a free port for a server that has one (a baseline built before the
+/// operator listener existed refuses the flag).
+fn operator_flag(bin_dir: &Path) -> Vec<&'static str> {
+    let help = std::process::Command::new(bin_dir.join("proxy-server"))
+        .arg("--help")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    if help.contains("--operator-addr") {
+        vec!["--operator-addr", "127.0.0.1:0"]
+    } else {
+        Vec::new()
+    }
+}
+
 /// Starts `bin_dir/proxy-server` on `[agent, frontend, admin]` addresses (port 0: any) with
 /// connection limits out of the way and `extra` flags; returns once it printed where it listens.
 pub async fn start_server(
@@ -131,7 +146,8 @@ pub async fn start_server(
     ours(&mut cmd, "proxy-server")?;
     let mut server = spawn(
         cmd.args(["--agent-addr", agent, "--frontend-addr", frontend])
-            .args(["--admin-addr", admin, "--operator-addr", "127.0.0.1:0"])
+            .args(["--admin-addr", admin])
+            .args(operator_flag(bin_dir))
             .args(["--agent-tls-cert", &s(&files.cert)])
             .args(["--agent-tls-key", &s(&files.key)])
             .args(["--agent-ca", &s(&files.ca)])

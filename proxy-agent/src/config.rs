@@ -88,7 +88,8 @@ pub struct Args {
     /// Interval of HTTP/2 keepalive pings to servers.
     #[arg(long, env = "PROXY_AGENT_KEEPALIVE_INTERVAL", default_value = "5s", value_parser = humantime::parse_duration)]
     pub keepalive_interval: Duration,
-    /// A server that does not answer a ping within this time is reconnected.
+    /// A server that owes a ping's answer and sends nothing at all for this long is
+    /// reconnected (a busy server whose answer waits behind its data is not).
     #[arg(long, env = "PROXY_AGENT_KEEPALIVE_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub keepalive_timeout: Duration,
     /// Once the agent holds a tunnel to every server replica, how often it still dials each

@@ -98,13 +98,13 @@ pub struct Args {
     /// agent reconnecting) before answering 503. Clusters never seen answer 503 at once.
     #[arg(long, env = "PROXY_SERVER_AGENT_WAIT", default_value = "3s", value_parser = humantime::parse_duration)]
     pub agent_wait: Duration,
-    /// Interval of keepalive pings to agents (HTTP/2 pings, and control-stream pings that
-    /// agents answer: one unanswered for a second takes the agent out of routing until it
-    /// answers again).
+    /// Interval of keepalive pings to agents (HTTP/2 pings, and control-stream pings: an agent
+    /// that owes a pong and sends nothing at all for a second is taken out of routing until it
+    /// answers; a busy one whose pong waits behind its data is not).
     #[arg(long, env = "PROXY_SERVER_KEEPALIVE_INTERVAL", default_value = "5s", value_parser = humantime::parse_duration)]
     pub keepalive_interval: Duration,
-    /// An agent that does not answer a keepalive ping within this time is dropped with every
-    /// connection it carried.
+    /// An agent that owes a keepalive ping's answer and sends nothing at all for this long is
+    /// dropped with every connection it carried.
     #[arg(long, env = "PROXY_SERVER_KEEPALIVE_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub keepalive_timeout: Duration,
     /// Time a client or agent has from its connection being accepted to finish its TLS
