@@ -96,13 +96,13 @@ pub fn check_claims(cert: &CertificateDer<'_>, role: Role) -> Result<(), String>
                 "a {claimed} certificate was presented as {role}: its role URI says {claimed}"
             ));
         }
-        if let Some(name) = name {
-            if cn.as_deref() != Some(name.as_str()) {
-                return Err(format!(
-                    "its role URI names {name:?} but its Subject CN is {:?}",
-                    cn.unwrap_or_default()
-                ));
-            }
+        if let Some(name) = name
+            && cn.as_deref() != Some(name.as_str())
+        {
+            return Err(format!(
+                "its role URI names {name:?} but its Subject CN is {:?}",
+                cn.unwrap_or_default()
+            ));
         }
     }
     Ok(())

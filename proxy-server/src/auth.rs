@@ -241,10 +241,10 @@ impl Policy {
                 ),
                 (None, None) => None,
             };
-            if let Some(d) = token_digest {
-                if !digests.insert(d) {
-                    return Err(format!("{at}: token shared with another client"));
-                }
+            if let Some(d) = token_digest
+                && !digests.insert(d)
+            {
+                return Err(format!("{at}: token shared with another client"));
             }
             for pattern in &entry.clusters {
                 if pattern.is_empty() {
@@ -287,10 +287,10 @@ impl Policy {
             // Every entry is compared so the time taken does not depend on which one matches.
             let mut found = None;
             for client in &self.clients {
-                if let Some(d) = &client.token_digest {
-                    if bool::from(d.ct_eq(&presented)) {
-                        found = Some(client);
-                    }
+                if let Some(d) = &client.token_digest
+                    && bool::from(d.ct_eq(&presented))
+                {
+                    found = Some(client);
                 }
             }
             let client = found.ok_or(AuthError::Invalid)?;

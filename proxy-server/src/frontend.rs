@@ -752,10 +752,10 @@ impl Frontend {
                 format!("{identity:?} is not allowed to reach cluster {cluster:?}"),
             ));
         }
-        if let Some(destination) = &req.destination {
-            if !policy.allows_destination(&identity, destination) {
-                return Err(destination_refused(&identity, cluster, destination));
-            }
+        if let Some(destination) = &req.destination
+            && !policy.allows_destination(&identity, destination)
+        {
+            return Err(destination_refused(&identity, cluster, destination));
         }
         tracing::info!(identity, cluster, decision = "allowed", "access decision");
         Ok(identity)
