@@ -55,20 +55,33 @@ fn dn(cn: &str) -> DistinguishedName {
     dn
 }
 
+/// What every CA certificate here carries.
+fn ca_params(cn: &str) -> CertificateParams {
+    let mut params = CertificateParams::default();
+    params.distinguished_name = dn(cn);
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    params
+}
+
 impl Ca {
     /// A new self-signed CA named `cn`.
     pub fn new(cn: &str) -> anyhow::Result<Self> {
-        let mut params = CertificateParams::default();
-        params.distinguished_name = dn(cn);
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::CrlSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
+        Self::make(ca_params(cn), None)
+    }
+
+    /// A CA with `params`, signed by `by` (self-signed without).
+    fn make(params: CertificateParams, by: Option<&Ca>) -> anyhow::Result<Self> {
         let key = KeyPair::generate()?;
         let key_pem = key.serialize_pem();
-        let issuer = CertifiedIssuer::self_signed(params.clone(), key)?;
+        let issuer = match by {
+            Some(by) => CertifiedIssuer::signed_by(params.clone(), key, &by.issuer)?,
+            None => CertifiedIssuer::self_signed(params.clone(), key)?,
+        };
         Ok(Self {
             issuer,
             params,
@@ -83,23 +96,9 @@ impl Ca {
 
     /// An intermediate CA named `cn`, signed by this one.
     pub fn intermediate(&self, cn: &str) -> anyhow::Result<Self> {
-        let mut params = CertificateParams::default();
-        params.distinguished_name = dn(cn);
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::CrlSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
+        let mut params = ca_params(cn);
         params.use_authority_key_identifier_extension = true;
-        let key = KeyPair::generate()?;
-        let key_pem = key.serialize_pem();
-        let issuer = CertifiedIssuer::signed_by(params.clone(), key, &self.issuer)?;
-        Ok(Self {
-            issuer,
-            params,
-            key_pem,
-        })
+        Self::make(params, Some(self))
     }
 
     /// This CA (same subject, same key) as signed by `other` instead: a cross-certificate, PEM.

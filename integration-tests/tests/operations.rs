@@ -632,8 +632,10 @@ async fn during_the_shutdown_delay_readiness_fails_but_connects_still_get_their_
         .agent("alpha", banner.addr)
         .start()
         .await;
-    bed.server.proc.signal("TERM");
+    // Taken before the signal goes out: `kill` returns after the server already has it, so an
+    // instant taken after could be late by the time `kill` takes, and the 3 s look short.
     let signalled = Instant::now();
+    bed.server.proc.signal("TERM");
     eventually("readiness fails", Duration::from_secs(2), || async {
         admin_get(bed.server.admin_addr, "/readyz?verbose")
             .await
