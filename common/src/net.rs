@@ -23,7 +23,7 @@ pub struct Keepalive {
 
 impl Keepalive {
     /// The default: 30 s idle, then 3 probes 10 s apart, so a vanished peer is noticed within
-    /// a minute (tunnels it held are freed within 90 s, as promised in the README).
+    /// a minute (tunnels it held are freed within 90 s; docs/operating.md).
     pub const DEFAULT: Self = Self {
         idle: Duration::from_secs(30),
         interval: Duration::from_secs(10),

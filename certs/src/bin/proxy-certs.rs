@@ -5,8 +5,10 @@ use std::path::PathBuf;
 
 use clap::Parser;
 
-/// Writes a development PKI: proxy CA, server certificate, one agent certificate per cluster
-/// (CN = cluster name) and one API-server CA + certificate per cluster.
+/// Writes a development PKI: three CAs (server, agent, frontend client), the server
+/// certificate, one agent certificate per cluster (CN = cluster name, role URI
+/// spiffe://multicluster-proxy/agent/<cluster>), frontend client certificates, and one
+/// API-server CA + certificate per cluster.
 #[derive(Parser)]
 #[command(version)]
 struct Args {
