@@ -459,7 +459,7 @@ fn serve_control(
                 _ = pings.tick(), if info.features.ping && waiting.is_none() => {
                     seq += 1;
                     waiting = Some((seq, proxy_common::heard::Silence::new(heard.clone(), PONG_LATE)));
-                    agent.set_ping_outstanding(Some(std::time::Instant::now()));
+                    agent.set_ping_outstanding(Some(crate::registry::PingSent::now(heard.clone())));
                     // Best effort: a full control queue is itself a sign the agent is behind.
                     agent.try_send(to_agent::ping(seq));
                     clusters.purge_warm(&agent);

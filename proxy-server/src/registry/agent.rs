@@ -82,10 +82,31 @@ pub struct AgentHandle {
     became_unresponsive: tokio::sync::Notify,
     /// Streams the agent opened ahead of demand (see [`crate::warm`]).
     pub(super) warm: crate::warm::WarmPool,
-    /// When the ping now waiting for its pong was sent, if one is.
-    ping_sent: std::sync::Mutex<Option<Instant>>,
+    /// When the ping now waiting for its pong was sent, if one is, and what had been heard
+    /// from the agent by then (bytes heard since prove it alive: see `proxy_common::heard`).
+    ping_sent: std::sync::Mutex<Option<PingSent>>,
     /// The shard its connection runs on, where the CONNECTs it carries run too.
     home: Option<crate::shards::Shard>,
+}
+
+/// A ping waiting for its pong.
+#[derive(Debug)]
+pub struct PingSent {
+    at: Instant,
+    heard: proxy_common::heard::Heard,
+    heard_then: u64,
+}
+
+impl PingSent {
+    /// A ping sent now to an agent whose connection counts what arrives in `heard`.
+    pub fn now(heard: proxy_common::heard::Heard) -> Self {
+        let heard_then = heard.count();
+        Self {
+            at: Instant::now(),
+            heard,
+            heard_then,
+        }
+    }
 }
 
 /// The agent's control stream is gone.
@@ -176,21 +197,25 @@ impl AgentHandle {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    fn ping_sent(&self) -> std::sync::MutexGuard<'_, Option<Instant>> {
+    fn ping_sent(&self) -> std::sync::MutexGuard<'_, Option<PingSent>> {
         // Held only to read or write the instant.
         self.ping_sent
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// The ping sent at `at` was answered (`None`), or one was sent now (`Some`).
-    pub fn set_ping_outstanding(&self, at: Option<Instant>) {
-        *self.ping_sent() = at;
+    /// The ping sent was answered (`None`), or one was sent now (`Some`).
+    pub fn set_ping_outstanding(&self, sent: Option<PingSent>) {
+        *self.ping_sent() = sent;
     }
 
-    /// Whether a ping has waited for its pong longer than `slack`.
+    /// Whether a ping has waited for its pong longer than `slack` with nothing at all heard
+    /// from the agent since it was sent: a busy agent whose pong waits behind its own data on a
+    /// slow link is not overdue.
     pub fn ping_overdue(&self, slack: Duration) -> bool {
-        self.ping_sent().is_some_and(|sent| sent.elapsed() > slack)
+        self.ping_sent()
+            .as_ref()
+            .is_some_and(|sent| sent.at.elapsed() > slack && sent.heard.count() == sent.heard_then)
     }
 
     /// Cancelled when the agent leaves the registry (or the server shuts down).

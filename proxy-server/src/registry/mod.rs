@@ -21,7 +21,7 @@ mod tests;
 
 use std::sync::Arc;
 
-pub use agent::{AgentGone, AgentHandle, AgentInfo, Features};
+pub use agent::{AgentGone, AgentHandle, AgentInfo, Features, PingSent};
 pub use agents::{RECONNECT_WINDOW, RegisterError, Registration};
 pub use dials::{DialGuard, DialLookupError, DialOutcome, TunnelStream};
 pub use limits::{ConnectionSlot, LimitError};

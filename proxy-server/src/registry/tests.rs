@@ -477,3 +477,24 @@ async fn a_cluster_forgotten_after_its_retention_takes_its_metric_series_along()
     };
     assert_eq!(metrics.agents.get(&beta).map(|g| g.get()), Some(1));
 }
+
+#[tokio::test]
+async fn a_ping_is_overdue_only_while_nothing_at_all_is_heard_from_the_agent() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (handle, _rx) = agent_with("alpha", "a1", 1, Features::default());
+    let (ours, mut theirs) = tokio::io::duplex(64);
+    let heard = proxy_common::heard::Heard::default();
+    let mut connection = proxy_common::heard::Listening::new(ours, heard.clone());
+    let slack = Duration::from_millis(20);
+    handle.set_ping_outstanding(Some(super::PingSent::now(heard.clone())));
+    assert!(!handle.ping_overdue(slack), "overdue at once");
+    tokio::time::sleep(slack * 2).await;
+    assert!(handle.ping_overdue(slack), "silent past the slack");
+    // Data arrives (the pong waits behind it): alive, so not overdue.
+    theirs.write_all(b"bulk").await.unwrap();
+    let mut buf = [0u8; 4];
+    connection.read_exact(&mut buf).await.unwrap();
+    assert!(!handle.ping_overdue(slack), "a busy agent taken for silent");
+    handle.set_ping_outstanding(None);
+    assert!(!handle.ping_overdue(slack));
+}

@@ -21,7 +21,8 @@ impl Clusters {
     }
 
     /// One of `agent`'s warm streams, already told it is taken; `None` if it has none ready,
-    /// or if a ping to it has gone unanswered past [`PING_SLACK`].
+    /// or if a ping to it has gone unanswered past [`PING_SLACK`] with nothing at all heard from
+    /// it meanwhile.
     pub fn take_warm(&self, agent: &AgentHandle) -> Option<TunnelStream> {
         if agent.ping_overdue(PING_SLACK) {
             return None;
