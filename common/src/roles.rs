@@ -16,15 +16,12 @@
 //!   Certificates without such a URI are judged by their CA alone.
 
 use std::fmt;
-use std::path::Path;
 use std::sync::Arc;
 
 use rustls::client::danger::HandshakeSignatureValid;
 use rustls::pki_types::{CertificateDer, UnixTime};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
-
-use crate::tls::{TlsError, load_certs};
 
 /// What a certificate is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -89,7 +86,7 @@ fn claims(cert: &CertificateDer<'_>) -> Result<Vec<(Role, Option<String>)>, Stri
 /// Checks the role URIs of `cert`, presented for `role`: none may claim another role, and a
 /// claim of `role` with a name must name the certificate's Subject CN.
 pub fn check_claims(cert: &CertificateDer<'_>, role: Role) -> Result<(), String> {
-    let cn = crate::tls::common_name(cert);
+    let cn = common_name(cert);
     for (claimed, name) in claims(cert)? {
         if claimed != role {
             return Err(format!(
@@ -108,33 +105,51 @@ pub fn check_claims(cert: &CertificateDer<'_>, role: Role) -> Result<(), String>
     Ok(())
 }
 
-/// Checks that two roles' CA bundles are unrelated: no certificate, public key or subject in
-/// common, and none issued by a certificate of the other (a shared root or an intermediate of the
-/// other role's CA). `a` and `b` name the flags, for the error.
-pub fn separate(a: (&str, &Path), b: (&str, &Path)) -> Result<(), TlsError> {
-    let left = load_certs(a.1)?;
-    let right = load_certs(b.1)?;
-    let names = |certs: &[CertificateDer<'static>], path: &Path| {
+/// The Subject CN of a DER certificate, if it has one that is valid UTF-8: the identity of agents
+/// (their cluster) and frontend clients.
+pub fn common_name(cert: &CertificateDer<'_>) -> Option<String> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;
+    let cn = parsed.subject().iter_common_name().next()?;
+    cn.as_str().ok().map(str::to_owned)
+}
+
+/// Two roles' CA bundles are related, so a certificate of one could pass as the other.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "--{flag} and --{other} must be separate CAs ({why}): a certificate of one role could then pass as the other; give each role its own CA (docs/security.md)"
+)]
+pub struct RolesCross {
+    /// The flag of the first bundle.
+    pub flag: String,
+    /// The flag of the second.
+    pub other: String,
+    /// How they are related.
+    pub why: &'static str,
+}
+
+/// Checks that two roles' CA bundles (by flag, and their certificates) are unrelated: no
+/// certificate, public key or subject in common, and none issued by a certificate of the other
+/// (a shared root or an intermediate of the other role's CA). A certificate that does not parse
+/// is left to the verifier, which refuses it.
+pub fn separate(
+    a: (&str, &[CertificateDer<'_>]),
+    b: (&str, &[CertificateDer<'_>]),
+) -> Result<(), RolesCross> {
+    let names = |certs: &[CertificateDer<'_>]| {
         certs
             .iter()
-            .map(|c| {
-                let (_, p) = x509_parser::parse_x509_certificate(c.as_ref()).map_err(|e| {
-                    TlsError::Read {
-                        what: "certificate",
-                        path: path.to_owned(),
-                        source: e.to_string().into(),
-                    }
-                })?;
-                Ok((
+            .filter_map(|c| {
+                let (_, p) = x509_parser::parse_x509_certificate(c.as_ref()).ok()?;
+                Some((
                     p.subject().as_raw().to_vec(),
                     p.issuer().as_raw().to_vec(),
                     p.public_key().raw.to_vec(),
                     c.as_ref().to_vec(),
                 ))
             })
-            .collect::<Result<Vec<_>, TlsError>>()
+            .collect::<Vec<_>>()
     };
-    let (l, r) = (names(&left, a.1)?, names(&right, b.1)?);
+    let (l, r) = (names(a.1), names(b.1));
     for (ls, li, lk, ld) in &l {
         for (rs, ri, rk, rd) in &r {
             let why = if ld == rd {
@@ -149,7 +164,7 @@ pub fn separate(a: (&str, &Path), b: (&str, &Path)) -> Result<(), TlsError> {
                 None
             };
             if let Some(why) = why {
-                return Err(TlsError::RolesCross {
+                return Err(RolesCross {
                     flag: a.0.to_owned(),
                     other: b.0.to_owned(),
                     why,

@@ -39,14 +39,8 @@ pub enum TlsError {
         source: rustls::server::VerifierBuilderError,
     },
     /// Two roles' CA bundles are related, so a certificate of one could pass as the other.
-    #[error(
-        "--{flag} and --{other} must be separate CAs ({why}): a certificate of one role could then pass as the other; give each role its own CA (docs/security.md)"
-    )]
-    RolesCross {
-        flag: String,
-        other: String,
-        why: &'static str,
-    },
+    #[error(transparent)]
+    RolesCross(#[from] crate::roles::RolesCross),
     /// A certificate has no usable Subject CN.
     #[error("certificate {path} has no Subject CN")]
     NoCommonName {
@@ -130,7 +124,7 @@ fn role_verifier(
 ) -> Result<Arc<dyn rustls::server::danger::ClientCertVerifier>, TlsError> {
     let mut other_verifiers = Vec::with_capacity(others.len());
     for (flag, path) in others {
-        crate::roles::separate((ca_flag, ca), (flag, path))?;
+        separate_cas((ca_flag, ca), (flag, path))?;
         other_verifiers.push((*flag, client_verifier(path, false)?));
     }
     Ok(Arc::new(crate::roles::RoleVerifier::new(
@@ -206,11 +200,13 @@ pub fn mtls_client_config(
     Ok(config)
 }
 
-/// The Subject CN of a DER certificate, if it has one that is valid UTF-8.
-pub fn common_name(cert: &CertificateDer<'_>) -> Option<String> {
-    let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;
-    let cn = parsed.subject().iter_common_name().next()?;
-    cn.as_str().ok().map(str::to_owned)
+pub use crate::roles::common_name;
+
+/// Checks that the certificates in two files (named by their flags) come from unrelated CAs
+/// (see [`crate::roles::separate`]).
+pub fn separate_cas(a: (&str, &Path), b: (&str, &Path)) -> Result<(), TlsError> {
+    let (left, right) = (load_certs(a.1)?, load_certs(b.1)?);
+    Ok(crate::roles::separate((a.0, &left), (b.0, &right))?)
 }
 
 /// The Subject CN of the first certificate in a PEM file.

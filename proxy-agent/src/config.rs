@@ -365,7 +365,7 @@ fn client_tls(
     Ok(Reloadable::load("agent TLS", files, move || {
         // Three roots: a server CA that also signs agents would let anyone holding an agent's
         // issuer mint a server this agent trusts (docs/security.md).
-        proxy_common::roles::separate(("tls-cert", &identity.cert), ("server-ca", &server_ca))?;
+        tls::separate_cas(("tls-cert", &identity.cert), ("server-ca", &server_ca))?;
         let config = tls::mtls_client_config(&identity, &server_ca)?;
         tls::record_expiry(&expiry, "client", &identity.cert);
         tls::record_expiry(&expiry, "server-ca", &server_ca);

@@ -478,7 +478,7 @@ fn agent_tls(
     files.extend(frontend_ca.iter().cloned());
     let expiry = cert_expiry.clone();
     Reloadable::load("agent listener TLS", files, move || {
-        proxy_common::roles::separate(
+        tls::separate_cas(
             ("agent-tls-cert", &agent_identity.cert),
             ("agent-ca", &agent_ca),
         )?;
