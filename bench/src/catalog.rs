@@ -7,6 +7,7 @@ use integration_tests::relay::Link;
 
 use crate::contenders::Running;
 use crate::scenarios::Sample;
+use crate::stall::Buffers::{Kernel, Small};
 use crate::{fairness, replicas, scenarios, stall};
 
 const GIB: u64 = 1 << 30;
@@ -57,6 +58,7 @@ pub fn loopback(smoke: bool) -> Vec<Scenario> {
     let idle_large = count(10_000, 40);
     let iso = size(256 * MIB, 8 * MIB);
     let (few, many, stall_connects) = (count(64, 8), count(1_000, 20), count(50, 5));
+    let half = count(500, 10);
     let d_lat = secs(10);
     let d_setup = secs(5);
     vec![
@@ -114,13 +116,33 @@ pub fn loopback(smoke: bool) -> Vec<Scenario> {
             "stalled readers: 256 MiB beside 64 stalled connections",
             "Gbit/s",
             true,
-            Box::new(move |r| Box::pin(stall::stalled_readers(r, few, iso, stall_connects))),
+            Box::new(move |r| Box::pin(stall::stalled_readers(r, few, iso, stall_connects, Small))),
         )),
         fresh(scenario(
             "stalled readers: 256 MiB beside 1000 stalled connections",
             "Gbit/s",
             true,
-            Box::new(move |r| Box::pin(stall::stalled_readers(r, many, iso, stall_connects))),
+            Box::new(move |r| {
+                Box::pin(stall::stalled_readers(r, many, iso, stall_connects, Small))
+            }),
+        )),
+        // The issue-36 setting: stalled clients and upstream writers with the kernel's own
+        // buffers, as real ones have; the direct contender's row is the baseline.
+        fresh(scenario(
+            "stalled readers, kernel buffers: 256 MiB beside 500 stalled connections",
+            "Gbit/s",
+            true,
+            Box::new(move |r| {
+                Box::pin(stall::stalled_readers(r, half, iso, stall_connects, Kernel))
+            }),
+        )),
+        fresh(scenario(
+            "stalled readers, kernel buffers: 256 MiB beside 1000 stalled connections",
+            "Gbit/s",
+            true,
+            Box::new(move |r| {
+                Box::pin(stall::stalled_readers(r, many, iso, stall_connects, Kernel))
+            }),
         )),
         fresh(scenario(
             "idle, 1000 connections",

@@ -8,7 +8,13 @@
 //! the healthy download measures the kernel. The stall therefore grows only as far as the
 //! machine's TCP memory stays under [`TCP_MEMORY_SHARE`] of its pressure threshold, and says how
 //! far it got (`stalled`). The harness's own sockets (the stalled clients, the upstream's
-//! writers) have small fixed buffers for the same reason.
+//! writers) have small fixed buffers for the same reason ([`Buffers::Small`]).
+//!
+//! With [`Buffers::Kernel`] the stalled clients and the upstream's writers keep the kernel's own
+//! buffers, as real clients and a real API server do, and the stall may grow to
+//! [`KERNEL_CEILING`] of the hard limit: what a tunnel adds to the kernel's TCP memory beside
+//! what the same stalled readers cost connected directly is then the figure (issue 36), and the
+//! direct contender in the same run is its baseline.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -30,10 +36,23 @@ const BATCH: usize = 16;
 /// Part of the kernel's TCP memory pressure threshold (tcp_mem[1]) the stall may bring the
 /// machine to: (numerator, denominator).
 const TCP_MEMORY_SHARE: (u64, u64) = (3, 4);
+/// With [`Buffers::Kernel`], part of the kernel's hard TCP memory limit (tcp_mem[2]) the stall
+/// may bring the machine to: above the pressure threshold, where the kernel squeezes buffers,
+/// but short of the limit, where sockets (the harness's own too) fail.
+const KERNEL_CEILING: (u64, u64) = (9, 10);
 /// Longest wait for the stalled connections' upstream writes to settle.
 const SETTLE_WITHIN: Duration = Duration::from_secs(30);
 /// Longest the healthy download may take beside the stall (a frozen tunnel counts as zero).
 const HEALTHY_WITHIN: Duration = Duration::from_secs(60);
+
+/// Socket buffers of the stalled clients and the upstream's writers to them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Buffers {
+    /// Small and fixed (64 KiB), so a thousand stalled connections fit any contender.
+    Small,
+    /// The kernel's own, autotuned, as real clients and API servers have.
+    Kernel,
+}
 
 /// Tags this process's tracked sources, so each run counts only its own.
 static NEXT_TAG: AtomicU64 = AtomicU64::new(1);
@@ -86,18 +105,23 @@ async fn settle(run: &Running, tag: u64, n: usize) -> anyhow::Result<(bool, [u64
 async fn open_stalled(
     run: &Running,
     tag: u64,
+    buffers: Buffers,
     stalled: &mut Vec<TcpStream>,
     count: usize,
     ceiling: u64,
 ) -> anyhow::Result<()> {
+    let (recv_buffer, mode) = match buffers {
+        Buffers::Small => (Some(STALL_RECV_BUFFER), b"T"),
+        Buffers::Kernel => (None, b"U"),
+    };
     let target = stalled.len() + count;
     while stalled.len() < target && sys::tcp_memory().0 < ceiling {
         let batch: Vec<_> = (0..(target - stalled.len()).min(BATCH))
             .map(|_| {
                 let entry = run.entry.clone();
                 tokio::spawn(async move {
-                    let mut s = entry.open_with(Some(STALL_RECV_BUFFER)).await?;
-                    s.write_all(b"T").await?;
+                    let mut s = entry.open_with(recv_buffer).await?;
+                    s.write_all(mode).await?;
                     s.write_all(&tag.to_le_bytes()).await?;
                     read_n(&mut s, STALL_READ).await?;
                     Ok::<_, anyhow::Error>(s)
@@ -141,6 +165,7 @@ pub async fn stalled_readers(
     n: usize,
     bytes: u64,
     connects: usize,
+    buffers: Buffers,
 ) -> anyhow::Result<Sample> {
     download(&run.entry, bytes.min(16 << 20)).await?; // warm-up
     let alone = download(&run.entry, bytes).await?;
@@ -148,18 +173,21 @@ pub async fn stalled_readers(
 
     let tag = NEXT_TAG.fetch_add(1, Ordering::Relaxed) ^ (u64::from(std::process::id()) << 32);
     let (tcp0, pressure) = sys::tcp_memory();
-    let ceiling = pressure / TCP_MEMORY_SHARE.1 * TCP_MEMORY_SHARE.0;
+    let ceiling = match buffers {
+        Buffers::Small => pressure / TCP_MEMORY_SHARE.1 * TCP_MEMORY_SHARE.0,
+        Buffers::Kernel => sys::tcp_memory_limit() / KERNEL_CEILING.1 * KERNEL_CEILING.0,
+    };
     let mut stalled = Vec::with_capacity(n);
     let opening = Instant::now();
     // A first batch, settled, tells what one stalled connection costs the kernel; the rest is
     // opened only as far as that leaves the machine under the ceiling.
-    open_stalled(run, tag, &mut stalled, n.min(BATCH), u64::MAX).await?;
+    open_stalled(run, tag, buffers, &mut stalled, n.min(BATCH), u64::MAX).await?;
     settle(run, tag, stalled.len()).await?;
     let tcp1 = sys::tcp_memory().0;
     let per_conn = (tcp1.saturating_sub(tcp0) / stalled.len() as u64).max(1);
     let fits = (ceiling.saturating_sub(tcp1) / per_conn) as usize;
     let more = (n - stalled.len()).min(fits);
-    open_stalled(run, tag, &mut stalled, more, ceiling).await?;
+    open_stalled(run, tag, buffers, &mut stalled, more, ceiling).await?;
     let open_s = opening.elapsed().as_secs_f64();
     let (settled, [count, sum, min, max]) = settle(run, tag, stalled.len()).await?;
     let settle_s = opening.elapsed().as_secs_f64() - open_s;

@@ -85,6 +85,16 @@ pub fn family(pid: u32) -> Vec<u32> {
     out
 }
 
+/// The kernel's hard limit on TCP memory (tcp_mem[2]), KiB.
+pub fn tcp_memory_limit() -> u64 {
+    std::fs::read_to_string("/proc/sys/net/ipv4/tcp_mem")
+        .unwrap_or_default()
+        .split_whitespace()
+        .nth(2)
+        .and_then(|v| v.parse::<u64>().ok())
+        .map_or(u64::MAX, |pages| pages * 4)
+}
+
 /// Kernel TCP memory of the whole machine, KiB: (in use, pressure threshold), from
 /// /proc/net/sockstat and tcp_mem (both in pages).
 pub fn tcp_memory() -> (u64, u64) {

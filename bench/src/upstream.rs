@@ -2,7 +2,8 @@
 //! `B` bulk (then two u64: bytes to read, bytes to write), `R` request/response (fixed-size
 //! requests answered with fixed-size responses until EOF), `S` source (writes until the client
 //! goes away), `T` tracked source (then a u64 tag: a source whose bytes written are counted under
-//! that tag), `Q` query (then a u64 tag: answers four u64, the tag's live tracked connections and
+//! that tag, with a small fixed send buffer), `U` the same with the kernel's own send buffer (as a
+//! real API server's), `Q` query (then a u64 tag: answers four u64, the tag's live tracked connections and
 //! the sum, minimum and maximum of their bytes written, then closes).
 
 use std::collections::HashMap;
@@ -84,7 +85,8 @@ async fn serve(mut sock: TcpStream) -> std::io::Result<()> {
     sock.set_nodelay(true)?;
     let mut mode = [0u8; 1];
     sock.read_exact(&mut mode).await?;
-    match mode[0] {
+    let mode = mode[0];
+    match mode {
         b'B' => {
             let mut header = [0u8; 16];
             sock.read_exact(&mut header).await?;
@@ -134,13 +136,15 @@ async fn serve(mut sock: TcpStream) -> std::io::Result<()> {
                 sock.write_all(&block).await?;
             }
         }
-        b'T' => {
+        b'T' | b'U' => {
             let tag = sock.read_u64_le().await?;
-            let std = sock.into_std()?;
-            // SO_SNDBUF belongs to the socket, not the descriptor: set through a duplicate.
-            TcpSocket::from_std_stream(std.try_clone()?)
-                .set_send_buffer_size(TRACKED_SEND_BUFFER)?;
-            let mut sock = TcpStream::from_std(std)?;
+            if mode == b'T' {
+                let std = sock.into_std()?;
+                // SO_SNDBUF belongs to the socket, not the descriptor: set through a duplicate.
+                TcpSocket::from_std_stream(std.try_clone()?)
+                    .set_send_buffer_size(TRACKED_SEND_BUFFER)?;
+                sock = TcpStream::from_std(std)?;
+            }
             let written = Arc::new(AtomicU64::new(0));
             let id = NEXT_CONN.fetch_add(1, Ordering::Relaxed);
             TRACKED

@@ -8,6 +8,7 @@ pub mod flow;
 pub mod gate;
 pub mod grpc;
 pub mod heard;
+pub mod memory;
 pub mod net;
 pub mod pump;
 pub mod readahead;

@@ -1,5 +1,6 @@
 //! Options every TCP socket either binary accepts or dials gets, set in one place where the
-//! socket is made: no Nagle delay, and a bound on how long a vanished peer can hold it.
+//! socket is made: no Nagle delay, a bound on unsent bytes in the kernel, and a bound on how long
+//! a vanished peer can hold it.
 
 use std::io;
 use std::time::Duration;
@@ -87,19 +88,30 @@ pub fn configure(stream: &TcpStream, keepalive: Option<Keepalive>) -> io::Result
     set_options(socket2::SockRef::from(stream), keepalive)
 }
 
-/// Most bytes a tunnel socket (agent ↔ server) keeps written but not yet sent
-/// (`TCP_NOTSENT_LOWAT`). Without it the kernel takes megabytes of bulk data (send buffers
-/// autotune up to `tcp_wmem` max), and on a slow uplink a dial answer, a new stream's head or a
-/// pong written after them waits seconds behind it; with it our own HTTP/2 layer holds the rest,
-/// where each stream takes its turn. 128 KiB is 0.13 s at 8 Mbit/s, and still keeps a LAN
+/// Most bytes any socket of ours keeps written but not yet sent (`TCP_NOTSENT_LOWAT`).
+///
+/// On a tunnel socket (agent ↔ server): without it the kernel takes megabytes of bulk data (send
+/// buffers autotune up to `tcp_wmem` max), and on a slow uplink a dial answer, a new stream's head
+/// or a pong written after them waits seconds behind it; with it our own HTTP/2 layer holds the
+/// rest, where each stream takes its turn. 128 KiB is 0.13 s at 8 Mbit/s, and still keeps a LAN
 /// tunnel's pipe full (bench: bulk rows).
-pub const TUNNEL_NOTSENT_LOWAT: u32 = 128 * 1024;
+///
+/// On a local socket (a CONNECT client on the server, an upstream on the agent): a reader that
+/// stalls would otherwise hold up to `tcp_wmem` max (4 MiB: on loopback the send buffer starts
+/// there) of unsent bytes in our socket on top of what its own receive buffer holds, where a
+/// direct connection holds only the latter; with it the rest waits in the connection's window,
+/// which shrinks for a stalled reader (see `flow`). Bytes in flight are not bounded by it, so a
+/// client across a WAN downloads as fast as before.
+pub const NOTSENT_LOWAT: u32 = 128 * 1024;
 
-/// Sets what a tunnel socket (agent ↔ server) needs beyond [`configure`]: see
-/// [`TUNNEL_NOTSENT_LOWAT`].
-pub fn tunnel_socket(stream: &TcpStream) -> io::Result<()> {
-    socket2::SockRef::from(stream).set_tcp_notsent_lowat(TUNNEL_NOTSENT_LOWAT)
-}
+/// Receive buffer of the agent's upstream sockets (`SO_RCVBUF`; the kernel doubles it and stops
+/// autotuning). The agent reads an upstream only as far as the tunnel's credit allows, so bytes
+/// beyond that wait in this buffer: autotuned, it grows to `tcp_rmem` max (32 MiB on some
+/// machines) while the agent reads fast, and a client that then stalls pins all of it, several
+/// times what the same stalled reader costs connected directly (issue 36). The upstream is the
+/// member's API server on the agent's own network, whose round trip is a fraction of a
+/// millisecond: this covers it at tens of Gbit/s (bench: bulk rows).
+pub const UPSTREAM_RECEIVE_BUFFER: u32 = 256 * 1024;
 
 /// Sets the options of [`configure`] on a socket not yet connected except the user timeout
 /// (which would also bound the SYN phase, and fail a dial before `--dial-timeout` as a bare
@@ -109,10 +121,18 @@ pub fn tunnel_socket(stream: &TcpStream) -> io::Result<()> {
 pub fn configure_unconnected(socket: &TcpSocket, keepalive: Option<Keepalive>) -> io::Result<()> {
     let socket = socket2::SockRef::from(socket);
     socket.set_tcp_nodelay(true)?;
+    socket.set_tcp_notsent_lowat(NOTSENT_LOWAT)?;
     if let Some(k) = keepalive {
         socket.set_tcp_keepalive(&tcp_keepalive(k))?;
     }
     Ok(())
+}
+
+/// Sets what the agent's upstream socket needs beyond [`configure_unconnected`], before its
+/// dial: see [`UPSTREAM_RECEIVE_BUFFER`]. (Before the dial, so the window offered in the
+/// handshake already fits it.)
+pub fn upstream_unconnected(socket: &TcpSocket) -> io::Result<()> {
+    socket.set_recv_buffer_size(UPSTREAM_RECEIVE_BUFFER)
 }
 
 /// The rest of [`configure`] for a socket [`configure_unconnected`] prepared, once connected.
@@ -155,9 +175,11 @@ pub fn passes_options(listener: &TcpListener, keepalive: Option<Keepalive>) -> b
     let socket = socket2::SockRef::from(listener);
     let has = || -> io::Result<bool> {
         let nodelay = socket.tcp_nodelay()?;
+        let lowat = socket.tcp_notsent_lowat()?;
         let on = socket.keepalive()?;
         let timeout = socket.tcp_user_timeout()?;
         Ok(nodelay
+            && lowat == NOTSENT_LOWAT
             && match keepalive {
                 None => !on && timeout.is_none(),
                 Some(k) => {
@@ -180,6 +202,7 @@ fn tcp_keepalive(k: Keepalive) -> socket2::TcpKeepalive {
 
 fn set_options(socket: socket2::SockRef<'_>, keepalive: Option<Keepalive>) -> io::Result<()> {
     socket.set_tcp_nodelay(true)?;
+    socket.set_tcp_notsent_lowat(NOTSENT_LOWAT)?;
     if let Some(k) = keepalive {
         socket.set_tcp_keepalive(&tcp_keepalive(k))?;
         socket.set_tcp_user_timeout(Some(k.bound()))?;
@@ -225,6 +248,7 @@ mod tests {
     /// Asserts that `socket` has the options [`configure`] sets for `k`.
     fn assert_options(socket: socket2::SockRef<'_>, k: Keepalive) {
         assert!(socket.tcp_nodelay().unwrap());
+        assert_eq!(socket.tcp_notsent_lowat().unwrap(), NOTSENT_LOWAT);
         assert!(socket.keepalive().unwrap());
         assert_eq!(socket.tcp_keepalive_time().unwrap(), k.idle);
         assert_eq!(socket.tcp_keepalive_interval().unwrap(), k.interval);

@@ -102,6 +102,13 @@ pub struct Args {
     /// reading can pin (connections x 256 KiB + this).
     #[arg(long, env = "PROXY_AGENT_WINDOW_BUDGET", default_value = "256MiB", value_parser = proxy_common::parse_size)]
     pub window_budget: u64,
+    /// Most bytes all tunneled connections together may hold in their flow-control windows
+    /// (bytes, or with KiB/MiB/GiB): what upstreams that stop reading can make the agent pin,
+    /// 256 KiB per connection and more for those whose windows grew. Beyond it windows stop
+    /// growing and dials are refused. Default: half the memory limit of the agent's cgroup
+    /// (its container's), else half the machine's memory.
+    #[arg(long, env = "PROXY_AGENT_MAX_BUFFERED", value_parser = proxy_common::parse_size)]
+    pub max_buffered: Option<u64>,
     /// Reach the servers through this HTTP proxy (HTTP CONNECT): http://[user:password@]host:port.
     /// Without it, the standard HTTPS_PROXY / https_proxy variables are used, except for servers
     /// NO_PROXY / no_proxy exempts. Credentials are sent as Proxy-Authorization: Basic and
@@ -218,6 +225,8 @@ pub struct Config {
     pub server_probe_interval: Duration,
     /// See [`Args::window_budget`].
     pub window_budget: u64,
+    /// See [`Args::max_buffered`]; the default resolved.
+    pub max_buffered: u64,
     /// See [`Args::tcp_keepalive`].
     pub tcp_keepalive: Option<proxy_common::net::Keepalive>,
     /// See [`Args::warm_connections`].
@@ -228,6 +237,31 @@ pub struct Config {
 
 /// Most warm connections per server: what a server holds per agent.
 pub const MAX_WARM_CONNECTIONS: usize = 64;
+
+/// `--max-buffered`, or its default (logged with where it came from); at least one
+/// connection's floor.
+fn max_buffered(flag: Option<u64>) -> Result<u64, ConfigError> {
+    let bound = flag.unwrap_or_else(|| {
+        let (bound, source) = proxy_common::memory::default_max_buffered();
+        tracing::info!(
+            bound,
+            ?source,
+            "--max-buffered not set: half the memory this process may use"
+        );
+        bound
+    });
+    if bound < proxy_common::flow::MIN_WINDOW {
+        return Err(invalid(
+            "max-buffered",
+            &bound.to_string(),
+            format!(
+                "less than one connection's window ({} bytes)",
+                proxy_common::flow::MIN_WINDOW
+            ),
+        ));
+    }
+    Ok(bound)
+}
 
 fn invalid(flag: &'static str, value: &str, reason: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
@@ -320,6 +354,7 @@ impl Config {
             keepalive_interval: duration("keepalive-interval", args.keepalive_interval, false)?,
             keepalive_timeout: duration("keepalive-timeout", args.keepalive_timeout, false)?,
             window_budget: args.window_budget,
+            max_buffered: max_buffered(args.max_buffered)?,
             tcp_keepalive: args.tcp_keepalive.0,
             cert_expiry,
             warm_connections: if args.warm_connections > MAX_WARM_CONNECTIONS {

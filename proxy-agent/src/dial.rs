@@ -82,7 +82,10 @@ async fn open(
         res = dial_upstream(shared, upstream, started) => match res {
             Ok(socket) => socket,
             Err(failure) => {
-                if let Some(warm) = warm.as_ref().filter(|_| upstream == shared.config.upstream) {
+                if let Some(warm) = warm
+                    .as_ref()
+                    .filter(|_| upstream == shared.config.upstream && failure.upstream_down())
+                {
                     warm.upstream_failed();
                 }
                 report_failure(shared, control, cancel, dial_id, failure.kind, failure.reason).await;
@@ -145,11 +148,21 @@ pub async fn carry(
 /// A failed upstream dial: a bounded metric label and the reason for the client.
 #[derive(Debug)]
 pub struct DialFailure {
-    /// `refused`, `unreachable`, `timeout` or `other`.
+    /// `refused`, `unreachable`, `timeout`, `buffered` (`--max-buffered` reached) or `other`.
     pub kind: &'static str,
     /// Human-readable, with the address.
     pub reason: String,
 }
+
+impl DialFailure {
+    /// Whether the upstream itself failed (not the agent's own bound).
+    pub fn upstream_down(&self) -> bool {
+        self.kind != BUFFERED
+    }
+}
+
+/// The failure kind of a dial refused because `--max-buffered` is reached.
+const BUFFERED: &str = "buffered";
 
 /// Connects to `upstream` within the dial timeout, records the dial time (from `started`) and
 /// sets the socket options.
@@ -158,6 +171,16 @@ pub async fn dial_upstream(
     upstream: &str,
     started: Instant,
 ) -> Result<TcpStream, DialFailure> {
+    if !shared.pool.admits() {
+        return Err(DialFailure {
+            kind: BUFFERED,
+            reason: format!(
+                "the agent's connections hold all the memory they may ({} MiB, --max-buffered): \
+                 upstreams that stopped reading pin it until they read or close",
+                shared.pool.limit() >> 20
+            ),
+        });
+    }
     let keepalive = shared.config.tcp_keepalive;
     let dialed =
         tokio::time::timeout(shared.config.dial_timeout, connect(upstream, keepalive)).await;
@@ -208,7 +231,9 @@ async fn connect(
         };
         let attempt = match socket {
             Ok(socket) => {
-                if let Err(err) = proxy_common::net::configure_unconnected(&socket, keepalive) {
+                if let Err(err) = proxy_common::net::configure_unconnected(&socket, keepalive)
+                    .and_then(|()| proxy_common::net::upstream_unconnected(&socket))
+                {
                     tracing::debug!(%err, "cannot set socket options");
                 }
                 socket.connect(addr).await

@@ -33,6 +33,8 @@ pub struct Shared {
     pub fleet: Arc<fleet::Fleet>,
     /// Woken whenever a tunneled or warm connection ends: a draining agent waits on it.
     ended: Arc<tokio::sync::Notify>,
+    /// What every tunneled connection's window draws from (`--max-buffered`).
+    pub pool: Arc<proxy_common::flow::Pool>,
 }
 
 /// Counts one open connection while alive; its end wakes a draining agent.
@@ -57,11 +59,16 @@ impl Shared {
             metrics.servers_connected.clone(),
             metrics.known_server_count.clone(),
         ));
+        let pool = proxy_common::flow::Pool::with_gauge(
+            config.max_buffered,
+            Some(metrics.buffered.clone()),
+        );
         Self {
             config,
             metrics,
             fleet,
             ended: Arc::default(),
+            pool,
         }
     }
 

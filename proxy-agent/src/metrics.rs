@@ -44,6 +44,8 @@ pub struct Metrics {
     pub warm_claimed: Counter,
     /// Warm connections closed unused, by reason.
     pub warm_retired: Family<ReasonLabel, Counter>,
+    /// Bytes the flow-control windows of all tunneled connections hold (`--max-buffered`).
+    pub buffered: Gauge,
 }
 
 impl Metrics {
@@ -63,7 +65,15 @@ impl Metrics {
             warm_idle: Gauge::default(),
             warm_claimed: Counter::default(),
             warm_retired: Family::default(),
+            buffered: Gauge::default(),
         };
+        registry.register(
+            "proxy_agent_buffered_bytes",
+            "Bytes the flow-control windows of all tunneled connections may hold now (256 KiB \
+             each, more for windows that grew): what upstreams that stop reading can pin. Dials \
+             are refused near --max-buffered",
+            m.buffered.clone(),
+        );
         let start_time = Gauge::<i64, std::sync::atomic::AtomicI64>::default();
         start_time.set(proxy_common::unix_now());
         registry.register(

@@ -214,7 +214,6 @@ async fn connect(
                 .map_err(ConnectError::Tcp)?,
         };
         proxy_common::net::configure(&tcp, shared.config.tcp_keepalive)
-            .and_then(|()| proxy_common::net::tunnel_socket(&tcp))
             .map_err(ConnectError::SocketOptions)?;
         let tls = tls
             .connect(server.tls_name.clone(), ReadAhead::new(tcp))
@@ -360,7 +359,8 @@ impl Tunnel {
         // closes them all.
         let session_token = life.close.child_token();
         let _close_all = session_token.clone().drop_guard();
-        let budget = proxy_common::flow::Budget::new(shared.config.window_budget);
+        let budget =
+            proxy_common::flow::Budget::within(shared.config.window_budget, shared.pool.clone());
         let tracker = TaskTracker::new();
         let warm = (warm && shared.config.warm_connections > 0).then(|| {
             let target = Arc::new(crate::warm::WarmTarget::new(shared.config.warm_connections));

@@ -277,7 +277,9 @@ impl Pool {
             Ok(socket) => socket,
             Err(failure) => {
                 // The upstream cannot be reached: the idle ones may be as dead.
-                self.target.upstream_failed();
+                if failure.upstream_down() {
+                    self.target.upstream_failed();
+                }
                 return Err(OpenError::Upstream(failure.reason));
             }
         };

@@ -145,6 +145,13 @@ pub struct Args {
     /// Most CONNECTs waiting for an agent's dial at once; more get 503.
     #[arg(long, env = "PROXY_SERVER_MAX_PENDING_DIALS", default_value_t = 2_048)]
     pub max_pending_dials: usize,
+    /// Most bytes all tunneled connections together may hold in their flow-control windows
+    /// (bytes, or with KiB/MiB/GiB): what clients that stop reading can make the server pin,
+    /// 256 KiB per connection and more for those whose windows grew. Beyond it windows stop
+    /// growing and new CONNECTs get 503. Default: half the memory limit of the server's cgroup
+    /// (its container's), else half the machine's memory.
+    #[arg(long, env = "PROXY_SERVER_MAX_BUFFERED", value_parser = proxy_common::parse_size)]
+    pub max_buffered: Option<u64>,
     /// How long a cluster whose agents all left stays listed (status page, /api/v1/clusters)
     /// as `down`, with when it went down.
     #[arg(long, env = "PROXY_SERVER_DOWN_RETENTION", default_value = "24h", value_parser = humantime::parse_duration)]
@@ -294,6 +301,8 @@ pub struct Limits {
     pub max_connections_per_cluster: usize,
     /// See [`Args::max_pending_dials`].
     pub max_pending_dials: usize,
+    /// See [`Args::max_buffered`]; the default resolved.
+    pub max_buffered: u64,
     /// See [`Args::max_agents_per_cluster`].
     pub max_agents_per_cluster: usize,
     /// See [`Args::down_retention`].
@@ -599,12 +608,37 @@ fn limits(args: &Args) -> Result<Limits, ConfigError> {
             args.max_connections_per_cluster,
         )?,
         max_pending_dials: at_least_one("max-pending-dials", args.max_pending_dials)?,
+        max_buffered: max_buffered(args.max_buffered)?,
         max_agents_per_cluster: at_least_one(
             "max-agents-per-cluster",
             args.max_agents_per_cluster,
         )?,
         down_retention: positive("down-retention", args.down_retention)?,
     })
+}
+
+/// `--max-buffered`, or its default (logged with where it came from); at least one
+/// connection's floor.
+fn max_buffered(flag: Option<u64>) -> Result<u64, ConfigError> {
+    let bound = flag.unwrap_or_else(|| {
+        let (bound, source) = proxy_common::memory::default_max_buffered();
+        tracing::info!(
+            bound,
+            ?source,
+            "--max-buffered not set: half the memory this process may use"
+        );
+        bound
+    });
+    if bound < proxy_common::flow::MIN_WINDOW {
+        return Err(invalid(
+            "max-buffered",
+            format!(
+                "{bound} bytes is less than one connection's window ({} bytes)",
+                proxy_common::flow::MIN_WINDOW
+            ),
+        ));
+    }
+    Ok(bound)
 }
 
 fn public_url(args: &Args) -> Result<Option<String>, ConfigError> {

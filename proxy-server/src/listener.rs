@@ -173,7 +173,6 @@ async fn handshake(
     keepalive: Option<proxy_common::net::Keepalive>,
 ) -> io::Result<AgentIo> {
     proxy_common::net::configure(&tcp, keepalive)?;
-    proxy_common::net::tunnel_socket(&tcp)?;
     let tls = acceptor.accept(ReadAhead::new(tcp)).await?;
     let cn = tls
         .get_ref()

@@ -103,6 +103,10 @@ pub struct Metrics {
     pub handshakes_limited: Family<ListenerLabel, Counter>,
     /// Warm streams held, ready for a CONNECT (see `crate::warm`).
     pub warm_streams: Gauge,
+    /// Bytes the flow-control windows of all tunneled connections hold (see `--max-buffered`).
+    pub buffered: Gauge,
+    /// `--max-buffered`.
+    pub buffered_limit: Gauge,
     /// CONNECTs answered on a warm stream, without a dial round trip to the agent.
     pub warm_connects: Counter,
     /// How long tunneled connections lasted, `200` to close; server-wide (per cluster it
@@ -240,6 +244,20 @@ impl Metrics {
              to carry a CONNECT without a dial round trip",
             warm_streams.clone(),
         );
+        let buffered = Gauge::default();
+        registry.register(
+            "proxy_server_buffered_bytes",
+            "Bytes the flow-control windows of all tunneled connections may hold now (256 KiB \
+             each, more for windows that grew): what stalled clients can pin. New CONNECTs get \
+             503 near proxy_server_buffered_limit_bytes",
+            buffered.clone(),
+        );
+        let buffered_limit = Gauge::default();
+        registry.register(
+            "proxy_server_buffered_limit_bytes",
+            "The bound on proxy_server_buffered_bytes (--max-buffered)",
+            buffered_limit.clone(),
+        );
         let warm_connects = Counter::default();
         registry.register(
             "proxy_server_warm_connects",
@@ -270,6 +288,8 @@ impl Metrics {
         Self {
             connection_duration,
             warm_streams,
+            buffered,
+            buffered_limit,
             warm_connects,
             handshakes_limited,
             server_count,

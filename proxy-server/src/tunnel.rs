@@ -288,7 +288,7 @@ impl TunnelService {
             info,
             tx,
             closed.clone(),
-            proxy_common::flow::Budget::new(self.window_budget),
+            self.clusters.budget(self.window_budget),
         )) {
             Ok(registration) => registration,
             Err(err) => {

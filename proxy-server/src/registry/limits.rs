@@ -26,6 +26,13 @@ pub enum LimitError {
     /// Too many CONNECTs waiting for agents.
     #[error("the proxy is at its limit of {0} dials in progress")]
     PendingDials(usize),
+    /// The windows of open connections hold all the memory they may.
+    #[error(
+        "the proxy's connections hold all the memory they may ({} MiB, --max-buffered): \
+         clients that stopped reading pin it until they read or close",
+        .0 >> 20
+    )]
+    Buffered(u64),
 }
 
 /// Open tunneled connections, per cluster (only clusters with some) and in total.
@@ -75,6 +82,9 @@ impl OpenConnections {
 impl Clusters {
     /// Takes one connection slot for `cluster`; the guard gives it back.
     pub fn open_connection(self: &Arc<Self>, cluster: &str) -> Result<ConnectionSlot, LimitError> {
+        if !self.pool.admits() {
+            return Err(LimitError::Buffered(self.pool.limit()));
+        }
         self.open.take(cluster, &self.limits)?;
         self.active_gauge(cluster).inc();
         Ok(ConnectionSlot {

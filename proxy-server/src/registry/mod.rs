@@ -39,6 +39,8 @@ pub struct Clusters {
     open: limits::OpenConnections,
     history: stats::History,
     limits: Limits,
+    /// What every tunneled connection's window draws from (`--max-buffered`).
+    pool: Arc<proxy_common::flow::Pool>,
     metrics: Arc<Metrics>,
 }
 
@@ -50,9 +52,28 @@ impl Clusters {
             dials: dials::PendingDials::default(),
             open: limits::OpenConnections::default(),
             history: stats::History::default(),
+            pool: {
+                metrics
+                    .buffered_limit
+                    .set(i64::try_from(limits.max_buffered).unwrap_or(i64::MAX));
+                proxy_common::flow::Pool::with_gauge(
+                    limits.max_buffered,
+                    Some(metrics.buffered.clone()),
+                )
+            },
             limits,
             metrics,
         }
+    }
+
+    /// A flow-control budget of `limit` bytes for a new agent connection, in this server's pool.
+    pub fn budget(&self, limit: u64) -> Arc<proxy_common::flow::Budget> {
+        proxy_common::flow::Budget::within(limit, self.pool.clone())
+    }
+
+    /// Bytes the windows of all tunneled connections hold now (floors included).
+    pub fn buffered(&self) -> u64 {
+        self.pool.used()
     }
 
     /// Takes `agent` out of every part of the registry (its [`Registration`] was dropped).

@@ -22,6 +22,7 @@ fn limits() -> Limits {
         max_connections: 3,
         max_connections_per_cluster: 2,
         max_pending_dials: 2,
+        max_buffered: u64::MAX,
         max_agents_per_cluster: 16,
         down_retention: DOWN_RETENTION,
     }
