@@ -22,8 +22,8 @@ use crate::sys;
 /// Longest wait for all agents to register.
 const REGISTER_WITHIN: Duration = Duration::from_secs(120);
 
-/// Agents the server's admin endpoint reports as connected (sum of `proxy_server_agents`).
-async fn agents_connected(admin: SocketAddr) -> anyhow::Result<u64> {
+/// The server's `/metrics` page (with the response head).
+async fn scrape(admin: SocketAddr) -> anyhow::Result<String> {
     let mut s = TcpStream::connect(admin).await?;
     // The admin listener answers only for an IP address, localhost or a name it was given.
     s.write_all(
@@ -32,7 +32,13 @@ async fn agents_connected(admin: SocketAddr) -> anyhow::Result<u64> {
     .await?;
     let mut body = String::new();
     s.read_to_string(&mut body).await?;
-    Ok(body
+    Ok(body)
+}
+
+/// Agents the server's admin endpoint reports as connected (sum of `proxy_server_agents`).
+async fn agents_connected(admin: SocketAddr) -> anyhow::Result<u64> {
+    Ok(scrape(admin)
+        .await?
         .lines()
         .filter(|l| l.starts_with("proxy_server_agents{"))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
@@ -169,6 +175,23 @@ pub async fn agent_scale(
         hist.record((t.elapsed().as_micros() as u64).clamp(1, 60_000_000))?;
     }
 
+    // Every cluster dialed once, so each has all its per-cluster series: what Prometheus
+    // scrapes from a server with this many clusters at most.
+    for i in 0..n {
+        let entry = Entry::Connect {
+            proxy: addrs.frontend,
+            cluster: swarm::cluster(i),
+        };
+        let mut s = rr_conn(&entry).await?;
+        round_trip(&mut s).await?;
+    }
+    let page = scrape(addrs.admin).await?;
+    let body = page.split_once("\r\n\r\n").map_or(page.as_str(), |(_, b)| b);
+    let series = body
+        .lines()
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .count();
+
     // Restart: kill the server (a crash, no drain) and start a new one on the same ports.
     server.kill().await?;
     let (_server, addrs) = start_server(bin_dir, &files, ports, &[]).await?;
@@ -184,6 +207,9 @@ pub async fn agent_scale(
                 first_registration.as_secs_f64(),
             ),
             ("reregistration_s".into(), reregistration.as_secs_f64()),
+            ("metric_series".into(), series as f64),
+            ("metric_series_per_cluster".into(), series as f64 / n as f64),
+            ("metrics_page_kib".into(), body.len() as f64 / 1024.0),
             ("server_idle_cpu_pct".into(), server_idle * 100.0),
             ("agents_idle_cpu_pct".into(), swarm_idle * 100.0),
             (
