@@ -112,22 +112,101 @@ pub enum PumpError {
     DataAfterFin,
 }
 
-/// A socket that can be torn down with a reset (TCP RST) instead of an orderly close.
-pub trait Abort {
-    /// Arranges for the next drop to reset the connection.
+/// What the pump needs of a local socket beyond reading and writing.
+pub trait LocalSocket {
+    /// Arranges for the next drop to reset the connection (TCP RST) instead of closing it.
     fn abort(&self);
+
+    /// Called once, just before this side's FIN goes out (the writing half is shut down). A
+    /// TCP socket bounds from then on how long the FIN may go unacknowledged
+    /// ([`crate::net::before_fin`]).
+    fn before_fin(&self) {}
 }
 
-impl Abort for tokio::net::TcpStream {
+impl LocalSocket for tokio::net::TcpStream {
     fn abort(&self) {
         // Zero linger: close() sends RST at once and never blocks.
         let _ = self.set_zero_linger();
     }
+
+    fn before_fin(&self) {
+        if let Err(err) = crate::net::before_fin(self) {
+            tracing::debug!(%err, "cannot bound the FIN's wait");
+        }
+    }
 }
 
-impl<IO: Abort> Abort for tokio_rustls::server::TlsStream<IO> {
+impl<IO: LocalSocket> LocalSocket for tokio_rustls::server::TlsStream<IO> {
     fn abort(&self) {
         self.get_ref().0.abort();
+    }
+
+    fn before_fin(&self) {
+        self.get_ref().0.before_fin();
+    }
+}
+
+/// A local socket that calls [`LocalSocket::before_fin`] when its writing half is first shut
+/// down (the pump splits the socket, after which only the halves are at hand).
+struct FinHook<S> {
+    socket: S,
+    fin: bool,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for FinHook<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().socket).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + LocalSocket + Unpin> AsyncWrite for FinHook<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().socket).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().socket).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.socket.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().socket).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if !std::mem::replace(&mut this.fin, true) {
+            this.socket.before_fin();
+        }
+        Pin::new(&mut this.socket).poll_shutdown(cx)
+    }
+}
+
+impl<S: LocalSocket> LocalSocket for FinHook<S> {
+    fn abort(&self) {
+        self.socket.abort();
+    }
+
+    fn before_fin(&self) {
+        self.socket.before_fin();
     }
 }
 
@@ -195,7 +274,7 @@ pub async fn carry<S>(
     cancel: &CancellationToken,
 ) -> Result<(), PumpError>
 where
-    S: AsyncRead + AsyncWrite + Abort + Send + Unpin + 'static,
+    S: AsyncRead + AsyncWrite + LocalSocket + Send + Unpin + 'static,
 {
     let DataStream {
         tx,
@@ -249,10 +328,10 @@ pub async fn splice<S, I>(
     cancel: &CancellationToken,
 ) -> Result<(), PumpError>
 where
-    S: AsyncRead + AsyncWrite + Abort + Send + Unpin + 'static,
+    S: AsyncRead + AsyncWrite + LocalSocket + Send + Unpin + 'static,
     I: Stream<Item = Result<Chunk, Status>> + Unpin,
 {
-    let (reader, mut writer) = tokio::io::split(socket);
+    let (reader, mut writer) = tokio::io::split(FinHook { socket, fin: false });
     let reader = ReaderSlot::new(reader);
     tx.attach(reader.clone(), prefix, counts.clone());
     // What we let the peer send.

@@ -25,7 +25,9 @@ use tokio::time::{Instant, timeout, timeout_at};
 use tokio_util::sync::CancellationToken;
 use tonic::{Code, Status};
 
-use super::{Abort, ByteCounts, CLOSE_TIMEOUT, OutboundBody, PumpError, Role, outbound, splice};
+use super::{
+    ByteCounts, CLOSE_TIMEOUT, LocalSocket, OutboundBody, PumpError, Role, outbound, splice,
+};
 use crate::flow::{Budget, DEFAULT_BUDGET, MIN_WINDOW};
 
 /// How long any step may take before the test calls it a hang. Below [`CLOSE_TIMEOUT`], so a
@@ -112,7 +114,7 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Local<IO> {
     }
 }
 
-impl<IO> Abort for Local<IO> {
+impl<IO> LocalSocket for Local<IO> {
     fn abort(&self) {
         self.aborted.store(true, Ordering::SeqCst);
     }
@@ -253,7 +255,7 @@ fn spawn<S, C>(
     prefix: &'static [u8],
 ) -> Conn<C>
 where
-    S: AsyncRead + AsyncWrite + Abort + Send + Unpin + 'static,
+    S: AsyncRead + AsyncWrite + LocalSocket + Send + Unpin + 'static,
 {
     let (tx, body) = outbound();
     let out = poll_like_hyper(body);

@@ -16,7 +16,7 @@ use std::task::{Context, Poll, ready};
 use bytes::{Buf, BufMut, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-use crate::pump::Abort;
+use crate::pump::LocalSocket;
 
 /// Smallest read from the socket once the buffer is in use.
 pub const MIN_READ_AHEAD: usize = 4 * 1024;
@@ -134,9 +134,13 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for ReadAhead<IO> {
     }
 }
 
-impl<IO: Abort> Abort for ReadAhead<IO> {
+impl<IO: LocalSocket> LocalSocket for ReadAhead<IO> {
     fn abort(&self) {
         self.io.abort();
+    }
+
+    fn before_fin(&self) {
+        self.io.before_fin();
     }
 }
 

@@ -184,3 +184,173 @@ async fn a_client_that_leaves_during_its_dial_cancels_it_at_the_agent() {
         "the agent connected to the upstream for a client that had left: {late:?}"
     );
 }
+
+/// Keepalive for the FIN tests: gone after 4 s + 2 x 2 s = 8 s (the documented bound); a FIN
+/// may go unacknowledged for one 2 s interval.
+const FIN_KEEPALIVE: [&str; 2] = ["--tcp-keepalive", "4s,2s,2"];
+const FIN_BOUND: Duration = Duration::from_secs(8);
+
+/// A member that writes a line, closes its side after `close_after` (if any), and reads until
+/// the tunnel ends its side. Reports each connection's peer address (the agent's end) and the
+/// bytes it read.
+struct Member {
+    addr: SocketAddr,
+    peers: tokio::sync::mpsc::UnboundedReceiver<SocketAddr>,
+    read: tokio::sync::mpsc::UnboundedReceiver<u64>,
+}
+
+impl Member {
+    async fn start(close_after: Option<Duration>) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (peer_tx, peers) = tokio::sync::mpsc::unbounded_channel();
+        let (read_tx, read) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Ok((mut sock, peer)) = listener.accept().await {
+                let _ = peer_tx.send(peer);
+                let read_tx = read_tx.clone();
+                tokio::spawn(async move {
+                    sock.write_all(b"hello\n").await.unwrap();
+                    let (mut rd, mut wr) = sock.into_split();
+                    let closing = async move {
+                        if let Some(after) = close_after {
+                            tokio::time::sleep(after).await;
+                            let _ = wr.shutdown().await;
+                        }
+                        // Holds the writing half (open, or closed) until the reading ends.
+                        std::future::pending::<()>().await;
+                    };
+                    let reading = async move {
+                        let mut n = 0u64;
+                        let mut buf = vec![0u8; 64 * 1024];
+                        while let Ok(k) = rd.read(&mut buf).await {
+                            if k == 0 {
+                                break;
+                            }
+                            n += k as u64;
+                        }
+                        let _ = read_tx.send(n);
+                    };
+                    tokio::select! {
+                        () = closing => {}
+                        () = reading => {}
+                    }
+                });
+            }
+        });
+        Self { addr, peers, read }
+    }
+}
+
+/// The member closes its side while the client is gone: the server's FIN to the client is
+/// never acknowledged. The tunnel is still freed within the keepalive bound (before, the FIN's
+/// retransmissions held it for the whole bound again, counted from the FIN: issue 40).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vanished_clients_tunnel_is_freed_within_the_bound_when_the_member_closes_first() {
+    let member = Member::start(Some(Duration::from_secs(5))).await;
+    let bed = Testbed::builder(&["alpha"])
+        .server_args(&FIN_KEEPALIVE)
+        .agent("alpha", member.addr)
+        .agent_args(&["--tcp-keepalive", "4s,2s,2", "--warm-connections", "0"])
+        .start()
+        .await;
+    let mut tunnel = connect(bed.frontend(), "alpha:443")
+        .await
+        .unwrap()
+        .tunnel()
+        .unwrap();
+    let mut line = [0u8; 6];
+    tunnel.read_exact(&mut line).await.unwrap();
+    let _gone = Blackhole::between(tunnel.local_addr().unwrap(), bed.frontend());
+    let freed = until_zero(
+        "server",
+        bed.server.admin_addr,
+        "proxy_server_connections_active{cluster=\"alpha\"}",
+        Duration::from_secs(30),
+    )
+    .await;
+    eprintln!("member closed at 5 s, the vanished client's tunnel freed after {freed:?}");
+    assert!(
+        freed <= FIN_BOUND + Duration::from_secs(1),
+        "freed after {freed:?}: the bound is {FIN_BOUND:?}"
+    );
+    drop(tunnel);
+}
+
+/// The same on the agent's side: the member vanishes, the client then closes its side, and
+/// the agent's FIN to the member is never acknowledged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vanished_members_connection_is_freed_within_the_bound_when_the_client_closes_first() {
+    let mut member = Member::start(None).await;
+    let bed = Testbed::builder(&["alpha"])
+        .server_args(&FIN_KEEPALIVE)
+        .agent("alpha", member.addr)
+        .agent_args(&["--tcp-keepalive", "4s,2s,2", "--warm-connections", "0"])
+        .start()
+        .await;
+    let agent = &bed.agents[0];
+    let mut tunnel = connect(bed.frontend(), "alpha:443")
+        .await
+        .unwrap()
+        .tunnel()
+        .unwrap();
+    let mut line = [0u8; 6];
+    tunnel.read_exact(&mut line).await.unwrap();
+    let agent_end = member.peers.recv().await.unwrap();
+    // The member vanishes: nothing it sends reaches the agent, its ACKs included.
+    let _gone = Blackhole::between(member.addr, agent_end);
+    let started = Instant::now();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    tunnel.shutdown().await.unwrap();
+    let freed = started.elapsed()
+        + until_zero(
+            "agent",
+            agent.admin_addr,
+            "proxy_agent_connections_active",
+            Duration::from_secs(30),
+        )
+        .await;
+    eprintln!("client closed at 5 s, the vanished member's connection freed after {freed:?}");
+    assert!(
+        freed <= FIN_BOUND + Duration::from_secs(1),
+        "freed after {freed:?}: the bound is {FIN_BOUND:?}"
+    );
+    drop(tunnel);
+}
+
+/// A legitimate half-closed connection outlives the FIN's bound: the member ends its response
+/// at once, and the client goes on uploading for several keepalive intervals.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_after_the_members_response_ended_goes_on_past_the_fin_bound() {
+    let mut member = Member::start(Some(Duration::ZERO)).await;
+    let bed = Testbed::builder(&["alpha"])
+        .server_args(&KEEPALIVE)
+        .agent("alpha", member.addr)
+        .agent_args(&AGENT_KEEPALIVE)
+        .start()
+        .await;
+    let mut tunnel = connect(bed.frontend(), "alpha:443")
+        .await
+        .unwrap()
+        .tunnel()
+        .unwrap();
+    let mut got = Vec::new();
+    tunnel.read_to_end(&mut got).await.unwrap();
+    assert_eq!(got, b"hello\n", "the response, then the member's FIN");
+    // 4 s of upload in small pieces: four times the 1 s a FIN may wait.
+    let piece = vec![0x77u8; 10 * 1024];
+    for _ in 0..40 {
+        tunnel.write_all(&piece).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tunnel.shutdown().await.unwrap();
+    let read = tokio::time::timeout(Duration::from_secs(10), member.read.recv())
+        .await
+        .expect("the member's connection ended")
+        .unwrap();
+    assert_eq!(
+        read,
+        40 * 10 * 1024,
+        "every byte of the upload reached the member"
+    );
+}

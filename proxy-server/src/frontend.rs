@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use bytes::{BufMut, BytesMut};
 use http::StatusCode;
 use proxy_common::error::chain;
-use proxy_common::pump::{self, Abort, ByteCounts, PumpError, Role};
+use proxy_common::pump::{self, ByteCounts, LocalSocket, PumpError, Role};
 use proxy_common::reload::Reloadable;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -285,7 +285,7 @@ impl Client {
     /// closes.
     async fn tunnel<S>(self, client: S, admitted: Admitted)
     where
-        S: AsyncRead + AsyncWrite + Abort + Unpin + Send + 'static,
+        S: AsyncRead + AsyncWrite + LocalSocket + Unpin + Send + 'static,
     {
         let work = async {
             let open = Box::pin(self.frontend.connect(client, admitted));
@@ -614,7 +614,7 @@ impl Frontend {
     /// the server shuts down, then logs the connection.
     async fn carry<S>(&self, opened: Opened<S>)
     where
-        S: AsyncRead + AsyncWrite + Abort + Unpin + Send + 'static,
+        S: AsyncRead + AsyncWrite + LocalSocket + Unpin + Send + 'static,
     {
         let Opened {
             client,

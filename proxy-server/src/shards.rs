@@ -359,10 +359,16 @@ impl AsyncWrite for Movable {
     }
 }
 
-impl proxy_common::pump::Abort for Movable {
+impl proxy_common::pump::LocalSocket for Movable {
     fn abort(&self) {
         if let Some(socket) = &self.0 {
             socket.abort();
+        }
+    }
+
+    fn before_fin(&self) {
+        if let Some(socket) = &self.0 {
+            socket.before_fin();
         }
     }
 }
