@@ -186,7 +186,9 @@ pub async fn agent_scale(
         round_trip(&mut s).await?;
     }
     let page = scrape(addrs.admin).await?;
-    let body = page.split_once("\r\n\r\n").map_or(page.as_str(), |(_, b)| b);
+    let body = page
+        .split_once("\r\n\r\n")
+        .map_or(page.as_str(), |(_, b)| b);
     let series = body
         .lines()
         .filter(|l| !l.is_empty() && !l.starts_with('#'))
