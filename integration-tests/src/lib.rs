@@ -9,6 +9,7 @@ pub mod client;
 pub mod data;
 pub mod fleet;
 pub mod procs;
+pub mod real_member;
 pub mod relay;
 pub mod rogue;
 pub mod swarm;
