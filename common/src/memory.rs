@@ -25,6 +25,28 @@ pub fn default_max_buffered() -> (u64, Source) {
     default_from(Path::new("/"))
 }
 
+/// `--max-buffered` as given, or its default (logged with where it came from). Refused (with
+/// the reason, for the binary's config error) below one connection's floor: no connection
+/// could ever be admitted.
+pub fn max_buffered(flag: Option<u64>) -> Result<u64, String> {
+    let bound = flag.unwrap_or_else(|| {
+        let (bound, source) = default_max_buffered();
+        tracing::info!(
+            bound,
+            ?source,
+            "--max-buffered not set: half the memory this process may use"
+        );
+        bound
+    });
+    if bound < crate::flow::MIN_WINDOW {
+        return Err(format!(
+            "{bound} bytes is less than one connection's window ({} bytes)",
+            crate::flow::MIN_WINDOW
+        ));
+    }
+    Ok(bound)
+}
+
 /// [`default_max_buffered`] reading the files under `root` (tests).
 fn default_from(root: &Path) -> (u64, Source) {
     if let Some(limit) = cgroup_limit(root) {
@@ -109,6 +131,14 @@ mod tests {
             "1073741824\n",
         );
         assert_eq!(default_from(root), (512 << 20, Source::Cgroup(1 << 30)));
+    }
+
+    #[test]
+    fn a_bound_below_one_window_is_refused() {
+        assert_eq!(max_buffered(Some(64 << 20)), Ok(64 << 20));
+        let err = max_buffered(Some(1024)).unwrap_err();
+        assert!(err.contains("less than one connection's window"), "{err}");
+        assert!(max_buffered(None).unwrap() >= crate::flow::MIN_WINDOW);
     }
 
     #[test]

@@ -448,3 +448,13 @@ pub async fn wait_ok(addr: SocketAddr, path: &str, timeout: Duration) -> anyhow:
         }
     }
 }
+
+/// Resident memory of process `pid`, KiB (`VmRSS`; 0 if it cannot be read).
+pub fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}

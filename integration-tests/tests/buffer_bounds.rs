@@ -8,7 +8,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use integration_tests::client::read_n;
-use integration_tests::procs::metric;
+use integration_tests::procs::{metric, rss_kib};
 use integration_tests::upstream::SourceServer;
 use integration_tests::{ConnectReply, Testbed, connect, eventually};
 use tokio::io::AsyncReadExt;
@@ -306,13 +306,4 @@ async fn max_buffered_bounds_what_the_agent_holds_for_upstreams_that_stop_readin
         .unwrap()
         .tunnel()
         .unwrap();
-}
-
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
 }

@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use integration_tests::client::read_n;
+use integration_tests::procs::rss_kib;
 use integration_tests::upstream::SourceServer;
 use integration_tests::{AgentProc, Bed, ServerProc, Testbed, connect};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -28,15 +29,6 @@ const SMALL_BUDGET_NO_WARM: [&str; 4] = ["--window-budget", "64MiB", "--warm-con
 /// The documented bound for `STALLED` connections under [`SMALL_BUDGET`] (256 KiB floor each,
 /// plus the budget), plus 512 KiB per connection for its sockets, TLS and HTTP/2 state.
 const PINNED_BOUND_MIB: u64 = (STALLED as u64 * (256 + 512)) / 1024 + 64;
-
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
-}
 
 async fn tunnel(frontend: SocketAddr) -> TcpStream {
     connect(frontend, "alpha:443")

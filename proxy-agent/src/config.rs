@@ -238,29 +238,12 @@ pub struct Config {
 /// Most warm connections per server: what a server holds per agent.
 pub const MAX_WARM_CONNECTIONS: usize = 64;
 
-/// `--max-buffered`, or its default (logged with where it came from); at least one
-/// connection's floor.
+/// See [`proxy_common::memory::max_buffered`].
 fn max_buffered(flag: Option<u64>) -> Result<u64, ConfigError> {
-    let bound = flag.unwrap_or_else(|| {
-        let (bound, source) = proxy_common::memory::default_max_buffered();
-        tracing::info!(
-            bound,
-            ?source,
-            "--max-buffered not set: half the memory this process may use"
-        );
-        bound
-    });
-    if bound < proxy_common::flow::MIN_WINDOW {
-        return Err(invalid(
-            "max-buffered",
-            &bound.to_string(),
-            format!(
-                "less than one connection's window ({} bytes)",
-                proxy_common::flow::MIN_WINDOW
-            ),
-        ));
-    }
-    Ok(bound)
+    proxy_common::memory::max_buffered(flag).map_err(|reason| {
+        let value = flag.map_or_else(String::new, |v| v.to_string());
+        invalid("max-buffered", &value, reason)
+    })
 }
 
 fn invalid(flag: &'static str, value: &str, reason: impl Into<String>) -> ConfigError {

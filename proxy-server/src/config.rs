@@ -617,28 +617,9 @@ fn limits(args: &Args) -> Result<Limits, ConfigError> {
     })
 }
 
-/// `--max-buffered`, or its default (logged with where it came from); at least one
-/// connection's floor.
+/// See [`proxy_common::memory::max_buffered`].
 fn max_buffered(flag: Option<u64>) -> Result<u64, ConfigError> {
-    let bound = flag.unwrap_or_else(|| {
-        let (bound, source) = proxy_common::memory::default_max_buffered();
-        tracing::info!(
-            bound,
-            ?source,
-            "--max-buffered not set: half the memory this process may use"
-        );
-        bound
-    });
-    if bound < proxy_common::flow::MIN_WINDOW {
-        return Err(invalid(
-            "max-buffered",
-            format!(
-                "{bound} bytes is less than one connection's window ({} bytes)",
-                proxy_common::flow::MIN_WINDOW
-            ),
-        ));
-    }
-    Ok(bound)
+    proxy_common::memory::max_buffered(flag).map_err(|reason| invalid("max-buffered", reason))
 }
 
 fn public_url(args: &Args) -> Result<Option<String>, ConfigError> {
