@@ -87,7 +87,7 @@ pub fn unix_now() -> i64 {
 /// than one worker, a task woken on one thread also unparks an idle one to steal it, and on a
 /// busy host those futex wake-ups and context switches are most of the kernel time of a
 /// request. A multi-thread runtime of one worker still hands every task the main future
-/// spawns to that worker; a current-thread runtime hands nothing over (see README, "Threads").
+/// spawns to that worker; a current-thread runtime hands nothing over (see docs/operating.md, "Threads").
 pub fn runtime(workers: Option<usize>) -> std::io::Result<tokio::runtime::Runtime> {
     let mut builder = match workers {
         Some(0 | 1) => tokio::runtime::Builder::new_current_thread(),

@@ -132,7 +132,7 @@ pub struct Args {
     #[arg(long, env = "PROXY_AGENT_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
     /// Threads: 1 (the default) runs everything on one thread; more is a pool of that many
-    /// workers. See README, "Threads".
+    /// workers. See docs/operating.md, "Threads".
     #[arg(long, env = "PROXY_AGENT_WORKER_THREADS", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub worker_threads: u16,
 }

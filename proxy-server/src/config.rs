@@ -225,12 +225,12 @@ pub struct Args {
     #[arg(long, env = "PROXY_SERVER_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
     /// Worker threads (default: one per CPU; 1: one thread, no pool). The server carries every
-    /// cluster's traffic, so it uses the cores it is given; see README, "Threads".
+    /// cluster's traffic, so it uses the cores it is given; see docs/operating.md, "Threads".
     #[arg(long, env = "PROXY_SERVER_WORKER_THREADS", value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub worker_threads: Option<u16>,
     /// Shard threads for agent connections and the CONNECTs they carry (default: one per CPU;
     /// 0: everything on the worker threads). An agent and its tunneled connections share one
-    /// thread, so their messages need no thread hand-off; see README, "Threads".
+    /// thread, so their messages need no thread hand-off; see docs/operating.md, "Threads".
     #[arg(long, env = "PROXY_SERVER_SHARDS", value_parser = clap::value_parser!(u16).range(0..=1024))]
     pub shards: Option<u16>,
 }
