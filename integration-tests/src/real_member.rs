@@ -456,7 +456,13 @@ impl RealMember {
         std::fs::write(path("kwok/attach.log"), "")?;
         std::fs::write(
             path("kwok/kubeconfig"),
-            direct_kubeconfig(cluster, addr, &ca_pem, &admin_token),
+            direct_kubeconfig(
+                cluster,
+                addr,
+                &ca_pem,
+                MemberUser::Admin.name(),
+                &admin_token,
+            ),
         )?;
         std::fs::write(
             path("kwok/kubelet.yaml"),
@@ -586,6 +592,20 @@ current-context: {cluster}
         std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))
     }
 
+    /// Writes a kubeconfig at `path` that reaches this member's API server as `user` directly,
+    /// not through the proxy (`server: https://127.0.0.1:<port>`, verified with the member's CA):
+    /// the reference a test compares the proxy's behaviour with.
+    pub fn write_direct_kubeconfig(&self, path: &Path, user: MemberUser) -> anyhow::Result<()> {
+        let text = direct_kubeconfig(
+            &self.cluster,
+            self.addr,
+            &self.ca_pem,
+            user.name(),
+            self.token(user),
+        );
+        std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))
+    }
+
     /// Appends `line` to the log every container of the node shows (`kubectl logs`, and
     /// `logs -f` while it follows), in the CRI log format kwok reads.
     pub fn append_container_log(&self, line: &str) -> anyhow::Result<()> {
@@ -683,8 +703,15 @@ fn rfc3339(since_epoch: Duration) -> String {
     )
 }
 
-/// A kubeconfig straight to the member's API server as admin (kwok's).
-fn direct_kubeconfig(cluster: &str, addr: SocketAddr, ca_pem: &[u8], token: &str) -> String {
+/// A kubeconfig straight to the member's API server (not through the proxy) as `user` with
+/// `token`: kwok's, and a test's reference to compare the proxy with.
+fn direct_kubeconfig(
+    cluster: &str,
+    addr: SocketAddr,
+    ca_pem: &[u8],
+    user: &str,
+    token: &str,
+) -> String {
     let ca = crate::client::base64(ca_pem);
     format!(
         "apiVersion: v1
@@ -695,14 +722,14 @@ clusters:
     server: https://{addr}
     certificate-authority-data: {ca}
 users:
-- name: admin
+- name: {user}
   user:
     token: {token}
 contexts:
 - name: {cluster}
   context:
     cluster: {cluster}
-    user: admin
+    user: {user}
 current-context: {cluster}
 "
     )
