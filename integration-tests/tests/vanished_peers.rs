@@ -242,12 +242,9 @@ impl Member {
     }
 }
 
-/// The member closes its side while the client is gone: the server's FIN to the client is
-/// never acknowledged. The tunnel is still freed within the keepalive bound (before, the FIN's
-/// retransmissions held it for the whole bound again, counted from the FIN: issue 40).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_vanished_clients_tunnel_is_freed_within_the_bound_when_the_member_closes_first() {
-    let member = Member::start(Some(Duration::from_secs(5))).await;
+/// A proxy with [`FIN_KEEPALIVE`] on both sides in front of `member`, and a tunnel to it whose
+/// first line has arrived.
+async fn fin_tunnel(member: &Member) -> (Testbed, TcpStream) {
     let bed = Testbed::builder(&["alpha"])
         .server_args(&FIN_KEEPALIVE)
         .agent("alpha", member.addr)
@@ -261,6 +258,16 @@ async fn a_vanished_clients_tunnel_is_freed_within_the_bound_when_the_member_clo
         .unwrap();
     let mut line = [0u8; 6];
     tunnel.read_exact(&mut line).await.unwrap();
+    (bed, tunnel)
+}
+
+/// The member closes its side while the client is gone: the server's FIN to the client is
+/// never acknowledged. The tunnel is still freed within the keepalive bound (before, the FIN's
+/// retransmissions held it for the whole bound again, counted from the FIN: issue 40).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vanished_clients_tunnel_is_freed_within_the_bound_when_the_member_closes_first() {
+    let member = Member::start(Some(Duration::from_secs(5))).await;
+    let (bed, tunnel) = fin_tunnel(&member).await;
     let _gone = Blackhole::between(tunnel.local_addr().unwrap(), bed.frontend());
     let freed = until_zero(
         "server",
@@ -282,20 +289,8 @@ async fn a_vanished_clients_tunnel_is_freed_within_the_bound_when_the_member_clo
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_vanished_members_connection_is_freed_within_the_bound_when_the_client_closes_first() {
     let mut member = Member::start(None).await;
-    let bed = Testbed::builder(&["alpha"])
-        .server_args(&FIN_KEEPALIVE)
-        .agent("alpha", member.addr)
-        .agent_args(&["--tcp-keepalive", "4s,2s,2", "--warm-connections", "0"])
-        .start()
-        .await;
+    let (bed, mut tunnel) = fin_tunnel(&member).await;
     let agent = &bed.agents[0];
-    let mut tunnel = connect(bed.frontend(), "alpha:443")
-        .await
-        .unwrap()
-        .tunnel()
-        .unwrap();
-    let mut line = [0u8; 6];
-    tunnel.read_exact(&mut line).await.unwrap();
     let agent_end = member.peers.recv().await.unwrap();
     // The member vanishes: nothing it sends reaches the agent, its ACKs included.
     let _gone = Blackhole::between(member.addr, agent_end);
