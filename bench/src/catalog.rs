@@ -8,7 +8,7 @@ use integration_tests::relay::Link;
 use crate::contenders::Running;
 use crate::scenarios::Sample;
 use crate::stall::Buffers::{Kernel, Small};
-use crate::{fairness, replicas, scenarios, stall};
+use crate::{fairness, kube, replicas, scenarios, stall};
 
 const GIB: u64 = 1 << 30;
 const MIB: u64 = 1 << 20;
@@ -290,4 +290,15 @@ pub fn agents(smoke: bool) -> [(&'static str, usize, usize); 3] {
             replicas::REPLICAS,
         ),
     ]
+}
+
+/// Real-Kubernetes sizes (the scenarios are [`kube::NAMES`]), run once per contender `direct`
+/// and `proxy` against one real member.
+pub fn kube(smoke: bool) -> kube::Sizes {
+    let n = |full: usize, tiny: usize| if smoke { tiny } else { full };
+    kube::Sizes {
+        versions: n(200, 5),
+        configmaps: n(10_000, 100),
+        watches: n(50, 5),
+    }
 }

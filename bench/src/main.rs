@@ -9,6 +9,7 @@ mod catalog;
 mod contenders;
 mod entry;
 mod fairness;
+mod kube;
 mod replicas;
 mod report;
 mod scenarios;
@@ -331,6 +332,9 @@ async fn main() -> anyhow::Result<()> {
             by_contender: by_build,
         });
     }
+    // Real Kubernetes: one real member, direct and through the proxy (not the peers: they have
+    // no per-cluster routing either).
+    results.extend(kube::run(&args, catalog::kube(args.smoke), rounds).await);
     let not_implemented = Vec::new();
     // Idle rounds restart the contenders; report each missing one once.
     missing.sort();

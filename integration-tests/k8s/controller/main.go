@@ -6,6 +6,7 @@
 //	push-controller run --hub-kubeconfig HUB --namespace NS --member NAME=KUBECONFIG... --status-addr ADDR
 //	push-controller seed --kubeconfig K --namespace NS --count N [--size BYTES] [--workers W]
 //	push-controller list --kubeconfig K --namespace NS [--limit N]
+//	push-controller sync --kubeconfig K --namespace NS
 //
 // `run` keeps a status of its own, served as JSON at http://ADDR/status and also written to
 // stdout as one JSON line per event: per member, the hub resourceVersion last synced for every
@@ -16,7 +17,8 @@
 // an older hub resourceVersion of an object ("regressions": an out-of-order write).
 //
 // `seed` creates N ConfigMaps quickly (W at a time); `list` lists a namespace's ConfigMaps (one
-// LIST, or pages of --limit) and prints the items, bytes and seconds it took as one JSON line.
+// LIST, or pages of --limit) and prints the items, bytes and seconds it took as one JSON line;
+// `sync` starts a ConfigMap informer on a namespace and prints how long its initial sync took.
 package main
 
 import (
@@ -55,7 +57,7 @@ const (
 
 func main() {
 	if len(os.Args) < 2 {
-		fail(errors.New("usage: push-controller run|seed|list [flags]"))
+		fail(errors.New("usage: push-controller run|seed|list|sync [flags]"))
 	}
 	var err error
 	switch os.Args[1] {
@@ -65,8 +67,10 @@ func main() {
 		err = seed(os.Args[2:])
 	case "list":
 		err = list(os.Args[2:])
+	case "sync":
+		err = informerSync(os.Args[2:])
 	default:
-		err = fmt.Errorf("unknown command %q (want run, seed or list)", os.Args[1])
+		err = fmt.Errorf("unknown command %q (want run, seed, list or sync)", os.Args[1])
 	}
 	if err != nil {
 		fail(err)
@@ -662,5 +666,35 @@ func list(args []string) error {
 		}
 	}
 	emit(map[string]any{"event": "listed", "items": items, "bytes": bytes, "pages": pages, "seconds": time.Since(started).Seconds()})
+	return nil
+}
+
+// informerSync starts a ConfigMap informer on a namespace and prints, as one JSON line with event
+// "synced", how long its initial sync took (what a controller waits for before it starts work),
+// the objects it then holds, and the LISTs and WATCHes that took.
+func informerSync(args []string) error {
+	fs := flag.NewFlagSet("sync", flag.ExitOnError)
+	kubeconfig := fs.String("kubeconfig", "", "the cluster")
+	ns := fs.String("namespace", "bulk", "namespace")
+	_ = fs.Parse(args)
+	cs, err := client(*kubeconfig)
+	if err != nil {
+		return err
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	counts := &watchCounts{cluster: "sync"}
+	started := time.Now()
+	inf := informer(cs, *ns, "", counts)
+	go inf.RunWithContext(ctx)
+	// Polled every millisecond: cache.WaitForCacheSync polls every 100 ms, too coarse to time.
+	for !inf.HasSynced() {
+		if ctx.Err() != nil {
+			return errors.New("the informer did not sync within 2 minutes")
+		}
+		time.Sleep(time.Millisecond)
+	}
+	emit(map[string]any{"event": "synced", "items": len(inf.GetStore().ListKeys()), "lists": counts.lists.Load(),
+		"watches": counts.watches.Load(), "seconds": time.Since(started).Seconds()})
 	return nil
 }
