@@ -340,12 +340,16 @@ impl Setup {
         })
     }
 
-    /// One LIST of every ConfigMap by client-go (`push-controller list`, no paging): the
-    /// headline is MB/s of response body; also `kubectl get configmaps -o json` (which pages by
-    /// 500) wall time.
-    async fn list(&self, target: &Target, n: usize) -> anyhow::Result<Sample> {
+    /// Runs `push-controller COMMAND` on the seeded namespace through `target`, and returns the
+    /// last JSON line it printed that `wanted` accepts.
+    async fn controller_json(
+        &self,
+        target: &Target,
+        command: &str,
+        wanted: impl Fn(&serde_json::Value) -> bool,
+    ) -> anyhow::Result<serde_json::Value> {
         let out = Command::new(&self.controller)
-            .args(["list", "--kubeconfig"])
+            .args([command, "--kubeconfig"])
             .arg(&target.kubeconfig)
             .args(["--namespace", NAMESPACE])
             .env_remove("HTTPS_PROXY")
@@ -355,17 +359,27 @@ impl Setup {
             .await?;
         anyhow::ensure!(
             out.status.success(),
-            "push-controller list: {}",
+            "push-controller {command}: {}",
             String::from_utf8_lossy(&out.stderr)
         );
         let stdout = String::from_utf8_lossy(&out.stdout);
-        let line = stdout.lines().last().unwrap_or_default();
-        let listed: serde_json::Value =
-            serde_json::from_str(line).with_context(|| format!("list printed {line:?}"))?;
+        stdout
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| wanted(v))
+            .last()
+            .with_context(|| format!("push-controller {command} printed no result: {stdout:.500}"))
+    }
+
+    /// One LIST of every ConfigMap by client-go (`push-controller list`, no paging): the
+    /// headline is MB/s of response body; also `kubectl get configmaps -o json` (which pages by
+    /// 500) wall time.
+    async fn list(&self, target: &Target, n: usize) -> anyhow::Result<Sample> {
+        let listed = self.controller_json(target, "list", |_| true).await?;
         let field = |k: &str| {
             listed[k]
                 .as_f64()
-                .with_context(|| format!("list printed {line:?}"))
+                .with_context(|| format!("list printed {listed}"))
         };
         let (items, bytes, seconds) = (field("items")?, field("bytes")?, field("seconds")?);
         anyhow::ensure!(items as usize == n, "listed {items} ConfigMaps, not {n}");
@@ -395,26 +409,9 @@ impl Setup {
     /// reflector, LIST then WATCH or a streaming watch-list, whichever it chooses): seconds until
     /// `HasSynced`.
     async fn informer(&self, target: &Target, n: usize) -> anyhow::Result<Sample> {
-        let out = Command::new(&self.controller)
-            .args(["sync", "--kubeconfig"])
-            .arg(&target.kubeconfig)
-            .args(["--namespace", NAMESPACE])
-            .env_remove("HTTPS_PROXY")
-            .env_remove("https_proxy")
-            .kill_on_drop(true)
-            .output()
+        let synced = self
+            .controller_json(target, "sync", |v| v["event"] == "synced")
             .await?;
-        anyhow::ensure!(
-            out.status.success(),
-            "push-controller sync: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        let synced: serde_json::Value = stdout
-            .lines()
-            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-            .find(|v| v["event"] == "synced")
-            .with_context(|| format!("sync printed no \"synced\" line: {stdout:.500}"))?;
         let field = |k: &str| {
             synced[k]
                 .as_f64()

@@ -62,35 +62,6 @@ fn controller_bin() -> PathBuf {
     bin
 }
 
-/// A kubeconfig straight to `member`'s API server as admin (the hub is not behind the proxy).
-fn write_direct_kubeconfig(member: &RealMember, path: &Path) {
-    let text = format!(
-        "apiVersion: v1
-kind: Config
-clusters:
-- name: {cluster}
-  cluster:
-    server: https://{addr}
-    certificate-authority-data: {ca}
-users:
-- name: admin
-  user:
-    token: {token}
-contexts:
-- name: {cluster}
-  context:
-    cluster: {cluster}
-    user: admin
-current-context: {cluster}
-",
-        cluster = member.cluster(),
-        addr = member.addr(),
-        ca = integration_tests::client::base64(member.ca_pem()),
-        token = member.token(MemberUser::Admin),
-    );
-    std::fs::write(path, text).expect("kubeconfig");
-}
-
 /// `push-controller run`, killed by PID when dropped.
 struct Controller {
     child: std::process::Child,
@@ -628,7 +599,8 @@ fn kubeconfigs(
     proxy_url: &str,
 ) -> (PathBuf, Vec<(String, PathBuf)>) {
     let hub_path = dir.join("kubeconfig-hub");
-    write_direct_kubeconfig(hub, &hub_path);
+    hub.write_direct_kubeconfig(&hub_path, MemberUser::Admin)
+        .expect("kubeconfig");
     let members = members
         .iter()
         .map(|m| {
@@ -664,7 +636,8 @@ async fn controller_keeps_members_in_sync_through_an_agent_restart_and_a_10k_lis
 
     // 10,000 ConfigMaps (1 KiB of data each) in beta, written directly, for the big LIST.
     let beta_direct = bed.dir().join("kubeconfig-beta-direct");
-    write_direct_kubeconfig(&beta, &beta_direct);
+    beta.write_direct_kubeconfig(&beta_direct, MemberUser::Admin)
+        .expect("kubeconfig");
     let seeded = controller_tool(&[
         "seed",
         "--kubeconfig",
