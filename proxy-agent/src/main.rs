@@ -18,6 +18,7 @@ fn main() -> anyhow::Result<()> {
     let _log = proxy_common::telemetry::init(args.log_format);
     proxy_common::net::raise_open_files_limit();
     let config = proxy_agent::Config::from_args(&args).context("invalid configuration")?;
+    proxy_common::net::set_fin_wait(config.tcp_keepalive);
     proxy_common::runtime(Some(args.worker_threads.into()))?.block_on(async {
         let admin = tokio::net::TcpListener::bind(config.admin_addr)
             .await

@@ -29,6 +29,7 @@ fn main() -> anyhow::Result<()> {
         return Ok(());
     }
     let config = proxy_server::Config::from_args(&args).context("invalid configuration")?;
+    proxy_common::net::set_fin_wait(config.tcp_keepalive);
     runtime.block_on(async {
         let listeners = proxy_server::Listeners::bind(&config).await?;
         let shutdown = CancellationToken::new();
