@@ -94,6 +94,12 @@ impl Ca {
         self.issuer.pem()
     }
 
+    /// The CA's private key as PEM (PKCS#8): for a signer that issues certificates itself, as
+    /// the proxy server's `--agent-signer-key`.
+    pub fn key_pem(&self) -> String {
+        self.key_pem.clone()
+    }
+
     /// An intermediate CA named `cn`, signed by this one.
     pub fn intermediate(&self, cn: &str) -> anyhow::Result<Self> {
         let mut params = ca_params(cn);

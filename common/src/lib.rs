@@ -18,6 +18,7 @@ pub mod shutdown;
 pub mod telemetry;
 pub mod text;
 pub mod tls;
+pub mod unary;
 
 /// A default id for a server or agent process: the host name (as Kubernetes sets it, the pod
 /// name) and a random suffix, so restarts and replicas are told apart in logs.

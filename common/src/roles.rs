@@ -50,6 +50,11 @@ impl fmt::Display for Role {
     }
 }
 
+/// The URI SAN an agent certificate for `cluster` carries (what [`check_claims`] reads).
+pub fn agent_uri(cluster: &str) -> String {
+    format!("spiffe://multicluster-proxy/agent/{cluster}")
+}
+
 /// The role (and name) a role URI claims: the last path segments `/agent/<name>`,
 /// `/client/<name>` or `/server`, whatever the scheme and trust domain.
 fn claim_of(uri: &str) -> Option<(Role, Option<&str>)> {

@@ -139,24 +139,192 @@ pub fn mtls_server_config(
     identity: &CertKeyPaths,
     client_ca: &Path,
 ) -> Result<ServerConfig, TlsError> {
-    agent_listener_config(identity, client_ca, &[])
+    agent_listener_config(identity, client_ca, &[], None)
 }
 
 /// TLS of the agent listener: agents must present a certificate signed by `agent_ca` (the flag
 /// `--agent-ca`) that verifies under none of `others` (the other roles' CAs, by flag) and claims
 /// no other role.
+///
+/// With `join_ca` (the CA of `identity`, when agents may join by token) a client may also come
+/// without a certificate, to join (the server serves such a connection nothing else), and the
+/// server sends `join_ca` at the end of its chain, so that a joining agent can find the CA its
+/// pin names (see [`PinnedCa`]).
 pub fn agent_listener_config(
     identity: &CertKeyPaths,
     agent_ca: &Path,
     others: &[(&'static str, &Path)],
+    join_ca: Option<&Path>,
 ) -> Result<ServerConfig, TlsError> {
-    let verifier = role_verifier(Role::Agent, ("agent-ca", agent_ca), false, others)?;
+    let verifier = role_verifier(
+        Role::Agent,
+        ("agent-ca", agent_ca),
+        join_ca.is_some(),
+        others,
+    )?;
+    let mut chain = load_certs(&identity.cert)?;
+    if let Some(ca) = join_ca {
+        let ca = load_certs(ca)?.swap_remove(0);
+        if !chain.contains(&ca) {
+            chain.push(ca);
+        }
+    }
     let mut config = ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()?
         .with_client_cert_verifier(verifier)
-        .with_single_cert(load_certs(&identity.cert)?, load_key(&identity.key)?)?;
+        .with_single_cert(chain, load_key(&identity.key)?)?;
     config.alpn_protocols = vec![ALPN_H2.to_vec()];
     Ok(config)
+}
+
+/// The pin of a CA certificate as kubeadm writes it (`--discovery-token-ca-cert-hash`):
+/// `sha256:` and the hex SHA-256 of its DER SubjectPublicKeyInfo. A pin of the key, not of the
+/// certificate, survives the CA certificate being re-issued with the same key.
+pub fn spki_pin(cert: &CertificateDer<'_>) -> Result<String, TlsError> {
+    use sha2::Digest as _;
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref())
+        .map_err(|e| read_err("certificate", Path::new("(a certificate)"), e))?;
+    let digest = sha2::Sha256::digest(parsed.tbs_certificate.subject_pki.raw);
+    Ok(format!("sha256:{}", crate::text::hex(&digest)))
+}
+
+/// The pin ([`spki_pin`]) of the first certificate of the PEM file at `path`.
+pub fn spki_pin_of_file(path: &Path) -> Result<String, TlsError> {
+    spki_pin(&load_certs(path)?[0])
+}
+
+/// Checks that the certificate chain in `chain` (named by `chain_flag`) verifies under the CA in
+/// `ca` (named by `ca_flag`) as a server certificate: what an agent trusting `ca` will check.
+pub fn check_issued_by(
+    (chain_flag, chain): (&str, &Path),
+    (ca_flag, ca): (&str, &Path),
+) -> Result<(), TlsError> {
+    let certs = load_certs(chain)?;
+    let parsed = rustls::server::ParsedCertificate::try_from(&certs[0])?;
+    rustls::client::verify_server_cert_signed_by_trust_anchor(
+        &parsed,
+        &load_roots(ca)?,
+        &certs[1..],
+        rustls::pki_types::UnixTime::now(),
+        provider().signature_verification_algorithms.all,
+    )
+    .map_err(|e| {
+        read_err(
+            "certificate",
+            chain,
+            format!(
+                "--{chain_flag} does not verify under --{ca_flag} {}: {e}",
+                ca.display()
+            ),
+        )
+    })
+}
+
+/// Whether `pin` is written as [`spki_pin`] writes one.
+pub fn is_valid_pin(pin: &str) -> bool {
+    pin.strip_prefix("sha256:")
+        .is_some_and(|hex| hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit()))
+}
+
+/// A server verifier for an agent that knows only the pin of its server's CA (joining by token):
+/// it finds the certificate in the server's chain whose public key has the pin, and verifies the
+/// chain and the server's name with that certificate as the only root, as a configured CA would
+/// be. The CA found is kept for the agent to trust from then on ([`PinnedCa::found`]).
+#[derive(Debug)]
+pub struct PinnedCa {
+    pin: String,
+    found: std::sync::Mutex<Option<CertificateDer<'static>>>,
+}
+
+impl PinnedCa {
+    /// A verifier for the CA with `pin` (lower-case hex compared).
+    pub fn new(pin: &str) -> Arc<Self> {
+        Arc::new(Self {
+            pin: pin.to_ascii_lowercase(),
+            found: std::sync::Mutex::new(None),
+        })
+    }
+
+    /// The CA certificate that had the pin, once a handshake verified with it.
+    pub fn found(&self) -> Option<CertificateDer<'static>> {
+        self.found.lock().expect("not poisoned").clone()
+    }
+
+    /// TLS for a client that verifies its server with this verifier and has no certificate.
+    pub fn client_config(self: &Arc<Self>) -> Result<ClientConfig, TlsError> {
+        let mut config = ClientConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()?
+            .dangerous()
+            .with_custom_certificate_verifier(self.clone())
+            .with_no_client_auth();
+        config.alpn_protocols = vec![ALPN_H2.to_vec()];
+        Ok(config)
+    }
+}
+
+impl rustls::client::danger::ServerCertVerifier for PinnedCa {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        let Some(ca) = intermediates
+            .iter()
+            .find(|c| spki_pin(c).is_ok_and(|pin| pin == self.pin))
+        else {
+            return Err(rustls::Error::General(format!(
+                "no certificate the server sent has the pinned public key {}: this is not the server the token was made for, or it does not send its CA (--agent-tls-ca)",
+                self.pin
+            )));
+        };
+        let mut roots = RootCertStore::empty();
+        roots.add(ca.clone().into_owned())?;
+        let rest: Vec<CertificateDer<'_>> =
+            intermediates.iter().filter(|c| *c != ca).cloned().collect();
+        rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider())
+            .build()
+            .map_err(|e| rustls::Error::General(e.to_string()))?
+            .verify_server_cert(end_entity, &rest, server_name, ocsp_response, now)?;
+        *self.found.lock().expect("not poisoned") = Some(ca.clone().into_owned());
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &provider().signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &provider().signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        provider()
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
 }
 
 /// TLS for the CONNECT frontend (HTTP/1.1). With `client_ca`, client certificates signed by it

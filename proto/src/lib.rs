@@ -13,6 +13,16 @@ pub const CONTROL_PATH: &str = "/proxy.tunnel.v1.Tunnel/Control";
 /// HTTP/2 path of a `Data` stream.
 pub const DATA_PATH: &str = "/proxy.tunnel.v1.Tunnel/Data";
 
+/// HTTP/2 path of `Join.Join`: a bootstrap token and a CSR, on a connection without a client
+/// certificate.
+pub const JOIN_PATH: &str = "/proxy.tunnel.v1.Join/Join";
+
+/// HTTP/2 path of `Join.Renew`: a CSR, on an agent's mutual-TLS connection.
+pub const RENEW_PATH: &str = "/proxy.tunnel.v1.Join/Renew";
+
+/// Largest CSR either method accepts: an ECDSA or Ed25519 request is a few hundred bytes.
+pub const MAX_CSR: usize = 4 * 1024;
+
 /// Request metadata key carrying the dial id on a `Data` stream.
 pub const DIAL_ID_HEADER: &str = "x-dial-id";
 

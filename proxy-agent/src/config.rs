@@ -30,14 +30,39 @@ pub struct Args {
     )]
     pub servers: Vec<String>,
     /// The agent's client certificate (PEM chain). Its Subject CN is the cluster it may serve.
-    #[arg(long, env = "PROXY_AGENT_TLS_CERT")]
-    pub tls_cert: PathBuf,
+    /// Instead of the three certificate flags, an agent may join by token (--state-dir).
+    #[arg(
+        long,
+        env = "PROXY_AGENT_TLS_CERT",
+        requires_all = ["tls_key", "server_ca"],
+        conflicts_with = "state_dir",
+        required_unless_present = "state_dir"
+    )]
+    pub tls_cert: Option<PathBuf>,
     /// The agent's private key (PEM).
-    #[arg(long, env = "PROXY_AGENT_TLS_KEY")]
-    pub tls_key: PathBuf,
+    #[arg(long, env = "PROXY_AGENT_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
     /// CA (PEM) that signs the proxy servers' certificates.
-    #[arg(long, env = "PROXY_AGENT_SERVER_CA")]
-    pub server_ca: PathBuf,
+    #[arg(long, env = "PROXY_AGENT_SERVER_CA", requires = "tls_cert")]
+    pub server_ca: Option<PathBuf>,
+    /// Folder holding the identity the agent got by joining (key, certificate, the servers'
+    /// CA; 0600), renewed there while it runs. Empty at first: start with --join-token and
+    /// --server-ca-hash; later starts need neither.
+    #[arg(long, env = "PROXY_AGENT_STATE_DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// Bootstrap token from `proxy-server token create`, used only when --state-dir holds no
+    /// valid certificate.
+    #[arg(
+        long,
+        env = "PROXY_AGENT_JOIN_TOKEN",
+        hide_env_values = true,
+        requires_all = ["state_dir", "server_ca_hash"]
+    )]
+    pub join_token: Option<String>,
+    /// Pin of the servers' CA (sha256:<hex of its public key>, from `proxy-server token
+    /// create`): the agent sends its token only to a server whose chain has that CA.
+    #[arg(long, env = "PROXY_AGENT_SERVER_CA_HASH", requires = "join_token")]
+    pub server_ca_hash: Option<String>,
     /// TLS name to verify on the servers' certificates (default: the host of each --server).
     #[arg(long, env = "PROXY_AGENT_SERVER_NAME")]
     pub server_name: Option<String>,
@@ -233,6 +258,8 @@ pub struct Config {
     pub warm_connections: usize,
     /// Expiry of each loaded certificate, set at every (re)load.
     pub cert_expiry: tls::CertExpiry,
+    /// Where a joined agent keeps (and renews) its identity.
+    pub state_dir: Option<crate::join::StateDir>,
 }
 
 /// Most warm connections per server: what a server holds per agent.
@@ -315,8 +342,9 @@ impl Config {
     /// Checks the flags and loads the TLS material.
     pub fn from_args(args: &Args) -> Result<Self, ConfigError> {
         let cert_expiry = tls::CertExpiry::default();
-        let tls = client_tls(args, &cert_expiry)?;
-        let cluster = cluster(args)?;
+        let identity = Identity::of(args);
+        let tls = client_tls(&identity, &cert_expiry)?;
+        let cluster = cluster(args, &identity.cert)?;
         let servers = servers(args)?;
         let upstream_ca = upstream_ca(args)?;
         Ok(Self {
@@ -340,6 +368,7 @@ impl Config {
             max_buffered: max_buffered(args.max_buffered)?,
             tcp_keepalive: args.tcp_keepalive.0,
             cert_expiry,
+            state_dir: args.state_dir.as_deref().map(crate::join::StateDir::new),
             warm_connections: if args.warm_connections > MAX_WARM_CONNECTIONS {
                 return Err(invalid(
                     "warm-connections",
@@ -364,16 +393,49 @@ impl Config {
     }
 }
 
+/// Where the agent's certificate, key and servers' CA are: the flags, or the state folder.
+struct Identity {
+    cert: PathBuf,
+    key: PathBuf,
+    server_ca: PathBuf,
+}
+
+impl Identity {
+    fn of(args: &Args) -> Self {
+        match (
+            &args.state_dir,
+            &args.tls_cert,
+            &args.tls_key,
+            &args.server_ca,
+        ) {
+            (Some(dir), ..) => {
+                let dir = crate::join::StateDir::new(dir);
+                Self {
+                    cert: dir.identity(),
+                    key: dir.identity(),
+                    server_ca: dir.server_ca(),
+                }
+            }
+            // clap requires the three flags together when there is no state folder.
+            (None, cert, key, ca) => Self {
+                cert: cert.clone().unwrap_or_default(),
+                key: key.clone().unwrap_or_default(),
+                server_ca: ca.clone().unwrap_or_default(),
+            },
+        }
+    }
+}
+
 /// The client TLS towards the servers, re-read when its files change.
 fn client_tls(
-    args: &Args,
+    identity: &Identity,
     cert_expiry: &tls::CertExpiry,
 ) -> Result<Reloadable<rustls::ClientConfig>, ConfigError> {
+    let server_ca = identity.server_ca.clone();
     let identity = CertKeyPaths {
-        cert: args.tls_cert.clone(),
-        key: args.tls_key.clone(),
+        cert: identity.cert.clone(),
+        key: identity.key.clone(),
     };
-    let server_ca = args.server_ca.clone();
     let files = vec![
         identity.cert.clone(),
         identity.key.clone(),
@@ -392,10 +454,10 @@ fn client_tls(
 }
 
 /// The cluster to register: the flag, or the certificate's CN.
-fn cluster(args: &Args) -> Result<String, ConfigError> {
+fn cluster(args: &Args, cert: &std::path::Path) -> Result<String, ConfigError> {
     let cluster = match &args.cluster {
         Some(c) => c.clone(),
-        None => tls::common_name_of_file(&args.tls_cert)?,
+        None => tls::common_name_of_file(cert)?,
     };
     if !proxy_common::is_valid_cluster_name(&cluster) {
         return Err(invalid(
@@ -408,7 +470,7 @@ fn cluster(args: &Args) -> Result<String, ConfigError> {
 }
 
 /// Each `--server` with its TLS name and the HTTP proxy (if any) that reaches it.
-fn servers(args: &Args) -> Result<Vec<ServerTarget>, ConfigError> {
+pub fn servers(args: &Args) -> Result<Vec<ServerTarget>, ConfigError> {
     let flag_proxy = match &args.https_proxy {
         Some(url) => Some(
             crate::http_proxy::HttpProxy::parse(url)

@@ -9,6 +9,7 @@ pub mod config;
 pub mod dial;
 pub mod fleet;
 pub mod http_proxy;
+pub mod join;
 pub mod metrics;
 pub mod session;
 pub mod warm;
@@ -185,6 +186,18 @@ pub async fn run(
             // Display shows the proxy's address only, never its credentials.
             tracing::info!(server = %server.addr, %proxy, "reaching this server through an HTTP proxy");
         }
+    }
+    if let Some(dir) = shared.config.state_dir.clone() {
+        // Not vital: a renewal that keeps failing is logged, and the certificate in force
+        // serves until it expires.
+        tokio::spawn(join::renew_forever(
+            dir,
+            shared.config.cluster.clone(),
+            shared.config.servers.clone(),
+            shared.config.tls.clone(),
+            shared.config.tcp_keepalive,
+            life.close.clone(),
+        ));
     }
     for server in shared.config.servers.clone() {
         vital.spawn(

@@ -17,9 +17,12 @@ fn main() -> anyhow::Result<()> {
     // Held to the end: dropping it writes the log lines still buffered.
     let _log = proxy_common::telemetry::init(args.log_format);
     proxy_common::net::raise_open_files_limit();
+    let runtime = proxy_common::runtime(Some(args.worker_threads.into()))?;
+    // A joining agent gets its certificate before the configuration loads it.
+    runtime.block_on(proxy_agent::join::from_args(&args))?;
     let config = proxy_agent::Config::from_args(&args).context("invalid configuration")?;
     proxy_common::net::set_fin_wait(config.tcp_keepalive);
-    proxy_common::runtime(Some(args.worker_threads.into()))?.block_on(async {
+    runtime.block_on(async {
         let admin = tokio::net::TcpListener::bind(config.admin_addr)
             .await
             .with_context(|| format!("cannot listen on {} (admin)", config.admin_addr))?;

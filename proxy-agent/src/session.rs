@@ -207,18 +207,7 @@ async fn connect(
         keepalive_timeout: shared.config.keepalive_timeout,
     };
     let setup = async {
-        let tcp = match &server.proxy {
-            Some(proxy) => proxy.connect(&server.addr, CONNECT_TIMEOUT).await?,
-            None => TcpStream::connect(&server.addr)
-                .await
-                .map_err(ConnectError::Tcp)?,
-        };
-        proxy_common::net::configure(&tcp, shared.config.tcp_keepalive)
-            .map_err(ConnectError::SocketOptions)?;
-        let tls = tls
-            .connect(server.tls_name.clone(), ReadAhead::new(tcp))
-            .await
-            .map_err(ConnectError::Tls)?;
+        let tls = tls_to(server, tls, shared.config.tcp_keepalive).await?;
         H2Channel::handshake(tls, settings, close)
             .await
             .map_err(ConnectError::Http2)
@@ -227,6 +216,25 @@ async fn connect(
         .await
         .unwrap_or_else(|_| Err(ConnectError::Timeout(CONNECT_TIMEOUT)))
         .map_err(SessionError::Connect)
+}
+
+/// The TCP connection to `server` (through its HTTP proxy, if any) and the TLS handshake on it:
+/// what every connection to a server starts with, tunnels as well as joins and renewals.
+pub async fn tls_to(
+    server: &ServerTarget,
+    tls: TlsConnector,
+    keepalive: Option<proxy_common::net::Keepalive>,
+) -> Result<tokio_rustls::client::TlsStream<ReadAhead<TcpStream>>, ConnectError> {
+    let tcp = match &server.proxy {
+        Some(proxy) => proxy.connect(&server.addr, CONNECT_TIMEOUT).await?,
+        None => TcpStream::connect(&server.addr)
+            .await
+            .map_err(ConnectError::Tcp)?,
+    };
+    proxy_common::net::configure(&tcp, keepalive).map_err(ConnectError::SocketOptions)?;
+    tls.connect(server.tls_name.clone(), ReadAhead::new(tcp))
+        .await
+        .map_err(ConnectError::Tls)
 }
 
 /// A new connection's registration, answered.

@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic::Status;
 
+use crate::join::Joins;
 use crate::listener::{AgentConn, AgentIo};
 use crate::tunnel::TunnelService;
 
@@ -42,6 +43,7 @@ pub struct Settings {
 pub async fn serve(
     mut incoming: mpsc::Receiver<AgentIo>,
     service: Arc<TunnelService>,
+    joins: Option<(Arc<Joins>, TaskTracker)>,
     settings: Settings,
     close: CancellationToken,
     tasks: TaskTracker,
@@ -49,7 +51,7 @@ pub async fn serve(
     while let Some(io) = incoming.recv().await {
         // On the shard its socket was moved to (see `crate::shards`).
         let shard = io.lease.as_ref().map(|lease| lease.shard().clone());
-        let conn = serve_connection(io, service.clone(), settings, close.clone());
+        let conn = serve_connection(io, service.clone(), joins.clone(), settings, close.clone());
         match shard {
             Some(shard) => shard.spawn(&tasks, conn),
             None => drop(tasks.spawn(conn)),
@@ -67,6 +69,7 @@ pub async fn serve(
 fn serve_connection(
     io: AgentIo,
     service: Arc<TunnelService>,
+    joins: Option<(Arc<Joins>, TaskTracker)>,
     settings: Settings,
     close: CancellationToken,
 ) -> impl std::future::Future<Output = ()> + Send {
@@ -112,7 +115,7 @@ fn serve_connection(
         loop {
             tokio::select! {
                 next = h2.accept() => match next {
-                    Some(Ok((request, respond))) => route(&service, conn, request, respond),
+                    Some(Ok((request, respond))) => route(&service, joins.as_ref(), conn, request, respond),
                     Some(Err(err)) => {
                         tracing::debug!(agent.addr = %conn.addr, %err, "agent connection failed");
                         break;
@@ -144,6 +147,7 @@ fn serve_connection(
 /// Answers a stream the agent opened, by its path: gRPC's `/package.Service/Method`.
 fn route(
     service: &Arc<TunnelService>,
+    joins: Option<&(Arc<Joins>, TaskTracker)>,
     conn: &AgentConn,
     request: http::Request<h2::RecvStream>,
     respond: h2::server::SendResponse<Frame>,
@@ -164,6 +168,12 @@ fn route(
     match head.uri.path() {
         proxy_proto::CONTROL_PATH => service.spawn_control(conn.clone(), offered),
         proxy_proto::DATA_PATH => service.data(conn.id, &head.headers, offered),
+        proxy_proto::RENEW_PATH => match joins {
+            Some((joins, tasks)) => joins.renew(&conn.cn, conn.addr, offered, tasks),
+            None => offered.refuse(&Status::unimplemented(
+                "this server does not renew agent certificates (no --agent-signer-cert)",
+            )),
+        },
         path => {
             let status = Status::unimplemented(format!("no method {path:?}"));
             offered.refuse(&status);

@@ -233,6 +233,9 @@ pub struct Args {
     /// thread, so their messages need no thread hand-off; see docs/operating.md, "Threads".
     #[arg(long, env = "PROXY_SERVER_SHARDS", value_parser = clap::value_parser!(u16).range(0..=1024))]
     pub shards: Option<u16>,
+    /// Joining by token and renewing agent certificates.
+    #[command(flatten)]
+    pub join: crate::join::JoinArgs,
 }
 
 /// Subcommands.
@@ -253,6 +256,12 @@ pub enum Command {
         #[arg(long, short)]
         out: Option<PathBuf>,
     },
+    /// Join tokens: agents join with one instead of a certificate made by hand.
+    Token {
+        /// What to do.
+        #[command(subcommand)]
+        command: crate::join::command::TokenCommand,
+    },
 }
 
 /// Why the flags do not make a usable configuration.
@@ -270,6 +279,9 @@ pub enum ConfigError {
     /// The auth policy could not be loaded.
     #[error(transparent)]
     Policy(#[from] PolicyError),
+    /// Joining or renewing cannot be set up.
+    #[error(transparent)]
+    Join(#[from] crate::join::JoinConfigError),
     /// A flag value is out of range or flags do not fit together.
     #[error("--{flag}: {reason}")]
     Invalid { flag: &'static str, reason: String },
@@ -362,6 +374,8 @@ pub struct Config {
     pub tcp_keepalive: Option<proxy_common::net::Keepalive>,
     /// See [`Args::shards`]; the default resolved to the CPU count.
     pub shards: usize,
+    /// Joining by token and renewing, when a signer is configured.
+    pub joins: Option<std::sync::Arc<crate::join::Joins>>,
 }
 
 fn invalid(flag: &'static str, reason: impl Into<String>) -> ConfigError {
@@ -410,6 +424,11 @@ impl Config {
         let policy = policy(args)?;
         let frontend_tls = frontend_tls(args, &cert_expiry, policy.is_some())?;
         let frontend_auth = frontend_auth(args, policy)?;
+        let joins = crate::join::Joins::from_args(
+            &args.join,
+            &required("agent-ca", &args.agent_ca)?,
+            args.handshake_timeout,
+        )?;
         if args.max_head_bytes < 256 {
             return Err(invalid("max-head-bytes", "must be at least 256"));
         }
@@ -453,6 +472,7 @@ impl Config {
                 || std::thread::available_parallelism().map_or(1, std::num::NonZero::get),
                 usize::from,
             ),
+            joins,
             server_id: args
                 .server_id
                 .clone()
@@ -479,12 +499,19 @@ fn agent_tls(
     };
     let agent_ca = required("agent-ca", &args.agent_ca)?;
     let frontend_ca = args.frontend_ca.clone();
+    // Sent at the end of the chain while agents may join (see `crate::join`).
+    let join_ca = args
+        .join
+        .join_tokens
+        .as_ref()
+        .and(args.join.agent_tls_ca.clone());
     let mut files = vec![
         agent_identity.cert.clone(),
         agent_identity.key.clone(),
         agent_ca.clone(),
     ];
     files.extend(frontend_ca.iter().cloned());
+    files.extend(join_ca.iter().cloned());
     let expiry = cert_expiry.clone();
     Reloadable::load("agent listener TLS", files, move || {
         tls::separate_cas(
@@ -495,7 +522,14 @@ fn agent_tls(
             .iter()
             .map(|ca| ("frontend-ca", ca.as_path()))
             .collect();
-        let config = tls::agent_listener_config(&agent_identity, &agent_ca, &others)?;
+        if let Some(ca) = &join_ca {
+            tls::check_issued_by(
+                ("agent-tls-cert", &agent_identity.cert),
+                ("agent-tls-ca", ca),
+            )?;
+        }
+        let config =
+            tls::agent_listener_config(&agent_identity, &agent_ca, &others, join_ca.as_deref())?;
         tls::record_expiry(&expiry, "agent-listener", &agent_identity.cert);
         tls::record_expiry(&expiry, "agent-ca", &agent_ca);
         Ok::<_, tls::TlsError>(config)

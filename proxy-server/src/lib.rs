@@ -12,6 +12,7 @@ pub mod config;
 pub mod connect;
 pub mod fleet;
 pub mod frontend;
+pub mod join;
 pub mod kubeconfig_command;
 pub mod listener;
 pub mod metrics;
@@ -373,6 +374,16 @@ async fn build_core(config: &Config, life: &Lifecycle) -> Result<Core, ServerErr
     if let Some(tls) = &config.frontend_tls {
         tls.spawn_watcher(reload.clone(), life.close.clone());
     }
+    if let Some(joins) = &config.joins {
+        joins
+            .signer()
+            .spawn_watcher(reload.clone(), life.close.clone());
+        prometheus.register(
+            "proxy_server_joins",
+            "Agent joins (by token) and certificate renewals, by result",
+            joins.results(),
+        );
+    }
     if let config::FrontendAuth::Policy(policy) = &config.frontend_auth {
         policy.spawn_watcher(reload, life.close.clone());
     }
@@ -507,6 +518,7 @@ fn serve_agents(
             limited,
             tasks: life.tasks.clone(),
             shards,
+            joins: config.joins.clone(),
         },
         life.shutdown.clone(),
         life.close.clone(),
@@ -519,6 +531,10 @@ fn serve_agents(
     agent_conn::serve(
         incoming,
         service,
+        config
+            .joins
+            .clone()
+            .map(|joins| (joins, life.tasks.clone())),
         settings,
         life.close.clone(),
         life.tasks.clone(),

@@ -74,6 +74,9 @@ pub struct AgentListener<L> {
     pub tasks: TaskTracker,
     /// Where each connection lives from its handshake on.
     pub shards: Arc<crate::shards::Shards>,
+    /// Joining by token: a connection without a client certificate is served there (the TLS
+    /// configuration admits one only while agents may join).
+    pub joins: Option<Arc<crate::join::Joins>>,
 }
 
 /// At most `gate`'s cap of handshakes run at once (see [`proxy_common::gate`]); `limited` is
@@ -95,6 +98,7 @@ where
         limited,
         tasks,
         shards,
+        joins,
     } = agents;
     let (tx, rx) = mpsc::channel(ACCEPTED_QUEUE);
     let next_id = Arc::new(AtomicU64::new(1));
@@ -123,6 +127,7 @@ where
             let id = next_id.fetch_add(1, Ordering::Relaxed);
             let shutdown = shutdown.clone();
             let limited = limited.clone();
+            let joins = joins.clone();
             let lease = shards.assign();
             let shard = lease.as_ref().map(|lease| lease.shard().clone());
             let handshake = move |tcp: TcpStream| async move {
@@ -130,7 +135,7 @@ where
                     handshake_timeout,
                     handshake(acceptor, tcp, addr, id, keepalive),
                 );
-                let mut io = tokio::select! {
+                let accepted = tokio::select! {
                     () = shutdown.cancelled() => return,
                     () = ticket.evicted().cancelled() => {
                         tracing::debug!(agent.addr = %addr, "closed in its TLS handshake: the handshake gate was full (see --max-handshakes)");
@@ -147,6 +152,17 @@ where
                             return;
                         }
                     },
+                };
+                let mut io = match accepted {
+                    Accepted::Agent(io) => io,
+                    Accepted::Joiner(tls) => {
+                        // Holding its ticket: a join is still a connection not yet
+                        // authenticated.
+                        if let Some(joins) = joins.filter(|j| j.accepts_joins()) {
+                            joins.serve_joiner(tls, addr).await;
+                        }
+                        return;
+                    }
                 };
                 drop(ticket);
                 io.lease = lease;
@@ -165,15 +181,27 @@ where
     rx
 }
 
+/// A connection whose TLS handshake succeeded.
+enum Accepted {
+    /// An agent with its verified certificate.
+    Agent(AgentIo),
+    /// A connection without a client certificate: an agent joining by token (admitted by the
+    /// TLS configuration only while joins are on).
+    Joiner(Box<TlsStream<ReadAhead<TcpStream>>>),
+}
+
 async fn handshake(
     acceptor: TlsAcceptor,
     tcp: TcpStream,
     addr: SocketAddr,
     id: u64,
     keepalive: Option<proxy_common::net::Keepalive>,
-) -> io::Result<AgentIo> {
+) -> io::Result<Accepted> {
     proxy_common::net::configure(&tcp, keepalive)?;
     let tls = acceptor.accept(ReadAhead::new(tcp)).await?;
+    if tls.get_ref().1.peer_certificates().is_none() {
+        return Ok(Accepted::Joiner(Box::new(tls)));
+    }
     let cn = tls
         .get_ref()
         .1
@@ -186,7 +214,7 @@ async fn handshake(
                 "agent certificate has no Subject CN",
             )
         })?;
-    Ok(AgentIo {
+    Ok(Accepted::Agent(AgentIo {
         tls: Box::new(tls),
         conn: AgentConn {
             id,
@@ -195,5 +223,5 @@ async fn handshake(
             heard: proxy_common::heard::Heard::default(),
         },
         lease: None,
-    })
+    }))
 }

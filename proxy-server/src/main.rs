@@ -1,5 +1,6 @@
 //! `proxy-server`: parse flags, start tracing, bind, run until SIGTERM/SIGINT (then drain);
-//! or `proxy-server kubeconfig` to write the connected clusters' kubeconfig.
+//! or `proxy-server kubeconfig` to write the connected clusters' kubeconfig, or `proxy-server
+//! token …` to manage join tokens.
 #![forbid(unsafe_code)]
 
 // mimalloc instead of glibc malloc, as in the agent: chunk buffers are allocated on one thread
@@ -21,12 +22,16 @@ fn main() -> anyhow::Result<()> {
     let _log = proxy_common::telemetry::init(args.log_format);
     proxy_common::net::raise_open_files_limit();
     let runtime = proxy_common::runtime(args.worker_threads.map(usize::from))?;
-    if let Some(Command::Kubeconfig { operator_url, out }) = &args.command {
-        runtime.block_on(proxy_server::kubeconfig_command::write(
-            operator_url,
-            out.as_deref(),
-        ))?;
-        return Ok(());
+    match &args.command {
+        Some(Command::Kubeconfig { operator_url, out }) => {
+            runtime.block_on(proxy_server::kubeconfig_command::write(
+                operator_url,
+                out.as_deref(),
+            ))?;
+            return Ok(());
+        }
+        Some(Command::Token { command }) => return proxy_server::join::command::run(command),
+        None => {}
     }
     let config = proxy_server::Config::from_args(&args).context("invalid configuration")?;
     proxy_common::net::set_fin_wait(config.tcp_keepalive);
