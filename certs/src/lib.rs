@@ -203,6 +203,16 @@ impl DevPki {
     pub fn agent_key(&self, cluster: &str) -> PathBuf {
         self.dir.join(format!("agent-{cluster}.key"))
     }
+    /// An intermediate CA under the agent CA, with its key beside it
+    /// ([`DevPki::agent_signer_key`]): the server's `--agent-signer-cert` for agents that join
+    /// by token.
+    pub fn agent_signer_cert(&self) -> PathBuf {
+        self.dir.join("agent-signer.pem")
+    }
+    /// Key of [`DevPki::agent_signer_cert`].
+    pub fn agent_signer_key(&self) -> PathBuf {
+        self.dir.join("agent-signer.key")
+    }
     /// CA that signs the frontend clients' certificates (`--frontend-ca`).
     pub fn frontend_ca(&self) -> PathBuf {
         self.dir.join("frontend-ca.pem")
@@ -276,6 +286,16 @@ pub fn write_dev_pki(dir: &Path, clusters: &[&str]) -> anyhow::Result<DevPki> {
     }
     let agent_ca = Ca::new("proxy-dev-agent-ca")?;
     write(&pki.agent_ca(), &agent_ca.cert_pem())?;
+    // An intermediate signs joining agents: the agent CA's own key stays offline.
+    let signer = agent_ca.intermediate("proxy-dev-agent-signer")?;
+    write_pair(
+        dir,
+        "agent-signer",
+        &Issued {
+            cert_pem: signer.cert_pem(),
+            key_pem: signer.key_pem(),
+        },
+    )?;
     for cluster in clusters {
         write_pair(
             dir,

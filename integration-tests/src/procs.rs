@@ -314,6 +314,36 @@ impl AgentProc {
         })
     }
 
+    /// Starts an agent without certificate flags, tunnelling to `servers` (verified as
+    /// `localhost`), dialing `upstream`, with `extra` (its `--state-dir`, `--join-token`, ...).
+    /// Fails if the agent exits before it prints its admin address (a join refused at start).
+    pub async fn start_joining(
+        log_dir: &Path,
+        servers: &[SocketAddr],
+        upstream: SocketAddr,
+        extra: &[&str],
+    ) -> anyhow::Result<Self> {
+        let mut args: Vec<String> = Vec::new();
+        for s in servers {
+            args.extend(["--server".into(), s.to_string()]);
+        }
+        args.extend([
+            "--server-name".into(),
+            "localhost".into(),
+            "--upstream".into(),
+            upstream.to_string(),
+            "--admin-addr".into(),
+            "127.0.0.1:0".into(),
+        ]);
+        args.extend(extra.iter().map(|s| (*s).to_owned()));
+        let log = unique_log(log_dir, "agent-joining");
+        let (proc, line) = Proc::spawn("proxy-agent", &bin("proxy-agent"), &args, log).await?;
+        Ok(Self {
+            admin_addr: field(&line, "admin")?,
+            proc,
+        })
+    }
+
     /// Starts an agent and waits until it is registered with every server it was given... at
     /// least one, as its `/readyz` reports.
     pub async fn start_ready(

@@ -150,6 +150,7 @@ async fn agent_refuses_destinations_it_was_not_given() {
             tasks: tokio_util::task::TaskTracker::new(),
             // Handshakes on this test's runtime: its relays copy the TLS streams here.
             shards: std::sync::Arc::new(proxy_server::shards::Shards::start(0).unwrap()),
+            joins: None,
         },
         shutdown.clone(),
         shutdown.clone(),

@@ -227,37 +227,56 @@ impl Joins {
         else {
             return;
         };
-        if request.uri().path() == proxy_proto::JOIN_PATH {
-            let result = match self.limited(addr) {
+        let this = self.clone();
+        let answer = async move {
+            if request.uri().path() != proxy_proto::JOIN_PATH {
+                tracing::warn!(agent.addr = %addr, path = request.uri().path(), "refused a call without a client certificate");
+                return proxy_common::grpc::refuse(
+                    respond,
+                    &Status::unauthenticated(
+                        "a client certificate is required (without one, an agent may only join)",
+                    ),
+                );
+            }
+            let result = match this.limited(addr) {
                 Ok(()) => {
                     match proxy_common::unary::request::<JoinRequest>(
                         request.into_body(),
-                        self.timeout,
+                        this.timeout,
                     )
                     .await
                     {
-                        Ok(req) => self.join(req, addr).await,
+                        Ok(req) => this.join(req, addr).await,
                         Err(status) => Err(status),
                     }
                 }
                 Err(status) => Err(status),
             };
             proxy_common::unary::answer(respond, result);
-        } else {
-            tracing::warn!(agent.addr = %addr, path = request.uri().path(), "refused a call without a client certificate");
-            proxy_common::grpc::refuse(
-                respond,
-                &Status::unauthenticated(
-                    "a client certificate is required (without one, an agent may only join)",
-                ),
-            );
-        }
-        // Until the answer is out, then the connection ends.
-        h2.graceful_shutdown();
-        let _ = tokio::time::timeout(self.timeout, async {
-            while let Some(Ok(_)) = h2.accept().await {}
-        })
-        .await;
+        };
+        // The connection is driven (by `accept`) while the request is read and answered: its
+        // body and the answer travel only while it is polled. Once answered, it is closed.
+        let mut answer = std::pin::pin!(answer);
+        let mut answered = false;
+        let serve = async {
+            loop {
+                tokio::select! {
+                    () = &mut answer, if !answered => {
+                        answered = true;
+                        h2.graceful_shutdown();
+                    }
+                    next = h2.accept() => match next {
+                        // The one stream allowed is taken: nothing else is served here.
+                        Some(Ok((_, respond))) => proxy_common::grpc::refuse(
+                            respond,
+                            &Status::resource_exhausted("one call per joining connection"),
+                        ),
+                        _ => break,
+                    },
+                }
+            }
+        };
+        let _ = tokio::time::timeout(self.timeout * 2, serve).await;
     }
 
     async fn join(&self, req: JoinRequest, addr: SocketAddr) -> Result<Issued, Status> {

@@ -18,8 +18,13 @@ use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject as _;
 
 /// How far back an issued certificate's validity starts: agents whose clocks lag the server's
-/// by up to this still accept it.
+/// by up to this still accept it. At most a tenth of the lifetime, since agents renew at a share
+/// of the whole validity (a 30 s certificate backdated 5 min would be renewed after 4 min).
 const BACKDATE: Duration = Duration::from_secs(300);
+
+fn backdate(ttl: Duration) -> Duration {
+    BACKDATE.min(ttl / 10)
+}
 
 /// Why a CSR was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -211,7 +216,7 @@ impl Signer {
         )];
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-        params.not_before = (now - BACKDATE).into();
+        params.not_before = (now - backdate(self.ttl)).into();
         params.not_after = (now + self.ttl).into();
         let serial: [u8; 16] = rand::random();
         // Positive: the top bit clear.
@@ -321,7 +326,7 @@ mod tests {
             assert!(eku.client_auth && !eku.server_auth);
             let lifetime =
                 cert.validity().not_after.timestamp() - cert.validity().not_before.timestamp();
-            assert_eq!(lifetime, 3600 + BACKDATE.as_secs() as i64);
+            assert_eq!(lifetime, 3600 + 300);
         }
     }
 
