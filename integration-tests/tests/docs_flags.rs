@@ -229,6 +229,14 @@ fn flag_tables_in_operating_md_match_help() {
         "proxy-server",
         &["kubeconfig"],
     ));
+    for sub in ["create", "list", "revoke"] {
+        problems.extend(check(
+            &doc,
+            &format!("proxy-server token {sub}"),
+            "proxy-server",
+            &["token", sub],
+        ));
+    }
     problems.extend(check(&doc, "proxy-agent", "proxy-agent", &[]));
     assert!(
         problems.is_empty(),
