@@ -1,5 +1,6 @@
 //! `proxy-demo`: the whole system on this machine in one command. Makes a PKI, starts two fake
-//! member API servers (`alpha`, `beta`), a proxy-server and one proxy-agent per member, writes a
+//! member API servers (`alpha`, `beta`), a proxy-server and one proxy-agent per member (alpha's
+//! with a certificate made by hand, beta's joining with a token), writes a
 //! kubeconfig per member with `proxy-url` pointing at the proxy, and prints commands that work
 //! through it. Runs until Ctrl-C, or with `--check` runs those commands itself and exits.
 #![forbid(unsafe_code)]
@@ -42,6 +43,12 @@ async fn main() -> anyhow::Result<()> {
         })?,
     );
     let pki = proxy_certs::write_dev_pki(&args.dir, &CLUSTERS)?;
+    // beta joins by token, as a member does in the field (docs/security.md, "Joining by
+    // token"): a fresh PKI each run, so its identity and the tokens of an earlier run go.
+    let tokens = args.dir.join("join-tokens.yaml");
+    let beta_state = args.dir.join("beta-agent-state");
+    let _ = std::fs::remove_file(&tokens);
+    let _ = std::fs::remove_dir_all(&beta_state);
     let shutdown = CancellationToken::new();
     proxy_common::shutdown::spawn_signal_handler(shutdown.clone())?;
 
@@ -61,6 +68,14 @@ async fn main() -> anyhow::Result<()> {
         &pki.server_key().display().to_string(),
         "--agent-ca",
         &pki.agent_ca().display().to_string(),
+        "--join-tokens",
+        &tokens.display().to_string(),
+        "--agent-signer-cert",
+        &pki.agent_signer_cert().display().to_string(),
+        "--agent-signer-key",
+        &pki.agent_signer_key().display().to_string(),
+        "--agent-tls-ca",
+        &pki.server_ca().display().to_string(),
     ])?;
     let config = proxy_server::Config::from_args(&server_args)?;
     let listeners = proxy_server::Listeners::bind(&config).await?;
@@ -70,29 +85,56 @@ async fn main() -> anyhow::Result<()> {
     let admin = listeners.operator.local_addr()?;
     let server = tokio::spawn(proxy_server::run(config, listeners, shutdown.clone()));
 
+    // What `proxy-server token create --cluster beta` does.
+    let (token, _) = proxy_server::join::tokens::TokenFile::new(&tokens).create(
+        "beta",
+        Duration::from_secs(3600),
+        1,
+        std::time::SystemTime::now(),
+    )?;
+    let pin = proxy_common::tls::spki_pin_of_file(&pki.server_ca())?;
     let mut agents = Vec::new();
     for cluster in CLUSTERS {
         let api = FakeApiServer::start(&pki, cluster).await?;
-        let agent_args = proxy_agent::Args::try_parse_from([
-            "proxy-agent",
-            "--server",
-            &agent_addr.to_string(),
-            "--server-name",
-            "localhost",
-            "--tls-cert",
-            &pki.agent_cert(cluster).display().to_string(),
-            "--tls-key",
-            &pki.agent_key(cluster).display().to_string(),
-            "--server-ca",
-            &pki.server_ca().display().to_string(),
-            "--upstream",
-            &api.addr.to_string(),
-            // Reported to the server, so its generated kubeconfigs verify the member.
-            "--upstream-ca",
-            &pki.apiserver_ca(cluster).display().to_string(),
-            "--admin-addr",
-            "127.0.0.1:0",
-        ])?;
+        // alpha with a certificate made by hand, beta with the token and the pin.
+        let identity: Vec<String> = if cluster == "beta" {
+            vec![
+                "--state-dir".into(),
+                beta_state.display().to_string(),
+                "--join-token".into(),
+                token.clone(),
+                "--server-ca-hash".into(),
+                pin.clone(),
+            ]
+        } else {
+            vec![
+                "--tls-cert".into(),
+                pki.agent_cert(cluster).display().to_string(),
+                "--tls-key".into(),
+                pki.agent_key(cluster).display().to_string(),
+                "--server-ca".into(),
+                pki.server_ca().display().to_string(),
+            ]
+        };
+        let mut argv: Vec<String> = vec![
+            "proxy-agent".into(),
+            "--server".into(),
+            agent_addr.to_string(),
+            "--server-name".into(),
+            "localhost".into(),
+        ];
+        argv.extend(identity);
+        let agent_args =
+            proxy_agent::Args::try_parse_from(argv.iter().map(String::as_str).chain([
+                "--upstream",
+                &api.addr.to_string(),
+                // Reported to the server, so its generated kubeconfigs verify the member.
+                "--upstream-ca",
+                &pki.apiserver_ca(cluster).display().to_string(),
+                "--admin-addr",
+                "127.0.0.1:0",
+            ]))?;
+        proxy_agent::join::from_args(&agent_args).await?;
         let config = proxy_agent::Config::from_args(&agent_args)?;
         let admin = tokio::net::TcpListener::bind(config.admin_addr).await?;
         agents.push(tokio::spawn(proxy_agent::run(
@@ -119,7 +161,8 @@ async fn main() -> anyhow::Result<()> {
     ];
     println!(
         "\nproxy demo is up: CONNECT proxy on {frontend}, member clusters alpha and beta.\n\
-         Status page: http://{admin}/ (metrics at /metrics).\nTry:\n"
+         Status page: http://{admin}/ (metrics at /metrics).\n\
+         beta's agent joined with a token ({dir}/join-tokens.yaml; its identity is in {dir}/beta-agent-state).\nTry:\n"
     );
     for c in &commands {
         println!("  {c}");
