@@ -11,6 +11,7 @@ pub mod fleet;
 pub mod http_proxy;
 pub mod metrics;
 pub mod session;
+pub mod upstream;
 pub mod warm;
 
 use std::sync::Arc;
