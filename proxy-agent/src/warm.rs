@@ -1,8 +1,8 @@
 //! Warm connections: upstream connections made ahead of demand, each with its own `Data` stream
 //! opened to the server (tagged `x-warm`). The server hands one to a new CONNECT and answers
 //! `200` at once; its first message on the stream (`Chunk.start`) tells the agent, and from
-//! there the stream is an ordinary tunneled connection. See `proxy_server::warm` for the
-//! server's half.
+//! there the stream is an ordinary tunneled connection. See `proxy_server::registry`'s
+//! `warm` module for the server's half.
 //!
 //! How many to keep, per server, adapts to demand between 0 and `--warm-connections`:
 //! - a dial request for the upstream means a CONNECT found no warm connection: one more;

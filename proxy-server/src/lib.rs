@@ -18,8 +18,8 @@ pub mod metrics;
 pub mod registry;
 pub mod shards;
 pub mod status;
+pub mod to_agent;
 pub mod tunnel;
-pub mod warm;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

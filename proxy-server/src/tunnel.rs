@@ -19,6 +19,7 @@ mod halves;
 use crate::fleet::Fleet;
 use crate::listener::AgentConn;
 use crate::registry::{AgentHandle, AgentInfo, Clusters, DialOutcome, Registration};
+use crate::to_agent;
 
 /// Control messages queued towards one agent (dial requests); a full queue makes CONNECTs wait,
 /// within their dial timeout.
@@ -160,42 +161,6 @@ fn kubeconfig_facts(reg: &Register) -> (Option<String>, Option<String>) {
     (ca, name)
 }
 
-/// The control messages the server sends an agent besides its registration answer, built here
-/// with the rest of the control stream; the registry only queues them.
-pub mod to_agent {
-    use proxy_proto::{DialCancel, DialRequest, Fleet, Ping, ServerMessage, server_message::Msg};
-
-    fn message(msg: Msg) -> ServerMessage {
-        ServerMessage { msg: Some(msg) }
-    }
-
-    /// Asks the agent to dial `destination` (`None`: its upstream) and open a data stream for
-    /// `dial_id`.
-    pub fn dial(dial_id: u64, destination: Option<&str>) -> ServerMessage {
-        message(Msg::Dial(DialRequest {
-            dial_id,
-            destination: destination.unwrap_or_default().to_owned(),
-        }))
-    }
-
-    /// Tells the agent the client of `dial_id` gave up: no data stream is wanted for it.
-    pub fn cancel_dial(dial_id: u64) -> ServerMessage {
-        message(Msg::CancelDial(DialCancel { dial_id }))
-    }
-
-    /// A ping the agent answers with a pong carrying `seq`.
-    pub fn ping(seq: u64) -> ServerMessage {
-        message(Msg::Ping(Ping { seq }))
-    }
-
-    /// The fleet now has `count` servers.
-    pub fn fleet(count: u32) -> ServerMessage {
-        message(Msg::Fleet(Fleet {
-            server_count: count,
-        }))
-    }
-}
-
 impl TunnelService {
     /// Serves a `Control` stream the agent on `conn` opened: its registration, then its control
     /// messages both ways until the stream or the agent's registration ends. Runs in a task of
@@ -333,7 +298,7 @@ impl TunnelService {
     pub fn data(&self, conn_id: u64, headers: &http::HeaderMap, offered: Offered) {
         if headers.contains_key(proxy_proto::WARM_HEADER) {
             if let Err((err, offered)) = self.clusters.add_warm(conn_id, offered) {
-                use crate::warm::WarmRefused;
+                use crate::registry::WarmRefused;
                 let status = match err {
                     WarmRefused::Full => Status::resource_exhausted(err.to_string()),
                     WarmRefused::Closed => Status::unavailable(err.to_string()),

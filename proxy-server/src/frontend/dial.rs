@@ -98,7 +98,7 @@ impl Frontend {
             // too, long before the dial timeout. Both also end a wait for room in its control
             // queue, which a stuck agent stops draining.
             tokio::select! {
-                sent = agent.send(crate::tunnel::to_agent::dial(pending.id(), destination)) => {
+                sent = agent.send(crate::to_agent::dial(pending.id(), destination)) => {
                     sent.map_err(|_| Ended::Gone)?;
                 }
                 () = agent.closed().cancelled() => return Err(Ended::Gone),
