@@ -304,8 +304,11 @@ fn spawn_frontend(
     // storm of them would queue on one core. After its head a client's socket moves to its
     // agent's shard under its TLS stream (see `shards::Movable`).
     let tls = frontend.tls.is_some();
-    let serve = move |listener| frontend::serve(listener, frontend, intake, close, connections);
-    match shards.first().filter(|_| !tls) {
+    let shard = shards.first().filter(|_| !tls).cloned();
+    let here = shard.clone();
+    let serve =
+        move |listener| frontend::serve(listener, frontend, here, intake, close, connections);
+    match shard {
         Some(shard) => shard
             .spawn_listening(listener, serve)
             .map_err(ServerError::Shards),

@@ -173,13 +173,22 @@ impl TunnelService {
     /// what it captured beside the future it awaits.
     pub fn spawn_control(self: &Arc<Self>, conn: AgentConn, offered: Offered) {
         use futures_util::FutureExt;
-        let task = self.clone().admit(conn, offered).then(serve);
+        // Called in the agent connection's task, which runs on the connection's shard: the
+        // agent's home. Read from the thread here, at the edge, only because `AgentConn` does
+        // not name its shard yet; everything past this point is handed it.
+        let home = crate::shards::Shard::current();
+        let task = self.clone().admit(conn, home, offered).then(serve);
         self.tasks.clone().spawn(task);
     }
 
-    /// Reads and checks the registration, answers it and enters the agent into the registry;
-    /// `None` if the stream ended meanwhile (answered with a refusal where it is still open).
-    async fn admit(self: Arc<Self>, conn: AgentConn, offered: Offered) -> Option<Admitted> {
+    /// Reads and checks the registration, answers it and enters the agent into the registry,
+    /// at home on `home`; `None` if the stream ended meanwhile (answered with a refusal where it is still open).
+    async fn admit(
+        self: Arc<Self>,
+        conn: AgentConn,
+        home: Option<crate::shards::Shard>,
+        offered: Offered,
+    ) -> Option<Admitted> {
         // Read before it is answered: a refusal goes in the response head (trailers-only), as
         // tonic's server sent it, so a client sees it as the call's own failure.
         let (body, mut respond) = offered.into_parts();
@@ -254,6 +263,7 @@ impl TunnelService {
             tx,
             closed.clone(),
             self.clusters.budget(self.window_budget),
+            home,
         )) {
             Ok(registration) => registration,
             Err(err) => {

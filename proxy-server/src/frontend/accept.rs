@@ -12,12 +12,15 @@ use tracing::Instrument;
 
 use super::admit::Admission;
 use super::{Client, Frontend};
+use crate::shards::Shard;
 
 /// Accepts CONNECT clients until `shutdown` (the listener is then closed, so new clients are
-/// refused); each connection runs in `tracker` until it ends or `close` fires.
+/// refused); each connection runs in `tracker` until it ends or `close` fires. `shard`: the
+/// shard this runs on (`None`: the worker threads), where its clients' tasks start.
 pub async fn serve(
     listener: TcpListener,
     frontend: Arc<Frontend>,
+    shard: Option<Shard>,
     shutdown: CancellationToken,
     close: CancellationToken,
     tracker: TaskTracker,
@@ -25,7 +28,7 @@ pub async fn serve(
     // A listener bound with the options passes them on: no six syscalls per client.
     let inherited = proxy_common::net::passes_options(&listener, frontend.keepalive);
     let spawn = |next, frontend: &Arc<Frontend>| {
-        spawn_client(next, frontend, inherited, &close, &tracker);
+        spawn_client(next, frontend, inherited, &close, &tracker, &shard);
     };
     loop {
         let next = tokio::select! {
@@ -76,14 +79,15 @@ async fn next_client(
     }
 }
 
-/// Runs one accepted client in `tracker`, until it ends or `close` fires; `configured`: its
-/// socket already has its options (inherited from the listener).
+/// Runs one accepted client in `tracker` on `shard` (this task's), until it ends or `close`
+/// fires; `configured`: its socket already has its options (inherited from the listener).
 fn spawn_client(
     (mut ticket, stream, addr): (proxy_common::gate::Ticket, TcpStream, std::net::SocketAddr),
     frontend: &Arc<Frontend>,
     configured: bool,
     close: &CancellationToken,
     tracker: &TaskTracker,
+    shard: &Option<Shard>,
 ) {
     let span = tracing::info_span!(
         "connect",
@@ -102,6 +106,7 @@ fn spawn_client(
         cancel: close.child_token(),
         tracker: tracker.clone(),
         configured,
+        shard: shard.clone(),
     };
     tracker.spawn(client.handle(stream, admission).instrument(span));
 }

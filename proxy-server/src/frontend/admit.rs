@@ -292,7 +292,7 @@ mod tests {
             features: Features::default(),
         };
         let budget = proxy_common::flow::Budget::new(1 << 20);
-        let agent = AgentHandle::new(info, control, CancellationToken::new(), budget);
+        let agent = AgentHandle::new(info, control, CancellationToken::new(), budget, None);
         frontend.clusters.register(agent).unwrap()
     }
 

@@ -5,7 +5,7 @@
 //! 2. `admit`: TLS (when configured) and the request head under one deadline, the cluster the
 //!    head names, who the client is and whether it may reach that cluster (`authorize`), and
 //!    an agent of the cluster picked;
-//! 3. the client moves to the shard its agent lives on (see [`crate::shards`]);
+//! 3. `relocate`: the client moves to the shard its agent lives on (see [`crate::shards`]);
 //! 4. `open`: the agent dials its upstream, or hands over a warm stream (`dial`), and `200` is
 //!    answered only once the upstream connection exists;
 //! 5. `carry`: bytes spliced until both sides are done, then one access line.
@@ -22,7 +22,6 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::Instrument;
 
 mod accept;
 mod admit;
@@ -31,6 +30,7 @@ mod carry;
 mod dial;
 mod open;
 mod refusal;
+mod relocate;
 
 pub use accept::serve;
 use admit::{Admission, Admitted};
@@ -39,6 +39,7 @@ pub use refusal::MAX_REASON_PHRASE;
 use crate::config::{FrontendAuth, Limits};
 use crate::metrics::Metrics;
 use crate::registry::Clusters;
+use crate::shards::Shard;
 
 /// What the frontend needs from the rest of the server.
 #[derive(Debug)]
@@ -79,19 +80,20 @@ struct Client {
     tracker: TaskTracker,
     /// The socket has its options already (inherited from the listener).
     configured: bool,
+    /// The shard this task runs on (`None`: the worker threads).
+    shard: Option<Shard>,
 }
 
 impl Client {
     /// One client, in its own task: TLS (when configured) under the admission deadline, the
-    /// request admitted, then on its agent's shard (see [`crate::shards`]) the tunnel opened and
-    /// carried until both sides are done.
+    /// request admitted, then on its agent's shard the tunnel opened and carried until both
+    /// sides are done.
     ///
     /// The task itself stays small: each step runs boxed, and only a pointer lives in the task.
     /// A future is as large as its largest state, so without the boxes a tunneled connection
     /// idling for hours would keep room for its TLS handshake, head and dial steps too
     /// (measured: 10 of an idle connection's 16 KiB on the server). The tunnel step is boxed
-    /// too: inline, the TLS arm's stream (rustls' state, over 4 KB) would size the task of
-    /// every plain client as well (measured: 9.9 instead of 5.4 KiB per idle connection).
+    /// too (see [`Client::relocate`]).
     async fn handle(self, mut tcp: TcpStream, admission: Admission) {
         if !self.configured
             && let Err(err) = proxy_common::net::configure(&tcp, self.frontend.keepalive)
@@ -107,19 +109,8 @@ impl Client {
                 let Some(admitted) = self.until_closed(admit).await.flatten() else {
                     return;
                 };
-                match admitted.agent.home().cloned() {
-                    // The socket moves too: its readiness then wakes the shard's thread.
-                    Some(home) if !home.is_current() => {
-                        let tracker = self.tracker.clone();
-                        let span = tracing::Span::current();
-                        home.spawn_moved(&tracker, tcp, move |tcp| {
-                            self.tunnel(tcp, admitted).instrument(span)
-                        });
-                    }
-                    _ => {
-                        let tunnel = Box::pin(self.tunnel(tcp, admitted));
-                        tunnel.await;
-                    }
+                if let Some(tunnel) = self.relocate(tcp, admitted) {
+                    tunnel.await;
                 }
             }
             Some(tls) => {
@@ -131,32 +122,8 @@ impl Client {
                 let Some((stream, admitted)) = self.until_closed(admit).await.flatten() else {
                     return;
                 };
-                match admitted.agent.home().cloned() {
-                    // The socket moves under the TLS state, which stays as it is.
-                    Some(home) if !home.is_current() => {
-                        let mut stream = stream;
-                        let shard = home.index();
-                        let socket = match stream.get_mut().0.get_mut().detach() {
-                            Ok(socket) => socket,
-                            Err(err) => {
-                                tracing::warn!(%err, shard, "cannot move a connection to its shard");
-                                return;
-                            }
-                        };
-                        let tracker = self.tracker.clone();
-                        let moved = async move {
-                            if let Err(err) = stream.get_mut().0.get_mut().attach(socket) {
-                                tracing::warn!(%err, shard, "cannot move a connection to its shard");
-                                return;
-                            }
-                            self.tunnel(stream, admitted).await;
-                        };
-                        home.spawn(&tracker, moved.instrument(tracing::Span::current()));
-                    }
-                    _ => {
-                        let tunnel = Box::pin(self.tunnel(stream, admitted));
-                        tunnel.await;
-                    }
+                if let Some(tunnel) = self.relocate(stream, admitted) {
+                    tunnel.await;
                 }
             }
         }

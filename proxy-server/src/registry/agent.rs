@@ -116,12 +116,14 @@ pub struct AgentGone;
 
 impl AgentHandle {
     /// A handle sending control messages on `control`; `closed` is cancelled when the agent
-    /// leaves. Made on the agent's shard (see [`Self::home`]). The connections it carries grow their windows out of `budget`.
+    /// leaves. The connections it carries grow their windows out of `budget`; `home` is the
+    /// shard its connection runs on (`None` without shards).
     pub fn new(
         info: AgentInfo,
         control: ControlQueue,
         closed: CancellationToken,
         budget: Arc<proxy_common::flow::Budget>,
+        home: Option<crate::shards::Shard>,
     ) -> Self {
         Self {
             info,
@@ -133,12 +135,12 @@ impl AgentHandle {
             became_unresponsive: tokio::sync::Notify::new(),
             warm: super::warm::WarmPool::default(),
             ping_sent: std::sync::Mutex::new(None),
-            home: crate::shards::Shard::current(),
+            home,
         }
     }
 
-    /// The shard the agent's connection runs on (`None` without shards). Registered from its
-    /// control stream's task, which runs there.
+    /// The shard the agent's connection runs on (`None` without shards), where the CONNECTs it
+    /// carries move.
     pub fn home(&self) -> Option<&crate::shards::Shard> {
         self.home.as_ref()
     }
