@@ -570,5 +570,4 @@ async fn write_current<W: AsyncWrite>(
 }
 
 #[cfg(test)]
-#[path = "pump_tests.rs"]
 mod tests;

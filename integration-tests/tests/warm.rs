@@ -374,7 +374,7 @@ async fn an_agent_cannot_make_the_server_hold_more_warm_streams_than_the_bound()
         }
         other => panic!("{other:?}"),
     }
-    let bound = proxy_server::warm::MAX_WARM_PER_AGENT;
+    let bound = proxy_server::registry::MAX_WARM_PER_AGENT;
     let mut held = Vec::new();
     for _ in 0..bound {
         let (req, tx) = warm_request(vec![]);

@@ -1,8 +1,8 @@
 //! Warm connections: upstream connections made ahead of demand, each with its own `Data` stream
 //! opened to the server (tagged `x-warm`). The server hands one to a new CONNECT and answers
 //! `200` at once; its first message on the stream (`Chunk.start`) tells the agent, and from
-//! there the stream is an ordinary tunneled connection. See `proxy_server::warm` for the
-//! server's half.
+//! there the stream is an ordinary tunneled connection. See `proxy_server::registry`'s
+//! `warm` module for the server's half.
 //!
 //! How many to keep, per server, adapts to demand between 0 and `--warm-connections`:
 //! - a dial request for the upstream means a CONNECT found no warm connection: one more;
@@ -272,17 +272,17 @@ impl Pool {
     /// Dials the upstream and opens a warm stream for it.
     async fn open(&self) -> Result<Warm, OpenError> {
         let upstream = &self.shared.config.upstream;
-        let socket = match crate::dial::dial_upstream(&self.shared, upstream, Instant::now()).await
-        {
-            Ok(socket) => socket,
-            Err(failure) => {
-                // The upstream cannot be reached: the idle ones may be as dead.
-                if failure.upstream_down() {
-                    self.target.upstream_failed();
+        let socket =
+            match crate::upstream::dial_upstream(&self.shared, upstream, Instant::now()).await {
+                Ok(socket) => socket,
+                Err(failure) => {
+                    // The upstream cannot be reached: the idle ones may be as dead.
+                    if failure.upstream_down() {
+                        self.target.upstream_failed();
+                    }
+                    return Err(OpenError::Upstream(failure.reason));
                 }
-                return Err(OpenError::Upstream(failure.reason));
-            }
-        };
+            };
         // Only the request goes out: the server's acceptance is awaited by `hold`, so a warm
         // connection is ready without waiting a round trip to the server.
         let stream = self
@@ -368,7 +368,7 @@ impl Pool {
         let cancel = self.session.child_token();
         let span = tracing::debug_span!("warm");
         tracing::Instrument::instrument(
-            crate::dial::carry(&self.shared, socket, stream, &self.budget, &cancel, started),
+            crate::upstream::carry(&self.shared, socket, stream, &self.budget, &cancel, started),
             span,
         )
         .await;

@@ -6,6 +6,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+mod admin;
 pub mod agent_conn;
 pub mod auth;
 pub mod config;
@@ -19,8 +20,8 @@ pub mod metrics;
 pub mod registry;
 pub mod shards;
 pub mod status;
+pub mod to_agent;
 pub mod tunnel;
-pub mod warm;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -152,24 +153,6 @@ fn public_url(config: &Config, frontend: &TcpListener) -> String {
     format!("{scheme}://{addr}")
 }
 
-/// Readiness during the warm-up: with other replicas to serve clients, this one stays out of the
-/// client load balancer's rotation until agents have had time to find it. A lone replica is
-/// ready at once (CONNECTs it gets meanwhile wait for their agent, see `--warmup`).
-fn warmup_check(fleet: &fleet::Fleet) -> Result<String, String> {
-    match fleet.warmup_left() {
-        Some(left) if fleet.count() > 1 => Err(format!(
-            "warming up: agents are still finding this replica ({:.0} s left, {} replica(s))",
-            left.as_secs_f64().ceil(),
-            fleet.count()
-        )),
-        _ => Ok(format!(
-            "server {} of a fleet of {}",
-            fleet.server_id,
-            fleet.count()
-        )),
-    }
-}
-
 /// Keeps `proxy_server_server_count` equal to the fleet's count.
 fn spawn_count_gauge(
     fleet: &fleet::Fleet,
@@ -257,12 +240,12 @@ pub async fn run(
         mut prometheus,
     } = core;
     prometheus.register_collector(Box::new(shards.agents_gauge()));
-    let admin = admin_routes(&config, &life, &fleet, prometheus, &listener_lost);
+    let admin = admin::routes(&config, &life.shutdown, &fleet, prometheus, &listener_lost);
     // The operator listener: the same health and metrics, plus the pages that map the fleet.
     // Not a vital listener: losing it costs people a page, not clients their tunnels.
     life.tasks.spawn(proxy_common::admin::serve(
         listeners.operator,
-        operator_routes(&config, admin.clone(), status),
+        admin::operator_routes(&config, admin.clone(), status),
         life.close.clone(),
     ));
     let mut tasks = Tasks {
@@ -322,8 +305,11 @@ fn spawn_frontend(
     // storm of them would queue on one core. After its head a client's socket moves to its
     // agent's shard under its TLS stream (see `shards::Movable`).
     let tls = frontend.tls.is_some();
-    let serve = move |listener| frontend::serve(listener, frontend, intake, close, connections);
-    match shards.first().filter(|_| !tls) {
+    let shard = shards.first().filter(|_| !tls).cloned();
+    let here = shard.clone();
+    let serve =
+        move |listener| frontend::serve(listener, frontend, here, intake, close, connections);
+    match shard {
         Some(shard) => shard
             .spawn_listening(listener, serve)
             .map_err(ServerError::Shards),
@@ -400,65 +386,6 @@ async fn build_core(config: &Config, life: &Lifecycle) -> Result<Core, ServerErr
         fleet,
         prometheus,
     })
-}
-
-/// The operator listener: the admin listener's endpoints plus the status page, cluster list and
-/// kubeconfigs; off loopback, only for clients marked `operator: true` in the auth file
-/// (`Config::from_args` refuses it off loopback without one).
-fn operator_routes(
-    config: &Config,
-    admin: proxy_common::admin::Admin,
-    status: Arc<status::Status>,
-) -> proxy_common::admin::Admin {
-    let authorize: Option<proxy_common::admin::Authorize> = match (
-        &config.frontend_auth,
-        config.operator_addr.ip().is_loopback(),
-    ) {
-        (_, true) => None,
-        (config::FrontendAuth::Policy(policy), false) => {
-            let policy = policy.clone();
-            Some(Arc::new(move |header| policy.current().operator(header)))
-        }
-        (_, false) => Some(Arc::new(|_| false)),
-    };
-    proxy_common::admin::Admin {
-        routes: Some(status.routes()),
-        authorize,
-        ..admin
-    }
-}
-
-/// The admin listener's readiness checks and metrics.
-fn admin_routes(
-    config: &Config,
-    life: &Lifecycle,
-    fleet: &Arc<fleet::Fleet>,
-    prometheus: prometheus_client::registry::Registry,
-    listener_lost: &CancellationToken,
-) -> proxy_common::admin::Admin {
-    let (lost, draining, warming) = (listener_lost.clone(), life.shutdown.clone(), fleet.clone());
-    proxy_common::admin::Admin {
-        checks: vec![
-            (
-                "listeners",
-                Arc::new(move || {
-                    if lost.is_cancelled() {
-                        Err("a listener stopped; shutting down".into())
-                    } else if draining.is_cancelled() {
-                        Err("draining for shutdown: not accepting connections".into())
-                    } else {
-                        Ok("agent, frontend and admin listeners serving".into())
-                    }
-                }),
-            ),
-            ("warmup", Arc::new(move || warmup_check(&warming))),
-        ],
-        metrics: Arc::new(prometheus),
-        routes: None,
-        keepalive: config.tcp_keepalive,
-        hosts: config.admin_hosts.clone().into(),
-        authorize: None,
-    }
 }
 
 /// The CONNECT frontend.

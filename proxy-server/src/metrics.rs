@@ -101,7 +101,7 @@ pub struct Metrics {
     pub server_count: Gauge,
     /// Connections closed before authentication because the handshake gate was full.
     pub handshakes_limited: Family<ListenerLabel, Counter>,
-    /// Warm streams held, ready for a CONNECT (see `crate::warm`).
+    /// Warm streams held, ready for a CONNECT (see the registry's `warm` module).
     pub warm_streams: Gauge,
     /// Bytes the flow-control windows of all tunneled connections hold (see `--max-buffered`).
     pub buffered: Gauge,

@@ -206,30 +206,34 @@ impl Shard {
         drop(tracker.spawn_on(task, &self.0.handle));
     }
 
-    /// Moves `socket` to this shard and runs `task` with it there, tracked by `tracker`. The
+    /// Moves `conn` to this shard and runs `task` with it there, tracked by `tracker`. Its
     /// socket is taken out of the calling runtime's reactor and registered with the shard's, so
     /// its readiness wakes the shard's thread and no other. If it cannot be moved, `task` never
-    /// runs and the socket closes (logged in the caller's span, which names the connection).
-    pub fn spawn_moved<F, Fut>(&self, tracker: &TaskTracker, socket: tokio::net::TcpStream, task: F)
+    /// runs and the connection closes (logged in the caller's span, which names the connection).
+    pub fn spawn_moved<C, F, Fut>(&self, tracker: &TaskTracker, conn: C, task: F)
     where
-        F: FnOnce(tokio::net::TcpStream) -> Fut + Send + 'static,
+        C: Relocate + 'static,
+        F: FnOnce(C) -> Fut + Send + 'static,
         Fut: Future<Output = ()> + Send + 'static,
     {
         let (span, shard) = (tracing::Span::current(), self.index());
-        let socket = match socket.into_std() {
-            Ok(socket) => socket,
+        let detached = match conn.detach() {
+            Ok(detached) => detached,
             Err(err) => {
                 tracing::warn!(%err, shard, "cannot move a connection to its shard");
                 return;
             }
         };
         self.spawn(tracker, async move {
-            match tokio::net::TcpStream::from_std(socket) {
-                Ok(socket) => task(socket).await,
-                Err(err) => span.in_scope(|| {
-                    tracing::warn!(%err, shard, "cannot move a connection to its shard");
-                }),
-            }
+            let conn = match C::attach(detached) {
+                Ok(conn) => conn,
+                Err(err) => {
+                    return span.in_scope(|| {
+                        tracing::warn!(%err, shard, "cannot move a connection to its shard");
+                    });
+                }
+            };
+            task(conn).await;
         });
     }
 
@@ -261,6 +265,15 @@ impl Shard {
     }
 }
 
+/// The same shard: one runtime, one thread.
+impl PartialEq for Shard {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl Eq for Shard {}
+
 impl Lease {
     /// The shard.
     pub fn shard(&self) -> &Shard {
@@ -271,6 +284,49 @@ impl Lease {
 impl Drop for Lease {
     fn drop(&mut self) {
         self.shard.0.agents.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A connection that can move to another shard ([`Shard::spawn_moved`]): its socket leaves the
+/// calling runtime's reactor, crosses to the shard's thread, and is registered with that
+/// runtime's reactor there. Whatever sits on top of the socket travels with it as it is.
+pub trait Relocate: Sized {
+    /// The connection on its way, its socket in no reactor.
+    type Detached: Send + 'static;
+
+    /// Takes the socket out of the calling runtime's reactor.
+    fn detach(self) -> std::io::Result<Self::Detached>;
+
+    /// Registers the socket with the reactor of the runtime whose thread this is.
+    fn attach(detached: Self::Detached) -> std::io::Result<Self>;
+}
+
+/// A plain socket (an agent's before its TLS handshake, a plain CONNECT client's) moves whole.
+impl Relocate for tokio::net::TcpStream {
+    type Detached = std::net::TcpStream;
+
+    fn detach(self) -> std::io::Result<std::net::TcpStream> {
+        self.into_std()
+    }
+
+    fn attach(socket: std::net::TcpStream) -> std::io::Result<Self> {
+        tokio::net::TcpStream::from_std(socket)
+    }
+}
+
+/// A TLS client moves under its TLS state and read-ahead bytes, which cannot be taken apart and
+/// rebuilt: its socket is swapped out underneath them (see [`Movable`]).
+impl Relocate for tokio_rustls::server::TlsStream<proxy_common::readahead::ReadAhead<Movable>> {
+    type Detached = (Self, std::net::TcpStream);
+
+    fn detach(mut self) -> std::io::Result<Self::Detached> {
+        let socket = self.get_mut().0.get_mut().detach()?;
+        Ok((self, socket))
+    }
+
+    fn attach((mut stream, socket): Self::Detached) -> std::io::Result<Self> {
+        stream.get_mut().0.get_mut().attach(socket)?;
+        Ok(stream)
     }
 }
 

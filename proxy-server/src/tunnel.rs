@@ -19,6 +19,7 @@ mod halves;
 use crate::fleet::Fleet;
 use crate::listener::AgentConn;
 use crate::registry::{AgentHandle, AgentInfo, Clusters, DialOutcome, Registration};
+use crate::to_agent;
 
 /// Control messages queued towards one agent (dial requests); a full queue makes CONNECTs wait,
 /// within their dial timeout.
@@ -160,42 +161,6 @@ fn kubeconfig_facts(reg: &Register) -> (Option<String>, Option<String>) {
     (ca, name)
 }
 
-/// The control messages the server sends an agent besides its registration answer, built here
-/// with the rest of the control stream; the registry only queues them.
-pub mod to_agent {
-    use proxy_proto::{DialCancel, DialRequest, Fleet, Ping, ServerMessage, server_message::Msg};
-
-    fn message(msg: Msg) -> ServerMessage {
-        ServerMessage { msg: Some(msg) }
-    }
-
-    /// Asks the agent to dial `destination` (`None`: its upstream) and open a data stream for
-    /// `dial_id`.
-    pub fn dial(dial_id: u64, destination: Option<&str>) -> ServerMessage {
-        message(Msg::Dial(DialRequest {
-            dial_id,
-            destination: destination.unwrap_or_default().to_owned(),
-        }))
-    }
-
-    /// Tells the agent the client of `dial_id` gave up: no data stream is wanted for it.
-    pub fn cancel_dial(dial_id: u64) -> ServerMessage {
-        message(Msg::CancelDial(DialCancel { dial_id }))
-    }
-
-    /// A ping the agent answers with a pong carrying `seq`.
-    pub fn ping(seq: u64) -> ServerMessage {
-        message(Msg::Ping(Ping { seq }))
-    }
-
-    /// The fleet now has `count` servers.
-    pub fn fleet(count: u32) -> ServerMessage {
-        message(Msg::Fleet(Fleet {
-            server_count: count,
-        }))
-    }
-}
-
 impl TunnelService {
     /// Serves a `Control` stream the agent on `conn` opened: its registration, then its control
     /// messages both ways until the stream or the agent's registration ends. Runs in a task of
@@ -208,13 +173,22 @@ impl TunnelService {
     /// what it captured beside the future it awaits.
     pub fn spawn_control(self: &Arc<Self>, conn: AgentConn, offered: Offered) {
         use futures_util::FutureExt;
-        let task = self.clone().admit(conn, offered).then(serve);
+        // Called in the agent connection's task, which runs on the connection's shard: the
+        // agent's home. Read from the thread here, at the edge, only because `AgentConn` does
+        // not name its shard yet; everything past this point is handed it.
+        let home = crate::shards::Shard::current();
+        let task = self.clone().admit(conn, home, offered).then(serve);
         self.tasks.clone().spawn(task);
     }
 
-    /// Reads and checks the registration, answers it and enters the agent into the registry;
-    /// `None` if the stream ended meanwhile (answered with a refusal where it is still open).
-    async fn admit(self: Arc<Self>, conn: AgentConn, offered: Offered) -> Option<Admitted> {
+    /// Reads and checks the registration, answers it and enters the agent into the registry,
+    /// at home on `home`; `None` if the stream ended meanwhile (answered with a refusal where it is still open).
+    async fn admit(
+        self: Arc<Self>,
+        conn: AgentConn,
+        home: Option<crate::shards::Shard>,
+        offered: Offered,
+    ) -> Option<Admitted> {
         // Read before it is answered: a refusal goes in the response head (trailers-only), as
         // tonic's server sent it, so a client sees it as the call's own failure.
         let (body, mut respond) = offered.into_parts();
@@ -289,6 +263,7 @@ impl TunnelService {
             tx,
             closed.clone(),
             self.clusters.budget(self.window_budget),
+            home,
         )) {
             Ok(registration) => registration,
             Err(err) => {
@@ -333,7 +308,7 @@ impl TunnelService {
     pub fn data(&self, conn_id: u64, headers: &http::HeaderMap, offered: Offered) {
         if headers.contains_key(proxy_proto::WARM_HEADER) {
             if let Err((err, offered)) = self.clusters.add_warm(conn_id, offered) {
-                use crate::warm::WarmRefused;
+                use crate::registry::WarmRefused;
                 let status = match err {
                     WarmRefused::Full => Status::resource_exhausted(err.to_string()),
                     WarmRefused::Closed => Status::unavailable(err.to_string()),

@@ -1,10 +1,13 @@
 //! The dial of a CONNECT: an agent of the cluster, a connection slot, and the agent's data
-//! stream to its upstream (a warm one when it has one ready).
+//! stream to its upstream (a warm one when it has one ready). While the agent is picked and
+//! while it dials, the client is watched: one that leaves cancels the step.
 
 use std::sync::Arc;
 use std::time::Instant;
 
+use bytes::{BufMut, BytesMut};
 use http::StatusCode;
+use tokio::io::{AsyncRead, AsyncReadExt};
 
 use super::Frontend;
 use super::refusal::{Refusal, destination_forbidden, limited, unavailable, unresponsive};
@@ -98,7 +101,7 @@ impl Frontend {
             // too, long before the dial timeout. Both also end a wait for room in its control
             // queue, which a stuck agent stops draining.
             tokio::select! {
-                sent = agent.send(crate::tunnel::to_agent::dial(pending.id(), destination)) => {
+                sent = agent.send(crate::to_agent::dial(pending.id(), destination)) => {
                     sent.map_err(|_| Ended::Gone)?;
                 }
                 () = agent.closed().cancelled() => return Err(Ended::Gone),
@@ -150,6 +153,56 @@ impl Frontend {
                     self.dial_timeout
                 ),
             )),
+        }
+    }
+
+    /// Runs `step` (the agent's pick, or its dial) while watching the client: one that leaves
+    /// cancels the step (a dial here and at the agent), so no upstream connection is made for a
+    /// client that is gone. What it sends meanwhile is kept in `early`. `None`: it left
+    /// (counted under `label`, and logged).
+    pub(super) async fn watching<S: AsyncRead + Unpin, T>(
+        &self,
+        client: &mut S,
+        early: &mut BytesMut,
+        label: &str,
+        step: impl std::future::Future<Output = T>,
+    ) -> Option<T> {
+        tokio::select! {
+            done = step => Some(done),
+            left = client_left(client, early) => {
+                self.metrics.count(label, Outcome::ClientLeft);
+                let how = left.map_or_else(|err| err.to_string(), |()| "closed".to_owned());
+                tracing::info!(
+                    outcome = Outcome::ClientLeft.label(),
+                    how,
+                    "client left while its dial was under way: dial cancelled"
+                );
+                None
+            }
+        }
+    }
+}
+
+/// What a client may send after its CONNECT before the `200` (e.g. a TLS ClientHello sent
+/// without waiting) that is read and kept while its dial is under way; past it, the client is
+/// no longer watched for leaving.
+const EARLY_BYTES: usize = 64 * 1024;
+
+/// Reads what `client` sends during its dial into `early` (up to [`EARLY_BYTES`]) and returns
+/// when the client is gone: it closed (a client that half-closes before its `200` cannot use a
+/// tunnel; curl, kubectl and the Kubernetes clients never do), or its connection failed.
+async fn client_left<S: AsyncRead + Unpin>(
+    client: &mut S,
+    early: &mut BytesMut,
+) -> std::io::Result<()> {
+    loop {
+        let room = EARLY_BYTES.saturating_sub(early.len());
+        if room == 0 {
+            return std::future::pending().await;
+        }
+        // Cancel-safe: bytes are either in `early` or still in the socket.
+        if client.read_buf(&mut (&mut *early).limit(room)).await? == 0 {
+            return Ok(());
         }
     }
 }

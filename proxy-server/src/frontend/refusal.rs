@@ -6,6 +6,7 @@ use proxy_common::error::chain;
 use std::time::Instant;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 
+use super::Frontend;
 use crate::connect::RequestError;
 use crate::metrics::Outcome;
 use crate::registry::{AgentHandle, LimitError};
@@ -97,9 +98,38 @@ fn error_response(refusal: &Refusal) -> Vec<u8> {
 }
 
 /// Writes the refusal and closes the client's side.
-pub(super) async fn refuse<S: AsyncWrite + Unpin>(mut client: S, refusal: &Refusal) {
+async fn refuse<S: AsyncWrite + Unpin>(mut client: S, refusal: &Refusal) {
     let _ = client.write_all(&error_response(refusal)).await;
     let _ = client.shutdown().await;
+}
+
+impl Frontend {
+    /// Counts `refusal` under `label` and logs it, then answers the client with it.
+    pub(super) async fn refuse<S: AsyncWrite + Unpin>(
+        &self,
+        client: S,
+        label: &str,
+        refusal: Refusal,
+    ) {
+        self.metrics.count(label, refusal.outcome);
+        tracing::info!(
+            outcome = refusal.outcome.label(),
+            status = refusal.status.as_u16(),
+            reason = %refusal.reason,
+            "connect refused"
+        );
+        refuse(client, &refusal).await;
+    }
+
+    /// The `cluster` label of a refused connection's metrics: `cluster` if it is registered now,
+    /// else empty. Metric labels only ever carry names of registered clusters.
+    pub(super) fn metric_label<'a>(&self, cluster: &'a str) -> &'a str {
+        if self.clusters.is_registered(cluster) {
+            cluster
+        } else {
+            ""
+        }
+    }
 }
 
 /// The refusal when `agent`, the best `cluster` has, has not answered the server since `since`.

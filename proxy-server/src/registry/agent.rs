@@ -2,7 +2,7 @@
 //! ([`Features`]), and the handle the rest of the server uses to reach it ([`AgentHandle`]): its
 //! control queue, the token that closes what it carries, its draining and ping state, and its
 //! warm streams. The handle sends what it is given; the messages themselves are built in
-//! `crate::tunnel::to_agent`, next to the rest of the control stream.
+//! [`crate::to_agent`].
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -80,8 +80,8 @@ pub struct AgentHandle {
     unresponsive: std::sync::Mutex<Option<Instant>>,
     /// Woken when the agent becomes unresponsive (dials waiting on it fail at once).
     became_unresponsive: tokio::sync::Notify,
-    /// Streams the agent opened ahead of demand (see [`crate::warm`]).
-    pub(super) warm: crate::warm::WarmPool,
+    /// Streams the agent opened ahead of demand (see [`super::warm`]).
+    pub(super) warm: super::warm::WarmPool,
     /// When the ping now waiting for its pong was sent, if one is, and what had been heard
     /// from the agent by then (bytes heard since prove it alive: see `proxy_common::heard`).
     ping_sent: std::sync::Mutex<Option<PingSent>>,
@@ -116,12 +116,14 @@ pub struct AgentGone;
 
 impl AgentHandle {
     /// A handle sending control messages on `control`; `closed` is cancelled when the agent
-    /// leaves. Made on the agent's shard (see [`Self::home`]). The connections it carries grow their windows out of `budget`.
+    /// leaves. The connections it carries grow their windows out of `budget`; `home` is the
+    /// shard its connection runs on (`None` without shards).
     pub fn new(
         info: AgentInfo,
         control: ControlQueue,
         closed: CancellationToken,
         budget: Arc<proxy_common::flow::Budget>,
+        home: Option<crate::shards::Shard>,
     ) -> Self {
         Self {
             info,
@@ -131,14 +133,14 @@ impl AgentHandle {
             budget,
             unresponsive: std::sync::Mutex::new(None),
             became_unresponsive: tokio::sync::Notify::new(),
-            warm: crate::warm::WarmPool::default(),
+            warm: super::warm::WarmPool::default(),
             ping_sent: std::sync::Mutex::new(None),
-            home: crate::shards::Shard::current(),
+            home,
         }
     }
 
-    /// The shard the agent's connection runs on (`None` without shards). Registered from its
-    /// control stream's task, which runs there.
+    /// The shard the agent's connection runs on (`None` without shards), where the CONNECTs it
+    /// carries move.
     pub fn home(&self) -> Option<&crate::shards::Shard> {
         self.home.as_ref()
     }

@@ -8,11 +8,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use dashmap::DashMap;
 use proxy_common::grpc::Offered;
-pub use proxy_common::pump::DataStream as TunnelStream;
 use tokio::sync::oneshot;
 
 use super::agent::ControlQueue;
-use super::{AgentGone, AgentHandle, Clusters, LimitError};
+use super::{AgentGone, AgentHandle, Clusters, LimitError, TunnelStream};
 
 /// How the agent answered a dial request.
 #[derive(Debug)]
@@ -185,7 +184,7 @@ impl Drop for DialGuard {
         if let (true, Some(agent)) = (unanswered, &self.cancel_to) {
             // Best effort, never waiting in a destructor: with the control queue full the agent
             // still finds out when it opens the data stream and the server refuses it.
-            let cancel = crate::tunnel::to_agent::cancel_dial(self.id);
+            let cancel = crate::to_agent::cancel_dial(self.id);
             if agent.try_send(Box::new(cancel)).is_ok() {
                 self.clusters.metrics.dials_cancelled.inc();
             }

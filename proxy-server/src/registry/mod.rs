@@ -1,7 +1,8 @@
 //! The cluster registry ([`Clusters`]): which agents are connected for which cluster, the dials
 //! waiting for an agent to answer, the open connections counted against the limits, and what
 //! the status page shows. One file per role: `agent` (one agent's handle), `agents` (the set,
-//! picking, the reconnect window), `dials`, `limits`, `stats`, `warm_streams`.
+//! picking, the reconnect window), `control` (the queue towards one agent), `dials`, `limits`,
+//! `stats`, `warm` (streams agents opened ahead of demand).
 //!
 //! Cleanup is by ownership: [`Registration`] is held by the agent's control-stream task, and
 //! dropping it is the teardown: the agent leaves the registry, its token is cancelled (closing
@@ -14,7 +15,7 @@ pub mod control;
 mod dials;
 mod limits;
 mod stats;
-mod warm_streams;
+mod warm;
 
 #[cfg(test)]
 mod tests;
@@ -23,9 +24,14 @@ use std::sync::Arc;
 
 pub use agent::{AgentGone, AgentHandle, AgentInfo, Features, PingSent};
 pub use agents::{RECONNECT_WINDOW, RegisterError, Registration};
-pub use dials::{DialGuard, DialLookupError, DialOutcome, TunnelStream};
+pub use dials::{DialGuard, DialLookupError, DialOutcome};
 pub use limits::{ConnectionSlot, LimitError};
 pub use stats::{ClusterSnapshot, DialStats, RECENT_DIALS};
+pub use warm::{MAX_WARM_PER_AGENT, PING_SLACK, WarmRefused};
+
+/// A tunneled connection's `Data` stream as the server holds it: delivered to a dial, or held
+/// warm until a CONNECT takes it.
+pub use proxy_common::pump::DataStream as TunnelStream;
 
 use crate::config::Limits;
 use crate::metrics::{ClusterLabel, Metrics};

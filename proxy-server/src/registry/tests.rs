@@ -59,7 +59,7 @@ fn agent_with(
     };
     let budget = proxy_common::flow::Budget::new(1 << 20);
     (
-        AgentHandle::new(info, tx, CancellationToken::new(), budget),
+        AgentHandle::new(info, tx, CancellationToken::new(), budget, None),
         rx,
     )
 }

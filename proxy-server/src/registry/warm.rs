@@ -8,6 +8,11 @@
 //! streams that expired unused; see `proxy_agent::warm`); the server only holds them, checks
 //! each is still alive and fresh when handing it out, and refuses more than
 //! [`MAX_WARM_PER_AGENT`].
+//!
+//! Each agent's pool ([`WarmPool`]) lives in its handle; the registry finds the agent a new warm
+//! stream belongs to by the connection it came on, and hands one out only while its agent
+//! answers pings (the `impl Clusters` below). A part of the registry: a warm stream's life is its
+//! agent's.
 
 use std::collections::VecDeque;
 use std::sync::Mutex;
@@ -18,7 +23,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use proxy_common::grpc::{Frame, Inbound, Offered, accepted_head};
 use proxy_proto::{Chunk, WARM_USABLE};
 
-use crate::registry::TunnelStream;
+use super::{AgentHandle, Clusters, TunnelStream};
 
 /// A warm stream is handed out only while no ping to its agent has waited longer than this for
 /// its pong. A dial to an agent that vanished fails with `503` within `tunnel::PONG_LATE`; a
@@ -43,6 +48,40 @@ pub enum WarmRefused {
     /// No registered agent on this connection.
     #[error("no agent registered on this connection")]
     Unregistered,
+}
+
+impl Clusters {
+    /// Accepts and holds a warm stream the agent on connection `conn_id` opened, or gives it
+    /// back with the reason it is refused.
+    pub fn add_warm(&self, conn_id: u64, offered: Offered) -> Result<(), (WarmRefused, Offered)> {
+        let Some(agent) = self.agents.by_conn.get(&conn_id).map(|a| a.clone()) else {
+            return Err((WarmRefused::Unregistered, offered));
+        };
+        let head_at_start = agent.info.features.warm_head_at_start;
+        agent
+            .warm
+            .add(offered, head_at_start, &self.metrics.warm_streams)
+    }
+
+    /// One of `agent`'s warm streams, already told it is taken; `None` if it has none ready,
+    /// or if a ping to it has gone unanswered past [`PING_SLACK`] with nothing at all heard from
+    /// it meanwhile.
+    pub fn take_warm(&self, agent: &AgentHandle) -> Option<TunnelStream> {
+        if agent.ping_overdue(PING_SLACK) {
+            return None;
+        }
+        agent.warm.take(&self.metrics.warm_streams)
+    }
+
+    /// Drops those of `agent`'s warm streams that ended or went stale.
+    pub fn purge_warm(&self, agent: &AgentHandle) {
+        agent.warm.purge(&self.metrics.warm_streams);
+    }
+
+    /// Drops `agent`'s warm streams and takes no more (it drains).
+    pub fn close_warm(&self, agent: &AgentHandle) {
+        agent.warm.close(&self.metrics.warm_streams);
+    }
 }
 
 /// One agent's warm streams, oldest first.
@@ -165,16 +204,6 @@ impl WarmPool {
         inner.closed = true;
         held.dec_by(inner.streams.len() as i64);
         inner.streams.clear();
-    }
-
-    /// Warm streams held now (dead ones included until they are next looked at).
-    pub fn len(&self) -> usize {
-        self.lock().streams.len()
-    }
-
-    /// Whether none are held.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 }
 
