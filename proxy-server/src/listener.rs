@@ -32,6 +32,9 @@ pub struct AgentConn {
     pub cn: String,
     /// Reads that brought bytes from the agent: its proof of life (see `proxy_common::heard`).
     pub heard: proxy_common::heard::Heard,
+    /// The shard the connection lives on (`None` without shards): the agent's home, where its
+    /// registration and the CONNECTs it carries run.
+    pub shard: Option<crate::shards::Shard>,
 }
 
 /// A TLS connection from an agent, and what is known of it.
@@ -165,6 +168,7 @@ where
                     }
                 };
                 drop(ticket);
+                io.conn.shard = lease.as_ref().map(|lease| lease.shard().clone());
                 io.lease = lease;
                 let _ = tx.send(io).await;
             };
@@ -221,6 +225,7 @@ async fn handshake(
             addr,
             cn,
             heard: proxy_common::heard::Heard::default(),
+            shard: None,
         },
         lease: None,
     }))

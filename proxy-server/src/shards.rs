@@ -183,12 +183,15 @@ fn start_one(index: usize, stop: CancellationToken) -> std::io::Result<Shard> {
 }
 
 impl Shard {
-    /// The shard the calling thread runs, if it is a shard thread.
+    /// The shard the calling thread runs, if it is a shard thread. Only tests ask: the code is
+    /// handed its shard.
+    #[cfg(test)]
     pub fn current() -> Option<Shard> {
         CURRENT.with(|current| current.borrow().clone())
     }
 
-    /// Whether the calling thread is this shard's.
+    /// Whether the calling thread is this shard's (for tests).
+    #[cfg(test)]
     pub fn is_current(&self) -> bool {
         CURRENT.with(|current| {
             current

@@ -173,10 +173,8 @@ impl TunnelService {
     /// what it captured beside the future it awaits.
     pub fn spawn_control(self: &Arc<Self>, conn: AgentConn, offered: Offered) {
         use futures_util::FutureExt;
-        // Called in the agent connection's task, which runs on the connection's shard: the
-        // agent's home. Read from the thread here, at the edge, only because `AgentConn` does
-        // not name its shard yet; everything past this point is handed it.
-        let home = crate::shards::Shard::current();
+        // The connection's shard is the agent's home.
+        let home = conn.shard.clone();
         let task = self.clone().admit(conn, home, offered).then(serve);
         self.tasks.clone().spawn(task);
     }
