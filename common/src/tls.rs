@@ -188,6 +188,19 @@ pub fn spki_pin(cert: &CertificateDer<'_>) -> Result<String, TlsError> {
     Ok(format!("sha256:{}", crate::text::hex(&digest)))
 }
 
+/// A DER certificate as PEM.
+pub fn pem_certificate(der: &CertificateDer<'_>) -> String {
+    use base64::Engine as _;
+    let text = base64::engine::general_purpose::STANDARD.encode(der.as_ref());
+    let mut pem = String::from("-----BEGIN CERTIFICATE-----\n");
+    for line in text.as_bytes().chunks(64) {
+        pem.push_str(std::str::from_utf8(line).expect("base64 is ASCII"));
+        pem.push('\n');
+    }
+    pem.push_str("-----END CERTIFICATE-----\n");
+    pem
+}
+
 /// The pin ([`spki_pin`]) of the first certificate of the PEM file at `path`.
 pub fn spki_pin_of_file(path: &Path) -> Result<String, TlsError> {
     spki_pin(&load_certs(path)?[0])

@@ -259,7 +259,7 @@ pub struct Config {
     /// Expiry of each loaded certificate, set at every (re)load.
     pub cert_expiry: tls::CertExpiry,
     /// Where a joined agent keeps (and renews) its identity.
-    pub state_dir: Option<crate::join::StateDir>,
+    pub state_dir: Option<crate::state_dir::StateDir>,
 }
 
 /// Most warm connections per server: what a server holds per agent.
@@ -368,7 +368,10 @@ impl Config {
             max_buffered: max_buffered(args.max_buffered)?,
             tcp_keepalive: args.tcp_keepalive.0,
             cert_expiry,
-            state_dir: args.state_dir.as_deref().map(crate::join::StateDir::new),
+            state_dir: args
+                .state_dir
+                .as_deref()
+                .map(crate::state_dir::StateDir::new),
             warm_connections: if args.warm_connections > MAX_WARM_CONNECTIONS {
                 return Err(invalid(
                     "warm-connections",
@@ -409,7 +412,7 @@ impl Identity {
             &args.server_ca,
         ) {
             (Some(dir), ..) => {
-                let dir = crate::join::StateDir::new(dir);
+                let dir = crate::state_dir::StateDir::new(dir);
                 Self {
                     cert: dir.identity(),
                     key: dir.identity(),

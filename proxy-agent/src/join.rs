@@ -10,8 +10,7 @@
 //! renews at a jittered 70–90 % of its certificate's lifetime over its mutual-TLS identity;
 //! the new pair is picked up by the TLS configuration's reload, and open tunnels continue.
 
-use std::io::Write as _;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -26,12 +25,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::ServerTarget;
 use crate::session::{CONNECT_TIMEOUT, ConnectError, tls_to};
-
-/// The key and certificate chain, in one PEM file.
-pub const IDENTITY_FILE: &str = "identity.pem";
-
-/// The servers' CA.
-pub const SERVER_CA_FILE: &str = "server-ca.pem";
+pub use crate::state_dir::StateDir;
 
 /// Why the agent has no identity to run with.
 #[allow(missing_docs)]
@@ -47,15 +41,8 @@ pub enum JoinError {
         "the certificate in --state-dir {dir} expired at {at}: the agent was stopped past its renewal. Join again: start it once with a new --join-token (`proxy-server token create`)"
     )]
     Expired { dir: PathBuf, at: String },
-    #[error("--state-dir {dir}: {what}")]
-    State {
-        dir: PathBuf,
-        what: &'static str,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("--state-dir {dir}: {reason}")]
-    Unreadable { dir: PathBuf, reason: String },
+    #[error(transparent)]
+    State(#[from] crate::state_dir::StateError),
     #[error(
         "--server-ca-hash {0:?}: expected sha256: and 64 hex digits, as `proxy-server token create` prints it"
     )]
@@ -90,107 +77,6 @@ pub enum Failure {
     Answer(String),
     #[error("making the key or CSR: {0}")]
     Key(String),
-}
-
-/// The agent's state folder.
-#[derive(Debug, Clone)]
-pub struct StateDir {
-    dir: PathBuf,
-}
-
-impl StateDir {
-    /// The folder at `dir`.
-    pub fn new(dir: &Path) -> Self {
-        Self {
-            dir: dir.to_owned(),
-        }
-    }
-
-    /// The key and certificate chain.
-    pub fn identity(&self) -> PathBuf {
-        self.dir.join(IDENTITY_FILE)
-    }
-
-    /// The servers' CA.
-    pub fn server_ca(&self) -> PathBuf {
-        self.dir.join(SERVER_CA_FILE)
-    }
-
-    fn state_err(&self, what: &'static str) -> impl FnOnce(std::io::Error) -> JoinError + '_ {
-        move |source| JoinError::State {
-            dir: self.dir.clone(),
-            what,
-            source,
-        }
-    }
-
-    /// The validity (not before, not after) of the certificate held, `None` if there is none.
-    pub fn validity(&self) -> Result<Option<(SystemTime, SystemTime)>, JoinError> {
-        if !self.identity().exists() || !self.server_ca().exists() {
-            return Ok(None);
-        }
-        let pem = std::fs::read(self.identity()).map_err(self.state_err("reading identity.pem"))?;
-        let cert = CertificateDer::from_pem_slice(&pem).map_err(|e| JoinError::Unreadable {
-            dir: self.dir.clone(),
-            reason: format!("identity.pem holds no certificate: {e}"),
-        })?;
-        validity(&cert)
-            .map(Some)
-            .map_err(|reason| JoinError::Unreadable {
-                dir: self.dir.clone(),
-                reason,
-            })
-    }
-
-    /// Writes a new identity (and the server CA when one came): each to a temporary file, then
-    /// renamed into place, 0600.
-    fn write(&self, key_pem: &str, issued: &Issued) -> Result<(), JoinError> {
-        std::fs::create_dir_all(&self.dir).map_err(self.state_err("creating the folder"))?;
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::PermissionsExt as _;
-            std::fs::set_permissions(&self.dir, std::fs::Permissions::from_mode(0o700))
-                .map_err(self.state_err("restricting the folder"))?;
-        }
-        if !issued.server_ca.is_empty() {
-            self.replace(SERVER_CA_FILE, &issued.server_ca)?;
-        }
-        let mut identity = key_pem.as_bytes().to_vec();
-        identity.extend_from_slice(&issued.certificate_chain);
-        self.replace(IDENTITY_FILE, &identity)
-    }
-
-    fn replace(&self, name: &str, contents: &[u8]) -> Result<(), JoinError> {
-        let tmp = self.dir.join(format!(".{name}.tmp"));
-        let mut options = std::fs::OpenOptions::new();
-        options.create(true).truncate(true).write(true);
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::OpenOptionsExt as _;
-            options.mode(0o600);
-        }
-        let result = (|| {
-            let mut file = options.open(&tmp)?;
-            file.write_all(contents)?;
-            file.sync_all()?;
-            std::fs::rename(&tmp, self.dir.join(name))
-        })();
-        if result.is_err() {
-            let _ = std::fs::remove_file(&tmp);
-        }
-        result.map_err(self.state_err("writing"))
-    }
-}
-
-/// A certificate's (not before, not after).
-fn validity(cert: &CertificateDer<'_>) -> Result<(SystemTime, SystemTime), String> {
-    let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref())
-        .map_err(|e| format!("not a certificate: {e}"))?;
-    let at = |t: i64| SystemTime::UNIX_EPOCH + Duration::from_secs(u64::try_from(t).unwrap_or(0));
-    Ok((
-        at(parsed.validity().not_before.timestamp()),
-        at(parsed.validity().not_after.timestamp()),
-    ))
 }
 
 /// What the agent joins with, from its flags.
@@ -237,19 +123,19 @@ pub async fn ensure_identity(
     if let Some((_, not_after)) = held {
         if not_after > SystemTime::now() {
             if join.is_some() {
-                tracing::info!(dir = %dir.dir.display(), "using the identity in --state-dir; --join-token is not needed any more");
+                tracing::info!(dir = %dir.path().display(), "using the identity in --state-dir; --join-token is not needed any more");
             }
             return Ok(());
         }
         if join.is_none() {
             return Err(JoinError::Expired {
-                dir: dir.dir.clone(),
+                dir: dir.path().to_owned(),
                 at: humantime::format_rfc3339_seconds(not_after).to_string(),
             });
         }
     }
     let Some(join) = join else {
-        return Err(JoinError::NoIdentity(dir.dir.clone()));
+        return Err(JoinError::NoIdentity(dir.path().to_owned()));
     };
     if !proxy_common::tls::is_valid_pin(&join.pin) {
         return Err(JoinError::BadPin(join.pin.clone()));
@@ -263,7 +149,7 @@ pub async fn ensure_identity(
         match join_through(server, join, keepalive).await {
             Ok((key_pem, issued)) => {
                 dir.write(&key_pem, &issued)?;
-                tracing::info!(server = %server.addr, elapsed = ?started.elapsed(), dir = %dir.dir.display(), "joined: certificate written");
+                tracing::info!(server = %server.addr, elapsed = ?started.elapsed(), dir = %dir.path().display(), "joined: certificate written");
                 return Ok(());
             }
             Err(err) => {
@@ -373,20 +259,8 @@ async fn join_through(
     let ca = verifier
         .found()
         .ok_or_else(|| Failure::Answer("the server's CA was not verified".into()))?;
-    issued.server_ca = pem(&ca).into_bytes();
+    issued.server_ca = proxy_common::tls::pem_certificate(&ca).into_bytes();
     Ok((key.serialize_pem(), issued))
-}
-
-fn pem(der: &CertificateDer<'_>) -> String {
-    use base64::Engine as _;
-    let text = base64::engine::general_purpose::STANDARD.encode(der.as_ref());
-    let mut out = String::from("-----BEGIN CERTIFICATE-----\n");
-    for line in text.as_bytes().chunks(64) {
-        out.push_str(std::str::from_utf8(line).expect("base64 is ASCII"));
-        out.push('\n');
-    }
-    out.push_str("-----END CERTIFICATE-----\n");
-    out
 }
 
 /// When to renew a certificate valid from `not_before` to `not_after`: at `fraction` of its
@@ -522,36 +396,5 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("another key"), "{err}");
-    }
-
-    #[test]
-    fn the_identity_is_written_in_one_file_readable_only_by_the_agent() {
-        let dir = tempfile::tempdir().unwrap();
-        let state = StateDir::new(&dir.path().join("state"));
-        assert!(state.validity().unwrap().is_none());
-        let ca = proxy_certs::Ca::new("agent-ca").unwrap();
-        let issued_pair = ca.issue("alpha", &[], proxy_certs::Usage::Client).unwrap();
-        let issued = Issued {
-            certificate_chain: issued_pair.cert_pem.into_bytes(),
-            server_ca: ca.cert_pem().into_bytes(),
-        };
-        state.write(&issued_pair.key_pem, &issued).unwrap();
-        let (before, after) = state.validity().unwrap().expect("held");
-        assert!(before < after);
-        let text = std::fs::read_to_string(state.identity()).unwrap();
-        assert!(text.contains("PRIVATE KEY") && text.contains("CERTIFICATE"));
-        // rustls reads the key and the chain from the one file.
-        proxy_common::tls::load_key(&state.identity()).unwrap();
-        proxy_common::tls::load_certs(&state.identity()).unwrap();
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::PermissionsExt as _;
-            for path in [state.identity(), state.server_ca()] {
-                let mode = std::fs::metadata(&path).unwrap().permissions().mode();
-                assert_eq!(mode & 0o777, 0o600, "{}", path.display());
-            }
-            let mode = std::fs::metadata(&state.dir).unwrap().permissions().mode();
-            assert_eq!(mode & 0o777, 0o700);
-        }
     }
 }

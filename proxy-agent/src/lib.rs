@@ -12,6 +12,7 @@ pub mod http_proxy;
 pub mod join;
 pub mod metrics;
 pub mod session;
+pub mod state_dir;
 pub mod upstream;
 pub mod warm;
 

@@ -167,7 +167,7 @@ impl Signer {
             chain_pem: if self_signed {
                 String::new()
             } else {
-                pem_of(&signer_der)
+                proxy_common::tls::pem_certificate(&signer_der)
             },
             ttl,
         };
@@ -254,18 +254,6 @@ impl Signer {
     pub fn ttl(&self) -> Duration {
         self.ttl
     }
-}
-
-fn pem_of(der: &CertificateDer<'_>) -> String {
-    use base64::Engine as _;
-    let text = base64::engine::general_purpose::STANDARD.encode(der.as_ref());
-    let mut pem = String::from("-----BEGIN CERTIFICATE-----\n");
-    for line in text.as_bytes().chunks(64) {
-        pem.push_str(std::str::from_utf8(line).expect("base64 is ASCII"));
-        pem.push('\n');
-    }
-    pem.push_str("-----END CERTIFICATE-----\n");
-    pem
 }
 
 #[cfg(test)]
