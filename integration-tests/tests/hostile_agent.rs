@@ -58,7 +58,17 @@ async fn unknown_and_foreign_dial_ids_are_refused_and_cannot_hijack_a_connection
     alpha.proc.signal("STOP");
     let frontend = bed.frontend();
     let victim = tokio::spawn(connect(frontend, "alpha:443"));
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Until the dial is pending the rogue's guesses would be refused for want of any dial,
+    // proving nothing.
+    let admin = bed.server.admin_addr;
+    integration_tests::eventually(
+        "alpha's dial pending",
+        Duration::from_secs(2),
+        || async move {
+            integration_tests::procs::metric(admin, "proxy_server_pending_dials").await >= 1.0
+        },
+    )
+    .await;
     for id in 0..64 {
         let err = rogue
             .data(data_request(&id.to_string(), vec![]))
