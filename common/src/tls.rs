@@ -29,9 +29,17 @@ pub enum TlsError {
         path: PathBuf,
         source: BoxError,
     },
-    /// rustls refused the material (e.g. key does not match certificate).
+    /// rustls refused the material.
     #[error("invalid TLS material")]
     Rustls(#[from] rustls::Error),
+    /// A certificate and a key that rustls will not pair (e.g. the key is not the
+    /// certificate's).
+    #[error("certificate {cert} and key {key} do not go together")]
+    Pair {
+        cert: PathBuf,
+        key: PathBuf,
+        source: rustls::Error,
+    },
     /// The CA bundle could not build a client-certificate verifier.
     #[error("invalid CA bundle {path}")]
     Verifier {
@@ -95,6 +103,16 @@ pub struct CertKeyPaths {
     pub cert: PathBuf,
     /// PEM private key.
     pub key: PathBuf,
+}
+
+impl CertKeyPaths {
+    fn pair_err(&self, source: rustls::Error) -> TlsError {
+        TlsError::Pair {
+            cert: self.cert.clone(),
+            key: self.key.clone(),
+            source,
+        }
+    }
 }
 
 /// A verifier of client certificates signed by `ca`; `optional`: clients may present none.
@@ -172,7 +190,8 @@ pub fn agent_listener_config(
     let mut config = ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()?
         .with_client_cert_verifier(verifier)
-        .with_single_cert(chain, load_key(&identity.key)?)?;
+        .with_single_cert(chain, load_key(&identity.key)?)
+        .map_err(|e| identity.pair_err(e))?;
     config.alpn_protocols = vec![ALPN_H2.to_vec()];
     Ok(config)
 }
@@ -361,8 +380,9 @@ pub fn frontend_server_config(
         )?),
         None => builder.with_no_client_auth(),
     };
-    let mut config =
-        builder.with_single_cert(load_certs(&identity.cert)?, load_key(&identity.key)?)?;
+    let mut config = builder
+        .with_single_cert(load_certs(&identity.cert)?, load_key(&identity.key)?)
+        .map_err(|e| identity.pair_err(e))?;
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(config)
 }
@@ -376,7 +396,8 @@ pub fn mtls_client_config(
     let mut config = ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()?
         .with_root_certificates(load_roots(server_ca)?)
-        .with_client_auth_cert(load_certs(&identity.cert)?, load_key(&identity.key)?)?;
+        .with_client_auth_cert(load_certs(&identity.cert)?, load_key(&identity.key)?)
+        .map_err(|e| identity.pair_err(e))?;
     config.alpn_protocols = vec![ALPN_H2.to_vec()];
     Ok(config)
 }

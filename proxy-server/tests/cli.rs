@@ -84,7 +84,16 @@ fn missing_or_unreadable_certificates_are_refused_clearly() {
         pki.agent_ca().to_str().unwrap(),
     ]);
     assert_eq!(out.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("invalid TLS material"));
+    let err = String::from_utf8_lossy(&out.stderr);
+    // Both files named, so the operator knows which pair to look at.
+    assert!(
+        err.contains(&format!(
+            "certificate {} and key {} do not go together",
+            pki.server_cert().display(),
+            pki.agent_key("alpha").display()
+        )),
+        "{err}"
+    );
 }
 
 #[test]
